@@ -1,0 +1,186 @@
+"""Numeric checks against ONNX Runtime: seeded inputs, the reference run, per-dtype tolerances."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from edgecc.errors import UserError
+
+# Tolerances by output dtype: (absolute, relative). Integers must match exactly.
+TOLERANCES = {
+    np.dtype("float64"): (1e-7, 1e-7),
+    np.dtype("float32"): (1e-4, 1e-4),
+    np.dtype("float16"): (1e-2, 1e-2),
+}
+
+# Size given to a symbolic dim that the user did not pin, per dim name heuristics.
+DEFAULT_DIM = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: np.dtype
+    shape: tuple  # ints and str (symbolic) / None (unknown)
+
+    def concrete(self, dim_values: dict[str, int]) -> tuple[int, ...]:
+        out = []
+        for i, d in enumerate(self.shape):
+            if isinstance(d, int):
+                out.append(d)
+            elif isinstance(d, str) and d in dim_values:
+                out.append(dim_values[d])
+            elif i == 0 and isinstance(d, str) and "batch" in d.lower():
+                out.append(1)
+            else:
+                out.append(dim_values.get("*", DEFAULT_DIM))
+        return tuple(out)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype.name, "shape": list(self.shape)}
+
+
+def _spec(vi: onnx.ValueInfoProto) -> TensorSpec:
+    tt = vi.type.tensor_type
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
+    dims: list = []
+    for d in tt.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return TensorSpec(vi.name, dtype, tuple(dims))
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[TensorSpec]:
+    inits = {i.name for i in model.graph.initializer}
+    return [_spec(vi) for vi in model.graph.input if vi.name not in inits]
+
+
+def graph_outputs(model: onnx.ModelProto) -> list[TensorSpec]:
+    return [_spec(vi) for vi in model.graph.output]
+
+
+def _index_bounds(model: onnx.ModelProto) -> dict[str, int]:
+    """Upper bounds for integer inputs used as Gather indices (token ids into an embedding)."""
+    shapes = {i.name: list(i.dims) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].t.dims:
+            shapes[node.output[0]] = list(node.attribute[0].t.dims)
+    bounds: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[0] in shapes:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            size = shapes[node.input[0]][axis]
+            prev = bounds.get(node.input[1], size)
+            bounds[node.input[1]] = min(prev, size)
+    return bounds
+
+
+def random_inputs(
+    model: onnx.ModelProto, seed: int = 0, dim_values: dict[str, int] | None = None
+) -> dict[str, np.ndarray]:
+    """Seeded inputs: N(0,1) floats; integer ids within the range of the tables they index."""
+    rng = np.random.default_rng(seed)
+    bounds = _index_bounds(model)
+    feeds = {}
+    for spec in graph_inputs(model):
+        shape = spec.concrete(dim_values or {})
+        if spec.dtype.kind == "f":
+            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        elif spec.dtype.kind in "iu":
+            high = bounds.get(spec.name, 8)
+            feeds[spec.name] = rng.integers(0, high, shape).astype(spec.dtype)
+        elif spec.dtype.kind == "b":
+            feeds[spec.name] = rng.integers(0, 2, shape).astype(bool)
+        else:
+            raise UserError(f"input '{spec.name}': cannot make random data of dtype {spec.dtype}")
+    return feeds
+
+
+def ort_session(model: onnx.ModelProto, optimize: bool = False, threads: int = 0):
+    """An ONNX Runtime session; with optimize=False ORT's own fusions cannot hide a bug."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    if model.ByteSize() < 1_800_000_000:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory() as d:  # over protobuf's 2 GB limit: go through a file
+        path = os.path.join(d, "model.onnx")
+        onnx.save(model, path, save_as_external_data=True, location="model.onnx.data")
+        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], optimize: bool = False) -> dict:
+    sess = ort_session(model, optimize)
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+@dataclasses.dataclass
+class Comparison:
+    ok: bool
+    max_abs: float
+    max_rel: float
+    worst: str  # output name with the largest violation, or ""
+    detail: str
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def compare(
+    ref: dict[str, np.ndarray],
+    got: dict[str, np.ndarray],
+    tolerance: tuple[float, float] | None = None,
+) -> Comparison:
+    """Elementwise |got - ref| <= atol + rtol*|ref| on every output, per-dtype tolerances."""
+    max_abs = max_rel = 0.0
+    problems = []
+    for name, r in ref.items():
+        if name not in got:
+            problems.append((name, "missing"))
+            continue
+        g = np.asarray(got[name])
+        r = np.asarray(r)
+        if g.shape != r.shape:
+            problems.append((name, f"shape {g.shape}, expected {r.shape}"))
+            continue
+        if r.dtype.kind not in "fc":
+            bad = int(np.count_nonzero(g != r))
+            if bad:
+                problems.append((name, f"{bad} of {r.size} values differ"))
+            continue
+        atol, rtol = tolerance or TOLERANCES.get(r.dtype, (1e-4, 1e-4))
+        rf, gf = r.astype(np.float64), g.astype(np.float64)
+        if not np.array_equal(np.isnan(rf), np.isnan(gf)):
+            problems.append((name, "NaN positions differ"))
+            continue
+        finite = np.isfinite(rf) & np.isfinite(gf)
+        if not np.array_equal(rf[~finite], gf[~finite], equal_nan=True):
+            problems.append((name, "infinities differ"))
+        diff = np.abs(gf - rf)[finite]
+        if diff.size:
+            a = float(diff.max())
+            rel = float((diff / np.maximum(np.abs(rf[finite]), 1e-12)).max())
+            max_abs, max_rel = max(max_abs, a), max(max_rel, rel)
+            viol = diff - (atol + rtol * np.abs(rf[finite]))
+            if (viol > 0).any():
+                problems.append((name, f"max abs error {a:.3g} exceeds atol={atol:g}, rtol={rtol:g}"))
+    detail = "; ".join(f"output '{n}': {m}" for n, m in problems)
+    return Comparison(not problems, max_abs, max_rel, problems[0][0] if problems else "", detail)

@@ -1,0 +1,1 @@
+"""Hardware target descriptions, one TOML file per target."""
