@@ -1,0 +1,184 @@
+"""The `edgecc` command line. Exit codes: 0 success, 2 user error (one line), 1 internal error."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from edgecc.errors import EdgeccError, UserError, VerificationError
+
+
+def _log(msg: str) -> None:
+    print(f"[edgecc] {msg}", file=sys.stderr, flush=True)
+
+
+def _parse_dims(items: list[str]) -> dict[str, int]:
+    dims = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if not name or not value.isdigit() or int(value) < 1:
+            raise UserError(f"--dim '{item}': expected NAME=POSITIVE_INT, e.g. --dim seq=32")
+        dims[name] = int(value)
+    return dims
+
+
+def cmd_compile(a: argparse.Namespace) -> int:
+    from edgecc.compiler import compile as compile_model
+
+    start = time.perf_counter()
+    art = compile_model(
+        a.model, a.target, a.output, a.pipeline, force=a.force, verify=not a.no_verify,
+        verify_each_pass=a.verify, print_ir_after=tuple(a.print_ir_after or ()),
+        dim_values=_parse_dims(a.dim or []), seed=a.seed, log=_log if not a.quiet else lambda _m: None,
+    )
+    size = sum(f["bytes"] for f in art.manifest["files"].values())
+    _log(f"wrote {art.path} ({size / 1e6:.2f} MB) in {time.perf_counter() - start:.1f} s")
+    print(art.path)
+    return 0
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: no such file")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (ValueError, OSError) as e:
+        raise UserError(f"{p}: not a readable .npz file: {e}") from None
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from edgecc.artifact import Artifact
+
+    art = Artifact.load(a.artifact)
+    if a.inputs:
+        feeds = _load_npz(a.inputs)
+    else:
+        import onnx
+
+        from edgecc.verify import random_inputs
+
+        model = onnx.load(str(art.path / "model.opt.onnx"))
+        feeds = random_inputs(model, a.seed, _parse_dims(a.dim or []))
+        _log(f"no --inputs: seeded random inputs {({k: list(v.shape) for k, v in feeds.items()})}")
+    start = time.perf_counter()
+    outputs = art.run(feeds, threads=a.threads)
+    _log(f"ran in {(time.perf_counter() - start) * 1000:.1f} ms (first run, includes loading)")
+    for name, value in outputs.items():
+        print(f"{name}: {value.dtype} {list(value.shape)} mean={value.mean():.6g} std={value.std():.6g}")
+    if a.output:
+        out = Path(a.output)
+        tmp = out.with_name(out.name + ".tmp.npz")
+        np.savez(tmp, **outputs)
+        tmp.replace(out)
+    return 0
+
+
+def cmd_passes(a: argparse.Namespace) -> int:
+    from edgecc.pass_base import registered_passes
+
+    for name, cls in registered_passes().items():
+        print(f"{name}: {cls.description}")
+        for o in cls.options:
+            print(f"    {o.describe()}")
+        contract = [f"{k}: {', '.join(v)}" for k in ("requires", "provides", "invalidates")
+                    if (v := getattr(cls, k))]
+        if contract:
+            print(f"    [{'; '.join(contract)}]")
+    return 0
+
+
+def cmd_targets(a: argparse.Namespace) -> int:
+    from edgecc.target import list_targets, load_target
+
+    targets = list_targets() + [load_target(p) for p in a.files]
+    for t in targets:
+        print(f"{t.name:18} {t.device_kind:5} {t.description}")
+        print(f"{'':18} default pipeline: {t.default_pipeline}   ({t.source})")
+    return 0
+
+
+def cmd_example(a: argparse.Namespace) -> int:
+    from edgecc.examples import build_example
+
+    path = build_example(a.name, a.output or f"examples/{a.name}.onnx", exporter=a.exporter, seed=a.seed)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgecc", description="Compile ONNX models for edge hardware.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="compile an ONNX model into an artifact directory")
+    c.add_argument("model", help="path to the .onnx file")
+    c.add_argument("--target", "-t", default="host", help="target name (see 'edgecc targets') or a .toml file")
+    c.add_argument("-o", "--output", help="artifact directory (default build/TARGET)")
+    c.add_argument("--pipeline", "-p", help="pass pipeline, e.g. 'simplify,fuse{gelu=false}' "
+                                             "(default: the target's)")
+    c.add_argument("--force", action="store_true", help="replace an existing output directory")
+    c.add_argument("--verify", action="store_true",
+                   help="run the model in ONNX Runtime after every pass; name the first that drifts")
+    c.add_argument("--no-verify", action="store_true", help="skip checking the compiled module against ORT")
+    c.add_argument("--print-ir-after", action="append", metavar="PASS|all", help="print the IR after a pass")
+    c.add_argument("--dim", action="append", metavar="NAME=N", help="size of a symbolic dim for verification")
+    c.add_argument("--seed", type=int, default=0, help="seed of the random verification inputs")
+    c.add_argument("-q", "--quiet", action="store_true")
+    c.set_defaults(func=cmd_compile)
+
+    r = sub.add_parser("run", help="run an artifact built for this host")
+    r.add_argument("artifact")
+    r.add_argument("--inputs", help=".npz of named inputs (default: seeded random inputs)")
+    r.add_argument("--output", help="write outputs to this .npz")
+    r.add_argument("--threads", type=int, help="runtime threads (default: the target's core count)")
+    r.add_argument("--dim", action="append", metavar="NAME=N", help="symbolic dim size for random inputs")
+    r.add_argument("--seed", type=int, default=0)
+    r.set_defaults(func=cmd_run)
+
+    ps = sub.add_parser("passes", help="list passes with their options")
+    ps.set_defaults(func=cmd_passes)
+
+    t = sub.add_parser("targets", help="list targets (and check user target files)")
+    t.add_argument("files", nargs="*", help="target .toml files to validate and list too")
+    t.set_defaults(func=cmd_targets)
+
+    e = sub.add_parser("example", help="build a bundled example model from a fixed seed")
+    e.add_argument("name", choices=["tiny-lm", "mlp", "convnet"])
+    e.add_argument("-o", "--output")
+    e.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"])
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(func=cmd_example)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"edgecc: error: {e}", file=sys.stderr)
+        return 2
+    except VerificationError as e:
+        print(f"edgecc: verification failed: {e}", file=sys.stderr)
+        return 1
+    except EdgeccError as e:
+        print(f"edgecc: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("edgecc: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print("edgecc: internal error (a bug in edgecc); please report it with the traceback above",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""`edgecc.compile`: load, run the pipeline, lower, build, verify, package.
+
+The whole flow is one straight line of named stages. Everything is written into a staged
+directory that becomes the artifact only when every stage (verification included) passed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import onnx
+import onnx_ir as ir
+
+from edgecc import lower, report
+from edgecc.artifact import Artifact, staged_output, write_manifest
+from edgecc.backend import LIBRARY_NAME, build, require_tool
+from edgecc.errors import UserError, VerificationError
+from edgecc.ir import load_model, save_model, to_proto
+from edgecc.pass_base import PassContext
+from edgecc.pass_manager import Instrument, PassManager, PrintIRAfter, VerifyEachPass
+from edgecc.pipeline import parse_pipeline
+from edgecc.target import TargetDesc, load_target
+from edgecc.verify import compare, graph_inputs, graph_outputs, random_inputs, run_ort
+
+OPT_MODEL = "model.opt.onnx"
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def compile(
+    model: str | os.PathLike,
+    target: str | TargetDesc = "host",
+    output: str | os.PathLike | None = None,
+    pipeline: str | None = None,
+    *,
+    force: bool = False,
+    verify: bool = True,
+    verify_each_pass: bool = False,
+    print_ir_after: tuple[str, ...] = (),
+    dim_values: dict[str, int] | None = None,
+    seed: int = 0,
+    log: Callable[[str], None] = lambda _msg: None,
+) -> Artifact:
+    """Compile an ONNX file for a target into an artifact directory and return it loaded."""
+    timings: dict[str, float] = {}
+
+    def stage(name: str, start: float) -> None:
+        timings[name] = round(time.perf_counter() - start, 3)
+
+    t = time.perf_counter()
+    tdesc = target if isinstance(target, TargetDesc) else load_target(target)
+    pipe = parse_pipeline(pipeline if pipeline is not None else tdesc.default_pipeline)
+    instruments: list[Instrument] = []
+    if print_ir_after:
+        instruments.append(PrintIRAfter(set(print_ir_after)))
+    if verify_each_pass:
+        instruments.append(VerifyEachPass())
+    manager = PassManager(pipe, tuple(instruments), log=log)  # checks the contract up front
+    out_dir = Path(output) if output is not None else Path("build") / tdesc.name
+    if out_dir.exists() and not force:
+        raise UserError(f"{out_dir}: output directory exists (use --force to replace it)")
+    require_tool(tdesc, "cc")  # a missing cross toolchain must fail before the long work
+    ctx = PassContext(target=tdesc, seed=seed, dim_values=dict(dim_values or {}))
+
+    source = load_model(model)
+    source_proto = to_proto(source)
+    inputs, outputs = graph_inputs(source_proto), graph_outputs(source_proto)
+    stage("load", t)
+    log(f"loaded {model}: {len(source_proto.graph.node)} nodes, target {tdesc.name}, pipeline {pipe}")
+
+    t = time.perf_counter()
+    optimized, pass_reports = manager.run(ir.from_proto(source_proto), ctx)
+    stage("passes", t)
+
+    t = time.perf_counter()
+    opt_proto = to_proto(optimized)
+    mod = lower.to_relax(opt_proto)
+    stage("lower", t)
+
+    with staged_output(out_dir, force) as stage_dir:
+        t = time.perf_counter()
+        log(f"building for {tdesc.name} ({tdesc.device_kind}, host {tdesc.host_arch()})")
+        build_facts = build(mod, tdesc, stage_dir / LIBRARY_NAME)
+        stage("build", t)
+        save_model(optimized, stage_dir / OPT_MODEL)
+
+        manifest = {
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": {d: _version(d) for d in ("edgecc", "apache-tvm", "onnx", "onnxruntime",
+                                                   "onnx-ir", "onnxscript", "onnxsim")},
+            "source": {"path": str(model), "nodes": len(source_proto.graph.node)},
+            "target": dict(tdesc.to_json(), fingerprint=tdesc.fingerprint(),
+                           device_kind=tdesc.device_kind, host_arch=tdesc.host_arch(),
+                           num_cores=tdesc.num_cores()),
+            "pipeline": str(pipe.resolved()),
+            "pipeline_given": str(pipe),
+            "inputs": [s.to_json() for s in inputs],
+            "outputs": [s.to_json() for s in outputs],
+            "passes": [r.to_json() for r in pass_reports],
+            "build": build_facts,
+            "timings_s": timings,
+        }
+        write_manifest(stage_dir, manifest)
+
+        verification = None
+        if verify and tdesc.runs_here():
+            t = time.perf_counter()
+            verification = _verify(Artifact.load(stage_dir), source_proto, ctx)
+            stage("verify", t)
+            log(f"verified against ONNX Runtime: max abs error {verification['max_abs']:.3g}")
+        manifest["verification"] = verification or {
+            "skipped": "disabled (--no-verify)" if not verify
+            else f"artifact for {tdesc.name} cannot run on this host"}
+        manifest["timings_s"] = timings
+        manifest = write_manifest(stage_dir, manifest)
+        (stage_dir / "report.md").write_text(report.render(manifest))
+        manifest = write_manifest(stage_dir, manifest)
+    return Artifact.load(out_dir)
+
+
+def _verify(artifact: Artifact, source: onnx.ModelProto, ctx: PassContext) -> dict:
+    """The compiled module vs ONNX Runtime on the source model, seeded random inputs."""
+    feeds = random_inputs(source, ctx.seed, ctx.dim_values)
+    reference = run_ort(source, feeds)
+    result = compare(reference, artifact.run(feeds))
+    shapes = {k: list(v.shape) for k, v in feeds.items()}
+    if not result.ok:
+        raise VerificationError(f"compiled module disagrees with ONNX Runtime on inputs {shapes}: "
+                                f"{result.detail}")
+    return dict(result.to_json(), seed=ctx.seed, input_shapes=shapes, reference="onnxruntime")

@@ -1,0 +1,87 @@
+"""Loading and validating ONNX models into the in-memory IR (onnx-ir) and back.
+
+Every failure a user can cause (missing, truncated or non-ONNX file, checker failure)
+raises a UserError that names the file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from edgecc.errors import UserError
+
+# Above this, protobuf cannot hold the model in one message: work through files.
+PROTO_LIMIT = 1_800_000_000
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """Load, check and shape-infer an ONNX file (external data supported)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, expected an .onnx file")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError) as e:
+        raise UserError(f"{path}: not a readable ONNX model (truncated or not ONNX): {_first_line(e)}") from None
+    if proto.ir_version == 0 or not proto.HasField("graph"):
+        raise UserError(f"{path}: not an ONNX model (no IR version or graph)")
+    _check_external_data(proto, path)
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+    except onnx.checker.ValidationError as e:
+        raise UserError(f"{path}: fails the ONNX checker: {_first_line(e)}") from None
+    try:
+        model = ir.load(str(path))
+    except Exception as e:
+        raise UserError(f"{path}: cannot be loaded: {_first_line(e)}") from None
+    return infer_shapes(model)
+
+
+def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
+    base = path.parent
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        loc = base / info.get("location", "")
+        if not loc.is_file():
+            raise UserError(f"{path}: tensor '{tensor.name}' refers to missing external data file {loc}")
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        if end > loc.stat().st_size:
+            raise UserError(f"{path}: external data file {loc} is truncated (tensor '{tensor.name}')")
+
+
+def infer_shapes(model: ir.Model) -> ir.Model:
+    """ONNX shape inference, merged into the IR (initializers are kept out of protobuf)."""
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    try:
+        return ShapeInferencePass(strict_mode=False, data_prop=True)(model).model
+    except Exception as e:
+        raise UserError(f"shape inference failed: {_first_line(e)}") from None
+
+
+def to_proto(model: ir.Model) -> onnx.ModelProto:
+    return ir.to_proto(model)
+
+
+def save_model(model: ir.Model, path: str | os.PathLike) -> None:
+    """Save, with weights in an external data file beside it once the model is large."""
+    path = Path(path)
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    if size > PROTO_LIMIT:
+        ir.save(model, str(path), external_data=path.name + ".data")
+    else:
+        ir.save(model, str(path))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -1,0 +1,116 @@
+"""Lowering the optimized ONNX model to a TVM Relax IRModule.
+
+TVM's ONNX frontend does the bulk of the work. edgecc adds converters for ops it lacks
+(registered with `@converter`), and checks every node before any long work starts, so an
+op nobody can lower fails at once with its op type, node name and a hint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Callable
+
+import onnx
+
+from edgecc.errors import EdgeccError, UserError
+
+# (domain, op_type) -> OnnxOpConverter subclass
+_CONVERTERS: dict[tuple[str, str], type] = {}
+
+# What to suggest when an op has no converter.
+_HINTS = {
+    "MatMulNBits": "int4 weights are lowered by edgecc's quantize-int4 pass and kernels",
+    "Loop": "unroll the loop at export time (trace with fixed trip count)",
+    "Scan": "unroll the scan at export time",
+    "LSTM": "export with the recurrence unrolled",
+    "GRU": "export with the recurrence unrolled",
+}
+
+
+def converter(op_type: str, domain: str = "") -> Callable[[type], type]:
+    """Register an edgecc converter for an op TVM's importer lacks."""
+
+    def wrap(cls: type) -> type:
+        _CONVERTERS[(domain, op_type)] = cls
+        return cls
+
+    return wrap
+
+
+def _tvm_convert_map() -> dict:
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    return onnx_frontend._get_convert_map()
+
+
+def check_supported(model: onnx.ModelProto) -> None:
+    """Fail before any long work when a node has no converter."""
+    import edgecc.converters  # noqa: F401  (registers edgecc's converters)
+
+    import_ops = set(_tvm_convert_map()) | {"If", "Constant"}
+    consumed = {o.name for o in model.graph.output}
+    for _, node in _all_nodes(model.graph):
+        consumed.update(node.input)
+    for graph, node in _all_nodes(model.graph):
+        domain = "" if node.domain in ("", "ai.onnx") else node.domain
+        cls = _CONVERTERS.get((domain, node.op_type))
+        if cls is not None:
+            # Outputs an edgecc converter does not compute must not be read by anyone.
+            for i, name in enumerate(node.output):
+                if name and name in consumed and i not in cls.computed_outputs:
+                    raise UserError(f"node '{node.name}': output {i} ('{name}') of {node.op_type} "
+                                    "is used, but edgecc's converter computes only outputs "
+                                    f"{list(cls.computed_outputs)}")
+            continue
+        if node.op_type in import_ops:
+            continue
+        qualified = f"{domain}.{node.op_type}" if domain else node.op_type
+        hint = _HINTS.get(node.op_type, "run the 'simplify' pass, or register a converter with "
+                                         "edgecc.lower.converter")
+        where = f" in subgraph '{graph.name}'" if graph is not model.graph else ""
+        raise UserError(f"node '{node.name or '<unnamed>'}'{where}: op {qualified} cannot be lowered "
+                        f"to TVM (no converter); hint: {hint}")
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield graph, node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g)
+            for g in attr.graphs:
+                yield from _all_nodes(g)
+
+
+@contextlib.contextmanager
+def _patched_frontend():
+    """edgecc's converters in the importer's map, and Gather lowered with in-bounds indexing.
+
+    The importer normalizes negative Gather indices itself; its default `take(mode="fast")`
+    is undefined behaviour out of bounds and logs a warning per Gather, so clip instead.
+    """
+    from tvm import relax
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    orig_map, orig_take = onnx_frontend._get_convert_map, relax.op.take
+    extra = {op: cls for (_, op), cls in _CONVERTERS.items()}
+    onnx_frontend._get_convert_map = lambda: {**orig_map(), **extra}
+    relax.op.take = functools.partial(orig_take, mode="clip")
+    try:
+        yield
+    finally:
+        onnx_frontend._get_convert_map, relax.op.take = orig_map, orig_take
+
+
+def to_relax(model: onnx.ModelProto):
+    """The Relax IRModule of a checked ONNX model; weights become constants of the module."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    check_supported(model)
+    with _patched_frontend():
+        try:
+            return from_onnx(model, keep_params_in_input=False)
+        except Exception as e:
+            raise EdgeccError(f"TVM's ONNX importer failed: {type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}") from e

@@ -1,0 +1,53 @@
+"""report.md: the artifact's manifest, for people."""
+
+from __future__ import annotations
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def render(m: dict) -> str:
+    t = m["target"]
+    lines = [
+        f"# edgecc artifact: {m['source']['path']} for {t['name']}",
+        "",
+        f"- target: **{t['name']}** — {t['description']} (fingerprint `{t['fingerprint']}`)",
+        f"- pipeline: `{m['pipeline']}`",
+        f"- built: {m['created']} with edgecc {m['versions']['edgecc']}, "
+        f"TVM {m['versions']['apache-tvm']}, ONNX {m['versions']['onnx']}",
+        "",
+        "## Inputs and outputs",
+        "",
+        "| | name | dtype | shape |",
+        "|---|---|---|---|",
+    ]
+    for kind in ("inputs", "outputs"):
+        for s in m[kind]:
+            lines.append(f"| {kind[:-1]} | `{s['name']}` | {s['dtype']} | {s['shape']} |")
+    lines += ["", "## Passes", "", "| pass | changed | nodes | ms | stats | verify max abs |",
+              "|---|---|---|---|---|---|"]
+    for p in m["passes"]:
+        stats = ", ".join(f"{k}={v}" for k, v in p["stats"].items() if isinstance(v, (int, float, str)))
+        ver = f"{p['verify']['max_abs']:.2g}" if p.get("verify") else "—"
+        lines.append(f"| `{p['pipeline_entry']}` | {'yes' if p['changed'] else 'no (0 matches)'} | "
+                     f"{p['nodes_before']} → {p['nodes_after']} | {p['seconds'] * 1000:.0f} | {stats} | {ver} |")
+    lines += ["", "## Build", ""]
+    lines += [f"- {k}: {v}" for k, v in m["build"].items()]
+    v = m.get("verification") or {}
+    lines += ["", "## Verification against ONNX Runtime", ""]
+    if "skipped" in v:
+        lines.append(f"- skipped: {v['skipped']}")
+    else:
+        lines.append(f"- max abs error {v['max_abs']:.3g}, max rel error {v['max_rel']:.3g} on "
+                     f"seeded inputs {v['input_shapes']} (seed {v['seed']})")
+    lines += ["", "## Files", "", "| file | size | sha256 |", "|---|---|---|"]
+    for name, info in m["files"].items():
+        lines.append(f"| {name} | {_size(info['bytes'])} | `{info['sha256'][:16]}…` |")
+    lines += ["", "## Timings (s)", ""]
+    lines += [f"- {k}: {v}" for k, v in m.get("timings_s", {}).items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,154 @@
+"""The pass manager: ordering, reports, instruments, verify-after-each-pass, plugins."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from edgecc.errors import EdgeccError, VerificationError
+from edgecc.pass_base import Pass, PassContext, PassResult, register_pass
+from edgecc.pass_manager import PassManager, PrintIRAfter, VerifyEachPass
+from tests.conftest import parse_model, run_cli
+
+MODEL = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 4] x) => (float[N, 4] y) {
+    one = Constant <value = float {1.0}> ()
+    a = Mul(x, one)
+    b = Identity(a)
+    y = Relu(b)
+}
+"""
+
+
+@register_pass
+class _Perturb(Pass):
+    """Deliberately wrong: scales every Relu output by 1.01."""
+
+    name = "test-perturb"
+    description = "test pass that changes the model's numbers"
+
+    def run(self, model, ctx):
+        out = model.graph.outputs[0]
+        relu = out.producer()
+        scale = ir.Value(name="scale", const_value=ir.tensor(np.array(1.01, np.float32)))
+        model.graph.initializers["scale"] = scale
+        mul = ir.node("Mul", [relu.outputs[0], scale], num_outputs=1)
+        model.graph.append(mul)
+        relu.outputs[0].name = "unscaled"
+        mul.outputs[0].name = "y"  # same output name, different numbers
+        model.graph.outputs[0] = mul.outputs[0]
+        mul.outputs[0].shape, mul.outputs[0].type = out.shape, out.type
+        return PassResult(model, True, {"scaled": 1})
+
+
+@register_pass
+class _Crash(Pass):
+    name = "test-crash"
+    description = "test pass with a bug"
+
+    def run(self, model, ctx):
+        raise ZeroDivisionError("boom")
+
+
+def _model() -> ir.Model:
+    return ir.from_proto(parse_model(MODEL))
+
+
+def test_reports_have_timing_stats_and_node_counts():
+    model, reports = PassManager("simplify").run(_model(), PassContext())
+    (r,) = reports
+    assert r.name == "simplify" and r.pipeline_entry == "simplify{onnxsim=true}"
+    assert r.seconds > 0 and r.changed
+    assert r.nodes_before == 4 and r.nodes_after < r.nodes_before
+    assert r.stats["nodes_removed"] == r.nodes_before - r.nodes_after
+
+
+def test_verify_each_pass_names_the_first_pass_that_drifts():
+    pm = PassManager("simplify,test-perturb,simplify", instruments=(VerifyEachPass(),))
+    with pytest.raises(VerificationError) as e:
+        pm.run(_model(), PassContext(dim_values={"N": 3}))
+    assert str(e.value).startswith("pass 'test-perturb' changed the model's outputs")
+    assert "max abs error" in str(e.value)
+
+
+def test_verify_each_pass_records_the_error_of_passes_that_keep_numbers():
+    _, reports = PassManager("simplify", instruments=(VerifyEachPass(),)).run(_model(), PassContext())
+    assert reports[0].verify["ok"] and reports[0].verify["max_abs"] <= 1e-6
+
+
+def test_print_ir_after_selected_passes():
+    stream = io.StringIO()
+    PassManager("simplify,test-perturb", instruments=(PrintIRAfter({"test-perturb"}, stream),)).run(
+        _model(), PassContext())
+    text = stream.getvalue()
+    assert text.count("IR after") == 1 and "IR after test-perturb" in text and "Mul" in text
+
+
+def test_a_crashing_pass_is_named():
+    with pytest.raises(EdgeccError, match="pass 'test-crash' failed: ZeroDivisionError: boom"):
+        PassManager("test-crash").run(_model(), PassContext())
+
+
+PLUGIN = '''
+import onnx_ir as ir
+from edgecc import Option, Pass, PassResult
+
+
+class DropIdentity(Pass):
+    name = "drop-identity"
+    description = "third-party pass: removes Identity nodes"
+    options = (Option("keep_outputs", bool, True, "never remove a graph output"),)
+
+    def run(self, model, ctx):
+        removed = 0
+        for node in list(model.graph):
+            if node.op_type == "Identity" and node.outputs[0] not in model.graph.outputs:
+                node.outputs[0].replace_all_uses_with(node.inputs[0])
+                model.graph.remove(node, safe=True)
+                removed += 1
+        return PassResult(model, removed > 0, {"identity_removed": removed})
+'''
+
+
+@pytest.fixture
+def plugin_env(tmp_path):
+    """A third-party package exposing a pass through the edgecc.passes entry-point group."""
+    (tmp_path / "edgecc_demo_plugin.py").write_text(PLUGIN)
+    info = tmp_path / "edgecc_demo_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: edgecc-demo-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[edgecc.passes]\ndrop-identity = edgecc_demo_plugin:DropIdentity\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    return env
+
+
+def test_plugin_pass_is_listed_and_runs_like_a_builtin(plugin_env, tmp_path):
+    listing = run_cli("passes", env=plugin_env)
+    assert listing.returncode == 0
+    assert "drop-identity: third-party pass: removes Identity nodes" in listing.stdout
+    assert "keep_outputs=true (bool)" in listing.stdout
+
+    model_path = tmp_path / "m.onnx"
+    model_path.write_bytes(parse_model(MODEL).SerializeToString())
+    out = tmp_path / "art"
+    res = run_cli("compile", model_path, "--pipeline", "drop-identity{keep_outputs=true}", "-o", out,
+                  "--verify", env=plugin_env)
+    assert res.returncode == 0, res.stderr
+    assert "identity_removed=1" in res.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["pipeline"] == "drop-identity{keep_outputs=true}"
+    assert manifest["passes"][0]["stats"] == {"identity_removed": 1}
+    assert manifest["verification"]["ok"]
+
+
+def test_unknown_pass_without_the_plugin(tmp_path):
+    res = run_cli("compile", tmp_path / "x.onnx", "--pipeline", "drop-identity")
+    assert res.returncode == 2 and "unknown pass 'drop-identity'" in res.stderr
+
