@@ -35,7 +35,8 @@ def build(mod, target: TargetDesc, lib_path: Path) -> dict:
     if target.device_kind == "cuda":
         from edgecc.cuda import build_cuda
 
-        return build_cuda(mod, target.tvm_target(), str(lib_path), cc)
+        facts = build_cuda(mod, target.tvm_target(), str(lib_path), cc)
+        return {"library": LIBRARY_NAME, **facts, "tvm_target": str(target.tvm_target())}
     tgt = target.tvm_target()
     with tgt:
         mod = relax.get_pipeline("zero")(mod)

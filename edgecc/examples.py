@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import math
 import os
 import warnings
@@ -89,6 +90,7 @@ def build_example(name: str, path: str | os.PathLike, exporter: str = "dynamo", 
     except ImportError:
         raise UserError("building examples needs torch: pip install 'edgecc[export]'") from None
 
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" noise
     torch.manual_seed(seed)
     model = _modules()[name]().eval()
     if name == "convnet":  # give BatchNorm non-trivial statistics so folding it is tested
@@ -119,7 +121,7 @@ def build_example(name: str, path: str | os.PathLike, exporter: str = "dynamo", 
             dims = {i: torch.export.Dim(n, min=1 if n == "batch" else 2, max=128 if n == "seq" else 64)
                     for i, n in axes.items()}
             torch.onnx.export(model, args, str(tmp), dynamo=True, external_data=False,
-                              dynamic_shapes={in_name: dims}, verbose=False, **kwargs)
+                              dynamic_shapes=(dims,), verbose=False, **kwargs)
         else:
             torch.onnx.export(model, args, str(tmp), dynamo=False,
                               dynamic_axes={in_name: axes, out_name: {0: "batch", **(

@@ -66,8 +66,8 @@ def check_supported(model: onnx.ModelProto) -> None:
         if node.op_type in import_ops:
             continue
         qualified = f"{domain}.{node.op_type}" if domain else node.op_type
-        hint = _HINTS.get(node.op_type, "run the 'simplify' pass, or register a converter with "
-                                         "edgecc.lower.converter")
+        hint = _HINTS.get(node.op_type, "register a converter with "
+                                         f"@edgecc.lower.converter('{node.op_type}', domain='{domain}')")
         where = f" in subgraph '{graph.name}'" if graph is not model.graph else ""
         raise UserError(f"node '{node.name or '<unnamed>'}'{where}: op {qualified} cannot be lowered "
                         f"to TVM (no converter); hint: {hint}")

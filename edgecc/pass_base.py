@@ -165,6 +165,6 @@ def get_pass(name: str) -> type[Pass]:
 
 def unknown_message(prefix: str, name: str, known: dict | list) -> str:
     close = difflib.get_close_matches(name, list(known), n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(sorted(known))}"
-    return f"{prefix} '{name}'{hint}"
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"{prefix} '{name}'{hint} (known: {', '.join(sorted(known))})"
 

@@ -21,6 +21,9 @@ from edgecc.pass_base import unknown_message
 from edgecc.pipeline import parse_pipeline
 
 _TOP_KEYS = {"name", "description", "default_pipeline", "tvm", "toolchain", "hardware"}
+_TOOLCHAIN_KEYS = {"cc": str, "package": str, "nvcc": str}
+_HARDWARE_KEYS = {"cpu": str, "cores": int, "memory_gb": (int, float), "dram_bandwidth_gbps": (int, float),
+                  "isa": list, "peak_gflops_fp32": (int, float)}
 _ARCH_OF_TRIPLE = {"aarch64": "aarch64", "arm64": "aarch64", "x86_64": "x86_64"}
 
 
@@ -136,13 +139,20 @@ def load_target_file(path: Path) -> TargetDesc:
         need(tvm_spec, "host", dict, "tvm.")
     toolchain = need(data, "toolchain", dict)
     need(toolchain, "cc", str, "toolchain.")
+    hardware = data.get("hardware", {})
+    for table, name, known in ((toolchain, "toolchain", _TOOLCHAIN_KEYS), (hardware, "hardware", _HARDWARE_KEYS)):
+        for key, value in table.items():
+            if key not in known:
+                raise UserError(f"{path}: unknown key '{name}.{key}' (known: {', '.join(known)})")
+            if not isinstance(value, known[key]):
+                raise UserError(f"{path}: key '{name}.{key}' has the wrong type ({type(value).__name__})")
     desc = TargetDesc(
         name=need(data, "name", str),
         description=need(data, "description", str),
         default_pipeline=need(data, "default_pipeline", str),
         tvm=tvm_spec,
         toolchain=toolchain,
-        hardware=data.get("hardware", {}),
+        hardware=hardware,
         source=str(path),
     )
     try:

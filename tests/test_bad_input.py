@@ -1,0 +1,140 @@
+"""Every user mistake: one clear line naming the culprit, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+
+from tests.conftest import parse_model, run_cli
+
+MLP_TEXT = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 4] x) => (float[N, 4] y) {
+    y = Relu(x)
+}
+"""
+
+NO_CONVERTER = """
+<ir_version: 8, opset_import: ["" : 17, "my.ops" : 1]>
+g (float[N, 4] x) => (float[N, 4] y) {
+    h = Relu(x)
+    y = my.ops.Frobnicate <strength = 3> (h)
+}
+"""
+
+
+@pytest.fixture
+def good_model(tmp_path):
+    path = tmp_path / "good.onnx"
+    path.write_bytes(parse_model(MLP_TEXT).SerializeToString())
+    return path
+
+
+def _assert_user_error(res, *fragments, out=None):
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("edgecc: error: ")]
+    assert len(errors) == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, res.stderr)
+    if out is not None:
+        assert not out.exists(), f"{out} was written"
+        assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")], \
+            "staging directory left behind"
+
+
+def test_missing_file(tmp_path):
+    out = tmp_path / "out"
+    _assert_user_error(run_cli("compile", tmp_path / "nope.onnx", "-o", out), "nope.onnx: no such file",
+                       out=out)
+
+
+def test_not_an_onnx_file(tmp_path):
+    bad = tmp_path / "notes.onnx"
+    bad.write_text("this is a text file, not a model\n")
+    out = tmp_path / "out"
+    _assert_user_error(run_cli("compile", bad, "-o", out), "notes.onnx: not", out=out)
+
+
+def test_truncated_onnx_file(tmp_path, example_path):
+    data = example_path("mlp").read_bytes()
+    bad = tmp_path / "truncated.onnx"
+    bad.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    _assert_user_error(run_cli("compile", bad, "-o", out), "truncated.onnx:", out=out)
+
+
+def test_model_failing_the_checker(tmp_path):
+    model = parse_model(MLP_TEXT)
+    model.graph.node[0].input[0] = "undefined_tensor"
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(model.SerializeToString())
+    out = tmp_path / "out"
+    _assert_user_error(run_cli("compile", bad, "-o", out), "broken.onnx: fails the ONNX checker", out=out)
+
+
+def test_missing_external_data(tmp_path, example_path):
+    model = onnx.load(str(example_path("mlp")))
+    path = tmp_path / "ext.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    (tmp_path / "ext.onnx.data").unlink()
+    out = tmp_path / "out"
+    _assert_user_error(run_cli("compile", path, "-o", out), "missing external data file", out=out)
+
+
+def test_unknown_target(good_model, tmp_path):
+    out = tmp_path / "out"
+    _assert_user_error(run_cli("compile", good_model, "--target", "rpi9", "-o", out),
+                       "unknown target 'rpi9'", "rpi4", out=out)
+
+
+def test_bad_pipeline_string_shows_the_position(good_model, tmp_path):
+    out = tmp_path / "out"
+    res = run_cli("compile", good_model, "--pipeline", "simplify{onnxsim=true", "-o", out)
+    _assert_user_error(res, "bad pipeline at position 21", out=out)
+
+
+def test_unknown_pass_suggests_closest(good_model, tmp_path):
+    out = tmp_path / "out"
+    _assert_user_error(run_cli("compile", good_model, "--pipeline", "simplify,fsue", "-o", out),
+                       "unknown pass 'fsue'; did you mean 'fuse'?", out=out)
+
+
+def test_unknown_option_suggests_closest(good_model, tmp_path):
+    out = tmp_path / "out"
+    _assert_user_error(run_cli("compile", good_model, "--pipeline", "simplify{onnxsimm=true}", "-o", out),
+                       "has no option 'onnxsimm'; did you mean 'onnxsim'?", out=out)
+
+
+def test_op_without_a_converter_fails_before_building(tmp_path):
+    path = tmp_path / "custom.onnx"
+    path.write_bytes(parse_model(NO_CONVERTER).SerializeToString())
+    out = tmp_path / "out"
+    res = run_cli("compile", path, "--pipeline", "simplify", "-o", out)
+    _assert_user_error(res, "op my.ops.Frobnicate cannot be lowered", "hint:", out=out)
+    assert "building for" not in res.stderr  # refused before the long work
+
+
+def test_existing_output_dir_is_refused(good_model, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    _assert_user_error(run_cli("compile", good_model, "-o", out), "output directory exists", "--force")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_bad_dim_option(good_model, tmp_path):
+    out = tmp_path / "out"
+    _assert_user_error(run_cli("compile", good_model, "--dim", "N=zero", "-o", out), "--dim 'N=zero'", out=out)
+
+
+def test_run_on_a_directory_that_is_not_an_artifact(tmp_path):
+    _assert_user_error(run_cli("run", tmp_path), "not an edgecc artifact")
+
+
+def test_run_with_unreadable_inputs(tmp_path, good_model):
+    out = tmp_path / "art"
+    assert run_cli("compile", good_model, "-o", out, "--pipeline", "simplify").returncode == 0
+    bad = tmp_path / "in.npz"
+    bad.write_text("nope")
+    _assert_user_error(run_cli("run", out, "--inputs", bad), "in.npz: not a readable .npz file")

@@ -1,0 +1,160 @@
+"""Compile-and-run: example models on host (vs ORT), cross builds for rpi4 and Jetson."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+import edgecc
+from edgecc.artifact import Artifact, sha256_file
+from edgecc.errors import UserError
+from edgecc.verify import compare, random_inputs, run_ort
+from tests.conftest import run_cli
+
+EM_AARCH64 = 183
+
+
+def elf_machine(path) -> int:
+    head = path.read_bytes()[:20]
+    assert head[:4] == b"\x7fELF", f"{path} is not an ELF file"
+    return int.from_bytes(head[18:20], "little")
+
+
+@pytest.fixture(scope="module")
+def host_artifacts(example_path, tmp_path_factory):
+    """Each example compiled once for host with the default pipeline."""
+    root = tmp_path_factory.mktemp("host")
+    cache = {}
+
+    def get(name: str, exporter: str = "dynamo") -> Artifact:
+        key = (name, exporter)
+        if key not in cache:
+            cache[key] = edgecc.compile(example_path(name, exporter), "host", root / f"{name}-{exporter}")
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("name,exporter,dims", [
+    ("tiny-lm", "dynamo", [{"batch": 1, "seq": 5}, {"batch": 2, "seq": 33}]),
+    ("tiny-lm", "torchscript", [{"batch": 1, "seq": 7}, {"batch": 3, "seq": 16}]),
+    ("mlp", "dynamo", [{"batch": 1}, {"batch": 5}]),
+    ("convnet", "dynamo", [{"batch": 1}, {"batch": 3}]),
+])
+def test_host_artifact_matches_ort_at_several_shapes(host_artifacts, example_path, name, exporter, dims):
+    art = host_artifacts(name, exporter)
+    assert art.manifest["verification"]["ok"]
+    assert art.manifest["verification"]["max_abs"] < 1e-4
+    source = onnx.load(str(example_path(name, exporter)))
+    for seed, dim_values in enumerate(dims, start=10):
+        feeds = random_inputs(source, seed=seed, dim_values=dim_values)
+        result = compare(run_ort(source, feeds), art.run(feeds))
+        assert result.ok, (dim_values, result.detail)
+
+
+def test_manifest_records_what_reproduces_the_build(host_artifacts):
+    art = host_artifacts("tiny-lm")
+    m = art.manifest
+    assert m["pipeline"] == "simplify{onnxsim=true},fuse{layernorm=true,gelu=true,matmul_bias=true}" or \
+        m["pipeline"].startswith("simplify{onnxsim=true},fuse{")
+    assert [p["name"] for p in m["passes"]] == ["simplify", "fuse"]
+    assert all(p["seconds"] >= 0 and "stats" in p for p in m["passes"])
+    assert m["versions"]["apache-tvm"] == "0.27.0.post1"
+    assert m["target"]["name"] == "host" and len(m["target"]["fingerprint"]) == 16
+    assert m["inputs"] == [{"name": "ids", "dtype": "int64", "shape": ["batch", "seq"]}]
+    assert m["outputs"][0]["name"] == "logits"
+    for name, info in m["files"].items():
+        assert sha256_file(art.path / name) == info["sha256"]
+    assert {"model.so", "model.opt.onnx", "report.md"} <= set(m["files"])
+    report = (art.path / "report.md").read_text()
+    assert "simplify" in report and "max abs error" in report
+    # The optimized graph is runnable in ORT as a reference.
+    opt = onnx.load(str(art.path / "model.opt.onnx"))
+    feeds = random_inputs(opt, seed=3, dim_values={"seq": 4})
+    assert compare(run_ort(opt, feeds), art.run(feeds)).ok
+
+
+def test_threads_option_gives_the_same_numbers(host_artifacts):
+    art = host_artifacts("mlp")
+    feeds = {"x": np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)}
+    one, two = art.run(feeds, threads=1)["y"], art.run(feeds, threads=2)["y"]
+    np.testing.assert_allclose(one, two, rtol=1e-6, atol=1e-6)
+
+
+def test_cli_run_with_npz(host_artifacts, example_path, tmp_path):
+    art = host_artifacts("mlp")
+    x = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=x)
+    res = run_cli("run", art.path, "--inputs", tmp_path / "in.npz", "--output", tmp_path / "out.npz",
+                  "--threads", "2")
+    assert res.returncode == 0, res.stderr
+    assert "y: float32 [3, 10]" in res.stdout
+    got = dict(np.load(tmp_path / "out.npz"))
+    ref = run_ort(onnx.load(str(example_path("mlp"))), {"x": x})
+    assert compare(ref, got).ok
+
+
+def test_run_rejects_wrong_inputs(host_artifacts):
+    art = host_artifacts("mlp")
+    with pytest.raises(UserError, match="missing \\['x'\\]"):
+        art.run({"z": np.zeros((1, 64), np.float32)})
+    with pytest.raises(UserError, match="dtype float64, expected float32"):
+        art.run({"x": np.zeros((1, 64))})
+    with pytest.raises(UserError, match=r"shape \[1, 63\], expected \['batch', 64\]"):
+        art.run({"x": np.zeros((1, 63), np.float32)})
+
+
+def test_tampered_artifact_is_refused(host_artifacts, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(host_artifacts("mlp").path, copy)
+    with open(copy / "model.so", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(UserError, match="'model.so' does not match its sha256"):
+        Artifact.load(copy)
+    (copy / "manifest.json").write_text("{not json")
+    with pytest.raises(UserError, match="corrupt manifest"):
+        Artifact.load(copy)
+
+
+def test_force_replaces_an_existing_artifact(example_path, tmp_path):
+    out = tmp_path / "art"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    art = edgecc.compile(example_path("mlp"), "host", out, force=True, verify=False)
+    assert not (out / "stale.txt").exists() and (out / "model.so").exists()
+    assert "skipped" in art.manifest["verification"]
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no staging dirs left behind
+
+
+def test_rpi4_cross_compile_is_an_aarch64_library(example_path, tmp_path):
+    res = run_cli("compile", example_path("tiny-lm"), "--target", "rpi4", "-o", tmp_path / "rpi4")
+    assert res.returncode == 0, res.stderr
+    art = Artifact.load(tmp_path / "rpi4")
+    assert elf_machine(art.path / "model.so") == EM_AARCH64
+    assert "cortex-a72" in art.manifest["build"]["tvm_target"]
+    assert art.manifest["target"]["host_arch"] == "aarch64"
+    assert "cannot run on this host" in art.manifest["verification"]["skipped"]
+    with pytest.raises(UserError, match="built for target 'rpi4'.*cannot run on this"):
+        art.run(random_inputs(onnx.load(str(example_path("tiny-lm"))), dim_values={"seq": 4}))
+
+
+def test_jetson_artifact_embeds_compiled_device_code(example_path, tmp_path):
+    pytest.importorskip("edgecc.cuda")
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not installed: the Jetson backend needs it to build device code")
+    from edgecc.cuda import embedded_device_code
+
+    art = edgecc.compile(example_path("tiny-lm"), "jetson-orin-nano", tmp_path / "jetson")
+    lib = art.path / "model.so"
+    assert elf_machine(lib) == EM_AARCH64  # the Jetson's host side is aarch64 too
+    images = embedded_device_code(str(lib))
+    cubins = [i for i in images if i["kind"] == "cubin"]
+    assert cubins and all(i["arch"] == "sm_87" for i in cubins)
+    assert not [i for i in images if i["kind"] == "cuda_source"]
+    build = art.manifest["build"]
+    assert build["device_code"] == "cubin" and build["kernels"] > 0
+    assert json.loads((art.path / "manifest.json").read_text())["target"]["device_kind"] == "cuda"
