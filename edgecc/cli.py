@@ -34,7 +34,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
     art = compile_model(
         a.model, a.target, a.output, a.pipeline, force=a.force, verify=not a.no_verify,
         verify_each_pass=a.verify, print_ir_after=tuple(a.print_ir_after or ()),
-        dim_values=_parse_dims(a.dim or []), seed=a.seed, log=_log if not a.quiet else lambda _m: None,
+        dim_values=_parse_dims(a.dim or []), explain=a.explain, seed=a.seed,
+        log=(lambda _m: None) if a.quiet else _log,
     )
     size = sum(f["bytes"] for f in art.manifest["files"].values())
     _log(f"wrote {art.path} ({size / 1e6:.2f} MB) in {time.perf_counter() - start:.1f} s")
@@ -128,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-verify", action="store_true", help="skip checking the compiled module against ORT")
     c.add_argument("--print-ir-after", action="append", metavar="PASS|all", help="print the IR after a pass")
     c.add_argument("--dim", action="append", metavar="NAME=N", help="size of a symbolic dim for verification")
+    c.add_argument("--explain", action="store_true", help="report rewrites that almost matched, and why not")
     c.add_argument("--seed", type=int, default=0, help="seed of the random verification inputs")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_compile)

@@ -21,7 +21,7 @@ from edgecc.artifact import Artifact, staged_output, write_manifest
 from edgecc.backend import LIBRARY_NAME, build, require_tool
 from edgecc.errors import UserError, VerificationError
 from edgecc.ir import load_model, save_model, to_proto
-from edgecc.pass_base import PassContext
+from edgecc.pass_base import PassContext, unknown_message
 from edgecc.pass_manager import Instrument, PassManager, PrintIRAfter, VerifyEachPass
 from edgecc.pipeline import parse_pipeline
 from edgecc.target import TargetDesc, load_target
@@ -48,6 +48,7 @@ def compile(
     verify_each_pass: bool = False,
     print_ir_after: tuple[str, ...] = (),
     dim_values: dict[str, int] | None = None,
+    explain: bool = False,
     seed: int = 0,
     log: Callable[[str], None] = lambda _msg: None,
 ) -> Artifact:
@@ -61,6 +62,11 @@ def compile(
     tdesc = target if isinstance(target, TargetDesc) else load_target(target)
     pipe = parse_pipeline(pipeline if pipeline is not None else tdesc.default_pipeline)
     instruments: list[Instrument] = []
+    in_pipeline = {spec.name for spec in pipe.passes}
+    for name in print_ir_after:
+        if name != "all" and name not in in_pipeline:
+            raise UserError(unknown_message("--print-ir-after: no pass", name, in_pipeline | {"all"}) +
+                            f" in pipeline '{pipe}'")
     if print_ir_after:
         instruments.append(PrintIRAfter(set(print_ir_after)))
     if verify_each_pass:
@@ -70,7 +76,7 @@ def compile(
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir}: output directory exists (use --force to replace it)")
     require_tool(tdesc, "cc")  # a missing cross toolchain must fail before the long work
-    ctx = PassContext(target=tdesc, seed=seed, dim_values=dict(dim_values or {}))
+    ctx = PassContext(target=tdesc, seed=seed, explain=explain, dim_values=dict(dim_values or {}))
 
     source = load_model(model)
     source_proto = to_proto(source)
@@ -81,6 +87,9 @@ def compile(
     t = time.perf_counter()
     optimized, pass_reports = manager.run(ir.from_proto(source_proto), ctx)
     stage("passes", t)
+    for r in pass_reports if explain else ():
+        for miss in r.stats.get("near_misses", []):
+            log(f"{r.name}: near miss: {miss}")
 
     t = time.perf_counter()
     opt_proto = to_proto(optimized)

@@ -138,3 +138,9 @@ def test_run_with_unreadable_inputs(tmp_path, good_model):
     bad = tmp_path / "in.npz"
     bad.write_text("nope")
     _assert_user_error(run_cli("run", out, "--inputs", bad), "in.npz: not a readable .npz file")
+
+
+def test_print_ir_after_a_pass_not_in_the_pipeline(good_model, tmp_path):
+    out = tmp_path / "out"
+    _assert_user_error(run_cli("compile", good_model, "--print-ir-after", "fsue", "-o", out),
+                       "--print-ir-after: no pass 'fsue'; did you mean 'fuse'?", out=out)

@@ -9,7 +9,7 @@ import pytest
 
 from edgecc.pass_base import PassContext
 from edgecc.verify import compare, random_inputs, run_ort
-from passes.simplify import Simplify
+from edgecc.passes.simplify import Simplify
 from tests.conftest import parse_model
 
 # Shape arithmetic that folds to a constant, a dead branch, an Identity chain.
