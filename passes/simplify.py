@@ -63,7 +63,7 @@ class Simplify(Pass):
             changed=after != before,
             stats={
                 "nodes_removed": len(before[0]) - len(after[0]),
-                "initializers_removed": len(before[1]) - len(after[1]),
+                "initializers": len(after[1]),
                 "engine": "onnxsim" if used_onnxsim else "onnxscript.optimizer",
             },
         )
