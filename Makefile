@@ -12,5 +12,7 @@ demo: setup
 	.venv/bin/edgecc compile out/tiny-lm.onnx --target rpi4 -o out/tiny-lm-rpi4 --force
 	.venv/bin/edgecc run out/tiny-lm-host --dim seq=32
 
+# The emulation tier needs the cached aarch64 environment; build it first when missing.
 test: setup
+	.venv/bin/edgecc emulator setup >/dev/null || echo "aarch64 emulator unavailable: emulation tests will skip" >&2
 	.venv/bin/python -m pytest -q

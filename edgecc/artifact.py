@@ -119,9 +119,10 @@ class Artifact:
     def _load_vm(self, threads: int | None):
         if not self.runs_here():
             t = self.manifest["target"]
+            hint = "; run it with --emulate" if t["device_kind"] == "llvm" and t["host_arch"] == "aarch64" else ""
             raise UserError(
                 f"{self.path}: built for target '{t['name']}' ({t['device_kind']}, {t['host_arch']}); "
-                f"it cannot run on this {platform.machine()} host"
+                f"it cannot run on this {platform.machine()} host{hint}"
             )
         n = threads or self.manifest["target"]["num_cores"]
         # The TVM thread pool reads this when it first starts; it defaults to 1 thread here.

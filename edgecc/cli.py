@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 import traceback
@@ -69,8 +71,14 @@ def cmd_run(a: argparse.Namespace) -> int:
         feeds = random_inputs(model, a.seed, _parse_dims(a.dim or []))
         _log(f"no --inputs: seeded random inputs {({k: list(v.shape) for k, v in feeds.items()})}")
     start = time.perf_counter()
-    outputs = art.run(feeds, threads=a.threads)
-    _log(f"ran in {(time.perf_counter() - start) * 1000:.1f} ms (first run, includes loading)")
+    if a.emulate:
+        from edgecc import emulator
+
+        outputs = emulator.run_artifact(art.path, feeds, threads=a.threads)
+        _log("ran under qemu-user emulation: its timings say nothing about the device, none shown")
+    else:
+        outputs = art.run(feeds, threads=a.threads)
+        _log(f"ran in {(time.perf_counter() - start) * 1000:.1f} ms (first run, includes loading)")
     for name, value in outputs.items():
         print(f"{name}: {value.dtype} {list(value.shape)} mean={value.mean():.6g} std={value.std():.6g}")
     if a.output:
@@ -78,6 +86,22 @@ def cmd_run(a: argparse.Namespace) -> int:
         tmp = out.with_name(out.name + ".tmp.npz")
         np.savez(tmp, **outputs)
         tmp.replace(out)
+    return 0
+
+
+def cmd_emulator(a: argparse.Namespace) -> int:
+    from edgecc import emulator
+
+    if a.action == "setup":
+        path = emulator.setup(a.dir, progress=_log)
+        print(path)
+    elif a.action == "clean":
+        emulator.clean(a.dir)
+        _log(f"removed {a.dir or emulator.default_dir()}")
+    else:
+        state = emulator.status(a.dir)
+        print(json.dumps(state, indent=2, default=str))
+        return 0 if state["ok"] else 2
     return 0
 
 
@@ -141,7 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, help="runtime threads (default: the target's core count)")
     r.add_argument("--dim", action="append", metavar="NAME=N", help="symbolic dim size for random inputs")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--emulate", action="store_true",
+                   help="run an aarch64 artifact under qemu-user (see 'edgecc emulator setup')")
     r.set_defaults(func=cmd_run)
+
+    em = sub.add_parser("emulator", help="the cached aarch64 environment that runs Pi artifacts here")
+    em.add_argument("action", choices=["setup", "status", "clean"])
+    em.add_argument("--dir", help="cache directory (default $EDGECC_EMU_DIR or ~/.cache/edgecc/emu)")
+    em.set_defaults(func=cmd_emulator)
 
     ps = sub.add_parser("passes", help="list passes with their options")
     ps.set_defaults(func=cmd_passes)
@@ -172,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     except EdgeccError as e:
         print(f"edgecc: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # e.g. `edgecc passes | head`: the reader left, nothing to report
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except KeyboardInterrupt:
         print("edgecc: interrupted", file=sys.stderr)
         return 130

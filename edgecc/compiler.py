@@ -76,6 +76,7 @@ def compile(
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir}: output directory exists (use --force to replace it)")
     require_tool(tdesc, "cc")  # a missing cross toolchain must fail before the long work
+    runner, why_not = _runner_for(tdesc)
     ctx = PassContext(target=tdesc, seed=seed, explain=explain, dim_values=dict(dim_values or {}))
 
     source = load_model(model)
@@ -121,15 +122,17 @@ def compile(
         }
         write_manifest(stage_dir, manifest)
 
-        verification = None
-        if verify and tdesc.runs_here():
+        verification = {"skipped": "disabled (--no-verify)"}
+        if verify and runner is None:
+            verification = {"skipped": f"artifact for {tdesc.name} cannot run on this host: {why_not}"}
+            log(f"not verified: {verification['skipped']}")
+        elif verify:
             t = time.perf_counter()
-            verification = _verify(Artifact.load(stage_dir), source_proto, ctx)
+            verification = _verify(Artifact.load(stage_dir), runner, source_proto, ctx)
             stage("verify", t)
-            log(f"verified against ONNX Runtime: max abs error {verification['max_abs']:.3g}")
-        manifest["verification"] = verification or {
-            "skipped": "disabled (--no-verify)" if not verify
-            else f"artifact for {tdesc.name} cannot run on this host"}
+            log(f"verified against ONNX Runtime ({verification['runner']}): "
+                f"max abs error {verification['max_abs']:.3g}")
+        manifest["verification"] = verification
         manifest["timings_s"] = timings
         manifest = write_manifest(stage_dir, manifest)
         (stage_dir / "report.md").write_text(report.render(manifest))
@@ -137,13 +140,29 @@ def compile(
     return Artifact.load(out_dir)
 
 
-def _verify(artifact: Artifact, source: onnx.ModelProto, ctx: PassContext) -> dict:
+def _runner_for(target: TargetDesc) -> tuple[Callable | None, str]:
+    """How to run this target's artifacts here: natively, under emulation, or not (and why)."""
+    if target.runs_here():
+        return (lambda art, feeds: art.run(feeds)), ""
+    if target.device_kind != "llvm" or target.host_arch() != "aarch64":
+        return None, f"{target.device_kind} code for {target.host_arch()} needs the device"
+    from edgecc import emulator
+
+    state = emulator.status()
+    if not state["ok"]:
+        return None, f"aarch64 emulator not set up ({state['reason']}); run `edgecc emulator setup`"
+    return (lambda art, feeds: emulator.run_artifact(art.path, feeds)), ""
+
+
+def _verify(artifact: Artifact, runner: Callable, source: onnx.ModelProto, ctx: PassContext) -> dict:
     """The compiled module vs ONNX Runtime on the source model, seeded random inputs."""
     feeds = random_inputs(source, ctx.seed, ctx.dim_values)
     reference = run_ort(source, feeds)
-    result = compare(reference, artifact.run(feeds))
+    result = compare(reference, runner(artifact, feeds))
     shapes = {k: list(v.shape) for k, v in feeds.items()}
     if not result.ok:
         raise VerificationError(f"compiled module disagrees with ONNX Runtime on inputs {shapes}: "
                                 f"{result.detail}")
-    return dict(result.to_json(), seed=ctx.seed, input_shapes=shapes, reference="onnxruntime")
+    how = "native" if artifact.runs_here() else "qemu-user emulation"
+    return dict(result.to_json(), seed=ctx.seed, input_shapes=shapes, reference="onnxruntime",
+                runner=how)
