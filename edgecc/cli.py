@@ -36,7 +36,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
     art = compile_model(
         a.model, a.target, a.output, a.pipeline, force=a.force, verify=not a.no_verify,
         verify_each_pass=a.verify, print_ir_after=tuple(a.print_ir_after or ()),
-        dim_values=_parse_dims(a.dim or []), explain=a.explain, seed=a.seed,
+        dim_values=_parse_dims(a.dim or []), calibration=a.calibration, explain=a.explain, seed=a.seed,
         log=(lambda _m: None) if a.quiet else _log,
     )
     size = sum(f["bytes"] for f in art.manifest["files"].values())
@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-verify", action="store_true", help="skip checking the compiled module against ORT")
     c.add_argument("--print-ir-after", action="append", metavar="PASS|all", help="print the IR after a pass")
     c.add_argument("--dim", action="append", metavar="NAME=N", help="size of a symbolic dim for verification")
+    c.add_argument("--calibration", metavar="DATA.npz",
+                   help="model inputs (one array per input name) for passes that calibrate")
     c.add_argument("--explain", action="store_true", help="report rewrites that almost matched, and why not")
     c.add_argument("--seed", type=int, default=0, help="seed of the random verification inputs")
     c.add_argument("-q", "--quiet", action="store_true")

@@ -44,3 +44,24 @@ class SkipSimplifiedLayerNormalization(OnnxOpConverter):
         out = relax.op.nn.rms_norm(total, scale, _axes(total, -1), attr.get("epsilon", 1e-5))
         placeholder = relax.const(0, "float32")
         return relax.Tuple([out, placeholder, placeholder, total])
+
+
+@converter("MatMulInteger")
+class MatMulInteger(OnnxOpConverter):
+    """int8 x int8 -> int32 with the operands kept int8.
+
+    TVM's own converter widens both operands to int32 before the matmul, and constant folding
+    then stores int8 weights as int32: four bytes a weight. `matmul(out_dtype="int32")` widens
+    each element inside the kernel instead, so the module keeps the int8 weights.
+    """
+
+    computed_outputs = (0,)
+
+    @classmethod
+    def _impl_v10(cls, bb, inputs, attr, params):
+        zero_points = [z for z in inputs[2:] if z is not None]
+        if zero_points:  # asymmetric operands: TVM's converter subtracts them after widening
+            from tvm.relax.frontend.onnx import onnx_frontend
+
+            return onnx_frontend.MatMulInteger._impl_v10(bb, inputs, attr, params)
+        return relax.op.matmul(inputs[0], inputs[1], out_dtype="int32")

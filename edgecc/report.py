@@ -29,11 +29,13 @@ def render(m: dict) -> str:
     for kind in ("inputs", "outputs"):
         for s in m[kind]:
             lines.append(f"| {kind[:-1]} | `{s['name']}` | {s['dtype']} | {s['shape']} |")
-    lines += ["", "## Passes", "", "| pass | changed | nodes | ms | stats | verify max abs |",
+    lines += ["", "## Passes", "", "| pass | changed | nodes | ms | stats | verify error |",
               "|---|---|---|---|---|---|"]
     for p in m["passes"]:
         stats = ", ".join(f"{k}={v}" for k, v in p["stats"].items() if isinstance(v, (int, float, str)))
-        ver = f"{p['verify']['max_abs']:.2g}" if p.get("verify") else "—"
+        v = p.get("verify") or {}
+        ver = (f"{v['max_abs']:.2g}" if "max_abs" in v else
+               f"{v['relative_error']:.2g} of range (≤ {v['allowed']:g})" if v else "—")
         lines.append(f"| `{p['pipeline_entry']}` | {'yes' if p['changed'] else 'no (0 matches)'} | "
                      f"{p['nodes_before']} → {p['nodes_after']} | {p['seconds'] * 1000:.0f} | {stats} | {ver} |")
     lines += ["", "## Build", ""]
@@ -43,8 +45,11 @@ def render(m: dict) -> str:
     if "skipped" in v:
         lines.append(f"- skipped: {v['skipped']}")
     else:
+        lines.append(f"- reference: {v['reference']}, run {v['runner']}")
         lines.append(f"- max abs error {v['max_abs']:.3g}, max rel error {v['max_rel']:.3g} on "
                      f"seeded inputs {v['input_shapes']} (seed {v['seed']})")
+        lines.append(f"- vs the fp32 model: relative error {v['relative_error_vs_fp32']:.3g} of the output "
+                     f"range, cosine {v['cosine_vs_fp32']:.6f}")
     lines += ["", "## Files", "", "| file | size | sha256 |", "|---|---|---|"]
     for name, info in m["files"].items():
         lines.append(f"| {name} | {_size(info['bytes'])} | `{info['sha256'][:16]}…` |")

@@ -184,3 +184,23 @@ def compare(
                 problems.append((name, f"max abs error {a:.3g} exceeds atol={atol:g}, rtol={rtol:g}"))
     detail = "; ".join(f"output '{n}': {m}" for n, m in problems)
     return Comparison(not problems, max_abs, max_rel, problems[0][0] if problems else "", detail)
+
+
+def relative_error(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> float:
+    """The largest |got - ref| over all float outputs, as a fraction of that output's max |ref|."""
+    worst = 0.0
+    for name, r in ref.items():
+        r, g = np.asarray(r, np.float64), np.asarray(got[name], np.float64)
+        if r.dtype.kind == "f" and r.size:
+            worst = max(worst, float(np.abs(g - r).max() / max(np.abs(r).max(), 1e-12)))
+    return worst
+
+
+def cosine(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> float:
+    """The smallest cosine similarity, per output, of the flattened outputs."""
+    worst = 1.0
+    for name, r in ref.items():
+        a, b = np.asarray(r, np.float64).ravel(), np.asarray(got[name], np.float64).ravel()
+        norm = np.linalg.norm(a) * np.linalg.norm(b)
+        worst = min(worst, float(a @ b / norm) if norm else float(np.array_equal(a, b)))
+    return worst

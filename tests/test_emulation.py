@@ -67,6 +67,21 @@ def test_matches_onnxruntime(emu, rpi4_artifact, name):
     assert result.ok, result.detail
 
 
+def test_quantized_pipeline_matches_onnxruntime_on_its_int8_graph(emu, example_path, tmp_path):
+    art = edgecc.compile(example_path("tiny-lm"), "rpi4", tmp_path / "int8",
+                         "simplify,fuse,quantize-int8{smoothquant=0.5}")
+    # compile itself verified it under emulation, against the int8 graph and the fp32 bound
+    assert art.manifest["verification"]["runner"] == "qemu-user emulation"
+    assert art.manifest["verification"]["ok"]
+    opt = onnx.load(str(art.path / "model.opt.onnx"))
+    assert any(n.op_type == "MatMulInteger" for n in opt.graph.node)
+    feeds = random_inputs(opt, seed=5, dim_values={"batch": 2, "seq": 6})
+    reference = run_ort(opt, feeds)
+    atol = max(np.abs(r).max() for r in reference.values()) / 127  # one int8 step of the range
+    result = compare(reference, emulator.run_artifact(art.path, feeds), tolerance=(atol, 0.0))
+    assert result.ok, result.detail
+
+
 def test_threads_do_not_change_results(emu, rpi4_artifact):
     model_path, art = rpi4_artifact("tiny-lm")
     feeds = random_inputs(onnx.load(model_path), seed=2, dim_values={"seq": 8})

@@ -1,0 +1,64 @@
+"""Calibration data: loading and checking it, and activation ranges measured with it.
+
+Data comes from `--calibration data.npz` (one array per model input, named as the input). Without
+it, passes that need ranges draw seeded synthetic batches (random token ids for LMs, N(0,1)
+floats otherwise): enough to find scales, though real data gives better ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from edgecc.errors import UserError
+from edgecc.verify import graph_inputs, ort_session, random_inputs
+
+SYNTHETIC_BATCHES = 8
+
+
+def load_calibration(path: str | Path, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Read an .npz of model inputs and check names, dtypes and ranks against the model."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such calibration file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except (ValueError, OSError) as e:
+        raise UserError(f"{path}: not a readable .npz file: {e}") from None
+    specs = {s.name: s for s in graph_inputs(model)}
+    missing, extra = sorted(set(specs) - set(data)), sorted(set(data) - set(specs))
+    if missing or extra:
+        raise UserError(f"{path}: calibration inputs do not match the model: missing {missing}, "
+                        f"unexpected {extra} (model inputs: {sorted(specs)})")
+    for name, spec in specs.items():
+        a = data[name]
+        if a.dtype != spec.dtype:
+            raise UserError(f"{path}: '{name}' has dtype {a.dtype}, the model expects {spec.dtype}")
+        if a.ndim != len(spec.shape) or any(isinstance(d, int) and d != s for d, s in zip(spec.shape, a.shape)):
+            raise UserError(f"{path}: '{name}' has shape {list(a.shape)}, the model expects {list(spec.shape)}")
+    return data
+
+
+def activation_ranges(model: ir.Model, ctx, names: list[str]) -> dict[str, np.ndarray]:
+    """Per-channel (last axis) absolute maxima of the named activations over the calibration data."""
+    proto = ir.to_proto(model)
+    known = {o.name for o in proto.graph.output}
+    for name in names:
+        if name not in known:
+            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    session = ort_session(proto)
+    if ctx.calibration is not None:
+        batches = [ctx.calibration]
+    else:
+        batches = [random_inputs(proto, seed=ctx.seed + i, dim_values=ctx.dim_values)
+                   for i in range(SYNTHETIC_BATCHES)]
+    ranges: dict[str, np.ndarray] = {}
+    for feeds in batches:
+        for name, value in zip(names, session.run(names, feeds)):
+            amax = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
+            ranges[name] = np.maximum(ranges[name], amax) if name in ranges else amax
+    return ranges
