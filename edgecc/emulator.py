@@ -256,6 +256,7 @@ def _check(cmd: list[str], what: str, env: dict[str, str] | None = None) -> subp
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
-        raise EdgeccError(f"emulator setup: {what} failed (exit code {proc.returncode}): "
-                          f"{lines[-1] if lines else ''}")
+        # Nearly always the machine's set-up (no route to the registries, no disk): the user's to fix.
+        raise UserError(f"emulator setup: {what} failed (exit code {proc.returncode}): "
+                        f"{lines[-1] if lines else ''} (check access to {MIRROR} and PyPI)")
     return proc

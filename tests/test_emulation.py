@@ -151,3 +151,12 @@ def test_failure_inside_emulation_reports_its_last_line(emu, rpi4_artifact, tmp_
         emulator.run_artifact(broken, random_inputs(onnx.load(model_path)))
     assert not isinstance(info.value, UserError)
     assert "\n" not in str(info.value)
+
+
+def test_setup_without_registry_access_is_a_clear_user_error(tmp_path, monkeypatch):
+    if os.geteuid() != 0 or shutil.which("debootstrap") is None:
+        pytest.skip("needs root and debootstrap to reach the download step")
+    monkeypatch.setattr(emulator, "MIRROR", "http://127.0.0.1:9/debian")  # nothing listens there
+    with pytest.raises(UserError, match="debootstrap failed.*check access to http://127.0.0.1:9/debian"):
+        emulator.setup(tmp_path / "emu")
+    assert not (tmp_path / "emu").exists()  # nothing half-built is left as the cache
