@@ -19,16 +19,22 @@ from edgecc.verify import graph_inputs, ort_session, random_inputs
 SYNTHETIC_BATCHES = 8
 
 
+def read_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """Named arrays from an .npz file (never pickles), with one-line errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (ValueError, OSError) as e:
+        raise UserError(f"{path}: not a readable .npz file: {e}") from None
+
+
 def load_calibration(path: str | Path, model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Read an .npz of model inputs and check names, dtypes and ranks against the model."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such calibration file")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except (ValueError, OSError) as e:
-        raise UserError(f"{path}: not a readable .npz file: {e}") from None
+    data = read_npz(path)
     specs = {s.name: s for s in graph_inputs(model)}
     missing, extra = sorted(set(specs) - set(data)), sorted(set(data) - set(specs))
     if missing or extra:

@@ -45,23 +45,14 @@ def cmd_compile(a: argparse.Namespace) -> int:
     return 0
 
 
-def _load_npz(path: str) -> dict[str, np.ndarray]:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: no such file")
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except (ValueError, OSError) as e:
-        raise UserError(f"{p}: not a readable .npz file: {e}") from None
-
-
 def cmd_run(a: argparse.Namespace) -> int:
     from edgecc.artifact import Artifact
 
     art = Artifact.load(a.artifact)
     if a.inputs:
-        feeds = _load_npz(a.inputs)
+        from edgecc.calibration import read_npz
+
+        feeds = read_npz(a.inputs)
     else:
         import onnx
 
