@@ -51,6 +51,11 @@ def load_calibration(path: str | Path, model: onnx.ModelProto) -> dict[str, np.n
 
 def activation_ranges(model: ir.Model, ctx, names: list[str]) -> dict[str, np.ndarray]:
     """Per-channel (last axis) absolute maxima of the named activations over the calibration data."""
+    return {name: np.abs(rows).max(axis=0) for name, rows in activation_samples(model, ctx, names).items()}
+
+
+def activation_samples(model: ir.Model, ctx, names: list[str]) -> dict[str, np.ndarray]:
+    """The named activations over the calibration data, as rows [tokens, channels]."""
     proto = ir.to_proto(model)
     known = {o.name for o in proto.graph.output}
     for name in names:
@@ -62,9 +67,8 @@ def activation_ranges(model: ir.Model, ctx, names: list[str]) -> dict[str, np.nd
     else:
         batches = [random_inputs(proto, seed=ctx.seed + i, dim_values=ctx.dim_values)
                    for i in range(SYNTHETIC_BATCHES)]
-    ranges: dict[str, np.ndarray] = {}
+    rows: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for feeds in batches:
         for name, value in zip(names, session.run(names, feeds)):
-            amax = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
-            ranges[name] = np.maximum(ranges[name], amax) if name in ranges else amax
-    return ranges
+            rows[name].append(value.reshape(-1, value.shape[-1]))
+    return {name: np.concatenate(parts) for name, parts in rows.items()}

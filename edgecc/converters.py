@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tvm
 from tvm import relax
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
@@ -65,3 +66,69 @@ class MatMulInteger(OnnxOpConverter):
 
             return onnx_frontend.MatMulInteger._impl_v10(bb, inputs, attr, params)
         return relax.op.matmul(inputs[0], inputs[1], out_dtype="int32")
+
+
+@converter("MatMulNBits", domain="com.microsoft")
+class MatMulNBits(OnnxOpConverter):
+    """int4 MatMulNBits (what quantize-int4 emits) -> edgecc's fused dequantize-matmul kernel.
+
+    B's bytes are already the kernel's packed layout ([N, K/2], two k per byte); scales and
+    zero points are reordered from ORT's N-major order to the kernel's [K/block, N]. The module
+    keeps the nibbles: nothing is dequantized ahead of time.
+    """
+
+    computed_outputs = (0,)
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        import numpy as np
+
+        from edgecc.kernels.int4 import emit_int4_matmul
+
+        K, N, bits, block = attr["K"], attr["N"], attr.get("bits", 4), attr["block_size"]
+        x, b, scales = inputs[0], inputs[1], inputs[2]
+        zero_points = inputs[3] if len(inputs) > 3 else None
+        extra = [i for i in inputs[4:] if i is not None]
+        if bits != 4 or extra or not all(isinstance(v, tvm.ir.Constant) for v in (b, scales)):
+            raise ValueError("edgecc lowers MatMulNBits with bits=4, constant B and scales, "
+                             "and no g_idx or bias inputs")
+        blocks = K // block
+        packed = b.value.numpy().reshape(N, K // 2)
+        kernel_scales = np.ascontiguousarray(scales.value.numpy().reshape(N, blocks).T)
+        zeros = None
+        if zero_points is not None:
+            nibbles = zero_points.value.numpy() if isinstance(zero_points, tvm.ir.Constant) else None
+            if nibbles is None or nibbles.dtype != np.uint8:
+                raise ValueError("edgecc lowers MatMulNBits zero points only as constant packed uint8")
+            nibbles = nibbles.reshape(N, -1)
+            both = np.stack([nibbles & 15, nibbles >> 4], axis=-1).reshape(N, -1)[:, :blocks]
+            zeros = relax.const(np.ascontiguousarray(both.T).astype(np.uint8))
+        lead = list(x.ty.shape)[:-1]
+        rows = x if len(lead) == 1 else bb.normalize(relax.op.reshape(x, (-1, K)))
+        y = emit_int4_matmul(bb, rows, relax.const(packed), relax.const(kernel_scales), zeros, block, K, N)
+        return y if len(lead) == 1 else relax.op.reshape(y, (*lead, N))
+
+
+@converter("BlockSparseMatMul", domain="edgecc")
+class BlockSparseMatMul(OnnxOpConverter):
+    """x @ W with W's zero blocks dropped: BSR storage and edgecc's block-sparse kernel.
+
+    Only the lowering produces this op, from MatMuls the block-sparsity pass marked; W arrives
+    as the pruned dense constant and leaves as its nonzero blocks.
+    """
+
+    computed_outputs = (0,)
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        from edgecc.kernels.bsr import emit_bsr_matmul, to_bsr
+
+        x, w = inputs
+        if not isinstance(w, tvm.ir.Constant):
+            raise ValueError("BlockSparseMatMul needs a constant weight")
+        weight = w.value.numpy()
+        block = (attr["block_rows"], attr["block_cols"])
+        data, indices, indptr = to_bsr(weight, block)
+        K, N = weight.shape
+        return emit_bsr_matmul(bb, x, relax.const(data), relax.const(indices), relax.const(indptr),
+                               K, N, block)

@@ -8,6 +8,7 @@ op nobody can lower fails at once with its op type, node name and a hint.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 from typing import Callable
 
@@ -103,11 +104,42 @@ def _patched_frontend():
         onnx_frontend._get_convert_map, relax.op.take = orig_map, orig_take
 
 
+def _route_to_kernels(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Nodes a pass marked for an edgecc kernel become that kernel's op, for the importer only.
+
+    The optimized ONNX keeps standard ops (ORT runs it as the reference); here a MatMul, or a
+    Gemm's product, marked `edgecc.kernel = bsr` becomes edgecc's BlockSparseMatMul.
+    """
+    marked = [n for n in model.graph.node
+              if {p.key: p.value for p in n.metadata_props}.get("edgecc.kernel") == "bsr"]
+    if not marked:
+        return model
+    model = copy.deepcopy(model)
+    nodes = []
+    for node in model.graph.node:
+        props = {p.key: p.value for p in node.metadata_props}
+        if props.get("edgecc.kernel") != "bsr":
+            nodes.append(node)
+            continue
+        rows, cols = (int(v) for v in props["edgecc.block"].split("x"))
+        product = node.output[0] if node.op_type == "MatMul" else node.output[0] + "_bsr"
+        nodes.append(onnx.helper.make_node("BlockSparseMatMul", node.input[:2], [product], name=node.name,
+                                           domain="edgecc", block_rows=rows, block_cols=cols))
+        if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+            nodes.append(onnx.helper.make_node("Add", [product, node.input[2]], [node.output[0]],
+                                               name=node.name + "_bias"))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.opset_import.append(onnx.helper.make_opsetid("edgecc", 1))
+    return model
+
+
 def to_relax(model: onnx.ModelProto):
     """The Relax IRModule of a checked ONNX model; weights become constants of the module."""
     from tvm.relax.frontend.onnx import from_onnx
 
     check_supported(model)
+    model = _route_to_kernels(model)
     with _patched_frontend():
         try:
             return from_onnx(model, keep_params_in_input=False)

@@ -24,15 +24,16 @@ ENTRY_POINT_GROUP = "edgecc.passes"
 
 @dataclasses.dataclass(frozen=True)
 class Option:
-    """A typed pass option. `choices` restricts str options; `low`/`high` bound numbers."""
+    """A typed pass option. `choices` restricts it to a set of values; `low`/`high` bound numbers."""
 
     name: str
     type: type
     default: Any
     help: str
-    choices: tuple[str, ...] | None = None
+    choices: tuple | None = None
     low: float | None = None
     high: float | None = None
+    kind: str | None = None  # how to name the type in help and errors, when type's name won't do
 
     def parse(self, text: str, where: str) -> Any:
         """Convert the text form of a value, with an error naming `where` on failure."""
@@ -45,7 +46,7 @@ class Option:
                 value = self.type(text)
         except ValueError:
             raise UserError(
-                f"{where}: option '{self.name}' expects {self.type.__name__}, got '{text}'"
+                f"{where}: option '{self.name}' expects {self.kind or self.type.__name__}, got '{text}'"
             ) from None
         self.check(value, where)
         return value
@@ -53,7 +54,8 @@ class Option:
     def check(self, value: Any, where: str) -> None:
         if self.choices is not None and value not in self.choices:
             raise UserError(
-                f"{where}: option '{self.name}' must be one of {', '.join(self.choices)}; got '{value}'"
+                f"{where}: option '{self.name}' must be one of {', '.join(map(str, self.choices))}; "
+                f"got '{value}'"
             )
         if self.low is not None and value < self.low or self.high is not None and value > self.high:
             raise UserError(
@@ -67,7 +69,7 @@ class Option:
         return str(value)
 
     def describe(self) -> str:
-        kind = "|".join(self.choices) if self.choices else self.type.__name__
+        kind = "|".join(map(str, self.choices)) if self.choices else (self.kind or self.type.__name__)
         return f"{self.name}={self.format(self.default)} ({kind}) {self.help}"
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 import edgecc
 from edgecc.calibration import load_calibration
@@ -18,38 +18,9 @@ from edgecc.pass_manager import PassManager, VerifyEachPass
 from edgecc.passes.quantize_int8 import QMAX, QuantizeInt8
 from edgecc.verify import compare, random_inputs, relative_error, run_ort
 from tests.conftest import run_cli
+from tests.passes.linear_models import linear_model
 
 K, N = 64, 48
-
-
-def _model(weight_as_input: bool = False, gemm_attrs: dict | None = None, k: int = K, n: int = N,
-           shared_matmul_output: bool = False) -> onnx.ModelProto:
-    """x[B, T, K] @ W[K, N] (+ relu), or Gemm(x[B, K], W, b) when gemm_attrs is given."""
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((k, n)).astype(np.float32)
-    if gemm_attrs is not None:
-        if gemm_attrs.get("transB"):
-            w = w.T.copy()
-        b = rng.standard_normal(n).astype(np.float32)
-        nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], **gemm_attrs)]
-        x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["B", k])
-        y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["B", n])
-        inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")]
-    else:
-        nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])]
-        x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["B", "T", k])
-        y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["B", "T", n])
-        inits = [numpy_helper.from_array(w, "w")]
-    outputs = [y]
-    if shared_matmul_output:
-        outputs.append(helper.make_tensor_value_info("h", onnx.TensorProto.FLOAT, ["B", "T", n]))
-    inputs = [x] + ([helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, list(w.shape))]
-                    if weight_as_input else [])
-    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
 
 
 def _quantize(model: onnx.ModelProto, ctx: PassContext | None = None, **opts):
@@ -68,7 +39,7 @@ def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 # --- structure --------------------------------------------------------------------------------
 
 def test_dynamic_structure_int8_weights_and_per_token_scales():
-    result, out = _quantize(_model())
+    result, out = _quantize(linear_model())
     ops = _ops(out)
     assert ops["MatMulInteger"] == 1 and ops["MatMul"] == 0
     assert ops["ReduceMax"] == 1  # the per-token scale is computed at run time
@@ -82,26 +53,26 @@ def test_dynamic_structure_int8_weights_and_per_token_scales():
 
 
 def test_static_structure_has_a_constant_activation_scale():
-    _, out = _quantize(_model(), mode="static")
+    _, out = _quantize(linear_model(), mode="static")
     assert _ops(out)["ReduceMax"] == 0
     (x_scale,) = [v for k, v in _initializers(out).items() if k.endswith("xscale")]
     assert x_scale.shape == () and x_scale > 0
 
 
 def test_per_tensor_weights_have_one_scale():
-    _, out = _quantize(_model(), per_channel=False)
+    _, out = _quantize(linear_model(), per_channel=False)
     (w_scale,) = [v for k, v in _initializers(out).items() if k.endswith("wscale")]
     assert w_scale.size == 1
 
 
 def test_smoothquant_inserts_a_channel_scale_and_moves_it_into_the_weights():
-    _, out = _quantize(_model(), smoothquant=0.5)
+    _, out = _quantize(linear_model(), smoothquant=0.5)
     (smooth,) = [v for k, v in _initializers(out).items() if k.endswith("smooth")]
     assert smooth.shape == (K,) and not np.allclose(smooth, 1.0)
 
 
 def test_gemm_with_transposed_weight_keeps_its_bias():
-    model = _model(gemm_attrs={"transB": 1})
+    model = linear_model(gemm_attrs={"transB": 1})
     _, out = _quantize(model)
     ops = _ops(out)
     assert ops["MatMulInteger"] == 1 and ops["Gemm"] == 0 and ops["Add"] == 1
@@ -114,7 +85,7 @@ def test_gemm_with_transposed_weight_keeps_its_bias():
 @pytest.mark.parametrize("opts", [{}, {"mode": "static"}, {"smoothquant": 0.5}, {"per_channel": False},
                                   {"mode": "static", "smoothquant": 0.8}])
 def test_close_to_fp32_in_ort_without_its_optimizations(opts):
-    model = _model()
+    model = linear_model()
     _, out = _quantize(model, **opts)
     feeds = random_inputs(model, seed=1, dim_values={"B": 2, "T": 5})
     err = relative_error(run_ort(model, feeds), run_ort(out, feeds))
@@ -123,7 +94,7 @@ def test_close_to_fp32_in_ort_without_its_optimizations(opts):
 
 def test_dynamic_arithmetic_is_exactly_int8_per_token():
     """ORT on the rewritten graph equals a numpy model of symmetric per-token int8 quantization."""
-    model = _model()
+    model = linear_model()
     _, out = _quantize(model)
     x = random_inputs(model, seed=3, dim_values={"B": 2, "T": 4})["x"]
     w = numpy_helper.to_array(model.graph.initializer[0])
@@ -139,22 +110,22 @@ def test_dynamic_arithmetic_is_exactly_int8_per_token():
 # --- fires where it should, not where it must not ------------------------------------------------
 
 def test_does_not_touch_a_weight_the_caller_can_override():
-    result, out = _quantize(_model(weight_as_input=True))
+    result, out = _quantize(linear_model(weight_as_input=True))
     assert not result.changed and _ops(out)["MatMulInteger"] == 0 and result.stats["matmuls"] == 0
 
 
 def test_leaves_small_matmuls_in_float():
-    result = QuantizeInt8(min_weights=K * N + 1).run(ir.from_proto(_model()), PassContext())
+    result = QuantizeInt8(min_weights=K * N + 1).run(ir.from_proto(linear_model()), PassContext())
     assert not result.changed and result.stats["matmuls"] == 0
 
 
 def test_does_not_fire_on_gemm_with_alpha():
-    result, out = _quantize(_model(gemm_attrs={"alpha": 2.0}))
+    result, out = _quantize(linear_model(gemm_attrs={"alpha": 2.0}))
     assert not result.changed and _ops(out)["Gemm"] == 1
 
 
 def test_intermediate_used_elsewhere_is_still_correct():
-    model = _model(shared_matmul_output=True)
+    model = linear_model(shared_matmul_output=True)
     _, out = _quantize(model)
     feeds = random_inputs(model, seed=4, dim_values={"B": 1, "T": 3})
     ref, got = run_ort(model, feeds), run_ort(out, feeds)
@@ -164,7 +135,7 @@ def test_intermediate_used_elsewhere_is_still_correct():
 # --- calibration -------------------------------------------------------------------------------
 
 def test_static_scale_comes_from_the_given_calibration_data():
-    model = _model()
+    model = linear_model()
     x = np.zeros((1, 2, K), np.float32)
     x[0, 0, 0] = 5.0  # the calibrated range is exactly 5
     _, out = _quantize(model, PassContext(calibration={"x": x}), mode="static")
@@ -177,17 +148,17 @@ def test_static_scale_comes_from_the_given_calibration_data():
     ({"x": np.zeros((1, 2, K), np.float64)}, "'x' has dtype float64"),
     ({"x": np.zeros((1, K + 1), np.float32)}, "'x' has shape [1, 65]"),
 ])
-def test_calibration_that_does_not_match_the_model(tmp_path, data, fragment):
+def test_calibration_that_does_not_match_thelinear_model(tmp_path, data, fragment):
     path = tmp_path / "calib.npz"
     np.savez(path, **data)
     with pytest.raises(UserError) as e:
-        load_calibration(path, _model())
+        load_calibration(path, linear_model())
     assert str(e.value).startswith(str(path)) and fragment in str(e.value)
 
 
 def test_cli_bad_calibration_is_a_one_line_user_error(tmp_path):
     model_path = tmp_path / "m.onnx"
-    onnx.save(_model(), str(model_path))
+    onnx.save(linear_model(), str(model_path))
     np.savez(tmp_path / "c.npz", z=np.zeros(3, np.float32))
     res = run_cli("compile", model_path, "-p", "quantize-int8{mode=static}", "--calibration",
                   tmp_path / "c.npz", "-o", tmp_path / "out")
@@ -209,7 +180,7 @@ def test_options_out_of_range(text, fragment):
 
 def test_verify_accepts_the_declared_drift_and_rebases():
     pm = PassManager("quantize-int8{min_weights=0},simplify", instruments=(VerifyEachPass(),))
-    _, reports = pm.run(ir.from_proto(_model()), PassContext(dim_values={"B": 2, "T": 3}))
+    _, reports = pm.run(ir.from_proto(linear_model()), PassContext(dim_values={"B": 2, "T": 3}))
     assert reports[0].verify["ok"] and 0 < reports[0].verify["relative_error"] <= QuantizeInt8.drift
     assert reports[1].verify["ok"] and reports[1].verify["max_abs"] < 1e-5  # vs the int8 outputs
 
@@ -218,7 +189,7 @@ def test_verify_names_a_lossy_pass_that_exceeds_its_drift(monkeypatch):
     monkeypatch.setattr(QuantizeInt8, "drift", 1e-6)
     pm = PassManager("quantize-int8{min_weights=0}", instruments=(VerifyEachPass(),))
     with pytest.raises(VerificationError, match="pass 'quantize-int8.*moved the outputs by .* more than"):
-        pm.run(ir.from_proto(_model()), PassContext())
+        pm.run(ir.from_proto(linear_model()), PassContext())
 
 
 def test_compiled_example_lm_is_smaller_and_matches_ort_on_the_int8_graph(example_path, tmp_path):

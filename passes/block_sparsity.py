@@ -1,0 +1,110 @@
+"""block-sparsity: magnitude pruning in RxC blocks, computed by a BSR kernel where that is faster.
+
+For each constant weight W [K, N] of a MatMul (or of a Gemm as `fuse` emits it), the blocks of
+R rows (along K) by C columns (along N) with the smallest L2 norms are zeroed until `sparsity`
+of them are. The graph stays standard ONNX with the pruned dense weight, so ONNX Runtime runs it
+as the reference (exactly the dense model with those blocks zeroed). Where the target's cost
+model (`edgecc.kernels.bsr.choose_kernel`, calibrated by benchmarks/bsr_vs_dense.py) predicts
+the block-sparse kernel beats dense, the node is marked `edgecc.kernel = bsr`; the lowering then
+stores only the nonzero blocks and calls the BSR kernel. The decision and its reason are
+reported per weight.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx_ir as ir
+
+from edgecc.errors import UserError
+from edgecc.kernels.bsr import choose_kernel, magnitude_block_prune
+from edgecc.pass_base import Option, Pass, PassContext, PassResult, register_pass
+
+KERNEL_KEY = "edgecc.kernel"
+BLOCK_KEY = "edgecc.block"
+_BLOCK = re.compile(r"^(\d+)x(\d+)$")
+
+
+def parse_block(text: str) -> tuple[int, int]:
+    m = _BLOCK.match(text)
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        raise ValueError(text)
+    return int(m.group(1)), int(m.group(2))
+
+
+def _candidate(node: ir.Node) -> tuple[ir.Value, np.ndarray, str] | tuple[None, None, str]:
+    """(weight value, W [K, N], "") for a prunable node, or (None, None, why not)."""
+    if node.op_type == "Gemm":
+        attrs = node.attributes
+        if attrs.get_int("transA", 0) or attrs.get_int("transB", 0):
+            return None, None, "Gemm with transposed operands"
+        if attrs.get_float("alpha", 1.0) != 1.0:
+            return None, None, "Gemm with alpha != 1"
+    elif node.op_type != "MatMul":
+        return None, None, "not a matmul"
+    value = node.inputs[1]
+    if value is None or value.const_value is None or value.is_graph_input():
+        return None, None, "weight is not a constant initializer"
+    w = value.const_value.numpy()
+    if w.ndim != 2 or w.dtype != np.float32:
+        return None, None, "weight is not 2-D float32"
+    return value, w, ""
+
+
+@register_pass
+class BlockSparsity(Pass):
+    name = "block-sparsity"
+    description = ("magnitude pruning in RxC blocks; block-sparse (BSR) storage and kernel where the "
+                   "target's cost model says it beats dense")
+    options = (
+        Option("block", str, "16x16", "block shape RxC: R rows along K, C columns along N",
+               kind="RxC (e.g. 16x16)"),
+        Option("sparsity", float, 0.5, "fraction of blocks set to zero", low=0.0, high=0.99),
+        Option("min_weights", int, 4096, "leave matmuls with fewer weights dense and unpruned", low=0),
+    )
+    provides = ("sparse",)
+    # Pruning changes what the model computes; how much accuracy that costs depends on the model
+    # (measure it, fine-tune after pruning). Verification holds the rest of the pipeline to it.
+    drift = 1.0
+
+    def __init__(self, **opts):
+        super().__init__(**opts)
+        try:
+            self.block = parse_block(self.opts["block"])
+        except ValueError:
+            raise UserError(f"pass 'block-sparsity': option 'block' expects RxC (e.g. 16x16), "
+                            f"got '{self.opts['block']}'") from None
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        hardware = ctx.target.hardware if ctx.target is not None else {}
+        decisions, skipped = {}, []
+        R, C = self.block
+        for node in list(model.graph):
+            value, w, why = _candidate(node)
+            if value is None:
+                if node.op_type in ("MatMul", "Gemm"):
+                    skipped.append(f"{node.name}: {why}")
+                continue
+            K, N = w.shape
+            if w.size < self.opts["min_weights"]:
+                skipped.append(f"{node.name}: {w.size} weights < min_weights")
+                continue
+            if K % R or N % C:
+                skipped.append(f"{node.name}: block {R}x{C} does not divide weight {K}x{N}")
+                continue
+            if len(value.uses()) != 1:
+                skipped.append(f"{node.name}: weight '{value.name}' is shared by other nodes")
+                continue
+            value.const_value = ir.tensor(magnitude_block_prune(w, self.block, self.opts["sparsity"]),
+                                          name=value.name)
+            kind, reason = choose_kernel(K, N, self.block, self.opts["sparsity"], hardware)
+            if kind == "bsr":
+                node.metadata_props[KERNEL_KEY] = "bsr"
+                node.metadata_props[BLOCK_KEY] = f"{R}x{C}"
+            decisions[node.name] = f"{kind}: {reason}"
+        stats = {"pruned": len(decisions),
+                 "bsr": sum(d.startswith("bsr") for d in decisions.values()),
+                 "dense": sum(d.startswith("dense") for d in decisions.values()),
+                 "decisions": decisions, "skipped": skipped}
+        return PassResult(model, bool(decisions), stats)

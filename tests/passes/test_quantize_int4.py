@@ -1,0 +1,158 @@
+"""quantize-int4: structure, numerics vs ORT's MatMulNBits, AWQ, fires / must not fire, compiled."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import numpy_helper
+
+import edgecc
+from edgecc.errors import UserError
+from edgecc.kernels.int4 import dequantize_blockwise, quantize_blockwise
+from edgecc.pass_base import PassContext
+from edgecc.passes.quantize_int4 import QuantizeInt4
+from edgecc.verify import compare, random_inputs, relative_error, run_ort
+from tests.passes.linear_models import K, N, linear_model
+
+
+def _quantize(model: onnx.ModelProto, ctx: PassContext | None = None, **opts):
+    result = QuantizeInt4(min_weights=0, **opts).run(ir.from_proto(model), ctx or PassContext())
+    return result, ir.to_proto(result.model)
+
+
+def _nbits(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+
+
+def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+# --- structure --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("block,symmetric,bits_per_weight", [(32, True, 5.0), (64, True, 4.5),
+                                                               (32, False, 5.0)])
+def test_structure_matmulnbits_with_packed_nibbles(block, symmetric, bits_per_weight):
+    result, out = _quantize(linear_model(), block=block, symmetric=symmetric)
+    (node,) = _nbits(out)
+    assert node.domain == "com.microsoft"
+    attrs = {a.name: a.i for a in node.attribute}
+    assert attrs == {"K": K, "N": N, "bits": 4, "block_size": block}
+    inits = _inits(out)
+    assert inits[node.input[1]].dtype == np.uint8 and inits[node.input[1]].shape == (N, K // block, block // 2)
+    assert inits[node.input[2]].shape == (N * K // block,)
+    assert (len(node.input) > 3) == (not symmetric)  # zero points only for asymmetric blocks
+    assert "w" not in inits and not Counter(n.op_type for n in out.graph.node)["MatMul"]
+    assert {o.domain: o.version for o in out.opset_import}.get("com.microsoft") == 1
+    assert result.stats["matmuls"] == 1 and result.stats["bits_per_weight"] == bits_per_weight
+
+
+def test_awq_divides_the_activation_by_its_channel_scales():
+    _, out = _quantize(linear_model(), method="awq")
+    mul = [n for n in out.graph.node if n.op_type == "Mul"]
+    assert len(mul) == 1 and mul[0].output[0] == _nbits(out)[0].input[0]
+    assert _inits(out)[mul[0].input[1]].shape == (K,)
+
+
+# --- numerics against ONNX Runtime (its MatMulNBits kernel, optimizations off) ------------------
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_ort_computes_exactly_the_blockwise_dequantized_weights(symmetric):
+    model = linear_model()
+    _, out = _quantize(model, block=32, symmetric=symmetric)
+    w = numpy_helper.to_array(model.graph.initializer[0])
+    q, scales, zeros = quantize_blockwise(w, 32, symmetric)
+    x = random_inputs(model, seed=1, dim_values={"B": 2, "T": 3})["x"]
+    expected = np.maximum(x @ dequantize_blockwise(q, scales, zeros, 32), 0)
+    np.testing.assert_allclose(run_ort(out, {"x": x})["y"], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("opts", [{}, {"block": 64}, {"symmetric": False}, {"method": "awq"}])
+def test_close_to_fp32(opts):
+    model = linear_model()
+    _, out = _quantize(model, **opts)
+    feeds = random_inputs(model, seed=2, dim_values={"B": 2, "T": 5})
+    # int4 steps are 1/7 of a block's range; outputs stay within ~15% of their own range
+    assert relative_error(run_ort(model, feeds), run_ort(out, feeds)) < 0.15
+
+
+def test_awq_beats_rtn_when_a_few_channels_carry_large_activations():
+    model = linear_model(k=128, n=64)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 32, 128)).astype(np.float32)
+    x[..., :4] *= 30  # outlier channels, as LMs have
+    ctx = PassContext(calibration={"x": x})
+    errors = {}
+    for method in ("rtn", "awq"):
+        _, out = _quantize(model, ctx, method=method)
+        test_x = rng.standard_normal((2, 16, 128)).astype(np.float32)
+        test_x[..., :4] *= 30
+        errors[method] = relative_error(run_ort(model, {"x": test_x}), run_ort(out, {"x": test_x}))
+    assert errors["awq"] < 0.8 * errors["rtn"], errors
+
+
+# --- fires where it should, not where it must not ------------------------------------------------
+
+def test_block_that_does_not_divide_k_leaves_the_matmul_in_float():
+    result, out = _quantize(linear_model(k=48), block=32)
+    assert not result.changed and not _nbits(out) and result.stats["matmuls"] == 0
+
+
+def test_does_not_touch_an_overridable_weight_or_a_small_one():
+    result, _ = _quantize(linear_model(weight_as_input=True))
+    assert not result.changed
+    small = QuantizeInt4(min_weights=K * N + 1).run(ir.from_proto(linear_model()), PassContext())
+    assert not small.changed
+
+
+def test_gemm_keeps_its_bias_and_transposed_weight():
+    model = linear_model(gemm_attrs={"transB": 1})
+    _, out = _quantize(model)
+    assert len(_nbits(out)) == 1 and Counter(n.op_type for n in out.graph.node)["Add"] == 1
+    feeds = random_inputs(model, seed=3, dim_values={"B": 4})
+    assert relative_error(run_ort(model, feeds), run_ort(out, feeds)) < 0.15
+
+
+def test_gemm_with_alpha_is_left_alone():
+    result, _ = _quantize(linear_model(gemm_attrs={"alpha": 0.5}))
+    assert not result.changed
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("quantize-int4{block=48}", "must be one of 16, 32, 64, 128, 256"),
+    ("quantize-int4{method=gptq}", "must be one of rtn, awq"),
+])
+def test_bad_options(text, fragment):
+    with pytest.raises(UserError, match=fragment):
+        edgecc.parse_pipeline(text)
+
+
+# --- the compiled artifact computes on the nibbles -------------------------------------------
+
+def test_compiled_example_lm_matches_ort_and_stores_nibbles(example_path, tmp_path):
+    fp32 = edgecc.compile(example_path("tiny-lm"), "host", tmp_path / "fp32", "simplify,fuse")
+    int4 = edgecc.compile(example_path("tiny-lm"), "host", tmp_path / "int4", "simplify,fuse,quantize-int4")
+    v = int4.manifest["verification"]
+    assert v["ok"] and v["reference"] == "onnxruntime (optimized model)" and v["max_abs"] < 1e-4
+    assert v["cosine_vs_fp32"] > 0.99
+    lib32 = fp32.manifest["files"]["model.so"]["bytes"]
+    lib4 = int4.manifest["files"]["model.so"]["bytes"]
+    assert lib4 < 0.5 * lib32, (lib4, lib32)
+    opt = onnx.load(str(int4.path / "model.opt.onnx"))
+    for dims in ({"batch": 1, "seq": 1}, {"batch": 2, "seq": 13}):  # decode and prefill shapes
+        feeds = random_inputs(opt, seed=4, dim_values=dims)
+        assert compare(run_ort(opt, feeds), int4.run(feeds), tolerance=(1e-4, 1e-4)).ok, dims
+
+
+def test_int4_pipeline_builds_for_jetson_with_device_code(example_path, tmp_path):
+    import shutil
+
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not installed: the Jetson backend needs it to build device code")
+    art = edgecc.compile(example_path("tiny-lm"), "jetson-orin-nano", tmp_path / "j",
+                         "simplify,fuse,quantize-int4")
+    assert art.manifest["build"]["device_code"] == "cubin" and art.manifest["build"]["kernels"] > 0
