@@ -53,7 +53,8 @@ def main() -> int:
                     "source_onnx_bytes": model.stat().st_size,
                     "stage_s": m["timings_s"],
                 })
-    print(f"{'model':10} {'target':18} {'compile s':>9} {'max abs err':>12} {'model.so':>10} {'artifact':>10}")
+    print(f"{'model':10} {'target':18} {'compile s':>9} {'max abs err':>12} "
+          f"{'model.so':>10} {'artifact':>10}")
     for r in rows:
         if "skipped" in r:
             print(f"{r['model']:10} {r['target']:18} skipped: {r['skipped']}")

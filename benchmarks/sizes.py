@@ -72,7 +72,8 @@ def main() -> int:
     print(f"{'model':12} {'pipeline':10} {'model.so':>10} {'x fp32':>7} {'cos vs fp32':>12}")
     for r in rows:
         cos = f"{r['cosine_vs_fp32']:.5f}" if r["cosine_vs_fp32"] is not None else "-"
-        print(f"{r['model']:12} {r['pipeline']:10} {r['model_so_bytes'] / 1e6:9.2f}M {r['ratio_vs_fp32']:7.3f} {cos:>12}")
+        print(f"{r['model']:12} {r['pipeline']:10} {r['model_so_bytes'] / 1e6:9.2f}M "
+              f"{r['ratio_vs_fp32']:7.3f} {cos:>12}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": platform.platform(), "rows": rows}, indent=2) + "\n")

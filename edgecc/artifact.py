@@ -119,7 +119,8 @@ class Artifact:
     def _load_vm(self, threads: int | None):
         if not self.runs_here():
             t = self.manifest["target"]
-            hint = "; run it with --emulate" if t["device_kind"] == "llvm" and t["host_arch"] == "aarch64" else ""
+            emulable = t["device_kind"] == "llvm" and t["host_arch"] == "aarch64"
+            hint = "; run it with --emulate" if emulable else ""
             raise UserError(
                 f"{self.path}: built for target '{t['name']}' ({t['device_kind']}, {t['host_arch']}); "
                 f"it cannot run on this {platform.machine()} host{hint}"
@@ -164,7 +165,8 @@ class Artifact:
         values = [out] if isinstance(out, tvm.runtime.Tensor) else list(_flatten(out))
         names = [o["name"] for o in self.outputs]
         if len(values) != len(names):
-            raise UserError(f"{self.path}: module returned {len(values)} outputs, manifest lists {len(names)}")
+            raise UserError(f"{self.path}: module returned {len(values)} outputs, "
+                            f"manifest lists {len(names)}")
         return {n: v.numpy() for n, v in zip(names, values)}
 
 

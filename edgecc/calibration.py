@@ -44,8 +44,10 @@ def load_calibration(path: str | Path, model: onnx.ModelProto) -> dict[str, np.n
         a = data[name]
         if a.dtype != spec.dtype:
             raise UserError(f"{path}: '{name}' has dtype {a.dtype}, the model expects {spec.dtype}")
-        if a.ndim != len(spec.shape) or any(isinstance(d, int) and d != s for d, s in zip(spec.shape, a.shape)):
-            raise UserError(f"{path}: '{name}' has shape {list(a.shape)}, the model expects {list(spec.shape)}")
+        fixed_dims_differ = any(isinstance(d, int) and d != s for d, s in zip(spec.shape, a.shape))
+        if a.ndim != len(spec.shape) or fixed_dims_differ:
+            raise UserError(f"{path}: '{name}' has shape {list(a.shape)}, "
+                            f"the model expects {list(spec.shape)}")
     return data
 
 

@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compile", help="compile an ONNX model into an artifact directory")
     c.add_argument("model", help="path to the .onnx file")
-    c.add_argument("--target", "-t", default="host", help="target name (see 'edgecc targets') or a .toml file")
+    c.add_argument("--target", "-t", default="host",
+                   help="target name (see 'edgecc targets') or a .toml file")
     c.add_argument("-o", "--output", help="artifact directory (default build/TARGET)")
     c.add_argument("--pipeline", "-p", help="pass pipeline, e.g. 'simplify,fuse{gelu=false}' "
                                              "(default: the target's)")

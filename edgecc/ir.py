@@ -29,7 +29,8 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError) as e:
-        raise UserError(f"{path}: not a readable ONNX model (truncated or not ONNX): {_first_line(e)}") from None
+        raise UserError(f"{path}: not a readable ONNX model (truncated or not ONNX): "
+                        f"{_first_line(e)}") from None
     if proto.ir_version == 0 or not proto.HasField("graph"):
         raise UserError(f"{path}: not an ONNX model (no IR version or graph)")
     _check_external_data(proto, path)

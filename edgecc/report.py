@@ -37,7 +37,8 @@ def render(m: dict) -> str:
         ver = (f"{v['max_abs']:.2g}" if "max_abs" in v else
                f"{v['relative_error']:.2g} of range (≤ {v['allowed']:g})" if v else "—")
         lines.append(f"| `{p['pipeline_entry']}` | {'yes' if p['changed'] else 'no (0 matches)'} | "
-                     f"{p['nodes_before']} → {p['nodes_after']} | {p['seconds'] * 1000:.0f} | {stats} | {ver} |")
+                     f"{p['nodes_before']} → {p['nodes_after']} | {p['seconds'] * 1000:.0f} | "
+                     f"{stats} | {ver} |")
     lines += ["", "## Build", ""]
     lines += [f"- {k}: {v}" for k, v in m["build"].items()]
     v = m.get("verification") or {}

@@ -140,7 +140,8 @@ def load_target_file(path: Path) -> TargetDesc:
     toolchain = need(data, "toolchain", dict)
     need(toolchain, "cc", str, "toolchain.")
     hardware = data.get("hardware", {})
-    for table, name, known in ((toolchain, "toolchain", _TOOLCHAIN_KEYS), (hardware, "hardware", _HARDWARE_KEYS)):
+    tables = ((toolchain, "toolchain", _TOOLCHAIN_KEYS), (hardware, "hardware", _HARDWARE_KEYS))
+    for table, name, known in tables:
         for key, value in table.items():
             if key not in known:
                 raise UserError(f"{path}: unknown key '{name}.{key}' (known: {', '.join(known)})")
@@ -163,5 +164,6 @@ def load_target_file(path: Path) -> TargetDesc:
         try:
             desc.tvm_target()
         except Exception as e:  # TVM rejects unknown attributes or values
-            raise UserError(f"{path}: key 'tvm' is not a valid TVM target: {str(e).splitlines()[0]}") from None
+            raise UserError(f"{path}: key 'tvm' is not a valid TVM target: "
+                            f"{str(e).splitlines()[0]}") from None
     return desc

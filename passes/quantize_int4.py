@@ -84,7 +84,8 @@ class _Int4Rule(pattern.RewriteRuleClassBase):
             s = importance**a
             s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)  # keep the scales centred on 1
             q, scales, zeros = quantize_blockwise(w * s[:, None], block, symmetric)
-            err = float(np.square((x_rows / s) @ dequantize_blockwise(q, scales, zeros, block) - reference).mean())
+            approx = (x_rows / s) @ dequantize_blockwise(q, scales, zeros, block)
+            err = float(np.square(approx - reference).mean())
             if err < best_err:
                 best, best_err = s, err
         return best

@@ -125,7 +125,8 @@ def test_existing_output_dir_is_refused(good_model, tmp_path):
 
 def test_bad_dim_option(good_model, tmp_path):
     out = tmp_path / "out"
-    _assert_user_error(run_cli("compile", good_model, "--dim", "N=zero", "-o", out), "--dim 'N=zero'", out=out)
+    res = run_cli("compile", good_model, "--dim", "N=zero", "-o", out)
+    _assert_user_error(res, "--dim 'N=zero'", out=out)
 
 
 def test_run_on_a_directory_that_is_not_an_artifact(tmp_path):

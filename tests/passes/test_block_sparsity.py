@@ -19,7 +19,8 @@ from tests.passes.linear_models import linear_model
 
 
 def _prune(model: onnx.ModelProto, target: str = "host", **opts):
-    result = BlockSparsity(min_weights=0, **opts).run(ir.from_proto(model), PassContext(target=load_target(target)))
+    ctx = PassContext(target=load_target(target))
+    result = BlockSparsity(min_weights=0, **opts).run(ir.from_proto(model), ctx)
     return result, ir.to_proto(result.model)
 
 

@@ -43,7 +43,8 @@ def test_structure_matmulnbits_with_packed_nibbles(block, symmetric, bits_per_we
     attrs = {a.name: a.i for a in node.attribute}
     assert attrs == {"K": K, "N": N, "bits": 4, "block_size": block}
     inits = _inits(out)
-    assert inits[node.input[1]].dtype == np.uint8 and inits[node.input[1]].shape == (N, K // block, block // 2)
+    packed = inits[node.input[1]]
+    assert packed.dtype == np.uint8 and packed.shape == (N, K // block, block // 2)
     assert inits[node.input[2]].shape == (N * K // block,)
     assert (len(node.input) > 3) == (not symmetric)  # zero points only for asymmetric blocks
     assert "w" not in inits and not Counter(n.op_type for n in out.graph.node)["MatMul"]
