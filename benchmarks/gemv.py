@@ -168,8 +168,9 @@ def main() -> int:
     rows = []
     for K, N in SHAPES:
         cases = variants(K, N, target)
-        warm: dict[str, list[float]] = {name: [] for name in cases}
-        cold: dict[str, list[float]] = {name: [] for name in cases}
+        # name -> one list of call times per round
+        warm: dict[str, list[list[float]]] = {name: [] for name in cases}
+        cold: dict[str, list[list[float]]] = {name: [] for name in cases}
         errors = {}
         for name, (call, _, ref) in cases.items():
             # Tolerance: fp32 sums over K terms; 1e-4 of the output scale (see the kernel tests).
@@ -181,10 +182,12 @@ def main() -> int:
                 call()
         for _ in range(args.rounds):
             for name, (call, *_) in cases.items():
-                warm[name] += [_timed(call) for _ in range(CALLS)]
+                time.sleep(0.05)  # let the previous variant's spinning worker threads go idle
+                warm[name].append([_timed(call) for _ in range(CALLS)])
+                cold[name].append([])
                 for _ in range(COLD_CALLS):
                     flush.sum()
-                    cold[name].append(_timed(call))
+                    cold[name][-1].append(_timed(call))
         warm_base, cold_base = np.median(warm["ort fp32"]), np.median(cold["ort fp32"])
         for name, (_, nbytes, _) in cases.items():
             warm_ms, cold_ms = np.median(warm[name]) * 1e3, np.median(cold[name]) * 1e3
@@ -197,6 +200,9 @@ def main() -> int:
                 "cold_gbs": round(nbytes / cold_ms / 1e6, 1),
                 "cold_fraction_of_bandwidth_bound": round(nbytes / bandwidth / 1e6 / cold_ms, 2),
                 "rel_error_vs_numpy": errors[name],
+                # Rounds hit by other processes on a shared machine stand out here.
+                "warm_round_medians_ms": [round(np.median(r) * 1e3, 4) for r in warm[name]],
+                "cold_round_medians_ms": [round(np.median(r) * 1e3, 4) for r in cold[name]],
             })
 
     load = [round(load_before, 2), round(os.getloadavg()[0], 2)]

@@ -19,7 +19,7 @@ Kernel: out[m, n] = sum_k x[m, k] * (nib(k, n) - z[k // block, n]) * s[k // bloc
 dequantization fused into the reduction. The compiled module's constants are the packed bytes,
 scales and zero points: K*N/2 + 4*K*N/block (+ K*N/block) bytes, never fp32 weights.
 A static M == 1 gets the GEMV schedule; any other M (static or symbolic) the matmul schedule,
-which also runs M == 1 but 2-2.5x slower (benchmarks/gemv.py), so decode graphs want M static.
+which also runs M == 1 but about 3x slower (benchmarks/gemv.py), so decode graphs want M static.
 
 tvm is imported inside the functions that need it: the numpy half must stay cheap to import.
 """
@@ -172,7 +172,14 @@ def _schedule_gemv(sch, mm, x_buffer, block: int) -> None:
     k_out, j, t = sch.split(k, [None, lanes, 2])
     sch.reorder(n, k_out, t, j)
     rf = sch.rfactor(sch.fuse(t, j), 0)
-    sch.set_scope(rf, 0, "local")
+    # Sum the 2 * lanes partial sums with vector adds down to 8, then 8 scalar adds: a chain of
+    # 32 dependent scalar adds per output is a large share of the time when K is small (576).
+    _, eight = sch.split(sch.get_loops(mm)[-1], [None, min(8, 2 * lanes)])
+    rf8 = sch.rfactor(eight, 0)
+    # Partial sums stay in buffers allocated once per call (a "local" scope would allocate a
+    # workspace per output), laid out so that each output's sums are contiguous.
+    for block_rv in (rf, rf8):
+        sch.transform_layout(block_rv, ("write", 0), lambda lane, i, n: (i, n, lane))
     m, n, k_out, tj = sch.get_loops(rf)
     t, j = sch.split(tj, [2, lanes])
     sch.unroll(t)
@@ -180,7 +187,11 @@ def _schedule_gemv(sch, mm, x_buffer, block: int) -> None:
     x_pairs = sch.cache_read(rf, x_buffer, "global")
     sch.transform_layout(x_pairs, ("write", 0), lambda i, k: (i, k % 2, k // 2))
     sch.compute_at(x_pairs, m)
+    sch.reverse_compute_at(rf8, n)
     sch.reverse_compute_at(mm, n)
+    lane8, part = sch.get_loops(rf8)[-2:]
+    sch.reorder(part, lane8)
+    sch.vectorize(lane8)
     sch.parallel(n)
     sch.decompose_reduction(rf, k_out)
 
@@ -224,9 +235,9 @@ def schedule_int4(mod, target):
     for gv, func in list(mod.functions.items()):
         if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs is None:
             continue
-        if KERNEL_ATTR not in func.attrs or func.attrs.get("tirx.is_scheduled"):
+        kind = func.attrs.get(KERNEL_ATTR)  # other edgecc kernels share the attribute
+        if kind not in ("int4_gemv", "int4_matmul") or func.attrs.get("tirx.is_scheduled"):
             continue
-        kind = func.attrs[KERNEL_ATTR]
         block = int(func.attrs[BLOCK_ATTR])
         sch = Schedule(func)
         mm = sch.get_sblock("int4_matmul")

@@ -172,7 +172,8 @@ import sys, numpy as np, tvm
 from tvm.runtime.vm import VirtualMachine
 d = sys.argv[1]
 x = np.load(d + "/x.npy")
-vms = {m: VirtualMachine(tvm.runtime.load_module(f"{d}/{m}.so"), tvm.cpu()) for m in ("gemv", "any")}
+vms = {m: VirtualMachine(tvm.runtime.load_module(f"{d}/{m}.so"), tvm.cpu())
+       for m in ("gemv", "any")}
 np.savez(d + "/out.npz", gemv=vms["gemv"]["main"](tvm.runtime.tensor(x[:1])).numpy(),
          any=vms["any"]["main"](tvm.runtime.tensor(x)).numpy())
 """
