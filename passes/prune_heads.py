@@ -1,0 +1,1083 @@
+"""prune-heads: remove whole attention heads, so the model is genuinely smaller and faster.
+
+Find. Every Softmax is a candidate. Back from it, through the ops that scale and mask the scores
+(Mul, Div, Add, Sub, Where), must lie a MatMul of two computed tensors (Q @ K^T); forward, the
+probabilities must go to one MatMul (P @ V). Those are the attention blocks, numbered in graph
+order ("layers" in the `heads` option and in the stats).
+
+Check. Q, K and V are each followed back, through the ops that move heads around (Reshape,
+Transpose, Unsqueeze, Squeeze, Expand, Tile, scalar Mul/Div), to the columns of a projection
+with constant weights: MatMul (+ Add), Gemm, or the Reshape -> Gemm -> Reshape that `fuse` makes;
+one per Q/K/V, or one fused projection cut by a Split. Along the way the pass tracks the head
+axis: which tensor axis holds the heads, and which head sits at each position of it. At the two
+attention MatMuls this tells which query heads meet which K/V head: one each (multi-head), or a
+group each (grouped-query: K/V repeated with Unsqueeze+Expand+Reshape as torch's
+repeat_interleave exports, or with Tile as `repeat` does). From P @ V the head axis is followed
+to the output projection. Every shape element that holds a head count or the attention width
+(the Reshape to [b, t, h, d/h], fuse's Reshape to [.., 3*d], the Expand of grouped K/V, the
+Reshape back to [b, t, h*d/h], Split sizes) must be a constant or computed from constants and
+static dims alone, so that it can be rewritten; elements computed at run time from batch and
+sequence sizes are kept, and stay right because pruning changes head axes only. What the pass
+cannot prove it rewrites correctly it leaves alone, saying why in stats["skipped"]: the size of a
+head axis read at run time (Shape of a head axis), a mask or scale with a per-head axis, a value
+of the block used outside it (a KV-cache output), ops the head axis cannot be followed through
+(rotary embeddings, a head axis merged with the batch axis).
+
+Rewrite. The pruned heads' columns leave the Q/K/V weights and biases, their rows leave the
+output projection, and each shape element above gets its new value (shared shape constants are
+copied, never edited in place). The result computes exactly what the unpruned model computes with
+those heads' attention outputs set to zero. For grouped-query attention a K/V head goes together
+with its whole group of query heads, so the groups stay consistent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from edgecc.calibration import activation_samples
+from edgecc.errors import UserError
+from edgecc.ir import infer_shapes
+from edgecc.pass_base import Option, Pass, PassContext, PassResult, register_pass
+
+# Ops that carry Q, K, V (or the attention output) between a projection and a MatMul.
+CHAIN_OPS = ("Transpose", "Reshape", "Unsqueeze", "Squeeze", "Expand", "Tile", "Mul", "Div", "Cast",
+             "Identity")
+# Ops between the score MatMul and the Softmax: scaling, masking, additive biases.
+SCORE_OPS = ("Mul", "Div", "Add", "Sub", "Where", "Cast", "Identity")
+MAX_SCORE_OPS = 8
+MAX_EVAL_DEPTH = 16  # how deep the evaluation of a shape computation may go
+SPLIT_INPUT_OPSET = 13  # Split takes its sizes as an input from opset 13 on
+_PAIR = re.compile(r"^(\d+):(\d+)$")
+
+
+class Rejected(Exception):
+    """A check failed; the message says why (it goes into the stats)."""
+
+
+def _name(node: ir.Node) -> str:
+    return node.name or node.outputs[0].name
+
+
+def parse_heads(text: str) -> dict[int, set[int]]:
+    """"0:1;1:3" (or with commas, from Python) -> {0: {1}, 1: {3}}; ValueError if malformed."""
+    heads: dict[int, set[int]] = {}
+    if not text.strip():
+        return heads
+    for item in re.split(r"[;,]", text):
+        m = _PAIR.match(item.strip())
+        if not m:
+            raise ValueError(item)
+        heads.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    return heads
+
+
+# ----------------------------------------------------------------------------------------------
+# Constants and shape computations
+
+
+def _const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The constant behind `value` (initializer or Constant node), unless a caller can override it."""
+    if value is None or value.is_graph_input():
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    node = value.producer()
+    if node is None or node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+        return None
+    attr = next(iter(node.attributes.values()), None)
+    if attr is None:
+        return None
+    if attr.name == "value":
+        return attr.value.numpy()
+    if attr.name in ("value_int", "value_ints", "value_float", "value_floats"):
+        return np.array(attr.value)
+    return None
+
+
+def _weight(value: ir.Value | None) -> np.ndarray | None:
+    """A constant 2-D float weight."""
+    w = _const_array(value)
+    return w if w is not None and w.ndim == 2 and w.dtype.kind == "f" else None
+
+
+def _int_attr_list(node: ir.Node, name: str) -> list[int] | None:
+    attr = node.attributes.get(name)
+    return None if attr is None else list(attr.value)
+
+
+def _axes(node: ir.Node) -> list[int] | None:
+    """The axes of Unsqueeze/Squeeze: the second input (opset 13+) or the attribute."""
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        axes = _static(node.inputs[1])
+        return None if axes is None else axes.reshape(-1).tolist()
+    return _int_attr_list(node, "axes")
+
+
+def _static(value: ir.Value | None, depth: int = 0) -> np.ndarray | None:
+    """The value of a small (shape) tensor when it is fixed: computed from constants and static
+    dims alone. None when it depends on run-time sizes or on ops this evaluator does not know."""
+    fixed = _const_array(value)
+    if fixed is not None or value is None:
+        return fixed
+    node = value.producer()
+    if node is None or depth > MAX_EVAL_DEPTH:
+        return None
+    op, ins = node.op_type, node.inputs
+
+    def arg(i: int) -> np.ndarray | None:
+        return _static(ins[i], depth + 1) if i < len(ins) and ins[i] is not None else None
+
+    if op == "Shape":
+        dims = _shape_dims(node)
+        return None if dims is None or None in dims else np.array(dims, np.int64)
+    source = ins[0].producer() if ins and ins[0] is not None else None
+    if op == "Gather" and source is not None and source.op_type == "Shape":
+        # Picking the static dims of a shape whose other dims are dynamic: torch's size(i).
+        dims, index = _shape_dims(source), arg(1)
+        if dims is None or index is None or node.attributes.get_int("axis", 0) != 0:
+            return None
+        picked = [dims[i] for i in index.reshape(-1).tolist()]
+        return None if None in picked else np.array(picked, np.int64).reshape(index.shape)
+    if op == "ConstantOfShape":
+        shape, attr = arg(0), node.attributes.get("value")
+        fill = attr.value.numpy().reshape(-1)[0] if attr is not None else np.float32(0)
+        return None if shape is None else np.full(shape.astype(np.int64), fill)
+    if op == "Squeeze" or op == "Unsqueeze":
+        x, axes = arg(0), _axes(node)
+        if x is None or (op == "Unsqueeze" and axes is None):
+            return None
+        if op == "Squeeze":
+            return np.squeeze(x, axis=None if axes is None else tuple(axes))
+        return np.expand_dims(x, tuple(axes))
+    args = [arg(i) for i in range(len(ins))]
+    if any(a is None for a in args) or not args:
+        return None
+    if op in ("Identity", "Cast"):
+        to = node.attributes.get_int("to", None)
+        return args[0] if to is None else args[0].astype(ir.DataType(to).numpy())
+    if op == "Concat":
+        return np.concatenate([a.reshape(-1) if a.ndim == 0 else a for a in args],
+                              axis=node.attributes.get_int("axis", 0))
+    if op == "Gather":
+        return np.take(args[0], args[1], axis=node.attributes.get_int("axis", 0))
+    if op == "Reshape" and not (args[1] == 0).any():
+        return args[0].reshape(args[1])
+    if op == "Slice" and args[0].ndim == 1:
+        starts, ends = args[1].tolist(), args[2].tolist()
+        steps = args[4].tolist() if len(args) > 4 else [1]
+        return args[0][slice(starts[0], ends[0], steps[0])] if len(starts) == 1 else None
+    binary = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Equal": np.equal,
+              "Max": np.maximum, "Min": np.minimum}
+    if op in binary and len(args) == 2:
+        return binary[op](args[0], args[1])
+    if op == "Div" and len(args) == 2:
+        a, b = args
+        return np.trunc(a / b).astype(a.dtype) if a.dtype.kind in "iu" else a / b
+    if op == "Where":
+        return np.where(*args)
+    return None
+
+
+def _shape_dims(shape_node: ir.Node) -> list[int | None] | None:
+    """What a Shape node returns: static dims as ints, dynamic ones as None."""
+    shape = shape_node.inputs[0].shape
+    if shape is None:
+        return None
+    start, end = shape_node.attributes.get_int("start", 0), shape_node.attributes.get_int("end", None)
+    return [d if isinstance(d, int) else None for d in list(shape)[slice(start, end)]]
+
+
+@dataclasses.dataclass
+class _Piece:
+    """Part of a shape tensor: a Concat input, or the whole tensor when it is not a Concat."""
+
+    value: ir.Value
+    ints: np.ndarray | None  # its fixed values, or None when it is computed at run time
+    length: int
+
+
+def _pieces(value: ir.Value) -> list[_Piece]:
+    fixed = _static(value)
+    if fixed is not None:
+        return [_Piece(value, fixed.reshape(-1).astype(np.int64), fixed.size)]
+    node = value.producer()
+    if node is None or node.op_type != "Concat":
+        by = f"{node.op_type} '{_name(node)}'" if node is not None else "a graph input"
+        raise Rejected(f"shape '{value.name}' is computed at run time by {by}")
+    pieces = []
+    for piece in node.inputs:
+        fixed = _static(piece)
+        if fixed is not None:
+            pieces.append(_Piece(piece, fixed.reshape(-1).astype(np.int64), fixed.size))
+            continue
+        shape = piece.shape
+        if shape is None or len(shape) != 1 or not isinstance(shape[0], int):
+            raise Rejected(f"shape '{value.name}': the length of its piece '{piece.name}' is unknown")
+        pieces.append(_Piece(piece, None, shape[0]))
+    return pieces
+
+
+def _elements(value: ir.Value) -> list[int | None]:
+    """A shape tensor's elements: ints where fixed, None where computed at run time."""
+    out: list[int | None] = []
+    for p in _pieces(value):
+        out += p.ints.tolist() if p.ints is not None else [None] * p.length
+    return out
+
+
+def _check_editable(value: ir.Value, index: int) -> None:
+    """Element `index` of shape `value` must be fixed, so that a new value can replace it."""
+    if _elements(value)[index] is None:
+        raise Rejected(f"element {index} of shape '{value.name}' holds a head count or width but is "
+                       f"computed at run time")
+
+
+def _dims(value: ir.Value) -> list[int | None]:
+    if value.shape is None:
+        raise Rejected(f"the rank of '{value.name}' is unknown")
+    return [d if isinstance(d, int) else None for d in value.shape]
+
+
+# ----------------------------------------------------------------------------------------------
+# The head axis and how ops move it
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadAxis:
+    """Where a tensor keeps its heads: axis `u`, whose positions hold labels[0] `inner` times,
+    then labels[1] `inner` times... (labels are head numbers). `labels` is None on a projection's
+    output before its columns are split into heads; `cols` is the number of projection columns
+    per head, known from that split on. `dims` are the tensor's static dims (None: dynamic)."""
+
+    dims: tuple
+    u: int
+    labels: tuple | None = None
+    inner: int = 1
+    cols: int | None = None
+
+    @property
+    def size(self) -> int:
+        return self.dims[self.u] if self.labels is None else len(self.labels) * self.inner
+
+    def kept(self, keep: Callable[[int], bool]) -> int:
+        """The size of this axis once the heads `keep` rejects are gone."""
+        return sum(1 for label in self.labels if keep(label)) * self.inner
+
+
+def _with(ax: HeadAxis, dims, u: int, **changes) -> HeadAxis:
+    dims = list(dims)
+    ax = dataclasses.replace(ax, dims=tuple(dims), u=u, **changes)
+    dims[u] = ax.size
+    return dataclasses.replace(ax, dims=tuple(dims))
+
+
+def _check_broadcast(value: ir.Value, rank: int, u: int, what: str) -> None:
+    """`value`, combined elementwise with a tensor of `rank` whose heads are on axis `u`, must be
+    the same for every head (size 1 or absent at that axis)."""
+    shape = value.shape
+    if shape is None:
+        raise Rejected(f"{what}: the shape of '{value.name}' is unknown, so it may differ per head")
+    pos = rank - u  # the head axis, counted from the right
+    if len(shape) >= pos and shape[len(shape) - pos] != 1:
+        raise Rejected(f"{what}: '{value.name}' (shape {list(shape)}) differs per head")
+
+
+def _data_input(node: ir.Node) -> ir.Value:
+    """The input that carries the heads (for Mul: the one that is not a constant)."""
+    a, b = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None
+    if node.op_type == "Mul" and _const_array(b) is None and _const_array(a) is not None:
+        return b
+    return node.inputs[0]
+
+
+def _step(node: ir.Node, ax: HeadAxis, x: ir.Value) -> tuple[HeadAxis, int | None]:
+    """The head axis after `node` (whose head-carrying input is `x`), and the index of the element
+    of its shape input (input 1) that holds the head axis' size and must be rewritten, if any."""
+    op, n, u, where = node.op_type, len(ax.dims), ax.u, f"{node.op_type} '{_name(node)}'"
+    if op in ("Identity", "Cast"):
+        return ax, None
+    if op in ("Mul", "Div"):
+        if op == "Div" and node.inputs[0] is not x:
+            raise Rejected(f"{where} divides by the heads")
+        other = node.inputs[1] if node.inputs[0] is x else node.inputs[0]
+        _check_broadcast(other, n, u, where)
+        return ax, None
+    if op == "Transpose":
+        perm = node.attributes.get_ints("perm", None) or list(range(n))[::-1]
+        return _with(ax, [ax.dims[p] for p in perm], list(perm).index(u)), None
+    if op == "Unsqueeze":
+        axes = _axes(node)
+        if axes is None:
+            raise Rejected(f"{where}: axes computed at run time")
+        dims, out = list(ax.dims), n + len(axes)
+        for a in sorted(a % out for a in axes):
+            dims.insert(a, 1)
+            u += a <= u
+        return _with(ax, dims, u), None
+    if op == "Squeeze":
+        axes = _axes(node)
+        if axes is None:
+            axes = [i for i, d in enumerate(ax.dims) if d == 1]
+            if any(d is None for d in ax.dims):
+                raise Rejected(f"{where} squeezes every size-1 axis of a tensor with dynamic dims")
+        axes = {a % n for a in axes}
+        if u in axes:
+            raise Rejected(f"{where} squeezes the head axis")
+        dims = [d for i, d in enumerate(ax.dims) if i not in axes]
+        return _with(ax, dims, u - sum(a < u for a in axes)), None
+    if ax.labels is None and op != "Reshape":
+        raise Rejected(f"{where} comes before the projection's columns are split into heads")
+    if op == "Tile":
+        reps = _static(node.inputs[1])
+        if reps is None:
+            raise Rejected(f"{where}: repeats computed at run time")
+        reps = reps.tolist()
+        dims = [d * r if d is not None else None for d, r in zip(ax.dims, reps)]
+        return _with(ax, dims, u, labels=ax.labels * reps[u]), None
+    if op == "Expand":
+        return _expand(node, ax, where)
+    if op == "Reshape":
+        return _reshape(node, ax, where)
+    raise Rejected(f"{where} is not an op the head axis can be followed through")
+
+
+def _target(node: ir.Node, where: str) -> list[int | None]:
+    """The elements of a Reshape's or Expand's shape input, with the node named if unreadable."""
+    try:
+        return _elements(node.inputs[1])
+    except Rejected as e:
+        raise Rejected(f"{where}: {e}") from None
+
+
+def _expand(node: ir.Node, ax: HeadAxis, where: str) -> tuple[HeadAxis, int | None]:
+    target = _target(node, where)
+    n, size = len(ax.dims), ax.size
+    out = max(n, len(target))
+    lead_in, lead_e = out - n, out - len(target)
+    dims = []
+    for i in range(out):
+        d = ax.dims[i - lead_in] if i >= lead_in else 1
+        e = target[i - lead_e] if i >= lead_e else 1
+        dims.append(None if d is None or e is None else max(d, e))
+    u = ax.u + lead_in
+    k = u - lead_e  # the target element for the head axis
+    if k < 0 or target[k] == 1:
+        return _with(ax, dims, u), None
+    if target[k] is None:
+        raise Rejected(f"{where} computes the size of the head axis at run time")
+    if target[k] == size:
+        return _with(ax, dims, u), k
+    if size == 1:  # one K/V head broadcast to all query heads: a repeat, nothing to rewrite
+        return _with(ax, dims, u, labels=ax.labels * target[k]), None
+    raise Rejected(f"{where} expands the head axis from {size} to {target[k]}")
+
+
+def _reshape(node: ir.Node, ax: HeadAxis, where: str) -> tuple[HeadAxis, int | None]:
+    """Three regroupings keep heads whole: keeping the last axis ([b, t, W] <-> [-1, W]), splitting
+    the head axis ([.., W] -> [.., h, W/h]) and merging it with the next ([.., h, d] -> [.., h*d]),
+    leading and trailing axes unchanged. Anything else mixes heads with other axes."""
+    raw = _target(node, where)
+    allowzero = node.attributes.get_int("allowzero", 0)
+    n, out, u, size = len(ax.dims), len(raw), ax.u, ax.size
+    shape = [ax.dims[i] if e == 0 and not allowzero and i < n else e for i, e in enumerate(raw)]
+    dims = [e if e is not None and e > 0 else None for e in shape]
+
+    def fixed(e):
+        return e is not None and e > 0
+
+    found = None
+    if u == n - 1 and shape[-1] == size and ax.labels is not None:
+        found = _with(ax, dims, out - 1), out - 1
+    elif out == n + 1:
+        a, b = shape[u], shape[u + 1]
+        if a == -1 and fixed(b) and size % b == 0:
+            a = size // b
+        if b == -1 and fixed(a) and size % a == 0:
+            b = size // a
+        if fixed(a) and fixed(b) and a * b == size:
+            dims[u + 1] = b
+            if ax.labels is None:  # the projection's columns become heads of b columns each
+                found = _with(ax, dims, u, labels=tuple(range(a)), inner=1, cols=b), u
+            elif ax.inner % b == 0:
+                found = _with(ax, dims, u, inner=ax.inner // b), u
+    elif (out == n - 1 and ax.labels is not None and u + 1 < n and fixed(ax.dims[u + 1])
+          and shape[u] in (size * ax.dims[u + 1], -1)):
+        found = _with(ax, dims, u, inner=ax.inner * ax.dims[u + 1]), u
+    if found is None:
+        raise Rejected(f"{where} to {raw} regroups the head axis (axis {u} of {list(ax.dims)}) in a way "
+                       f"the pass does not handle")
+    new, index = found
+    if raw[index] == -1:  # inferred from the element count: follows the pruning by itself
+        return new, None
+    if raw[index] == 0 and not allowzero:  # copies the input's dim
+        if index == u and shape[index] == size:
+            return new, None
+        raise Rejected(f"{where} copies a dim (0) into the head axis")
+    _check_editable(node.inputs[1], index)
+    return new, index
+
+
+# ----------------------------------------------------------------------------------------------
+# Projections and the Q/K/V chains
+
+
+@dataclasses.dataclass
+class Linear:
+    """y = x @ W (+ b) with a constant W: MatMul (+ Add), Gemm, or fuse's Reshape -> Gemm -> Reshape."""
+
+    output: ir.Value
+    matmul: ir.Node  # MatMul or Gemm; W is its input 1
+    out_axis: int  # W's output axis: 1 for [K, N], 0 for Gemm with transB ([N, K])
+    bias_node: ir.Node | None  # the Add, or the Gemm, whose input `bias_input` is b
+    bias_input: int
+    reshape: ir.Node | None  # fuse's Reshape of the Gemm's rows back to [.., N]
+    nodes: list[ir.Node]  # the nodes whose outputs have N columns
+
+    @property
+    def width(self) -> int:
+        return _weight(self.matmul.inputs[1]).shape[self.out_axis]
+
+
+def _linear(value: ir.Value) -> Linear | None:
+    node = value.producer()
+    if node is None:
+        return None
+    reshape = None
+    if node.op_type == "Reshape":
+        gemm = node.inputs[0].producer()
+        if gemm is None or gemm.op_type != "Gemm" or not _keeps_columns(node, gemm):
+            return None
+        reshape, node = node, gemm
+    if node.op_type == "Gemm":
+        if _weight(node.inputs[1]) is None or node.attributes.get_int("transA", 0):
+            return None
+        has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
+        if has_bias and _const_array(node.inputs[2]) is None:
+            return None
+        out_axis = 0 if node.attributes.get_int("transB", 0) else 1
+        return Linear(value, node, out_axis, node if has_bias else None, 2, reshape,
+                      [node] + ([reshape] if reshape else []))
+    if node.op_type == "Add":
+        for i in (0, 1):
+            mm = node.inputs[i].producer()
+            if (mm is not None and mm.op_type == "MatMul" and _weight(mm.inputs[1]) is not None
+                    and _const_array(node.inputs[1 - i]) is not None):
+                return Linear(value, mm, 1, node, 1 - i, None, [mm, node])
+        return None
+    if node.op_type == "MatMul" and _weight(node.inputs[1]) is not None:
+        return Linear(value, node, 1, None, 0, None, [node])
+    return None
+
+
+def _keeps_columns(reshape: ir.Node, gemm: ir.Node) -> bool:
+    """Whether `reshape` only regroups the rows of `gemm`'s [M, N] output, as fuse's does."""
+    w = _weight(gemm.inputs[1])
+    try:
+        last = _elements(reshape.inputs[1])[-1]
+    except Rejected:
+        return False
+    return w is not None and last == w.shape[0 if gemm.attributes.get_int("transB", 0) else 1]
+
+
+@dataclasses.dataclass
+class Part:
+    """The columns [offset, offset + width) of a projection: all of it, or one output of a Split."""
+
+    linear: Linear
+    offset: int
+    width: int
+    split: ir.Node | None = None
+
+
+def _split_sizes(node: ir.Node, width: int) -> list[int]:
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        sizes = _static(node.inputs[1])
+        if sizes is None:
+            raise Rejected(f"Split '{_name(node)}': sizes computed at run time")
+        return sizes.tolist()
+    if "split" in node.attributes:
+        return _int_attr_list(node, "split")
+    count = len(node.outputs)
+    if width % count:
+        raise Rejected(f"Split '{_name(node)}' cuts {width} columns into {count} uneven parts")
+    return [width // count] * count
+
+
+def _part(value: ir.Value) -> Part | None:
+    linear = _linear(value)
+    if linear is not None:
+        return Part(linear, 0, linear.width)
+    node = value.producer()
+    if node is None or node.op_type != "Split":
+        return None
+    linear = _linear(node.inputs[0])
+    if linear is None:
+        raise Rejected(f"Split '{_name(node)}' does not cut a projection with constant weights")
+    rank = len(_dims(node.inputs[0]))
+    if node.attributes.get_int("axis", 0) % rank != rank - 1:
+        raise Rejected(f"Split '{_name(node)}' does not cut the projection's columns")
+    sizes = _split_sizes(node, linear.width)
+    i = value.index()
+    return Part(linear, sum(sizes[:i]), sizes[i], node)
+
+
+@dataclasses.dataclass
+class Chain:
+    """Q, K or V (or the attention output): the nodes that carry it, the head axis where it
+    ends, and the shape elements that hold a head axis' size."""
+
+    nodes: list[ir.Node]
+    axis: HeadAxis
+    edits: list[tuple[ir.Node, int, HeadAxis]]  # (Reshape/Expand, shape element, head axis it sizes)
+    values: dict[ir.Value, HeadAxis]  # every value computed, with its head axis
+    part: Part | None = None
+
+
+def _walk(nodes_and_inputs: list[tuple[ir.Node, ir.Value]], ax: HeadAxis, chain: Chain) -> HeadAxis:
+    for node, x in nodes_and_inputs:
+        ax, index = _step(node, ax, x)
+        chain.nodes.append(node)
+        chain.values[node.outputs[0]] = ax
+        if index is not None:
+            chain.edits.append((node, index, ax))
+    return ax
+
+
+def _input_chain(operand: ir.Value, what: str) -> Chain:
+    """Follow `operand` of an attention MatMul back to the projection columns it comes from."""
+    value, steps = operand, []
+    while (part := _part(value)) is None:
+        node = value.producer()
+        if node is None or node.op_type not in CHAIN_OPS:
+            by = f"{node.op_type} '{_name(node)}'" if node is not None else "a graph input"
+            raise Rejected(f"{what} '{value.name}' comes from {by}, not from a projection with "
+                           f"constant weights through ops that keep heads apart")
+        value = _data_input(node)
+        steps.append((node, value))
+    dims = _dims(value)
+    dims[-1] = part.width
+    start = HeadAxis(tuple(dims), len(dims) - 1)
+    chain = Chain([], start, [], {value: start}, part)
+    chain.axis = _walk(steps[::-1], start, chain)
+    if chain.axis.labels is None:
+        raise Rejected(f"{what}: the projection's columns are never split into heads")
+    return chain
+
+
+def _output_chain(pv: ir.Node, ax: HeadAxis) -> tuple[Chain, ir.Node, int]:
+    """Follow the attention output forward to the output projection: (chain, projection, the
+    axis of its weight that meets the heads)."""
+    value = pv.outputs[0]
+    chain = Chain([], ax, [], {value: ax})
+    while True:
+        users = [n for n in value.consumers() if n.op_type != "Shape"]  # Shape reads: checked later
+        if len(users) != 1:
+            raise Rejected(f"the attention output '{value.name}' has {len(users)} users")
+        node = users[0]
+        if (node.op_type in ("MatMul", "Gemm") and node.inputs[0] is value
+                and _weight(node.inputs[1]) is not None and not node.attributes.get_int("transA", 0)):
+            break
+        if node.op_type not in CHAIN_OPS or _data_input(node) is not value:
+            raise Rejected(f"the attention output '{value.name}' goes to {node.op_type} '{_name(node)}', "
+                           f"not to an output projection with constant weights")
+        ax = _walk([(node, value)], ax, chain)
+        value = node.outputs[0]
+    chain.axis = ax
+    if ax.u != len(ax.dims) - 1:
+        raise Rejected(f"the output projection '{_name(node)}' does not take the heads on its last axis")
+    in_axis = 1 if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) else 0
+    if _weight(node.inputs[1]).shape[in_axis] != ax.size:
+        raise Rejected(f"the output projection '{_name(node)}' does not match the attention width {ax.size}")
+    return chain, node, in_axis
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention blocks: find, then check
+
+
+@dataclasses.dataclass
+class Block:
+    """An attention block that passed every check, with all the pass needs to prune it."""
+
+    softmax: ir.Node
+    q: Chain
+    k: Chain
+    v: Chain
+    out: Chain  # from P @ V to the output projection's input
+    proj: ir.Node
+    proj_axis: int  # the axis of the output projection's weight that meets the heads
+    group: dict[int, int]  # query head -> its K/V head
+    linears: list[Linear]
+    splits: list[ir.Node]
+    values: dict[ir.Value, HeadAxis]  # every value whose head axis shrinks
+
+    @property
+    def heads(self) -> list[int]:
+        return sorted(self.group)
+
+    @property
+    def units(self) -> list[int]:
+        """What is removed: a K/V head together with its group of query heads."""
+        return sorted(set(self.group.values()))
+
+    def queries(self, unit: int) -> list[int]:
+        return [q for q in self.heads if self.group[q] == unit]
+
+    def in_unit(self, unit: int) -> Callable[[int], bool]:
+        """Whether a query head belongs to `unit`."""
+        return lambda head: self.group[head] == unit
+
+
+def _score_path(value: ir.Value, depth: int = 0) -> list[ir.Node] | None:
+    """The nodes from a MatMul of two computed tensors to `value` through score ops, or None."""
+    node = value.producer()
+    if node is None or depth > MAX_SCORE_OPS:
+        return None
+    if node.op_type == "MatMul":
+        return [node] if all(_const_array(v) is None for v in node.inputs) else None
+    if node.op_type not in SCORE_OPS:
+        return None
+    found = [p for v in node.inputs if v is not None and (p := _score_path(v, depth + 1)) is not None]
+    return found[0] + [node] if len(found) == 1 else None
+
+
+def _find(softmax: ir.Node) -> tuple[list[ir.Node], ir.Node]:
+    """(score MatMul and the score ops up to the Softmax, the P @ V MatMul); Rejected if this
+    Softmax is not attention."""
+    path = _score_path(softmax.inputs[0])
+    if path is None:
+        raise Rejected("its input is not a MatMul of two computed tensors (through scale/mask ops)")
+    users = softmax.outputs[0].consumers()
+    if len(users) != 1 or users[0].op_type != "MatMul" or users[0].inputs[0] is not softmax.outputs[0]:
+        raise Rejected("its output does not go to exactly one MatMul with V")
+    return path, users[0]
+
+
+def _align(a: HeadAxis, b: HeadAxis, node: ir.Node, what: str) -> tuple[HeadAxis, dict[int, int]]:
+    """The head axis of MatMul(a, b)'s output, and which head of b each head of a meets."""
+    na, nb = len(a.dims), len(b.dims)
+    if a.u >= na - 2 or b.u >= nb - 2:
+        raise Rejected(f"{what}: the heads are on a matrix axis, not a batch axis")
+    if na - a.u != nb - b.u:
+        raise Rejected(f"{what}: the operands keep their heads on different axes")
+    if a.size != b.size and b.size != 1:
+        raise Rejected(f"{what}: {a.size} heads meet {b.size}")
+    meets: dict[int, int] = {}
+    for e in range(a.size):
+        la, lb = a.labels[e // a.inner], b.labels[(e if b.size > 1 else 0) // b.inner]
+        if meets.setdefault(la, lb) != lb:
+            raise Rejected(f"{what}: head {la} meets two heads")
+    n = max(na, nb)
+    batch = [_broadcast(a.dims[i - n + na] if i >= n - na else 1, b.dims[i - n + nb] if i >= n - nb else 1)
+             for i in range(n - 2)]
+    inferred = _dims(node.outputs[0])
+    dims = [mine if mine is not None else seen for mine, seen in
+            zip(batch + [a.dims[-2], b.dims[-1]], inferred)]
+    return _with(a, dims, n - (na - a.u)), meets
+
+
+def _broadcast(x: int | None, y: int | None) -> int | None:
+    return x if x == y or y == 1 else y if x == 1 else None
+
+
+def _dims_read(shape_node: ir.Node, rank: int) -> set[int]:
+    """Which dims of its input a Shape node's result is used for: those its users pick with a
+    constant Gather or Slice, or every dim it returns when a user takes the whole shape."""
+    start = shape_node.attributes.get_int("start", 0)
+    end = shape_node.attributes.get_int("end", rank)
+    start, end = (min(max(i + rank if i < 0 else i, 0), rank) for i in (start, end))
+    returned = list(range(start, end))
+    shape = shape_node.outputs[0]
+    read: set[int] = set()
+    for user in shape.consumers():
+        args = [_static(v) if v is not None else None for v in user.inputs[1:]]
+        if user.inputs[0] is not shape or any(a is None for a in args):
+            return set(returned)
+        if user.op_type == "Gather" and user.attributes.get_int("axis", 0) == 0:
+            read |= {returned[i] for i in args[0].reshape(-1).tolist()}
+        elif (user.op_type == "Slice" and len(args[0]) == 1
+              and (len(args) < 3 or args[2].reshape(-1).tolist() in ([0], [-1]))):
+            step = args[3].item() if len(args) > 3 else 1
+            read |= set(returned[slice(args[0].item(), args[1].item(), step)])
+        else:
+            return set(returned)
+    return read
+
+
+def _analyze(score_path: list[ir.Node], softmax: ir.Node, pv: ir.Node) -> Block:
+    """Check one attention block end to end; Rejected says why it must be left alone."""
+    score = score_path[0]
+    q = _input_chain(score.inputs[0], "Q")
+    k = _input_chain(score.inputs[1], "K")
+    v = _input_chain(pv.inputs[1], "V")
+    values: dict[ir.Value, HeadAxis] = {**q.values, **k.values, **v.values}
+
+    ax, q_to_k = _align(q.axis, k.axis, score, "Q @ K")
+    values[score.outputs[0]] = ax
+    for node in score_path[1:]:
+        on_path = values.keys()
+        for other in node.inputs:
+            if other is not None and other not in on_path:
+                _check_broadcast(other, len(ax.dims), ax.u, f"{node.op_type} '{_name(node)}'")
+        ax = _with(ax, _dims(node.outputs[0]), ax.u)
+        values[node.outputs[0]] = ax
+    axis = softmax.attributes.get_int("axis", -1) % len(ax.dims)
+    if axis <= ax.u:
+        raise Rejected(f"Softmax '{_name(softmax)}' normalizes across heads (axis {axis})")
+    values[softmax.outputs[0]] = ax
+    ax, q_to_v = _align(ax, v.axis, pv, "P @ V")
+    if q_to_v != q_to_k:
+        raise Rejected("keys and values are grouped differently over the query heads")
+    out, proj, proj_axis = _output_chain(pv, ax)
+    values.update(out.values)
+
+    heads = set(q.axis.labels)
+    if len(heads) != len(q.axis.labels) or set(q_to_k) != heads or set(out.axis.labels) != heads:
+        raise Rejected("query heads repeat or go missing between the projection and the output")
+    if set(k.axis.labels) != set(q_to_k.values()) or set(v.axis.labels) != set(q_to_k.values()):
+        raise Rejected("some K/V heads meet no query head")
+
+    linears, splits = _check_projections([q.part, k.part, v.part], values)
+    region = {n for c in (q, k, v, out) for n in c.nodes} | {n for lin in linears for n in lin.nodes}
+    region |= set(splits) | set(score_path) | {softmax, pv, proj}
+    _check_uses(values, region)
+    return Block(softmax, q, k, v, out, proj, proj_axis, q_to_k, linears, splits, values)
+
+
+def _check_projections(parts: list[Part], values: dict) -> tuple[list[Linear], list[ir.Node]]:
+    """Q, K and V must come from distinct columns that together use each projection whole."""
+    by_linear: dict[int, list[Part]] = {}
+    for part in parts:
+        by_linear.setdefault(id(part.linear.matmul), []).append(part)
+    linears, splits = [], []
+    for group in by_linear.values():
+        linear, split = group[0].linear, group[0].split
+        spans = sorted((p.offset, p.width) for p in group)
+        if len(set(spans)) != len(spans):
+            raise Rejected("two of Q, K, V come from the same projection columns")
+        if split is None and len(group) > 1:
+            raise Rejected("two of Q, K, V come from the same projection output")
+        if split is not None and len(group) != len(split.outputs):
+            raise Rejected(f"Split '{_name(split)}' has outputs that are not Q, K or V")
+        if sum(w for _, w in spans) != linear.width:
+            raise Rejected(f"Q, K and V do not use all {linear.width} columns of their projection")
+        if linear.bias_node is not None:
+            bias = _const_array(linear.bias_node.inputs[linear.bias_input])
+            if bias.ndim and bias.shape[-1] not in (1, linear.width):
+                raise Rejected(f"the bias of '{_name(linear.matmul)}' has shape {list(bias.shape)}")
+        if linear.reshape is not None:
+            _check_editable(linear.reshape.inputs[1], len(_elements(linear.reshape.inputs[1])) - 1)
+        for node in linear.nodes:
+            dims = _dims(node.outputs[0])
+            values[node.outputs[0]] = HeadAxis(tuple(dims), len(dims) - 1)
+        if split is not None:
+            splits.append(split)
+            for out in split.outputs:
+                dims = _dims(out)
+                values[out] = HeadAxis(tuple(dims), len(dims) - 1)
+        linears.append(linear)
+    return linears, splits
+
+
+def _check_uses(values: dict[ir.Value, HeadAxis], region: set[ir.Node]) -> None:
+    """Every value whose head axis shrinks must be used only inside the block, and its head axis
+    never read at run time: whatever reads it would see the new size."""
+    for value, ax in values.items():
+        if value.is_graph_output():
+            raise Rejected(f"'{value.name}' is a graph output (a KV cache?)")
+        for user in value.consumers():
+            if user in region:
+                continue
+            if user.op_type == "Shape":
+                if ax.u not in _dims_read(user, len(ax.dims)):
+                    continue
+                raise Rejected(f"Shape '{_name(user)}' reads the head axis of '{value.name}' at run time")
+            raise Rejected(f"'{value.name}' is also used by {user.op_type} '{_name(user)}' outside the "
+                           f"attention block")
+
+
+# ----------------------------------------------------------------------------------------------
+# Importance and the choice of heads
+
+
+def _columns(chain: Chain, keep: Callable[[int], bool]) -> list[int]:
+    """The projection columns of the heads `keep` accepts."""
+    cols, part = chain.axis.cols, chain.part
+    return [part.offset + h * cols + i for h in range(part.width // cols) if keep(h) for i in range(cols)]
+
+
+def _rows(out: Chain, keep: Callable[[int], bool]) -> list[int]:
+    """The positions of the output projection's input held by the query heads `keep` accepts."""
+    ax = out.axis
+    return [i * ax.inner + j for i, h in enumerate(ax.labels) if keep(h) for j in range(ax.inner)]
+
+
+def _weight_norms(block: Block) -> dict[int, float]:
+    """Per K/V head (with its query group): the L2 norm of its Q, K, V columns and output rows."""
+    scores = {}
+    for unit in block.units:
+        in_unit, own = block.in_unit(unit), unit.__eq__
+        total = 0.0
+        for chain, keep in ((block.q, in_unit), (block.k, own), (block.v, own)):
+            linear = chain.part.linear
+            w = _weight(linear.matmul.inputs[1])
+            total += float((np.take(w, _columns(chain, keep), axis=linear.out_axis) ** 2).sum())
+        w = _weight(block.proj.inputs[1])
+        total += float((np.take(w, _rows(block.out, in_unit), axis=block.proj_axis) ** 2).sum())
+        scores[unit] = math.sqrt(total)
+    return scores
+
+
+def _output_means(block: Block, rows: np.ndarray) -> dict[int, float]:
+    """Per K/V head: the mean |attention output| of its query heads, from calibration samples."""
+    return {unit: float(np.abs(rows[:, _rows(block.out, block.in_unit(unit))]).mean())
+            for unit in block.units}
+
+
+# ----------------------------------------------------------------------------------------------
+# Rewrite
+
+
+class _Rewriter:
+    """Makes new initializers and shape tensors; never edits a value in place (it may be shared)."""
+
+    def __init__(self, graph: ir.Graph):
+        self.graph = graph
+        self.names = {v.name for v in graph.inputs} | set(graph.initializers)
+        self.names |= {v.name for n in graph for v in n.outputs}
+        self.shapes: dict[tuple, ir.Value] = {}
+
+    def _unique(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.names:
+            name, i = f"{base}_{i}", i + 1
+        self.names.add(name)
+        return name
+
+    def constant(self, array: np.ndarray, base: str) -> ir.Value:
+        name = self._unique(base)
+        value = ir.Value(name=name, const_value=ir.tensor(array, name=name), shape=ir.Shape(array.shape),
+                         type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
+        self.graph.register_initializer(value)
+        return value
+
+    def slice_input(self, node: ir.Node, index: int, keep: list[int], axis: int) -> None:
+        value = node.inputs[index]
+        array = np.ascontiguousarray(np.take(_const_array(value), keep, axis=axis))
+        node.replace_input_with(index, self.constant(array, f"{value.name}.pruned"))
+
+    def set_element(self, node: ir.Node, index: int, element: int, new: int) -> None:
+        """Input `index` of `node` (a shape) with element `element` set to `new`."""
+        value = node.inputs[index]
+        key = (id(value), element, new)
+        if key not in self.shapes:
+            self.shapes[key] = self._shape_with(value, element, new)
+        node.replace_input_with(index, self.shapes[key])
+
+    def _shape_with(self, value: ir.Value, element: int, new: int) -> ir.Value:
+        pieces = _pieces(value)
+        if all(p.ints is not None for p in pieces):
+            array = np.concatenate([p.ints for p in pieces])
+            array[element] = new
+            return self.constant(array, f"{value.name}.pruned")
+        inputs, at = [], 0
+        for p in pieces:
+            if at <= element < at + p.length:
+                array = p.ints.copy()  # _check_editable made sure this piece is fixed
+                array[element - at] = new
+                inputs.append(self.constant(array, f"{p.value.name}.pruned"))
+            else:
+                inputs.append(p.value)
+            at += p.length
+        concat = value.producer()
+        name = self._unique(f"{value.name}.pruned")
+        node = ir.node("Concat", inputs, {"axis": 0}, name=name, outputs=[ir.Value(name=name)])
+        self.graph.insert_after(concat, node)  # every user of the old shape comes after it
+        return node.outputs[0]
+
+
+def _prune(block: Block, removed: set[int], rw: _Rewriter, opset: int) -> None:
+    def keep_q(h):
+        return block.group[h] not in removed
+
+    def keep_kv(h):
+        return h not in removed
+
+    keeps = {id(block.q): keep_q, id(block.k): keep_kv, id(block.v): keep_kv, id(block.out): keep_q}
+    for chain in (block.q, block.k, block.v, block.out):
+        for node, element, ax in chain.edits:
+            rw.set_element(node, 1, element, ax.kept(keeps[id(chain)]))
+    for linear in block.linears:
+        chains = sorted((c for c in (block.q, block.k, block.v) if c.part.linear.matmul is linear.matmul),
+                        key=lambda c: c.part.offset)
+        cols = [i for c in chains for i in _columns(c, keeps[id(c)])]
+        width = linear.width
+        rw.slice_input(linear.matmul, 1, cols, linear.out_axis)
+        if linear.bias_node is not None:
+            bias = _const_array(linear.bias_node.inputs[linear.bias_input])
+            if bias.ndim and bias.shape[-1] == width:
+                rw.slice_input(linear.bias_node, linear.bias_input, cols, bias.ndim - 1)
+        if linear.reshape is not None:
+            rw.set_element(linear.reshape, 1, len(_elements(linear.reshape.inputs[1])) - 1, len(cols))
+        split = chains[0].part.split
+        if split is not None:
+            _set_split_sizes(split, [len(_columns(c, keeps[id(c)])) for c in chains], rw, opset)
+    rw.slice_input(block.proj, 1, _rows(block.out, keep_q), block.proj_axis)
+
+
+def _set_split_sizes(split: ir.Node, sizes: list[int], rw: _Rewriter, opset: int) -> None:
+    if "split" in split.attributes or opset < SPLIT_INPUT_OPSET:
+        split.attributes["split"] = ir.AttrInt64s("split", sizes)
+        return
+    split.attributes.pop("num_outputs", None)
+    if len(split.inputs) < 2:
+        split.resize_inputs(2)
+    split.replace_input_with(1, rw.constant(np.array(sizes, np.int64), f"{_name(split)}.sizes"))
+
+
+def _float_weights(model: ir.Model) -> tuple[int, int]:
+    tensors = [v.const_value for v in model.graph.initializers.values()
+               if v.const_value is not None and v.const_value.dtype.is_floating_point()]
+    return sum(t.size for t in tensors), sum(t.nbytes for t in tensors)
+
+
+# ----------------------------------------------------------------------------------------------
+# The pass
+
+
+@register_pass
+class PruneHeads(Pass):
+    name = "prune-heads"
+    description = ("remove whole attention heads (multi-head and grouped-query): slice the Q/K/V and "
+                   "output-projection weights and rewrite the shapes that hold the head count")
+    options = (
+        Option("ratio", float, 0.25, "fraction of each block's heads to remove (rounded down, never all)",
+               low=0.0, high=0.9),
+        Option("heads", str, "", "remove exactly these heads instead, as layer:head pairs joined by ';' "
+               "(e.g. 0:1;1:3); layers count attention blocks in graph order; in grouped-query "
+               "attention a head takes its whole group along", kind="layer:head list"),
+        Option("importance", str, "weight-norm", "how ratio ranks heads: the L2 norm of their Q/K/V and "
+               "output weights, or their mean |attention output| on calibration data",
+               choices=("weight-norm", "calibration")),
+    )
+    provides = ("pruned",)
+    # Removing heads changes what the model computes, by an amount only the model's task can tell
+    # (measure accuracy; fine-tune after pruning). The bound only stops a rewrite that wrecks the
+    # outputs; verification then holds the rest of the pipeline to the pruned model's numbers.
+    drift = 1.0
+
+    def __init__(self, **opts):
+        super().__init__(**opts)
+        try:
+            self.requested = parse_heads(self.opts["heads"])
+        except ValueError as e:
+            raise UserError(f"pass 'prune-heads': option 'heads' expects layer:head pairs joined by ';' "
+                            f"(e.g. 0:1;1:3), got '{self.opts['heads']}' (bad item '{e}')") from None
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        model = infer_shapes(model)  # the checks read ranks and static dims
+        weights_before = _float_weights(model)
+        layers: list[Block | str] = []  # a Block, or why that attention block is left alone
+        not_attention = []
+        for node in model.graph:
+            if node.op_type != "Softmax":
+                continue
+            try:
+                path, pv = _find(node)
+            except Rejected as e:
+                not_attention.append(f"Softmax '{_name(node)}': {e}")
+                continue
+            try:
+                layers.append(_analyze(path, node, pv))
+            except Rejected as e:
+                layers.append(f"Softmax '{_name(node)}': {e}")
+        blocks = {i: b for i, b in enumerate(layers) if isinstance(b, Block)}
+        removal, scores = self._choose(model, ctx, layers, blocks)
+
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+        rewriter = _Rewriter(model.graph)
+        pruned = [i for i, units in removal.items() if units]
+        for i in pruned:
+            _prune(blocks[i], set(removal[i]), rewriter, opset)
+        for value in (v for i in pruned for v in blocks[i].values):
+            value.shape = None  # stale; shape inference fills in the new sizes
+        if pruned:
+            RemoveUnusedNodesPass()(model)  # the old weights and shape tensors
+            model = infer_shapes(model)
+        weights_after = _float_weights(model)
+        stats = {
+            "blocks_found": len(layers),
+            "blocks_pruned": len(pruned),
+            "blocks_skipped": len(layers) - len(blocks),
+            "heads_before": sum(len(b.heads) for b in blocks.values()),
+            "heads_after": sum(len(b.heads) - sum(len(b.queries(u)) for u in removal[i])
+                               for i, b in blocks.items()),
+            "weights_removed": weights_before[0] - weights_after[0],
+            "bytes_removed": weights_before[1] - weights_after[1],
+            "blocks": {str(i): _block_stats(b, removal[i], scores.get(i)) for i, b in blocks.items()},
+            "skipped": [f"layer {i} ({why})" for i, why in enumerate(layers) if isinstance(why, str)],
+            "not_attention": not_attention,
+        }
+        return PassResult(model, bool(pruned), stats)
+
+    def _choose(self, model, ctx, layers, blocks) -> tuple[dict[int, list[int]], dict]:
+        """K/V heads (with their query groups) to remove per block, and the importance scores used."""
+        if self.opts["heads"].strip():
+            return {i: [] for i in blocks} | self._requested(layers), {}
+        if self.opts["importance"] == "calibration":
+            names = {i: b.proj.inputs[0].name for i, b in blocks.items()}
+            samples = activation_samples(model, ctx, sorted(set(names.values()))) if names else {}
+            scores = {i: _output_means(b, samples[names[i]]) for i, b in blocks.items()}
+        else:
+            scores = {i: _weight_norms(b) for i, b in blocks.items()}
+        removal = {}
+        for i, block in blocks.items():
+            count = min(math.floor(self.opts["ratio"] * len(block.units) + 1e-9), len(block.units) - 1)
+            removal[i] = sorted(sorted(block.units, key=lambda u: (scores[i][u], u))[:count])
+        return removal, scores
+
+    def _requested(self, layers: list) -> dict[int, list[int]]:
+        where = "pass 'prune-heads': option 'heads'"
+        removal = {}
+        for layer, heads in sorted(self.requested.items()):
+            if layer >= len(layers):
+                raise UserError(f"{where}: layer {layer} does not exist; the model has {len(layers)} "
+                                f"attention block(s)")
+            block = layers[layer]
+            if isinstance(block, str):
+                raise UserError(f"{where}: layer {layer} cannot be pruned: {block}")
+            bad = sorted(h for h in heads if h not in block.group)
+            if bad:
+                raise UserError(f"{where}: head {bad[0]} is out of range; layer {layer} has "
+                                f"{len(block.heads)} heads (0..{len(block.heads) - 1})")
+            units = sorted({block.group[h] for h in heads})
+            if len(units) == len(block.units):
+                raise UserError(f"{where}: would remove every head of layer {layer}")
+            removal[layer] = units
+        return removal
+
+
+def _block_stats(block: Block, removed: list[int], scores: dict | None) -> dict:
+    gone = sorted(q for u in removed for q in block.queries(u))
+    grouped = len(block.units) != len(block.heads)
+    stats = {
+        "softmax": _name(block.softmax),
+        "attention": "grouped-query" if grouped else "multi-head",
+        "projections": {1: "fused QKV (Split)", 3: "separate Q/K/V"}.get(len(block.linears), "fused KV"),
+        "heads_before": len(block.heads),
+        "heads_after": len(block.heads) - len(gone),
+        "removed_heads": gone,
+    }
+    if grouped:
+        stats.update(kv_heads_before=len(block.units), kv_heads_after=len(block.units) - len(removed),
+                     removed_kv_heads=list(removed))
+    if scores is not None:
+        stats["importance"] = {str(u): round(s, 6) for u, s in scores.items()}
+    return stats

@@ -1,0 +1,397 @@
+"""prune-heads: exactness against the same torch model with those heads' attention outputs masked
+to zero, structure, where it fires (both exporters, raw and after simplify,fuse, multi-head and
+grouped-query) and where it must not, option errors, and the compiled pruned LM."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import warnings
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+import torch
+from edgecc.passes.prune_heads import PruneHeads
+from onnx import numpy_helper
+from torch import nn
+
+import edgecc
+from edgecc.errors import UserError
+from edgecc.examples import _modules
+from edgecc.pass_base import PassContext
+from edgecc.pass_manager import PassManager
+from edgecc.pipeline import parse_pipeline
+from edgecc.verify import compare, random_inputs, run_ort
+from tests.conftest import parse_model
+
+D, HEADS, DH = 128, 4, 32  # the tiny-lm example
+EXACT = (1e-5, 1e-5)
+PIPELINES = ("", "simplify,fuse,")
+DIMS = {"batch": 2, "seq": 7}
+
+
+def _export(module: nn.Module, x: torch.Tensor, exporter: str, in_name: str,
+            out_name: str) -> onnx.ModelProto:
+    """Export with dynamic batch and sequence dims named as the examples name them."""
+    f = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            dims = {0: torch.export.Dim("batch", max=64), 1: torch.export.Dim("seq", min=2, max=128)}
+            program = torch.onnx.export(module, (x,), dynamo=True, input_names=[in_name],
+                                        output_names=[out_name], dynamic_shapes=(dims,), verbose=False)
+            return program.model_proto
+        axes = {0: "batch", 1: "seq"}
+        torch.onnx.export(module, (x,), f, dynamo=False, input_names=[in_name], output_names=[out_name],
+                          dynamic_axes={in_name: axes, out_name: axes})
+    return onnx.load_from_string(f.getvalue())
+
+
+def _mask_heads(proj: nn.Linear, heads: int, removed) -> None:
+    """Zero the attention outputs of `removed` heads where they enter the output projection."""
+    mask = torch.ones(heads)
+    mask[list(removed)] = 0
+
+    def hook(_module, args):
+        (x,) = args
+        return (x * mask.repeat_interleave(x.shape[-1] // heads),)
+
+    proj.register_forward_pre_hook(hook)
+
+
+def _tiny_lm(removed: dict[int, list[int]] | None = None) -> nn.Module:
+    """The tiny-lm example's torch model (same seed, same weights), heads masked if asked."""
+    torch.manual_seed(0)
+    model = _modules()["tiny-lm"]().eval()
+    for layer, heads in (removed or {}).items():
+        _mask_heads(model.blocks[layer].proj, HEADS, heads)
+    return model
+
+
+def _masked_lm(removed: dict[int, list[int]]) -> onnx.ModelProto:
+    return _export(_tiny_lm(removed), torch.randint(0, 512, (2, 16)), "torchscript", "ids", "logits")
+
+
+def _run(model: onnx.ModelProto, pipeline: str, ctx: PassContext | None = None):
+    """(pruned proto, prune-heads stats, changed) after running `pipeline` on the model."""
+    out, reports = PassManager(pipeline).run(ir.from_proto(model), ctx or PassContext())
+    return ir.to_proto(out), reports[-1].stats, reports[-1].changed
+
+
+def _same(reference: onnx.ModelProto, pruned: onnx.ModelProto, seed: int = 1) -> None:
+    feeds = random_inputs(reference, seed=seed, dim_values=DIMS)
+    result = compare(run_ort(reference, feeds, optimize=False), run_ort(pruned, feeds, optimize=False),
+                     tolerance=EXACT)
+    assert result.ok, result.detail
+
+
+def _removed(stats: dict) -> dict[int, list[int]]:
+    return {int(i): b["removed_heads"] for i, b in stats["blocks"].items() if b["removed_heads"]}
+
+
+@pytest.fixture(scope="module")
+def lm(example_path):
+    return {e: onnx.load(str(example_path("tiny-lm", e))) for e in ("dynamo", "torchscript")}
+
+
+# ----------------------------------------------------------------------------------------------
+# Exactness: the pruned model is the unpruned one with those heads' attention outputs zeroed
+
+
+@pytest.fixture(scope="module")
+def masked_0_1_and_1_3():
+    return _masked_lm({0: [1], 1: [3]})
+
+
+@pytest.mark.parametrize("prefix", PIPELINES, ids=["raw", "simplify-fuse"])
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_equals_the_model_with_those_heads_masked(lm, masked_0_1_and_1_3, exporter, prefix):
+    pruned, stats, changed = _run(lm[exporter], prefix + "prune-heads{heads=0:1;1:3}")
+    assert changed and stats["blocks_found"] == 2 and stats["skipped"] == []
+    assert _removed(stats) == {0: [1], 1: [3]}
+    assert stats["heads_before"] == 8 and stats["heads_after"] == 6
+    _same(masked_0_1_and_1_3, pruned)
+
+
+def _head_norms(block) -> list[float]:
+    """Per head, the L2 norm of its Q, K, V rows of torch's qkv weight and its proj columns."""
+    qkv, proj = block.qkv.weight.detach().numpy(), block.proj.weight.detach().numpy()
+    return [math.sqrt(sum(float((qkv[p * D + h * DH:p * D + (h + 1) * DH] ** 2).sum()) for p in range(3))
+                      + float((proj[:, h * DH:(h + 1) * DH] ** 2).sum())) for h in range(HEADS)]
+
+
+def test_ratio_removes_the_smallest_weight_norm_heads_exactly(lm):
+    model = _tiny_lm()
+    expected = {i: [int(np.argmin(_head_norms(b)))] for i, b in enumerate(model.blocks)}
+    pruned, stats, _ = _run(lm["torchscript"], "prune-heads{ratio=0.25}")
+    assert _removed(stats) == expected
+    for i, block in enumerate(model.blocks):
+        np.testing.assert_allclose([stats["blocks"][str(i)]["importance"][str(h)] for h in range(HEADS)],
+                                   _head_norms(block), rtol=1e-5)
+    _same(_masked_lm(expected), pruned)
+
+
+def test_calibration_importance_is_the_mean_attention_output(lm):
+    ids = np.random.default_rng(3).integers(0, 512, (2, 16)).astype(np.int64)
+    model, seen = _tiny_lm(), {}
+    for i, block in enumerate(model.blocks):
+        block.proj.register_forward_pre_hook(lambda _m, args, i=i: seen.__setitem__(i, args[0].abs()))
+    with torch.no_grad():
+        model(torch.from_numpy(ids))
+    means = {i: [float(x[..., h * DH:(h + 1) * DH].mean()) for h in range(HEADS)] for i, x in seen.items()}
+    ctx = PassContext(calibration={"ids": ids})
+    _, stats, changed = _run(lm["dynamo"], "prune-heads{importance=calibration}", ctx)
+    assert changed
+    for i, block in stats["blocks"].items():
+        got = [block["importance"][str(h)] for h in range(HEADS)]
+        np.testing.assert_allclose(got, means[int(i)], rtol=1e-4)
+        assert block["removed_heads"] == [int(np.argmin(means[int(i)]))]
+
+
+# ----------------------------------------------------------------------------------------------
+# Structure: smaller weights, new shape constants, fewer parameters
+
+
+def _floats(model: onnx.ModelProto) -> int:
+    return sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
+
+
+def test_weights_and_shapes_shrink_after_simplify_fuse(lm):
+    before, _, _ = _run(lm["dynamo"], "simplify,fuse")
+    pruned, stats, _ = _run(lm["dynamo"], "simplify,fuse,prune-heads{ratio=0.25}")
+    inits = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    gemms = [n for n in pruned.graph.node if n.op_type == "Gemm"]
+    qkv = [inits[n.input[1]].shape for n in gemms if inits[n.input[1]].shape[1] % 3 == 0]
+    proj = [inits[n.input[1]].shape for n in gemms if inits[n.input[1]].shape == (96, D)]
+    assert qkv == [(D, 3 * 96)] * 2 and len(proj) == 2
+    assert all(inits[n.input[2]].shape == (288,) for n in gemms if inits[n.input[1]].shape == (D, 288))
+    removed = 2 * (D * 3 * DH + 3 * DH + DH * D)  # per layer: qkv columns and bias, proj rows
+    assert _floats(before) - _floats(pruned) == removed == stats["weights_removed"]
+    assert stats["bytes_removed"] == 4 * removed
+    splits = [inits[n.input[1]].tolist() for n in pruned.graph.node if n.op_type == "Split"]
+    assert splits == [[96, 96, 96]] * 2
+    # the shapes the pass rewrote: the Gemm's [.., 288], the heads [b, t, 3, 32], back to [b, t, 96]
+    shapes = {tuple(d.dim_value for d in v.type.tensor_type.shape.dim)
+              for v in onnx.shape_inference.infer_shapes(pruned).graph.value_info}
+    assert {(0, 0, 3, 32), (0, 3, 0, 0), (0, 0, 96), (0, 0, 288)} <= shapes
+    assert not any(len(s) == 4 and HEADS in s[1:3] for s in shapes)
+
+
+def test_heads_option_removes_exactly_that_head(lm):
+    """The dynamo export shares one [b, t, 4, 32] shape between both layers: layer 1 keeps it."""
+    pruned, stats, changed = _run(lm["dynamo"], "prune-heads{heads=0:1}")
+    assert changed and _removed(stats) == {0: [1]} and stats["blocks_pruned"] == 1
+    assert stats["blocks"]["1"]["heads_after"] == HEADS
+    assert stats["weights_removed"] == D * 3 * DH + 3 * DH + DH * D
+    _same(_masked_lm({0: [1]}), pruned)
+
+
+def test_ratio_never_removes_every_head(lm):
+    pruned, stats, _ = _run(lm["dynamo"], "simplify,fuse,prune-heads{ratio=0.9}")
+    assert [b["heads_after"] for b in stats["blocks"].values()] == [1, 1]
+    _same(_masked_lm(_removed(stats)), pruned)
+
+
+def _gemm_attention() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """Two heads of 8 over rank-2 tokens x[T, 16], every projection a Gemm with transB=1 (W is
+    [N, K]), heads split with Reshape [-1, 2, 8] and merged back with [-1, 16]."""
+    rng = np.random.default_rng(0)
+    w = {f"w{p}": rng.standard_normal((16, 16)).astype(np.float32) for p in "qkvo"}
+    w |= {f"b{p}": rng.standard_normal(16).astype(np.float32) for p in "qkvo"}
+    h = onnx.helper
+    nodes = [h.make_node("Gemm", ["x", f"w{p}", f"b{p}"], [p], transB=1) for p in "qkv"]
+    nodes += [h.make_node("Reshape", [p, "heads"], [f"{p}3"]) for p in "qkv"]
+    nodes += [h.make_node("Transpose", ["q3"], ["qh"], perm=[1, 0, 2]),
+              h.make_node("Transpose", ["k3"], ["kt"], perm=[1, 2, 0]),
+              h.make_node("Transpose", ["v3"], ["vh"], perm=[1, 0, 2]),
+              h.make_node("MatMul", ["qh", "kt"], ["s"]), h.make_node("Softmax", ["s"], ["p"], axis=-1),
+              h.make_node("MatMul", ["p", "vh"], ["a"]),
+              h.make_node("Transpose", ["a"], ["at"], perm=[1, 0, 2]),
+              h.make_node("Reshape", ["at", "merged"], ["m"]),
+              h.make_node("Gemm", ["m", "wo", "bo"], ["y"], transB=1)]
+    inits = [numpy_helper.from_array(v, k) for k, v in w.items()]
+    inits += [numpy_helper.from_array(np.array(v, np.int64), k)
+              for k, v in (("heads", [-1, 2, 8]), ("merged", [-1, 16]))]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["T", 16])],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["T", 16])], inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model, w
+
+
+def test_gemm_with_transposed_weights_on_rank_2_tokens():
+    model, w = _gemm_attention()
+    result = PruneHeads(heads="0:0").run(ir.from_proto(model), PassContext())
+    pruned = ir.to_proto(result.model)
+    inits = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    gemms = {n.output[0]: inits[n.input[1]].shape for n in pruned.graph.node if n.op_type == "Gemm"}
+    assert gemms == {"q": (8, 16), "k": (8, 16), "v": (8, 16), "y": (16, 8)}  # [N, K] with transB
+    reshapes = sorted(inits[n.input[1]].tolist() for n in pruned.graph.node if n.op_type == "Reshape")
+    assert reshapes == [[-1, 1, 8]] * 3 + [[-1, 8]]
+    x = np.random.default_rng(1).standard_normal((5, 16)).astype(np.float32)
+    q, k, v = (x @ w[f"w{p}"].T + w[f"b{p}"] for p in "qkv")
+    heads = []
+    for i in range(2):
+        s = q[:, 8 * i:8 * i + 8] @ k[:, 8 * i:8 * i + 8].T
+        p = np.exp(s - s.max(-1, keepdims=True))
+        heads.append((p / p.sum(-1, keepdims=True)) @ v[:, 8 * i:8 * i + 8] * (i != 0))  # head 0 masked
+    expected = np.concatenate(heads, axis=1) @ w["wo"].T + w["bo"]
+    np.testing.assert_allclose(run_ort(pruned, {"x": x})["y"], expected, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Grouped-query attention: a K/V head goes with its whole group of query heads
+
+
+class GQA(nn.Module):
+    """8 query heads share 4 K/V heads, repeated as torch's repeat_interleave, as expand+reshape
+    (Llama's repeat_kv), or tiled with repeat (query head j then uses K/V head j % 4)."""
+
+    def __init__(self, repeat: str, d: int = 64, heads: int = 8, kv_heads: int = 4, head_bias: bool = False):
+        super().__init__()
+        self.repeat, self.h, self.g, self.dh = repeat, heads, kv_heads, d // heads
+        self.head_bias = nn.Parameter(torch.randn(heads, 1, 1)) if head_bias else None  # ALiBi-like
+        self.q, self.o = nn.Linear(d, d), nn.Linear(d, d)
+        self.k, self.v = nn.Linear(d, kv_heads * self.dh), nn.Linear(d, kv_heads * self.dh)
+
+    def _repeat(self, z):
+        b, g, t, dh = z.shape
+        r = self.h // self.g
+        if self.repeat == "interleave":
+            return z.repeat_interleave(r, dim=1)
+        if self.repeat == "expand":
+            return z[:, :, None].expand(b, g, r, t, dh).reshape(b, g * r, t, dh)
+        return z.repeat(1, r, 1, 1)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.h, self.dh).transpose(1, 2)
+        k, v = (self._repeat(p(x).view(b, t, self.g, self.dh).transpose(1, 2)) for p in (self.k, self.v))
+        att = q @ k.transpose(-1, -2) / math.sqrt(self.dh)
+        att = (att if self.head_bias is None else att + self.head_bias).softmax(-1)
+        return self.o((att @ v).transpose(1, 2).reshape(b, t, self.h * self.dh))
+
+
+def _gqa(repeat: str, removed=(), **kwargs) -> nn.Module:
+    torch.manual_seed(1)
+    model = GQA(repeat, **kwargs).eval()
+    if removed:
+        _mask_heads(model.o, model.h, removed)
+    return model
+
+
+@pytest.fixture(scope="module")
+def gqa_exports():
+    cache = {}
+
+    def get(repeat, exporter):
+        if (repeat, exporter) not in cache:
+            cache[repeat, exporter] = _export(_gqa(repeat), torch.randn(2, 5, 64), exporter, "x", "y")
+        return cache[repeat, exporter]
+
+    return get
+
+
+# TorchScript's expand form is the must-not-fire case below.
+GQA_FORMS = [("interleave", "dynamo"), ("interleave", "torchscript"), ("expand", "dynamo"),
+             ("tile", "dynamo"), ("tile", "torchscript")]
+
+
+@pytest.mark.parametrize("prefix", PIPELINES, ids=["raw", "simplify-fuse"])
+@pytest.mark.parametrize("repeat,exporter", GQA_FORMS)
+def test_grouped_query_removes_whole_groups_exactly(gqa_exports, repeat, exporter, prefix):
+    pruned, stats, changed = _run(gqa_exports(repeat, exporter), prefix + "prune-heads{ratio=0.25}")
+    (block,) = stats["blocks"].values()
+    assert changed and block["attention"] == "grouped-query"
+    assert (block["kv_heads_before"], block["kv_heads_after"]) == (4, 3)
+    assert (block["heads_before"], block["heads_after"]) == (8, 6)
+    (kv,) = block["removed_kv_heads"]
+    group = [kv, kv + 4] if repeat == "tile" else [2 * kv, 2 * kv + 1]
+    assert block["removed_heads"] == group  # the K/V head's own query heads, and only those
+    x = torch.randn(2, 5, 64)
+    _same(_export(_gqa(repeat, group), x, "torchscript", "x", "y"), pruned)
+
+
+@pytest.mark.parametrize("prefix", PIPELINES, ids=["raw", "simplify-fuse"])
+def test_does_not_guess_a_head_count_computed_at_run_time(gqa_exports, prefix):
+    """TorchScript's expand+reshape reads the K/V head count with Shape at run time."""
+    model = gqa_exports("expand", "torchscript")
+    pruned, stats, changed = _run(model, prefix + "prune-heads{ratio=0.5}")
+    assert not changed and stats["blocks_found"] == 1 and stats["blocks_skipped"] == 1
+    (why,) = stats["skipped"]
+    assert "run time" in why
+    _same(model, pruned)
+
+
+def test_does_not_prune_a_per_head_score_bias():
+    model = _export(_gqa("interleave", head_bias=True), torch.randn(2, 5, 64), "torchscript", "x", "y")
+    _, stats, changed = _run(model, "prune-heads{ratio=0.5}")
+    assert not changed and "differs per head" in stats["skipped"][0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Must not fire, and option errors
+
+
+def test_no_attention_no_blocks():
+    model = parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[B, 16] x) => (float[B, 4] y)
+        <float[16, 4] w = {0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6,
+                           0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6,
+                           0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6,
+                           0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6}>
+        { h = MatMul(x, w)
+          y = Softmax<axis = -1>(h) }
+    """)
+    result = PruneHeads().run(ir.from_proto(model), PassContext())
+    assert not result.changed and result.stats["blocks_found"] == 0
+    assert "not a MatMul of two computed tensors" in result.stats["not_attention"][0]
+
+
+def test_a_block_whose_keys_leave_the_graph_is_left_alone(lm):
+    """A K that is also a graph output (a KV cache) would change the model's interface."""
+    model = onnx.ModelProto()
+    model.CopyFrom(lm["torchscript"])
+    model.graph.output.append(onnx.helper.make_empty_tensor_value_info("/blocks.1/Transpose_2_output_0"))
+    _, stats, _ = _run(model, "prune-heads{ratio=0.25}")
+    assert stats["blocks_pruned"] == 1 and stats["blocks_skipped"] == 1
+    assert "graph output" in stats["skipped"][0] and stats["skipped"][0].startswith("layer 1")
+
+
+@pytest.mark.parametrize("text", ["x:y", "0-1", "0:1;;1:2"])
+def test_bad_heads_text_names_the_option(text):
+    with pytest.raises(UserError, match="option 'heads'"):
+        parse_pipeline(f"prune-heads{{heads={text}}}")
+
+
+@pytest.mark.parametrize("heads,fragment", [("0:4", "head 4 is out of range"),
+                                            ("2:0", "layer 2 does not exist"),
+                                            ("0:0;0:1;0:2;0:3", "every head")])
+def test_heads_outside_the_model_name_the_option(lm, heads, fragment):
+    with pytest.raises(UserError, match=f"option 'heads'.*{fragment}"):
+        PruneHeads(heads=heads).run(ir.from_proto(lm["torchscript"]), PassContext())
+
+
+def test_pipeline_text_round_trips():
+    text = "prune-heads{ratio=0.5,heads=0:1;1:3,importance=calibration}"
+    assert str(parse_pipeline(text)) == text
+
+
+# ----------------------------------------------------------------------------------------------
+# The pruned example LM compiles, verifies and is smaller
+
+
+def test_pruned_lm_compiles_runs_and_is_smaller(example_path, tmp_path):
+    path = example_path("tiny-lm")
+    full = edgecc.compile(path, "host", tmp_path / "full", "simplify,fuse")
+    pruned = edgecc.compile(path, "host", tmp_path / "p", "simplify,fuse,prune-heads{ratio=0.25}")
+    verification = pruned.manifest["verification"]
+    assert verification["ok"] and verification["reference"] == "onnxruntime (optimized model)"
+    assert verification["relative_error_vs_fp32"] <= 1.0
+    assert full.manifest["verification"]["ok"]
+    assert (tmp_path / "p" / "model.so").stat().st_size < (tmp_path / "full" / "model.so").stat().st_size
