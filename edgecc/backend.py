@@ -37,13 +37,13 @@ def build(mod, target: TargetDesc, lib_path: Path) -> dict:
 
         facts = build_cuda(mod, target.tvm_target(), str(lib_path), cc)
         return {"library": LIBRARY_NAME, **facts, "tvm_target": str(target.tvm_target())}
-    from edgecc.kernels import bsr, int4
+    from edgecc.kernels import bsr, int4, int8
 
     tgt = target.tvm_target()
     with tgt:
         mod = relax.get_pipeline("zero")(mod)
     # edgecc's own kernels carry their schedules; the rest keep TVM's defaults.
-    mod = bsr.schedule(int4.schedule_int4(mod, tgt), tgt)
+    mod = bsr.schedule(int4.schedule_int4(int8.schedule(mod, tgt), tgt), tgt)
     executable = tvm.compile(mod, target=tgt)
     if target.runs_here():
         executable.export_library(str(lib_path))

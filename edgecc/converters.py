@@ -47,25 +47,56 @@ class SkipSimplifiedLayerNormalization(OnnxOpConverter):
         return relax.Tuple([out, placeholder, placeholder, total])
 
 
+def _int8_matmul(bb, x, w, tile: int):
+    """x int8 [..., K] @ constant int8 w [K, N] -> int32 with edgecc's int8 kernel."""
+    from edgecc.kernels.int8 import emit_int8_matmul, pack_int8
+
+    weight = w.value.numpy()
+    K, N = weight.shape
+    lead = list(x.ty.shape)[:-1]
+    rows = x if len(lead) == 1 else bb.normalize(relax.op.reshape(x, (-1, K)))
+    y = emit_int8_matmul(bb, rows, relax.const(pack_int8(weight, tile)), tile, K, N)
+    return y if len(lead) == 1 else relax.op.reshape(y, (*lead, N))
+
+
+def _int8_operands(inputs) -> bool:
+    x, w = inputs[0], inputs[1]
+    return (isinstance(w, tvm.ir.Constant) and len(w.ty.shape) == 2 and str(w.ty.dtype) == "int8"
+            and str(x.ty.dtype) == "int8" and not any(z is not None for z in inputs[2:]))
+
+
 @converter("MatMulInteger")
 class MatMulInteger(OnnxOpConverter):
     """int8 x int8 -> int32 with the operands kept int8.
 
     TVM's own converter widens both operands to int32 before the matmul, and constant folding
-    then stores int8 weights as int32: four bytes a weight. `matmul(out_dtype="int32")` widens
-    each element inside the kernel instead, so the module keeps the int8 weights.
+    then stores int8 weights as int32: four bytes a weight. A constant int8 weight without zero
+    points (what quantize-int8 emits) goes to edgecc's int8 kernel in ONNX's [K, N] layout;
+    other forms keep TVM's conversion.
     """
 
     computed_outputs = (0,)
 
     @classmethod
     def _impl_v10(cls, bb, inputs, attr, params):
-        zero_points = [z for z in inputs[2:] if z is not None]
-        if zero_points:  # asymmetric operands: TVM's converter subtracts them after widening
-            from tvm.relax.frontend.onnx import onnx_frontend
+        if _int8_operands(inputs):
+            return _int8_matmul(bb, inputs[0], inputs[1], tile=0)
+        from tvm.relax.frontend.onnx import onnx_frontend
 
-            return onnx_frontend.MatMulInteger._impl_v10(bb, inputs, attr, params)
-        return relax.op.matmul(inputs[0], inputs[1], out_dtype="int32")
+        return onnx_frontend.MatMulInteger._impl_v10(bb, inputs, attr, params)
+
+
+@converter("MatMulInt8", domain="edgecc")
+class MatMulInt8(OnnxOpConverter):
+    """A MatMulInteger that pack-weights gave a layout: the weight is stored in panels of `tile`."""
+
+    computed_outputs = (0,)
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        if not _int8_operands(inputs):
+            raise ValueError("packed MatMulInteger needs int8 x constant int8 [K, N], no zero points")
+        return _int8_matmul(bb, inputs[0], inputs[1], tile=attr["tile"])
 
 
 @converter("MatMulNBits", domain="com.microsoft")

@@ -52,8 +52,12 @@ def build_cuda(
         )
     arch = str(target.arch)
 
+    from edgecc.kernels import bsr, int8
+
     with target:
         mod = relax.get_pipeline("zero")(mod)
+        # edgecc's kernels that need other rules than the module's go first; dlight skips them.
+        mod = bsr.schedule(int8.schedule(mod, target), target)
         mod = dl.ApplyDefaultSchedule(
             dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
             dl.gpu.Fallback(),

@@ -108,17 +108,23 @@ def _route_to_kernels(model: onnx.ModelProto) -> onnx.ModelProto:
     """Nodes a pass marked for an edgecc kernel become that kernel's op, for the importer only.
 
     The optimized ONNX keeps standard ops (ORT runs it as the reference); here a MatMul, or a
-    Gemm's product, marked `edgecc.kernel = bsr` becomes edgecc's BlockSparseMatMul.
+    Gemm's product, marked `edgecc.kernel = bsr` becomes edgecc's BlockSparseMatMul, and a
+    MatMulInteger marked `edgecc.kernel = int8` (by pack-weights) edgecc's MatMulInt8.
     """
-    marked = [n for n in model.graph.node
-              if {p.key: p.value for p in n.metadata_props}.get("edgecc.kernel") == "bsr"]
-    if not marked:
+    def kernel(node):
+        return {p.key: p.value for p in node.metadata_props}.get("edgecc.kernel")
+
+    if not any(kernel(n) in ("bsr", "int8") for n in model.graph.node):
         return model
     model = copy.deepcopy(model)
     nodes = []
     for node in model.graph.node:
         props = {p.key: p.value for p in node.metadata_props}
-        if props.get("edgecc.kernel") != "bsr":
+        if kernel(node) == "int8":
+            nodes.append(onnx.helper.make_node("MatMulInt8", node.input, node.output, name=node.name,
+                                               domain="edgecc", tile=int(props["edgecc.tile"])))
+            continue
+        if kernel(node) != "bsr":
             nodes.append(node)
             continue
         rows, cols = (int(v) for v in props["edgecc.block"].split("x"))

@@ -63,7 +63,7 @@ class BlockSparsity(Pass):
         Option("sparsity", float, 0.5, "fraction of blocks set to zero", low=0.0, high=0.99),
         Option("min_weights", int, 4096, "leave matmuls with fewer weights dense and unpruned", low=0),
     )
-    provides = ("sparse",)
+    provides = ("sparse", "compressed-weights")
     # Pruning changes what the model computes; how much accuracy that costs depends on the model
     # (measure it, fine-tune after pruning). Verification holds the rest of the pipeline to it.
     drift = 1.0

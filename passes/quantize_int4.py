@@ -152,7 +152,7 @@ class QuantizeInt4(Pass):
                choices=("rtn", "awq")),
         Option("min_weights", int, 1024, "leave matmuls with fewer weights in float", low=0),
     )
-    provides = ("quantized",)
+    provides = ("quantized", "compressed-weights")
     # Relative output error (vs the largest output magnitude) that --verify accepts from this pass.
     drift = 0.25
 

@@ -156,7 +156,7 @@ class QuantizeInt8(Pass):
                low=0.0, high=1.0),
         Option("min_weights", int, 1024, "leave matmuls with fewer weights in float", low=0),
     )
-    provides = ("quantized",)
+    provides = ("quantized", "compressed-weights")
     # Relative output error (vs the largest output magnitude) that --verify accepts from this pass.
     drift = 0.1
 

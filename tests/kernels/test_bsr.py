@@ -1,17 +1,10 @@
 """Block-sparse (BSR) matmul: pruning, storage, the compiled kernel on host and cross builds."""
 
 import math
-import shutil
-import struct
 
 import numpy as np
 import pytest
 import tvm
-from tvm import relax
-from tvm.support import cc
-from tvm.support import nvcc as tvm_nvcc
-
-from edgecc.errors import UserError
 from edgecc.kernels.bsr import (
     bsr_matmul_reference,
     build_dense_module,
@@ -21,26 +14,23 @@ from edgecc.kernels.bsr import (
     magnitude_block_prune,
     to_bsr,
 )
+from tvm import relax
+from tvm.support import cc
+from tvm.support import nvcc as tvm_nvcc
 
-CROSS_CC = "aarch64-linux-gnu-gcc"
-EM_AARCH64 = 183
-HOST = tvm.target.Target({"kind": "llvm", "num-cores": 2})
-RPI4 = tvm.target.Target(
-    {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"],
-     "num-cores": 4}
+from edgecc.errors import UserError
+from tests.kernels.targets import (
+    CROSS_CC,
+    EM_AARCH64,
+    HOST,
+    JETSON,
+    RPI4,
+    e_machine,
+    needs_cross_cc,
+    needs_nvcc,
 )
-JETSON = tvm.target.Target(
-    {"kind": "cuda", "arch": "sm_87"},
-    host={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78"},
-)
+
 K, N = 256, 128
-needs_cross_cc = pytest.mark.skipif(
-    shutil.which(CROSS_CC) is None, reason=f"needs {CROSS_CC} (apt-get install gcc-aarch64-linux-gnu)"
-)
-needs_nvcc = pytest.mark.skipif(
-    shutil.which("nvcc") is None or shutil.which(CROSS_CC) is None,
-    reason=f"needs nvcc (CUDA toolkit) and {CROSS_CC} (apt-get install gcc-aarch64-linux-gnu)",
-)
 
 
 def _weights(seed: int = 0) -> np.ndarray:
@@ -190,8 +180,7 @@ def test_cross_compiles_for_rpi4(tmp_path):
     w = magnitude_block_prune(_weights(), (1, 16), 0.9)
     lib = tmp_path / "bsr_a72.so"
     build_module("m", w, (1, 16), RPI4).export_library(str(lib), fcompile=cc.cross_compiler(CROSS_CC))
-    with open(lib, "rb") as f:
-        assert struct.unpack_from("<H", f.read(20), 18)[0] == EM_AARCH64
+    assert e_machine(lib) == EM_AARCH64
 
 
 @needs_nvcc

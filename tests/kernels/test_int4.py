@@ -1,7 +1,5 @@
 """Int4 weight-only kernels: quantization, packing, and the compiled dequant-matmul."""
 
-import shutil
-import struct
 import subprocess
 from pathlib import Path
 
@@ -9,11 +7,6 @@ import numpy as np
 import pytest
 import tvm
 import tvm_ffi
-from tvm import relax
-from tvm.support import cc
-
-from edgecc import emulator
-from edgecc.errors import UserError
 from edgecc.kernels.int4 import (
     build_module,
     dequantize_blockwise,
@@ -23,25 +16,21 @@ from edgecc.kernels.int4 import (
     schedule_int4,
     unpack_int4,
 )
+from tvm import relax
+from tvm.support import cc
 
-CROSS_CC = "aarch64-linux-gnu-gcc"
-EM_AARCH64 = 183
-HOST = tvm.target.Target({"kind": "llvm"})
-RPI4 = tvm.target.Target(
-    {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"],
-     "num-cores": 4}
-)
-JETSON = tvm.target.Target(
-    {"kind": "cuda", "arch": "sm_87"},
-    host={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78"},
-)
-needs_cross_cc = pytest.mark.skipif(
-    shutil.which(CROSS_CC) is None,
-    reason=f"needs {CROSS_CC} (apt-get install gcc-aarch64-linux-gnu)",
-)
-needs_nvcc = pytest.mark.skipif(
-    shutil.which("nvcc") is None or shutil.which(CROSS_CC) is None,
-    reason=f"needs nvcc (CUDA toolkit) and {CROSS_CC} (apt-get install gcc-aarch64-linux-gnu)",
+from edgecc import emulator
+from edgecc.errors import UserError
+from tests.kernels.targets import (
+    CROSS_CC,
+    EM_AARCH64,
+    HOST,
+    JETSON,
+    RPI4,
+    cuda_source,
+    e_machine,
+    needs_cross_cc,
+    needs_nvcc,
 )
 
 
@@ -51,11 +40,6 @@ def _weights(K: int, N: int, seed: int = 0) -> np.ndarray:
     w[:32, 0] = 0
     w[:32, 1] = np.abs(w[:32, 1]) + 1
     return w
-
-
-def _e_machine(path) -> int:
-    with open(path, "rb") as f:
-        return struct.unpack_from("<H", f.read(20), 18)[0]
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -164,7 +148,7 @@ def test_rpi4_cross_compile(M, tmp_path):
     ex = build_module(256, 128, 32, True, RPI4, M=M)
     lib = tmp_path / "int4.so"
     ex.export_library(str(lib), fcompile=cc.cross_compiler(CROSS_CC))
-    assert _e_machine(lib) == EM_AARCH64
+    assert e_machine(lib) == EM_AARCH64
 
 
 _EMULATED_RUN = """
@@ -206,25 +190,15 @@ def test_rpi4_numerics_under_qemu(tmp_path):
         np.testing.assert_allclose(out["any"], ref, rtol=0, atol=1e-4 * np.abs(ref).max())
 
 
-def _cuda_source(ex) -> str:
-    stack = [ex.mod]
-    while stack:
-        m = stack.pop()
-        if m.kind == "cuda":
-            return m.inspect_source("")
-        stack.extend(m.imports)
-    raise AssertionError("no CUDA module in the executable")
-
-
 @needs_nvcc
 @pytest.mark.parametrize("M, kernel", [(1, "int4_gemv_kernel"), (None, "int4_matmul_kernel")])
 def test_jetson_build(M, kernel, tmp_path):
     ex = build_module(256, 128, 32, False, JETSON, M=M)
-    src = _cuda_source(ex)
+    src = cuda_source(ex)
     assert "__global__ void __launch_bounds__" in src and kernel in src
     with JETSON:
         cubin = tvm.support.nvcc.compile_cuda(src, "cubin", compiler="nvcc")
     assert bytes(cubin[:4]) == b"\x7fELF"
     lib = tmp_path / "int4.so"
     ex.export_library(str(lib), fcompile=cc.cross_compiler(CROSS_CC))
-    assert _e_machine(lib) == EM_AARCH64
+    assert e_machine(lib) == EM_AARCH64

@@ -1,0 +1,82 @@
+"""pack-weights: the target's weight layout for the compressed-weight kernels.
+
+Runs after a pass that compresses weights (quantize-int8, quantize-int4, block-sparsity); the
+pass manager refuses it anywhere else. The ONNX graph keeps its standard ops and values, so
+ONNX Runtime still runs it as the reference; the layout is recorded on each node
+(`edgecc.kernel`, `edgecc.tile`) and the lowering stores the weights in it.
+
+  int8 (MatMulInteger, int8 [K, N] weight): panels of `tile` output columns, int8
+       [N/tile, K, tile], pre-transposed so each panel is one contiguous stream and the
+       kernel keeps `tile` int32 accumulators in vector registers. `tile=0` takes the
+       target's width (edgecc.kernels.int8.panel_width: four int32 vectors on CPUs, 1 — plain
+       pre-transposition — on GPUs, whose GEMV rules want a contiguous reduction).
+  int4 (MatMulNBits): already nibble-packed and pre-transposed, [N, K/2] bytes, which is
+       the layout the int4 kernels read; left as it is and counted.
+  BSR (nodes block-sparsity marked): stored as block columns by construction; counted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from edgecc.ir import infer_shapes
+from edgecc.pass_base import Option, Pass, PassContext, PassResult, register_pass
+
+KERNEL_KEY = "edgecc.kernel"
+TILE_KEY = "edgecc.tile"
+NO_TARGET_TILE = 32  # without a target (a target-independent run): AVX2's four int32 vectors
+
+
+def _int8_weight(node: ir.Node) -> np.ndarray | None:
+    """The constant int8 [K, N] weight of a MatMulInteger edgecc's int8 kernel can take."""
+    if node.op_type != "MatMulInteger" or node.domain not in ("", "ai.onnx"):
+        return None
+    if any(v is not None for v in node.inputs[2:]):
+        return None  # zero points: TVM's own conversion handles those
+    x, w = node.inputs[0], node.inputs[1]
+    if w is None or w.const_value is None or w.is_graph_input() or x is None:
+        return None
+    weight = w.const_value.numpy()
+    return weight if weight.ndim == 2 and weight.dtype == np.int8 and x.dtype == ir.DataType.INT8 else None
+
+
+def _target_tile(ctx: PassContext) -> tuple[int, str]:
+    if ctx.target is None:
+        return NO_TARGET_TILE, "no target given"
+    from edgecc.kernels.int8 import panel_width
+
+    tile = panel_width(ctx.target.tvm_target())
+    return tile, f"target {ctx.target.name}"
+
+
+@register_pass
+class PackWeights(Pass):
+    name = "pack-weights"
+    description = ("target-aware weight layout for the int8/int4/BSR kernels: int8 panels of the "
+                   "target's vector width, pre-transposed")
+    options = (
+        Option("tile", int, 0, "int8 output columns per panel (0: the target's vector width; "
+               "1: pre-transposed only)", low=0, high=256),
+    )
+    requires = ("compressed-weights",)
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        model = infer_shapes(model)  # the dtype check needs the types quantize-int8's casts made
+        tile, source = (self.opts["tile"], "tile option") if self.opts["tile"] else _target_tile(ctx)
+        int8 = int4 = bsr = 0
+        packed_bytes = 0
+        for node in model.graph:  # the lowering routes top-level nodes
+            weight = _int8_weight(node)
+            if weight is not None:
+                node.metadata_props[KERNEL_KEY] = "int8"
+                node.metadata_props[TILE_KEY] = str(tile)
+                int8 += 1
+                packed_bytes += weight.shape[0] * -(-weight.shape[1] // tile) * tile
+            elif node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+                int4 += 1
+            elif node.metadata_props.get(KERNEL_KEY) == "bsr":
+                bsr += 1
+        stats = {"int8_packed": int8, "tile": tile, "tile_from": source, "int8_packed_bytes": packed_bytes,
+                 "int4_nibble_packed": int4, "bsr": bsr}
+        return PassResult(model, int8 > 0, stats)

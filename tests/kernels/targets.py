@@ -1,0 +1,44 @@
+"""Targets and toolchain checks shared by the kernel tests: every kernel builds for host, rpi4
+(cross-compiled, run under qemu) and jetson-orin-nano (CUDA, compiled with nvcc, not run)."""
+
+import shutil
+import struct
+
+import pytest
+import tvm
+
+CROSS_CC = "aarch64-linux-gnu-gcc"
+EM_AARCH64 = 183
+HOST = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+RPI4 = tvm.target.Target(
+    {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"],
+     "num-cores": 4}
+)
+JETSON = tvm.target.Target(
+    {"kind": "cuda", "arch": "sm_87"},
+    host={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78"},
+)
+needs_cross_cc = pytest.mark.skipif(
+    shutil.which(CROSS_CC) is None, reason=f"needs {CROSS_CC} (apt-get install gcc-aarch64-linux-gnu)"
+)
+needs_nvcc = pytest.mark.skipif(
+    shutil.which("nvcc") is None or shutil.which(CROSS_CC) is None,
+    reason=f"needs nvcc (CUDA toolkit) and {CROSS_CC} (apt-get install gcc-aarch64-linux-gnu)",
+)
+
+
+def e_machine(path) -> int:
+    """The ELF e_machine field of a shared library (183: aarch64)."""
+    with open(path, "rb") as f:
+        return struct.unpack_from("<H", f.read(20), 18)[0]
+
+
+def cuda_source(ex) -> str:
+    """The CUDA C source TVM stored in an executable."""
+    stack = [ex.mod]
+    while stack:
+        m = stack.pop()
+        if m.kind == "cuda":
+            return m.inspect_source("")
+        stack.extend(m.imports)
+    raise AssertionError("no CUDA module in the executable")
