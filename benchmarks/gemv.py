@@ -1,4 +1,4 @@
-"""Batch-1 GEMV latency: edgecc int4 kernels vs fp32 TVM vs ONNX Runtime fp32 and MatMulNBits.
+"""Batch-1 GEMV latency: edgecc int4/int8 kernels vs fp32 TVM vs ONNX Runtime fp32, int8, MatMulNBits.
 
     .venv/bin/python benchmarks/gemv.py [--out benchmarks/results/gemv.json] [--rounds 7]
 
@@ -13,11 +13,17 @@ calls after warm-up. Outputs are checked against numpy before timing. Two regime
 Variants (weights quantized symmetric, block 32):
   int4 gemv    edgecc int4 kernel, static M = 1 (the decode kernel)
   int4 any-M   edgecc int4 kernel built for a symbolic M, called with M = 1
+  int8 packed  edgecc int8 kernel on pack-weights' layout: panels of the target's width
+               (edgecc.kernels.int8.panel_width), int8 x int8 -> int32, static M = 1
+  int8 kn      the same kernel and schedule on ONNX's [K, N] layout (no pack-weights)
   fp32 tvm     relax matmul, "zero" pipeline, hand schedule: 32-column tiles in parallel,
                vectorized over the tile (dlight's CPU GEMV rule does not match x @ W[K, N])
   ort fp32     ONNX Runtime MatMul, ORT_ENABLE_ALL
   ort nbits    ONNX Runtime com.microsoft.MatMulNBits (bits 4, block 32), fed edgecc's packed
                bytes, which are MatMulNBits' B layout
+  ort int8     ONNX Runtime MatMulInteger, int8 x int8 -> int32 (what quantize-int8 emits)
+The int8 variants take the int8 activation row and return the exact int32 sums; quantize-int8's
+per-token and per-channel rescaling around them is two elementwise multiplies.
 The bandwidth bound (DESIGN.md) is weight bytes / DRAM bandwidth, the latter measured here as
 a single-threaded numpy copy of 256 MiB (read + write); "of bound" is bound time / cold time.
 """
@@ -42,6 +48,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tvm import relax
 from tvm.s_tir import Schedule
 
+from edgecc.kernels import int8
 from edgecc.kernels.int4 import build_module, dequantize_blockwise, pack_int4, quantize_blockwise
 
 SHAPES = [(576, 1536), (1536, 576), (2048, 2048)]
@@ -100,11 +107,12 @@ def fp32_tvm(w: np.ndarray, target):
     return relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
 
 
-def ort_session(nodes, inits, K: int, N: int) -> ort.InferenceSession:
+def ort_session(nodes, inits, K: int, N: int, x_type=TensorProto.FLOAT,
+                y_type=TensorProto.FLOAT) -> ort.InferenceSession:
     graph = helper.make_graph(
         nodes, "gemv",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, K])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, N])],
+        [helper.make_tensor_value_info("x", x_type, [1, K])],
+        [helper.make_tensor_value_info("y", y_type, [1, N])],
         inits,
     )
     model = helper.make_model(
@@ -140,11 +148,22 @@ def variants(K: int, N: int, target):
          numpy_helper.from_array(np.ascontiguousarray(scales.T).reshape(-1), "S")],
         K, N,
     )
-    feeds = {"x": x}
+    # int8 operands as quantize-int8 makes them: per-channel weights, a per-token activation.
+    w8 = np.rint(w / (np.abs(w).max(axis=0) / 127)).astype(np.int8)
+    x8 = np.rint(x / (np.abs(x).max() / 127)).astype(np.int8)
+    x8t, ref8 = tvm.runtime.tensor(x8), int8.reference(x8, w8).astype(np.float64)
+    i8_packed, i8_kn = (relax.VirtualMachine(int8.build_module(w8, tile, target, M=1), tvm.cpu())["main"]
+                        for tile in (int8.panel_width(target), 0))
+    mm8 = ort_session([helper.make_node("MatMulInteger", ["x", "W"], ["y"])],
+                      [numpy_helper.from_array(w8, "W")], K, N, TensorProto.INT8, TensorProto.INT32)
+    feeds, feeds8 = {"x": x}, {"x": x8}
     f_gemv, f_any, f_fp32 = gemv["main"], any_m["main"], fp32["main"]
     return {
         "int4 gemv": (lambda: f_gemv(xt), int4_bytes, x @ wq),
         "int4 any-M": (lambda: f_any(xt), int4_bytes, x @ wq),
+        "int8 packed": (lambda: i8_packed(x8t), w8.nbytes, ref8),
+        "int8 kn": (lambda: i8_kn(x8t), w8.nbytes, ref8),
+        "ort int8": (lambda: mm8.run(None, feeds8), w8.nbytes, ref8),
         "fp32 tvm": (lambda: f_fp32(xt), w.nbytes, x @ w),
         "ort fp32": (lambda: mm.run(None, feeds), w.nbytes, x @ w),
         "ort nbits": (lambda: nbits.run(None, feeds), int4_bytes, x @ wq),
@@ -227,7 +246,7 @@ def main() -> int:
         "versions": {"tvm": tvm.__version__, "onnxruntime": ort.__version__},
         "method": f"median of {args.rounds} interleaved rounds x {CALLS} warm and {COLD_CALLS} "
                   "cold (after a 2x L3 read) Python-level calls, after 50 warm-up calls; "
-                  "int4: block 32, symmetric",
+                  f"int4: block 32, symmetric; int8 panel width {int8.panel_width(target)}",
         "results": rows,
     }, indent=2) + "\n")
     print(f"wrote {out}")
