@@ -181,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"])
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=cmd_example)
+
+    from edgecc import logs_cli
+
+    logs_cli.add_parser(sub)
     return p
 
 
