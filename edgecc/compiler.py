@@ -28,12 +28,12 @@ from edgecc.pass_manager import Instrument, PassManager, PrintIRAfter, VerifyEac
 from edgecc.pipeline import parse_pipeline
 from edgecc.target import TargetDesc, load_target
 from edgecc.verify import (compare, cosine, graph_inputs, graph_outputs, random_inputs, relative_error,
-                           run_ort)
+                           relative_rmse, run_ort)
 
 OPT_MODEL = "model.opt.onnx"
-# A lossy pipeline's compiled module may differ from ORT on the same graph by one int8 step of an
-# output's range: a value on a rounding boundary can round either way in the two runtimes.
+# How far a lossy pipeline's module may be from ORT on the same graph (see _verify).
 INT8_STEPS = 127
+NOISE_FACTOR = 2.0
 
 
 def _version(dist: str) -> str:
@@ -138,7 +138,10 @@ def compile(
         elif verify:
             t = time.perf_counter()
             lossy = [spec.instantiate() for spec in pipe.passes if spec.pass_class().drift is not None]
-            verification = _verify(Artifact.load(stage_dir), runner, source_proto, opt_proto, lossy, ctx)
+            synthetic = [r.name for r in pass_reports if r.stats.get("calibration") == "synthetic"]
+            hint = (f" ({', '.join(synthetic)} calibrated on synthetic inputs: give real ones with "
+                    "--calibration)") if synthetic else ""
+            verification = _verify(Artifact.load(stage_dir), runner, source_proto, opt_proto, lossy, ctx, hint)
             stage("verify", t)
             log(f"verified against ONNX Runtime ({verification['runner']}): "
                 f"max abs error {verification['max_abs']:.3g}")
@@ -165,34 +168,51 @@ def _runner_for(target: TargetDesc) -> tuple[Callable | None, str]:
 
 
 def _verify(artifact: Artifact, runner: Callable, source: onnx.ModelProto, optimized: onnx.ModelProto,
-            lossy: list[Pass], ctx: PassContext) -> dict:
+            lossy: list[Pass], ctx: PassContext, hint: str = "") -> dict:
     """The compiled module vs ONNX Runtime on seeded random inputs.
 
-    A lossless pipeline is checked against the source model at fp32 tolerance. A lossy one is
-    checked against ORT running the optimized model (the same integer arithmetic) within one
-    int8 step of each output's range, and against the fp32 source within the relative error its
-    lossy passes declare together.
+    A lossless pipeline is checked elementwise against the source model at fp32 tolerance. A
+    lossy one is checked against ORT running the optimized model, the same quantized graph,
+    by relative RMS error. Not elementwise, and not to a fixed bound: where a value lands on a
+    rounding boundary, another float summation order rounds it to the neighbouring int8 level,
+    and in a deep model that flip spreads (MiniLM, dynamic int8, random inputs: the first flips
+    appear in layer 2, and after 6 layers the two runs differ by a relative RMS error of 0.052,
+    less than either's own distance from fp32). So the bound is the reference's own
+    quantization noise: the module may differ from it by at most twice what the reference
+    differs from fp32 (and always by one int8 step, 1/127); a wrong kernel or layout is off by
+    far more. Then the module against the fp32 source, within the relative RMS error its lossy
+    passes declare together.
     """
     feeds = random_inputs(source, ctx.seed, ctx.dim_values)
     got = runner(artifact, feeds)
     shapes = {k: list(v.shape) for k, v in feeds.items()}
     fp32 = run_ort(source, feeds)
+    extra = {}
     if lossy:
         reference = run_ort(optimized, feeds)
-        atol = max(float(np.abs(v).max()) for v in reference.values()) / INT8_STEPS
-        result = compare(reference, got, tolerance=(atol, 0.0))
+        result = compare(reference, got, tolerance=(np.inf, 0.0))  # names, shapes, NaNs, infinities
+        rmse, noise = relative_rmse(reference, got), relative_rmse(fp32, reference)
+        bound = max(1 / INT8_STEPS, NOISE_FACTOR * noise)
+        extra = {"relative_rmse_vs_reference": rmse, "reference_relative_rmse_vs_fp32": noise,
+                 "tolerance": f"relative RMS error <= max(1/{INT8_STEPS}, {NOISE_FACTOR} x "
+                              f"the reference's {noise:.3g} from fp32) = {bound:.3g}"}
+        if result.ok and rmse > bound:
+            raise VerificationError(
+                f"compiled module disagrees with the optimized model in ONNX Runtime on inputs {shapes}: "
+                f"relative RMS error {rmse:.3g} > {bound:.3g} (ORT's own distance from fp32 is {noise:.3g})")
     else:
         result = compare(fp32, got)
     if not result.ok:
         what = "the optimized model in ONNX Runtime" if lossy else "ONNX Runtime"
         raise VerificationError(f"compiled module disagrees with {what} on inputs {shapes}: {result.detail}")
-    accuracy = {"relative_error_vs_fp32": relative_error(fp32, got), "cosine_vs_fp32": cosine(fp32, got)}
+    accuracy = {"relative_rmse_vs_fp32": relative_rmse(fp32, got),
+                "relative_error_vs_fp32": relative_error(fp32, got), "cosine_vs_fp32": cosine(fp32, got)}
     allowed = sum(p.drift for p in lossy)
-    if lossy and accuracy["relative_error_vs_fp32"] > allowed:
+    if lossy and accuracy["relative_rmse_vs_fp32"] > allowed:
         raise VerificationError(
-            f"compiled module is {accuracy['relative_error_vs_fp32']:.3g} of the output range away from "
+            f"compiled module is a relative RMS error of {accuracy['relative_rmse_vs_fp32']:.3g} away from "
             f"the fp32 model, more than the {allowed:g} its lossy passes declare "
-            f"({', '.join(p.name for p in lossy)})")
+            f"({', '.join(p.name for p in lossy)}){hint}")
     how = "native" if artifact.runs_here() else "qemu-user emulation"
-    return dict(result.to_json(), **accuracy, seed=ctx.seed, input_shapes=shapes,
+    return dict(result.to_json(), **extra, **accuracy, seed=ctx.seed, input_shapes=shapes,
                 reference="onnxruntime (optimized model)" if lossy else "onnxruntime", runner=how)

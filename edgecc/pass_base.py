@@ -104,8 +104,8 @@ class Pass:
     provides: ClassVar[tuple[str, ...]] = ()
     invalidates: ClassVar[tuple[str, ...]] = ()
     # None: the pass must keep the model's numbers (fp32 tolerance). A lossy pass (quantization,
-    # pruning) declares the relative output error it may introduce, as a fraction of the largest
-    # output magnitude; verification checks that bound and then re-bases on the pass's output.
+    # pruning) declares the relative RMS output error (||y' - y|| / ||y||) it may introduce;
+    # verification checks that bound and then re-bases on the pass's output.
     drift: ClassVar[float | None] = None
 
     def __init__(self, **opts: Any):

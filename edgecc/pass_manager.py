@@ -75,7 +75,7 @@ class VerifyEachPass(Instrument):
         self.reference = run_ort(proto, self.feeds)
 
     def after_pass(self, p: Pass, model: ir.Model, report: PassReport) -> None:
-        from edgecc.verify import compare, relative_error, run_ort
+        from edgecc.verify import compare, relative_rmse, run_ort
 
         got = run_ort(ir.to_proto(model), self.feeds)
         if p.drift is None:
@@ -85,11 +85,11 @@ class VerifyEachPass(Instrument):
                 raise VerificationError(
                     f"pass '{report.pipeline_entry}' changed the model's outputs: {result.detail}")
             return
-        drift = relative_error(self.reference, got)
-        report.verify = {"relative_error": drift, "allowed": p.drift, "ok": drift <= p.drift}
+        drift = relative_rmse(self.reference, got)
+        report.verify = {"relative_rmse": drift, "allowed": p.drift, "ok": drift <= p.drift}
         if drift > p.drift:
             raise VerificationError(
-                f"pass '{report.pipeline_entry}' moved the outputs by {drift:.3g} of their range, "
+                f"pass '{report.pipeline_entry}' moved the outputs by a relative RMS error of {drift:.3g}, "
                 f"more than the {p.drift:g} it declares")
         self.reference = got  # later passes must keep the numbers this lossy pass produced
 

@@ -1,8 +1,10 @@
 """Pipelines as data: the text form `a,b{k=v,k2=v2}` parses to a Pipeline and prints back.
 
-Printing is canonical (options in the order given, values in their option's text form),
-so `str(parse(s)) == s` for any canonical `s`; `resolved()` adds every defaulted option,
-and that string is what artifacts record.
+A value holding `,{}=`, spaces or quotes is written in double quotes, `heads="0:1,1:3"`
+(single quotes work too; a value cannot hold the quote that encloses it). Printing is
+canonical (options in the order given, values in their option's text form, quoted only when
+they must be), so `str(parse(s)) == s` for any canonical `s`; `resolved()` adds every
+defaulted option, and that string is what artifacts record.
 """
 
 from __future__ import annotations
@@ -15,7 +17,17 @@ from edgecc.errors import UserError
 from edgecc.pass_base import Pass, get_pass, registered_passes, unknown_message
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
-_VALUE = re.compile(r"[^,{}=\s]+")
+_VALUE = re.compile(r"[^,{}=\s\"']+")
+_QUOTED = {'"': re.compile(r'"([^"]*)"'), "'": re.compile(r"'([^']*)'")}
+
+
+def _quote(text: str) -> str:
+    """A value as the pipeline text writes it: bare where it can be, else quoted."""
+    if _VALUE.fullmatch(text):
+        return text
+    if '"' in text and "'" in text:
+        raise UserError(f"option value {text!r} holds both quote characters; the pipeline text cannot")
+    return f"'{text}'" if '"' in text else f'"{text}"'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +45,7 @@ class PassSpec:
         if not self.options:
             return self.name
         decl = {o.name: o for o in self.pass_class().options}
-        body = ",".join(f"{k}={decl[k].format(v)}" for k, v in self.options)
+        body = ",".join(f"{k}={_quote(decl[k].format(v))}" for k, v in self.options)
         return f"{self.name}{{{body}}}"
 
 
@@ -141,7 +153,15 @@ class _Parser:
                 if any(k == key for k, _ in opts):
                     raise self.fail(f"option '{key}' given twice")
                 self.expect("=")
-                value = self.match(_VALUE, f"a value for '{key}'")
+                quote = _QUOTED.get(self.peek())
+                if quote:
+                    start = self.pos
+                    m = quote.match(self.text, self.pos)
+                    if not m:
+                        raise self.fail(f"unterminated quoted value for '{key}' (from position {start})")
+                    self.pos, value = m.end(), m.group(1)
+                else:
+                    value = self.match(_VALUE, f"a value for '{key}'")
                 opts.append((key, decl[key].parse(value, f"pass '{name}'")))
                 if self.peek() == ",":
                     self.pos += 1

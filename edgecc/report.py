@@ -35,7 +35,7 @@ def render(m: dict) -> str:
         stats = ", ".join(f"{k}={v}" for k, v in p["stats"].items() if isinstance(v, (int, float, str)))
         v = p.get("verify") or {}
         ver = (f"{v['max_abs']:.2g}" if "max_abs" in v else
-               f"{v['relative_error']:.2g} of range (≤ {v['allowed']:g})" if v else "—")
+               f"relative RMS {v['relative_rmse']:.2g} (≤ {v['allowed']:g})" if v else "—")
         lines.append(f"| `{p['pipeline_entry']}` | {'yes' if p['changed'] else 'no (0 matches)'} | "
                      f"{p['nodes_before']} → {p['nodes_after']} | {p['seconds'] * 1000:.0f} | "
                      f"{stats} | {ver} |")
@@ -49,8 +49,11 @@ def render(m: dict) -> str:
         lines.append(f"- reference: {v['reference']}, run {v['runner']}")
         lines.append(f"- max abs error {v['max_abs']:.3g}, max rel error {v['max_rel']:.3g} on "
                      f"seeded inputs {v['input_shapes']} (seed {v['seed']})")
-        lines.append(f"- vs the fp32 model: relative error {v['relative_error_vs_fp32']:.3g} of the output "
-                     f"range, cosine {v['cosine_vs_fp32']:.6f}")
+        if "relative_rmse_vs_reference" in v:
+            lines.append(f"- relative RMS error vs the reference {v['relative_rmse_vs_reference']:.3g} "
+                         f"(tolerance {v['tolerance']})")
+        lines.append(f"- vs the fp32 model: relative RMS error {v['relative_rmse_vs_fp32']:.3g}, largest error "
+                     f"{v['relative_error_vs_fp32']:.3g} of the output range, cosine {v['cosine_vs_fp32']:.6f}")
     lines += ["", "## Files", "", "| file | size | sha256 |", "|---|---|---|"]
     for name, info in m["files"].items():
         lines.append(f"| {name} | {_size(info['bytes'])} | `{info['sha256'][:16]}…` |")

@@ -88,13 +88,16 @@ def _index_bounds(model: onnx.ModelProto) -> dict[str, int]:
 def random_inputs(
     model: onnx.ModelProto, seed: int = 0, dim_values: dict[str, int] | None = None
 ) -> dict[str, np.ndarray]:
-    """Seeded inputs: N(0,1) floats; integer ids within the range of the tables they index."""
+    """Seeded inputs: N(0,1) floats; integer ids within the range of the tables they index;
+    attention masks as a tokenizer makes them (see _padding_mask)."""
     rng = np.random.default_rng(seed)
     bounds = _index_bounds(model)
     feeds = {}
     for spec in graph_inputs(model):
         shape = spec.concrete(dim_values or {})
-        if spec.dtype.kind == "f":
+        if "mask" in spec.name.lower() and len(shape) == 2:
+            feeds[spec.name] = _padding_mask(rng, shape).astype(spec.dtype)
+        elif spec.dtype.kind == "f":
             feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.dtype.kind in "iu":
             high = bounds.get(spec.name, 8)
@@ -104,6 +107,14 @@ def random_inputs(
         else:
             raise UserError(f"input '{spec.name}': cannot make random data of dtype {spec.dtype}")
     return feeds
+
+
+def _padding_mask(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """[batch, seq] of 1s followed by 0s (right padding): row 0 unpadded, the others padded
+    after a random length >= 1. Random 0..7 ids here would be inputs no model ever sees."""
+    batch, seq = shape
+    lengths = np.concatenate([[seq], rng.integers(1, seq + 1, max(batch - 1, 0))])[:batch]
+    return (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
 
 
 def ort_session(model: onnx.ModelProto, optimize: bool = False, threads: int = 0):
@@ -190,9 +201,25 @@ def relative_error(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> fl
     """The largest |got - ref| over all float outputs, as a fraction of that output's max |ref|."""
     worst = 0.0
     for name, r in ref.items():
+        if np.asarray(r).dtype.kind != "f" or not np.size(r):
+            continue
         r, g = np.asarray(r, np.float64), np.asarray(got[name], np.float64)
-        if r.dtype.kind == "f" and r.size:
-            worst = max(worst, float(np.abs(g - r).max() / max(np.abs(r).max(), 1e-12)))
+        worst = max(worst, float(np.abs(g - r).max() / max(np.abs(r).max(), 1e-12)))
+    return worst
+
+
+def relative_rmse(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> float:
+    """The largest ||got - ref|| / ||ref|| over the float outputs (relative RMS error).
+
+    Unlike the largest elementwise error it is not decided by one element: a quantized model
+    whose rounding flips one activation by a step is close; one whose weights are wrong is not.
+    """
+    worst = 0.0
+    for name, r in ref.items():
+        if np.asarray(r).dtype.kind != "f" or not np.size(r):
+            continue
+        r, g = np.asarray(r, np.float64), np.asarray(got[name], np.float64)
+        worst = max(worst, float(np.linalg.norm(g - r) / max(np.linalg.norm(r), 1e-300)))
     return worst
 
 

@@ -66,7 +66,7 @@ def _name(node: ir.Node) -> str:
 
 
 def parse_heads(text: str) -> dict[int, set[int]]:
-    """"0:1;1:3" (or with commas, from Python) -> {0: {1}, 1: {3}}; ValueError if malformed."""
+    """"0:1,1:3" (or joined by ';') -> {0: {1}, 1: {3}}; ValueError if malformed."""
     heads: dict[int, set[int]] = {}
     if not text.strip():
         return heads
@@ -960,8 +960,8 @@ class PruneHeads(Pass):
     options = (
         Option("ratio", float, 0.25, "fraction of each block's heads to remove (rounded down, never all)",
                low=0.0, high=0.9),
-        Option("heads", str, "", "remove exactly these heads instead, as layer:head pairs joined by ';' "
-               "(e.g. 0:1;1:3); layers count attention blocks in graph order; in grouped-query "
+        Option("heads", str, "", "remove exactly these heads instead, as layer:head pairs joined by ',' "
+               "(quoted in a pipeline: heads=\"0:1,1:3\"; ';' also joins); layers count attention blocks in graph order; in grouped-query "
                "attention a head takes its whole group along", kind="layer:head list"),
         Option("importance", str, "weight-norm", "how ratio ranks heads: the L2 norm of their Q/K/V and "
                "output weights, or their mean |attention output| on calibration data",
@@ -978,8 +978,8 @@ class PruneHeads(Pass):
         try:
             self.requested = parse_heads(self.opts["heads"])
         except ValueError as e:
-            raise UserError(f"pass 'prune-heads': option 'heads' expects layer:head pairs joined by ';' "
-                            f"(e.g. 0:1;1:3), got '{self.opts['heads']}' (bad item '{e}')") from None
+            raise UserError(f"pass 'prune-heads': option 'heads' expects layer:head pairs joined by ',' "
+                            f"(e.g. \"0:1,1:3\"), got '{self.opts['heads']}' (bad item '{e}')") from None
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         model = infer_shapes(model)  # the checks read ranks and static dims

@@ -157,8 +157,9 @@ class QuantizeInt8(Pass):
         Option("min_weights", int, 1024, "leave matmuls with fewer weights in float", low=0),
     )
     provides = ("quantized", "compressed-weights")
-    # Relative output error (vs the largest output magnitude) that --verify accepts from this pass.
-    drift = 0.1
+    # Relative RMS output error --verify accepts from this pass: MiniLM's 6 layers reach 0.092 on
+    # random token ids (dynamic mode); twice that leaves room for deeper models, not for a wreck.
+    drift = 0.2
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         model = infer_shapes(model)  # the dtype check needs the types of values earlier passes made

@@ -50,6 +50,7 @@ class _Dequant(Pass):
     "simplify,fuse",
     "simplify{onnxsim=false},test-quantish{bits=4,mode=static,alpha=0.25,sym=false}",
     "test-quantish{mode=static,bits=2}",
+    'prune-heads{heads="0:1,1:3",ratio=0.5}',
 ])
 def test_canonical_text_round_trips(text):
     assert str(parse_pipeline(text)) == text
@@ -65,6 +66,14 @@ def test_resolved_spells_out_defaults_and_round_trips():
     assert str(parse_pipeline(str(resolved))) == str(resolved)
 
 
+def test_quoted_values_hold_commas_and_print_quoted_only_when_needed():
+    spec = parse_pipeline("prune-heads{heads='0:1,1:3'}").passes[0]
+    assert spec.instantiate().requested == {0: {1}, 1: {3}}
+    assert str(parse_pipeline('test-quantish{mode="static"}')) == "test-quantish{mode=static}"
+    resolved = str(parse_pipeline("prune-heads{ratio=0.5}").resolved())
+    assert 'heads=""' in resolved and str(parse_pipeline(resolved)) == resolved  # empty string too
+
+
 def test_options_are_typed():
     spec = parse_pipeline("test-quantish{bits=4,alpha=0.25,sym=false}").passes[0]
     p = spec.instantiate()
@@ -77,6 +86,7 @@ def test_options_are_typed():
     ("simplify{onnxsim}", 16, "expected '='"),
     ("simplify fuse", 9, "expected ',' or end of text"),
     ("", 0, "empty pipeline"),
+    ('prune-heads{heads="0:1,1:3}', 18, "unterminated quoted value for 'heads'"),
 ])
 def test_syntax_errors_show_the_position(text, position, fragment):
     with pytest.raises(UserError) as e:

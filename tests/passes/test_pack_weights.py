@@ -109,3 +109,15 @@ def test_compiled_packed_lm_equals_the_unpacked_one(example_path, tmp_path):
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
     assert packed.manifest["verification"]["ok"]
+
+
+def test_a_wrong_packed_layout_fails_the_compile(example_path, tmp_path, monkeypatch):
+    """The end-of-compile check must catch a kernel that reads the wrong weights."""
+    from edgecc.errors import VerificationError
+    from edgecc.kernels import int8
+
+    real = int8.pack_int8
+    monkeypatch.setattr(int8, "pack_int8", lambda w, tile: np.roll(real(w, tile), 1, axis=-1))
+    with pytest.raises(VerificationError, match="disagrees with the optimized model in ONNX Runtime"):
+        edgecc.compile(example_path("tiny-lm"), "host", tmp_path / "bad", "simplify,fuse,quantize-int8,pack-weights")
+    assert not (tmp_path / "bad").exists()

@@ -181,7 +181,7 @@ def test_options_out_of_range(text, fragment):
 def test_verify_accepts_the_declared_drift_and_rebases():
     pm = PassManager("quantize-int8{min_weights=0},simplify", instruments=(VerifyEachPass(),))
     _, reports = pm.run(ir.from_proto(linear_model()), PassContext(dim_values={"B": 2, "T": 3}))
-    assert reports[0].verify["ok"] and 0 < reports[0].verify["relative_error"] <= QuantizeInt8.drift
+    assert reports[0].verify["ok"] and 0 < reports[0].verify["relative_rmse"] <= QuantizeInt8.drift
     assert reports[1].verify["ok"] and reports[1].verify["max_abs"] < 1e-5  # vs the int8 outputs
 
 
