@@ -1,7 +1,8 @@
 """Target backends: Relax IRModule -> compiled, exported shared library for the target.
 
 CPU targets run the Relax "zero" pipeline first (tvm.compile alone does not fuse on CPU),
-then build with TVM's default schedules and export through the target's toolchain.
+apply the tuning records that match the target, give edgecc's kernels their hand schedules,
+leave the rest to TVM's defaults, build, and export through the target's toolchain.
 CUDA targets are built by edgecc.cuda, which embeds nvcc-compiled device code.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 from edgecc.errors import UserError
 from edgecc.target import TargetDesc
@@ -26,24 +28,54 @@ def require_tool(target: TargetDesc, key: str) -> str:
     return program
 
 
-def build(mod, target: TargetDesc, lib_path: Path) -> dict:
-    """Compile `mod` for `target` into `lib_path`; returns build facts for the manifest."""
+def prepare(mod, target: TargetDesc):
+    """Relax's "zero" pipeline for the target: the legalized, fused PrimFuncs that tuning measures
+    and build schedules. Tuning and compiling must both start here for records to match."""
+    from tvm import relax
+
+    with target.tvm_target():
+        return relax.get_pipeline("zero")(mod)
+
+
+def apply_records(mod, tgt, records) -> tuple[Any, list[str]]:
+    """Schedule the PrimFuncs that have a tuning record; returns the module and their names."""
     import tvm
     from tvm import relax
+
+    from edgecc.tuning_log import to_ms_database
+
+    if not records:
+        return mod, []
+    with tgt, to_ms_database(records):
+        tuned = relax.transform.MetaScheduleApplyDatabase()(mod)
+    names = [gv.name_hint for gv, f in tuned.functions.items()
+             if isinstance(f, tvm.tirx.PrimFunc) and not f.same_as(mod[gv])]
+    return tuned, names
+
+
+def schedule_kernels(mod, tgt):
+    """edgecc's kernels get their hand schedules, unless a tuning record scheduled them already."""
+    from edgecc.kernels import bsr, int4, int8
+
+    return bsr.schedule(int4.schedule_int4(int8.schedule(mod, tgt), tgt), tgt)
+
+
+def build(mod, target: TargetDesc, lib_path: Path, records=()) -> dict:
+    """Compile `mod` for `target` into `lib_path`; returns build facts for the manifest.
+
+    `records` are tuning records that apply to this target (edgecc.tuning.records_for).
+    """
+    import tvm
 
     cc = require_tool(target, "cc")
     if target.device_kind == "cuda":
         from edgecc.cuda import build_cuda
 
-        facts = build_cuda(mod, target.tvm_target(), str(lib_path), cc)
+        facts = build_cuda(mod, target.tvm_target(), str(lib_path), cc, records)
         return {"library": LIBRARY_NAME, **facts, "tvm_target": str(target.tvm_target())}
-    from edgecc.kernels import bsr, int4, int8
-
     tgt = target.tvm_target()
-    with tgt:
-        mod = relax.get_pipeline("zero")(mod)
-    # edgecc's own kernels carry their schedules; the rest keep TVM's defaults.
-    mod = bsr.schedule(int4.schedule_int4(int8.schedule(mod, tgt), tgt), tgt)
+    mod, tuned = apply_records(prepare(mod, target), tgt, records)
+    mod = schedule_kernels(mod, tgt)
     executable = tvm.compile(mod, target=tgt)
     if target.runs_here():
         executable.export_library(str(lib_path))
@@ -51,6 +83,14 @@ def build(mod, target: TargetDesc, lib_path: Path) -> dict:
         from tvm.support import cc as tvm_cc
 
         executable.export_library(str(lib_path), fcompile=tvm_cc.cross_compiler(cc))
+    return {"library": LIBRARY_NAME, **tuning_facts(mod, tuned, records), "tvm_target": str(tgt)}
+
+
+def tuning_facts(mod, tuned: list[str], records) -> dict:
+    """What the manifest says about schedules: how many kernels were tuned, how many were not."""
+    import tvm
+
     kernels = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
-    return {"library": LIBRARY_NAME, "kernels": len(kernels), "schedules": "tvm-default",
-            "tvm_target": str(tgt)}
+    return {"kernels": len(kernels), "tuned_kernels": len(tuned),
+            "default_schedule_kernels": len(kernels) - len(tuned),
+            "tuning_records_available": len(records), "tuned": sorted(tuned)}

@@ -19,12 +19,12 @@ def _log(msg: str) -> None:
     print(f"[edgecc] {msg}", file=sys.stderr, flush=True)
 
 
-def _parse_dims(items: list[str]) -> dict[str, int]:
+def _parse_dims(items: list[str], flag: str = "--dim") -> dict[str, int]:
     dims = {}
     for item in items:
         name, _, value = item.partition("=")
         if not name or not value.isdigit() or int(value) < 1:
-            raise UserError(f"--dim '{item}': expected NAME=POSITIVE_INT, e.g. --dim seq=32")
+            raise UserError(f"{flag} '{item}': expected NAME=POSITIVE_INT, e.g. {flag} seq=32")
         dims[name] = int(value)
     return dims
 
@@ -37,11 +37,36 @@ def cmd_compile(a: argparse.Namespace) -> int:
         a.model, a.target, a.output, a.pipeline, force=a.force, verify=not a.no_verify,
         verify_each_pass=a.verify, print_ir_after=tuple(a.print_ir_after or ()),
         dim_values=_parse_dims(a.dim or []), calibration=a.calibration, explain=a.explain, seed=a.seed,
+        shapes=_parse_dims(a.shape or [], "--shape"), tuning_logs=tuple(a.tuning_log or ()), tuning_store=False if a.no_tuning_store else a.tuning_store,
         log=(lambda _m: None) if a.quiet else _log,
     )
+    build = art.manifest["build"]
+    if "tuned_kernels" in build:
+        _log(f"schedules: {build['tuned_kernels']} of {build['kernels']} kernels tuned, "
+             f"{build['default_schedule_kernels']} on default or edgecc schedules")
     size = sum(f["bytes"] for f in art.manifest["files"].values())
     _log(f"wrote {art.path} ({size / 1e6:.2f} MB) in {time.perf_counter() - start:.1f} s")
     print(art.path)
+    return 0
+
+
+def cmd_tune(a: argparse.Namespace) -> int:
+    from edgecc.tuning import tune
+
+    summary = tune(
+        a.model, a.target, a.pipeline, trials=a.trials, max_trials_per_task=a.max_trials_per_task,
+        store=a.tuning_store, rpc_tracker=a.rpc_tracker, rpc_key=a.rpc_key,
+        shapes=_parse_dims(a.shape or [], "--shape"),
+        calibration=a.calibration, seed=a.seed, log=_log,
+    )
+    for name, ms in sorted(summary["best_ms"].items(), key=lambda kv: -kv[1]):
+        print(f"  {name:40} {ms:10.4f} ms")
+    print(f"{summary['trials']} trials ({summary['failed_trials']} failed) on {summary['device']}; "
+          f"{summary['tuned_tasks']}/{summary['tasks']} tasks tuned; estimated model time "
+          f"{summary['estimated_model_ms']:.3f} ms; {summary['records_added']} new records in {summary['store']}")
+    if summary["status"] == "interrupted":
+        print("interrupted: every measured record was kept; run the same command again to resume")
+        return 130
     return 0
 
 
@@ -149,8 +174,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model inputs (one array per input name) for passes that calibrate")
     c.add_argument("--explain", action="store_true", help="report rewrites that almost matched, and why not")
     c.add_argument("--seed", type=int, default=0, help="seed of the random verification inputs")
+    c.add_argument("--shape", action="append", metavar="NAME=N",
+                   help="fix a symbolic dim: static kernels (what tuning records are for); the "
+                        "artifact then takes only that size")
+    c.add_argument("--tuning-log", action="append", metavar="PATH",
+                   help="tuning records to use (JSON lines, .gz allowed; only those for this target apply)")
+    c.add_argument("--tuning-store", metavar="DIR", help="local tuning-record store (default "
+                   "$EDGECC_TUNING_DIR or ~/.cache/edgecc/tuning)")
+    c.add_argument("--no-tuning-store", action="store_true", help="do not use the local store's records")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_compile)
+
+    tu = sub.add_parser("tune", help="tune a model's kernels for a target with MetaSchedule, here or "
+                                     "on boards behind a TVM RPC tracker; records go to the store")
+    tu.add_argument("model", help="path to the .onnx file")
+    tu.add_argument("--target", "-t", default="host", help="target name or .toml file")
+    tu.add_argument("--pipeline", "-p", help="pass pipeline (default: the target's); tune what you compile")
+    tu.add_argument("--trials", type=int, default=2000, help="total measured candidates, resumed runs included")
+    tu.add_argument("--max-trials-per-task", type=int, help="cap per kernel (default: --trials)")
+    tu.add_argument("--rpc-tracker", metavar="HOST:PORT", help="TVM RPC tracker the boards registered with")
+    tu.add_argument("--rpc-key", metavar="KEY", help="the boards' key at the tracker, e.g. rpi4")
+    tu.add_argument("--tuning-store", metavar="DIR", help="record store (default $EDGECC_TUNING_DIR or "
+                    "~/.cache/edgecc/tuning)")
+    tu.add_argument("--shape", action="append", metavar="NAME=N",
+                    help="size of each symbolic dim (tuning needs static shapes; compile with the same)")
+    tu.add_argument("--calibration", metavar="DATA.npz", help="inputs for passes that calibrate")
+    tu.add_argument("--seed", type=int, default=0)
+    tu.set_defaults(func=cmd_tune)
 
     r = sub.add_parser("run", help="run an artifact built for this host")
     r.add_argument("artifact")

@@ -6,18 +6,19 @@ directory that becomes the artifact only when every stage (verification included
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import importlib.metadata
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
-from edgecc import lower, report
+from edgecc import lower, report, tuning
 from edgecc.calibration import load_calibration
 from edgecc.artifact import Artifact, staged_output, write_manifest
 from edgecc.backend import LIBRARY_NAME, build, require_tool
@@ -25,9 +26,9 @@ from edgecc.errors import UserError, VerificationError
 from edgecc.ir import load_model, save_model, to_proto
 from edgecc.pass_base import Pass, PassContext, unknown_message
 from edgecc.pass_manager import Instrument, PassManager, PrintIRAfter, VerifyEachPass
-from edgecc.pipeline import parse_pipeline
+from edgecc.pipeline import Pipeline, parse_pipeline
 from edgecc.target import TargetDesc, load_target
-from edgecc.verify import (compare, cosine, graph_inputs, graph_outputs, random_inputs, relative_error,
+from edgecc.verify import (TensorSpec, compare, cosine, graph_inputs, graph_outputs, random_inputs, relative_error,
                            relative_rmse, run_ort)
 
 OPT_MODEL = "model.opt.onnx"
@@ -43,23 +44,43 @@ def _version(dist: str) -> str:
         return "unknown"
 
 
-def compile(
+@dataclasses.dataclass
+class Optimized:
+    """A model after edgecc's passes, lowered to Relax: what compile builds and tune measures."""
+
+    target: TargetDesc
+    pipeline: Pipeline
+    ctx: PassContext
+    source: onnx.ModelProto
+    optimized: ir.Model
+    proto: onnx.ModelProto  # `optimized` as a ModelProto
+    reports: list
+    mod: Any  # the Relax IRModule
+    timings: dict[str, float]
+
+
+def optimize(
     model: str | os.PathLike,
     target: str | TargetDesc = "host",
-    output: str | os.PathLike | None = None,
     pipeline: str | None = None,
     *,
-    force: bool = False,
-    verify: bool = True,
     verify_each_pass: bool = False,
     print_ir_after: tuple[str, ...] = (),
     dim_values: dict[str, int] | None = None,
     calibration: str | os.PathLike | None = None,
     explain: bool = False,
     seed: int = 0,
+    shapes: dict[str, int] | None = None,
     log: Callable[[str], None] = lambda _msg: None,
-) -> Artifact:
-    """Compile an ONNX file for a target into an artifact directory and return it loaded."""
+    before_load: Callable[[TargetDesc], None] = lambda _t: None,
+) -> Optimized:
+    """Load a model, run the pipeline (the target's by default) and lower it to Relax.
+
+    `shapes` binds symbolic dims (by name) to sizes in the Relax module: its kernels become
+    static, which tuning needs, and the module then accepts only those sizes. `before_load` runs
+    once the target and pipeline are known to be valid, before the long work: the place for a
+    caller's own up-front checks.
+    """
     timings: dict[str, float] = {}
 
     def stage(name: str, start: float) -> None:
@@ -79,18 +100,20 @@ def compile(
     if verify_each_pass:
         instruments.append(VerifyEachPass())
     manager = PassManager(pipe, tuple(instruments), log=log)  # checks the contract up front
-    out_dir = Path(output) if output is not None else Path("build") / tdesc.name
-    if out_dir.exists() and not force:
-        raise UserError(f"{out_dir}: output directory exists (use --force to replace it)")
-    require_tool(tdesc, "cc")  # a missing cross toolchain must fail before the long work
-    runner, why_not = _runner_for(tdesc)
-    ctx = PassContext(target=tdesc, seed=seed, explain=explain, dim_values=dict(dim_values or {}))
+    before_load(tdesc)
+    shapes = dict(shapes or {})
+    # Verification must feed the sizes the module is specialized to.
+    ctx = PassContext(target=tdesc, seed=seed, explain=explain, dim_values={**(dim_values or {}), **shapes})
 
     source = load_model(model)
     source_proto = to_proto(source)
+    symbolic = {d for spec in graph_inputs(source_proto) for d in spec.shape if isinstance(d, str)}
+    unknown = sorted(set(shapes) - symbolic)
+    if unknown:
+        raise UserError(f"--shape {unknown[0]}: {model} has no symbolic dim of that name "
+                        f"(its symbolic dims: {', '.join(sorted(symbolic)) or 'none'})")
     if calibration is not None:
         ctx.calibration = load_calibration(calibration, source_proto)
-    inputs, outputs = graph_inputs(source_proto), graph_outputs(source_proto)
     stage("load", t)
     log(f"loaded {model}: {len(source_proto.graph.node)} nodes, target {tdesc.name}, pipeline {pipe}")
 
@@ -104,12 +127,66 @@ def compile(
     t = time.perf_counter()
     opt_proto = to_proto(optimized)
     mod = lower.to_relax(opt_proto)
+    if shapes:
+        from tvm import relax
+
+        mod = relax.transform.BindSymbolicVars(shapes)(mod)
     stage("lower", t)
+    return Optimized(tdesc, pipe, ctx, source_proto, optimized, opt_proto, pass_reports, mod, timings)
+
+
+def compile(
+    model: str | os.PathLike,
+    target: str | TargetDesc = "host",
+    output: str | os.PathLike | None = None,
+    pipeline: str | None = None,
+    *,
+    force: bool = False,
+    verify: bool = True,
+    verify_each_pass: bool = False,
+    print_ir_after: tuple[str, ...] = (),
+    dim_values: dict[str, int] | None = None,
+    calibration: str | os.PathLike | None = None,
+    explain: bool = False,
+    seed: int = 0,
+    tuning_logs: tuple[str | os.PathLike, ...] = (),
+    tuning_store: str | os.PathLike | None | bool = None,
+    shapes: dict[str, int] | None = None,
+    log: Callable[[str], None] = lambda _msg: None,
+) -> Artifact:
+    """Compile an ONNX file for a target into an artifact directory and return it loaded.
+
+    Tuning records that apply to the target come from `tuning_logs` files and from the local
+    store (`tuning_store`: a directory, None for the default, False for none).
+    """
+    out_dir = Path(output) if output is not None else None
+    runner_info: dict[str, Any] = {}
+
+    def checks(tdesc: TargetDesc) -> None:
+        nonlocal out_dir
+        out_dir = out_dir if out_dir is not None else Path("build") / tdesc.name
+        if out_dir.exists() and not force:
+            raise UserError(f"{out_dir}: output directory exists (use --force to replace it)")
+        require_tool(tdesc, "cc")  # a missing cross toolchain must fail before the long work
+        runner_info["runner"], runner_info["why_not"] = _runner_for(tdesc)
+        runner_info["records"] = tuning.records_for(tdesc, tuning_logs, tuning_store, log)
+
+    opt = optimize(model, target, pipeline, verify_each_pass=verify_each_pass, print_ir_after=print_ir_after,
+                   dim_values=dim_values, calibration=calibration, explain=explain, seed=seed,
+                   shapes=shapes, log=log, before_load=checks)
+    tdesc, pipe, ctx, timings = opt.target, opt.pipeline, opt.ctx, opt.timings
+    source_proto, optimized, opt_proto, pass_reports, mod = opt.source, opt.optimized, opt.proto, opt.reports, opt.mod
+    runner, why_not = runner_info["runner"], runner_info["why_not"]
+    inputs, outputs = (_bind(graph_inputs(source_proto), shapes or {}),
+                       _bind(graph_outputs(source_proto), shapes or {}))
+
+    def stage(name: str, start: float) -> None:
+        timings[name] = round(time.perf_counter() - start, 3)
 
     with staged_output(out_dir, force) as stage_dir:
         t = time.perf_counter()
         log(f"building for {tdesc.name} ({tdesc.device_kind}, host {tdesc.host_arch()})")
-        build_facts = build(mod, tdesc, stage_dir / LIBRARY_NAME)
+        build_facts = build(mod, tdesc, stage_dir / LIBRARY_NAME, runner_info["records"])
         stage("build", t)
         save_model(optimized, stage_dir / OPT_MODEL)
 
@@ -151,6 +228,12 @@ def compile(
         (stage_dir / "report.md").write_text(report.render(manifest))
         manifest = write_manifest(stage_dir, manifest)
     return Artifact.load(out_dir)
+
+
+def _bind(specs: list[TensorSpec], shapes: dict[str, int]) -> list[TensorSpec]:
+    """I/O signatures with the dims `--shape` fixed written as numbers."""
+    return [dataclasses.replace(s, shape=tuple(shapes.get(d, d) if isinstance(d, str) else d for d in s.shape))
+            for s in specs]
 
 
 def _runner_for(target: TargetDesc) -> tuple[Callable | None, str]:

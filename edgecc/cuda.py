@@ -36,7 +36,7 @@ _ELFABIVERSION_CUDA_V2 = 8
 
 
 def build_cuda(
-    mod: tvm.IRModule, target: tvm.target.Target, lib_path: str, cross_cc: str | None
+    mod: tvm.IRModule, target: tvm.target.Target, lib_path: str, cross_cc: str | None, records=()
 ) -> dict:
     """Compile a Relax module for a CUDA target and export it with an embedded cubin.
 
@@ -52,11 +52,15 @@ def build_cuda(
         )
     arch = str(target.arch)
 
+    from edgecc.backend import apply_records, tuning_facts
     from edgecc.kernels import bsr, int8
 
     with target:
         mod = relax.get_pipeline("zero")(mod)
-        # edgecc's kernels that need other rules than the module's go first; dlight skips them.
+    # Tuned kernels first; then edgecc's kernels that need other rules than the module's;
+    # dlight skips both.
+    mod, tuned = apply_records(mod, target, records)
+    with target:
         mod = bsr.schedule(int8.schedule(mod, target), target)
         mod = dl.ApplyDefaultSchedule(
             dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
@@ -85,6 +89,7 @@ def build_cuda(
         "kernels": sum(len(_KERNEL_RE.findall(s.encode())) for s in sources),
         "cubin_bytes": sum(len(c) for c in cubins),
         "nvcc": nvcc_version,
+        **{k: v for k, v in tuning_facts(mod, tuned, records).items() if k != "kernels"},
     }
 
 
