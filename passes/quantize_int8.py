@@ -157,9 +157,10 @@ class QuantizeInt8(Pass):
         Option("min_weights", int, 1024, "leave matmuls with fewer weights in float", low=0),
     )
     provides = ("quantized", "compressed-weights")
-    # Relative RMS output error --verify accepts from this pass: MiniLM's 6 layers reach 0.092 on
-    # random token ids (dynamic mode); twice that leaves room for deeper models, not for a wreck.
-    drift = 0.2
+    # Relative RMS output error --verify accepts from this pass. MiniLM's 6 layers on random token
+    # ids: 0.092 dynamic, 0.31 static (one scale per tensor, from synthetic calibration).
+    # The bound stops a wreck (1.0 is an output as large as the signal), not the method's loss.
+    drift = 0.4
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         model = infer_shapes(model)  # the dtype check needs the types of values earlier passes made
