@@ -319,12 +319,18 @@ def _run_worker(work: Path, remaining: int, tasks: list[Task], done_before: int,
 
 
 def _draw(out: TextIO, p: Progress, tasks: list[Task], trials: int, tty: bool) -> None:
+    """One line: trials, tasks tuned, the estimated model time, and the heaviest tuned kernel
+    (weight x best time) with its best time so far."""
     width = 24
     filled = min(width, width * p.trials // max(trials, 1))
     est = p.model_estimate_s(tasks) * 1e3
     untuned = len(tasks) - len(p.best_s)
+    tuned = [t for t in tasks if t.shash in p.best_s]
+    heaviest = max(tuned, key=lambda t: t.weight * p.best_s[t.shash], default=None)
     line = (f"[{'#' * filled}{'.' * (width - filled)}] {p.trials}/{trials} trials, "
             f"{len(p.best_s)}/{len(tasks)} tasks tuned, est. {est:.3f} ms"
-            + (f" + {untuned} untuned" if untuned else ""))
-    out.write(("\r" + line.ljust(100)) if tty else line + "\n")
+            + (f" + {untuned} untuned" if untuned else "")
+            + (f"; heaviest {heaviest.name} {p.best_s[heaviest.shash] * 1e3:.3f} ms x{heaviest.weight}"
+               if heaviest else ""))
+    out.write(("\r" + line.ljust(120)) if tty else line + "\n")
     out.flush()
