@@ -18,7 +18,9 @@ cannot tile; they keep their hand schedule.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -255,6 +257,33 @@ def tune(
     store_ = tuning_log.Store(store)
     work = _work_dir(store_.root, tasks, tdesc, rpc_key)
     work.mkdir(parents=True, exist_ok=True)
+    with _exclusive(work):
+        return _tune_in(work, tasks, tdesc, rpc, rpc_key, store_, trials, max_trials_per_task, seed, log,
+                        progress)
+
+
+@contextlib.contextmanager
+def _exclusive(work: Path):
+    """One tuner per work dir: two MetaSchedule processes appending to one database corrupt it.
+    (Different models or targets have different work dirs and tune side by side; the store
+    itself takes its own lock.)"""
+    with open(work / "tune.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise UserError(f"{work}: another 'edgecc tune' is tuning this model for this target "
+                            f"({f.read().strip() or 'pid unknown'}); wait for it, or stop it") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        yield
+
+
+def _tune_in(work: Path, tasks: list[Task], tdesc: TargetDesc, rpc: dict | None, rpc_key: str | None,
+             store_: tuning_log.Store, trials: int, max_trials_per_task: int | None, seed: int,
+             log: Callable[[str], None], progress: TextIO | None) -> dict:
+    """The rest of tune(), in a work dir this process holds."""
     tvm_target = tdesc.tvm_target()
     export = {k: v for k, v in json.loads(str(tvm_target)).items() if k != "host"}
     host = json.loads(str(tvm_target.host)) if tvm_target.host is not None else None
@@ -272,7 +301,7 @@ def tune(
         f"{max(remaining, 0)} to go, measured on {device}")
     status = "done"
     if remaining > 0:
-        status = _run_worker(work, remaining, tasks, before.trials, trials, progress)
+        status = _run_worker(work, remaining, tasks, trials, progress)
     added = export_records(work, tasks, tdesc, device, store_)
     final = read_progress(work, tasks)
     summary = {
@@ -287,8 +316,7 @@ def tune(
     return summary
 
 
-def _run_worker(work: Path, remaining: int, tasks: list[Task], done_before: int, trials: int,
-                out: TextIO | None) -> str:
+def _run_worker(work: Path, remaining: int, tasks: list[Task], trials: int, out: TextIO | None) -> str:
     """Run the worker to the end, a crash or Ctrl-C, drawing progress; returns how it ended."""
     cmd = [sys.executable, "-m", WORKER, str(work), str(remaining)]
     with open(work / "worker.log", "ab") as worker_log:

@@ -93,7 +93,7 @@ def test_a_worker_crash_is_an_error_naming_the_task(tuned, monkeypatch, tmp_path
         tuning.tune(model, "host", trials=TRIALS, store=tmp_path / "s", shapes=SHAPES, progress=None)
 
 
-def test_ctrl_c_keeps_the_measured_records_and_the_next_run_resumes(example_path, tmp_path):
+def test_ctrl_c_keeps_records_a_second_tuner_is_refused_and_the_next_run_resumes(example_path, tmp_path):
     store = tmp_path / "store"
     env = dict(os.environ, EDGECC_TUNING_DIR=str(store), PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "edgecc.cli", "tune", str(example_path("mlp")), "--shape", "batch=1",
@@ -106,6 +106,9 @@ def test_ctrl_c_keeps_the_measured_records_and_the_next_run_resumes(example_path
             break
         time.sleep(1)
     assert proc.poll() is None, proc.communicate()
+    # A second tuner of the same model and target would corrupt the first one's database.
+    second = run_cli(*cmd[3:], env=env)
+    assert second.returncode == 2 and "another 'edgecc tune' is tuning this model" in second.stderr
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
