@@ -37,7 +37,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
         a.model, a.target, a.output, a.pipeline, force=a.force, verify=not a.no_verify,
         verify_each_pass=a.verify, print_ir_after=tuple(a.print_ir_after or ()),
         dim_values=_parse_dims(a.dim or []), calibration=a.calibration, explain=a.explain, seed=a.seed,
-        shapes=_parse_dims(a.shape or [], "--shape"), tuning_logs=tuple(a.tuning_log or ()), tuning_store=False if a.no_tuning_store else a.tuning_store,
+        shapes=_parse_dims(a.shape or [], "--shape"), tuning_logs=tuple(a.tuning_log or ()),
+        tuning_store=False if a.no_tuning_store else a.tuning_store,
         log=(lambda _m: None) if a.quiet else _log,
     )
     build = art.manifest["build"]

@@ -28,8 +28,8 @@ from edgecc.pass_base import Pass, PassContext, unknown_message
 from edgecc.pass_manager import Instrument, PassManager, PrintIRAfter, VerifyEachPass
 from edgecc.pipeline import Pipeline, parse_pipeline
 from edgecc.target import TargetDesc, load_target
-from edgecc.verify import (TensorSpec, compare, cosine, graph_inputs, graph_outputs, random_inputs, relative_error,
-                           relative_rmse, run_ort)
+from edgecc.verify import (TensorSpec, compare, cosine, graph_inputs, graph_outputs, random_inputs,
+                           relative_error, relative_rmse, run_ort)
 
 OPT_MODEL = "model.opt.onnx"
 # How far a lossy pipeline's module may be from ORT on the same graph (see _verify).

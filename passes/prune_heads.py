@@ -961,8 +961,9 @@ class PruneHeads(Pass):
         Option("ratio", float, 0.25, "fraction of each block's heads to remove (rounded down, never all)",
                low=0.0, high=0.9),
         Option("heads", str, "", "remove exactly these heads instead, as layer:head pairs joined by ',' "
-               "(quoted in a pipeline: heads=\"0:1,1:3\"; ';' also joins); layers count attention blocks in graph order; in grouped-query "
-               "attention a head takes its whole group along", kind="layer:head list"),
+               "(quoted in a pipeline: heads=\"0:1,1:3\"; ';' also joins); layers count attention "
+               "blocks in graph order; in grouped-query attention a head takes its whole group along",
+               kind="layer:head list"),
         Option("importance", str, "weight-norm", "how ratio ranks heads: the L2 norm of their Q/K/V and "
                "output weights, or their mean |attention output| on calibration data",
                choices=("weight-norm", "calibration")),
