@@ -163,3 +163,28 @@ def test_jetson_artifact_embeds_compiled_device_code(example_path, tmp_path):
     build = art.manifest["build"]
     assert build["device_code"] == "cubin" and build["kernels"] > 0
     assert json.loads((art.path / "manifest.json").read_text())["target"]["device_kind"] == "cuda"
+
+
+@pytest.mark.parametrize("op, domain, opset, attrs, bias", [
+    ("Gelu", "", 20, {}, False),
+    ("Gelu", "", 20, {"approximate": "tanh"}, False),
+    ("Gelu", "com.microsoft", 17, {}, False),
+    ("FastGelu", "com.microsoft", 17, {}, True),
+])
+def test_gelu_forms_compile_to_fast_math_within_fp32_tolerance(tmp_path, op, domain, opset, attrs, bias):
+    """GELU is lowered to erf/tanh that FastMathTransform approximates: still within 1e-4 of ORT,
+    over a range where the approximations matter (|x| up to 6)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inputs = ["x", "b"] if bias else ["x"]
+    inits = [numpy_helper.from_array(np.linspace(-1, 1, 64).astype(np.float32), "b")] if bias else []
+    graph = helper.make_graph(
+        [helper.make_node(op, inputs, ["y"], domain=domain, **attrs)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 64])], inits)
+    opsets = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    path = tmp_path / "gelu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=opsets, ir_version=10), path)
+    art = edgecc.compile(path, "host", tmp_path / "a", "simplify")
+    x = {"x": np.linspace(-6, 6, 256, dtype=np.float32).reshape(4, 64)}
+    assert compare(run_ort(onnx.load(str(path)), x), art.run(x)).ok
