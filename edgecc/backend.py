@@ -38,9 +38,34 @@ def prepare(mod, target: TargetDesc):
     """
     from tvm import relax
 
-    mod = relax.transform.FastMathTransform()(mod)
+    mod = fast_math(mod)
     with target.tvm_target():
         return relax.get_pipeline("zero")(mod)
+
+
+def fast_math(mod):
+    """relax.transform.FastMathTransform, except on tensors whose shape Relax does not know (an
+    ONNX Reshape to a computed shape makes one): TVM's pass asserts on those; they keep the exact op."""
+    from tvm import relax, topi
+
+    fast = {"relax.nn.softmax": lambda b, c: b.call_te(topi.nn.fast_softmax, c.args[0], c.attrs.axis),
+            "relax.exp": lambda b, c: b.call_te(topi.fast_exp, c.args[0]),
+            "relax.erf": lambda b, c: b.call_te(topi.fast_erf, c.args[0]),
+            "relax.tanh": lambda b, c: b.call_te(topi.fast_tanh, c.args[0])}
+
+    @relax.expr_functor.mutator
+    class FastMath(relax.PyExprMutator):
+        def visit_call_(self, call):
+            rewrite = fast.get(getattr(call.op, "name", None))
+            if rewrite and isinstance(getattr(call.args[0].ty, "shape", None), relax.ShapeExpr):
+                return rewrite(self.builder_, call)
+            return super().visit_call_(call)
+
+    gen = FastMath(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            gen.builder_.update_func(gv, gen.visit_expr(func))
+    return gen.builder_.get()
 
 
 def apply_records(mod, tgt, records) -> tuple[Any, list[str]]:

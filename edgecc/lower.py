@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import warnings
 from typing import Callable
 
 import onnx
@@ -146,7 +147,9 @@ def to_relax(model: onnx.ModelProto):
 
     check_supported(model)
     model = _route_to_kernels(model)
-    with _patched_frontend():
+    with _patched_frontend(), warnings.catch_warnings():
+        # Inputs are passed by position; the importer's renaming of "past.0.key" is not news.
+        warnings.filterwarnings("ignore", message="Renaming name")
         try:
             return from_onnx(model, keep_params_in_input=False)
         except Exception as e:

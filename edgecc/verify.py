@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tempfile
 
 import numpy as np
@@ -23,6 +24,23 @@ TOLERANCES = {
 DEFAULT_DIM = 8
 
 
+# A dim named by an expression of other dims, "past + seq" (TVM's importer parses the same form).
+_DIM_EXPR = re.compile(r"[A-Za-z_]\w*(?:[-+*]\d+|[-+*][A-Za-z_]\w*)+")
+
+
+def dim_expr(expr: str, dim_values: dict[str, int]) -> int:
+    """The value of a dim expression such as "past + seq" (left to right, + - * only)."""
+    tokens = re.findall(r"[A-Za-z_]\w*|\d+|[-+*]", expr)
+
+    def value(tok: str) -> int:
+        return int(tok) if tok.isdigit() else dim_values.get(tok, dim_values.get("*", DEFAULT_DIM))
+
+    total = value(tokens[0])
+    for op, tok in zip(tokens[1::2], tokens[2::2]):
+        total = {"+": total + value(tok), "-": total - value(tok), "*": total * value(tok)}[op]
+    return total
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -38,6 +56,8 @@ class TensorSpec:
                 out.append(dim_values[d])
             elif i == 0 and isinstance(d, str) and "batch" in d.lower():
                 out.append(1)
+            elif isinstance(d, str) and _DIM_EXPR.fullmatch(d.replace(" ", "")):
+                out.append(dim_expr(d, dim_values))
             else:
                 out.append(dim_values.get("*", DEFAULT_DIM))
         return tuple(out)
@@ -89,7 +109,8 @@ def random_inputs(
     model: onnx.ModelProto, seed: int = 0, dim_values: dict[str, int] | None = None
 ) -> dict[str, np.ndarray]:
     """Seeded inputs: N(0,1) floats; integer ids within the range of the tables they index;
-    attention masks as a tokenizer makes them (see _padding_mask)."""
+    attention masks as a tokenizer makes them (see _padding_mask); `position_ids` [batch, seq] the
+    positions after a KV cache of the mask's length minus seq."""
     rng = np.random.default_rng(seed)
     bounds = _index_bounds(model)
     feeds = {}
@@ -106,6 +127,12 @@ def random_inputs(
             feeds[spec.name] = rng.integers(0, 2, shape).astype(bool)
         else:
             raise UserError(f"input '{spec.name}': cannot make random data of dtype {spec.dtype}")
+    positions = feeds.get("position_ids")
+    if positions is not None and positions.ndim == 2:
+        mask = feeds.get("attention_mask")
+        past = mask.shape[1] - positions.shape[1] if mask is not None and mask.ndim == 2 else 0
+        feeds["position_ids"] = np.broadcast_to(np.arange(past, past + positions.shape[1]),
+                                                positions.shape).astype(positions.dtype)
     return feeds
 
 
