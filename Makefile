@@ -4,13 +4,12 @@
 setup:
 	@scripts/setup.sh
 
-# Build the example LM from its seed, compile it for this host and for a Raspberry Pi 4,
-# and run the host artifact.
+# Export SmolLM2-135M-Instruct with a KV cache (once, into ~/.cache/edgecc/examples), compile it
+# for this host (checked against ONNX Runtime) and generate text with the artifact.
 demo: setup
-	.venv/bin/edgecc example tiny-lm -o out/tiny-lm.onnx
-	.venv/bin/edgecc compile out/tiny-lm.onnx --target host -o out/tiny-lm-host --force
-	.venv/bin/edgecc compile out/tiny-lm.onnx --target rpi4 -o out/tiny-lm-rpi4 --force
-	.venv/bin/edgecc run out/tiny-lm-host --dim seq=32
+	model=$$(.venv/bin/edgecc example smollm2 --print-path) && \
+	.venv/bin/edgecc compile "$$model" --target host -o out/smollm2-host --force
+	.venv/bin/edgecc generate out/smollm2-host --prompt "The capital of France is" --max-new-tokens 16
 
 # The emulation tier needs the cached aarch64 environment; build it first when missing.
 test: setup

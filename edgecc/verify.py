@@ -20,6 +20,15 @@ TOLERANCES = {
     np.dtype("float16"): (1e-2, 1e-2),
 }
 
+# A compiled module against ONNX Runtime: two engines that sum in different orders (TVM's default
+# schedules accumulate a K-long dot product sequentially, MLAS in blocks), and in a deep model the
+# difference grows with depth. Measured on SmolLM2-135M (30 layers, fp32, random inputs): TVM vs
+# ORT max error 1.8x the 1e-4 bound by layer 30 (relative RMS 2.5e-5), ORT optimized vs
+# unoptimized 1/7 of that. So across engines the bound is 10x wider and its absolute part scales
+# with the output's RMS (logits of RMS 9 carry 9x the rounding of unit-scale values). A wrong
+# kernel, layout or rewrite is off by orders of magnitude more.
+ACROSS_ENGINES = 10.0
+
 # Size given to a symbolic dim that the user did not pin, per dim name heuristics.
 DEFAULT_DIM = 8
 
@@ -186,8 +195,10 @@ def compare(
     ref: dict[str, np.ndarray],
     got: dict[str, np.ndarray],
     tolerance: tuple[float, float] | None = None,
+    across_engines: bool = False,
 ) -> Comparison:
-    """Elementwise |got - ref| <= atol + rtol*|ref| on every output, per-dtype tolerances."""
+    """Elementwise |got - ref| <= atol + rtol*|ref| on every output, per-dtype tolerances;
+    `across_engines`: ACROSS_ENGINES x wider, atol times max(1, RMS of ref)."""
     max_abs = max_rel = 0.0
     problems = []
     for name, r in ref.items():
@@ -206,6 +217,10 @@ def compare(
             continue
         atol, rtol = tolerance or TOLERANCES.get(r.dtype, (1e-4, 1e-4))
         rf, gf = r.astype(np.float64), g.astype(np.float64)
+        if across_engines:
+            finite_ref = rf[np.isfinite(rf)]
+            rms = float(np.sqrt(np.mean(finite_ref ** 2))) if finite_ref.size else 1.0
+            atol, rtol = atol * ACROSS_ENGINES * max(1.0, rms), rtol * ACROSS_ENGINES
         if not np.array_equal(np.isnan(rf), np.isnan(gf)):
             problems.append((name, "NaN positions differ"))
             continue
@@ -219,7 +234,7 @@ def compare(
             max_abs, max_rel = max(max_abs, a), max(max_rel, rel)
             viol = diff - (atol + rtol * np.abs(rf[finite]))
             if (viol > 0).any():
-                problems.append((name, f"max abs error {a:.3g} exceeds atol={atol:g}, rtol={rtol:g}"))
+                problems.append((name, f"max abs error {a:.3g} exceeds atol={atol:.3g}, rtol={rtol:g}"))
     detail = "; ".join(f"output '{n}': {m}" for n, m in problems)
     return Comparison(not problems, max_abs, max_rel, problems[0][0] if problems else "", detail)
 

@@ -1,0 +1,172 @@
+"""KV-cache LMs: the export module, one artifact for prefill and decode, greedy decoding vs ORT."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import edgecc
+from edgecc import generate, llama
+from edgecc.artifact import Artifact
+from edgecc.examples import TINY_LLAMA
+from edgecc.verify import dim_expr, graph_inputs, random_inputs
+from tests.conftest import run_cli
+
+PROMPT = [5, 17, 99, 3, 250, 42, 7]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(example_path):
+    return example_path("tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_llama, tmp_path_factory):
+    return edgecc.compile(tiny_llama, "host", tmp_path_factory.mktemp("art") / "tl")
+
+
+def test_cache_decode_equals_full_sequence(tiny_llama):
+    """Prefill then one decode step through the cache gives the logits of running the whole
+    sequence at once: the cache, positions and mask are consistent (ORT on the export)."""
+    step, specs = generate.ort_step(str(tiny_llama))
+    cache = generate.CacheLayout.of(specs, "tiny-llama")
+    ids = np.array([PROMPT], np.int64)
+    n = ids.shape[1]
+
+    def feeds(x, start, past):
+        return {"ids": x, "attention_mask": np.ones((1, start + x.shape[1]), np.int64),
+                "position_ids": np.arange(start, start + x.shape[1])[None], **past}
+
+    full = step(feeds(ids, 0, cache.empty()))
+    head = step(feeds(ids[:, :-1], 0, cache.empty()))
+    past = {name: head[name.replace("past.", "present.")] for name in cache.names}
+    last = step(feeds(ids[:, -1:], n - 1, past))
+    np.testing.assert_allclose(last["logits"][0, -1], full["logits"][0, -1], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(last["present.1.value"], full["present.1.value"], rtol=1e-5, atol=1e-5)
+
+
+def test_left_padding_is_masked(tiny_llama):
+    """Padded (mask 0) positions before the prompt do not change its logits."""
+    step, _ = generate.ort_step(str(tiny_llama))
+    cfg = llama.LlamaConfig(**TINY_LLAMA)
+    empty = {n: np.zeros((1, cfg.kv_heads, 0, cfg.head_dim), np.float32)
+             for n in llama.io_names(cfg.layers)[0][3:]}
+    ids = np.array([PROMPT], np.int64)
+    plain = step({"ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(7)[None], **empty})
+    padded_ids = np.concatenate([[[0, 0, 0]], ids], axis=1)
+    mask = np.concatenate([[[0, 0, 0]], np.ones_like(ids)], axis=1)
+    positions = np.concatenate([[[0, 0, 0]], np.arange(7)[None]], axis=1)
+    padded = step({"ids": padded_ids, "attention_mask": mask, "position_ids": positions, **empty})
+    np.testing.assert_allclose(padded["logits"][:, 3:], plain["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_export_matches_torch_module(tmp_path):
+    torch = pytest.importorskip("torch")
+    cfg = llama.LlamaConfig(vocab=64, hidden=48, intermediate=96, layers=1, heads=6, kv_heads=2)
+    model = llama.build(cfg, seed=3)
+    path = llama.export(model, cfg, tmp_path / "m.onnx")
+    step, _ = generate.ort_step(str(path))
+    ids = torch.randint(0, 64, (1, 5))
+    past = [torch.randn(1, 2, 4, 8) for _ in range(2)]
+    mask, positions = torch.ones(1, 9, dtype=torch.int64), torch.arange(4, 9)[None]
+    with torch.no_grad():
+        want = model(ids, mask, positions, *past)
+    got = step({"ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": positions.numpy(),
+                "past.0.key": past[0].numpy(), "past.0.value": past[1].numpy()})
+    np.testing.assert_allclose(got["logits"], want[0].numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["present.0.key"], want[1].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_one_artifact_serves_prefill_and_decode(artifact):
+    """Symbolic seq and past: the compiled module keeps them, and its greedy tokens equal ORT's."""
+    shapes = {i["name"]: i["shape"] for i in artifact.manifest["inputs"]}
+    assert shapes["ids"] == ["batch", "seq"] and shapes["past.0.key"][2] == "past"
+    assert shapes["attention_mask"][1] == "past + seq"
+    assert artifact.manifest["lm"]["tokenizer"] == "tokenizer.json"
+    assert (artifact.path / "tokenizer.json").is_file()
+    step, specs = generate.ort_step(str(artifact.path / "model.opt.onnx"))
+    cache = generate.CacheLayout.of(specs, "ort")
+    want = generate.greedy(step, cache, PROMPT, 32)
+    got = generate.greedy(artifact.run, generate.CacheLayout.of(artifact.manifest["inputs"], "art"), PROMPT, 32)
+    assert len(got.tokens) == 32
+    assert got.tokens == want.tokens
+    assert len(set(got.tokens)) > 1  # a constant stream would make the comparison weak
+
+
+def test_greedy_stops_at_eos(artifact):
+    cache = generate.CacheLayout.of(artifact.manifest["inputs"], "art")
+    first = generate.greedy(artifact.run, cache, PROMPT, 5).tokens
+    stopped = generate.greedy(artifact.run, cache, PROMPT, 5, eos_ids=(first[2],)).tokens
+    assert stopped == first[:first.index(first[2]) + 1]
+
+
+def test_generate_cli(artifact):
+    r = run_cli("generate", artifact.path, "--prompt", "Hello there", "--max-new-tokens", "8")
+    assert r.returncode == 0, r.stderr
+    assert "prefill" in r.stderr and "tok/s" in r.stderr and "8 tokens generated" in r.stderr
+    r = run_cli("generate", artifact.path, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "6",
+                "--print-ids")
+    assert r.returncode == 0, r.stderr
+    cache = generate.CacheLayout.of(artifact.manifest["inputs"], "art")
+    assert r.stdout.split() == [str(t) for t in generate.greedy(artifact.run, cache, PROMPT, 6).tokens]
+
+
+def test_generate_rejects_bad_input(artifact, example_path, tmp_path):
+    long_prompt = ",".join(["1"] * TINY_LLAMA["context"])
+    r = run_cli("generate", artifact.path, "--prompt-ids", long_prompt)
+    assert r.returncode == 2 and "context is 256" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("generate", artifact.path, "--prompt-ids", "1,x")
+    assert r.returncode == 2 and "--prompt-ids" in r.stderr
+    r = run_cli("generate", artifact.path, "--prompt-ids", "1,9999")
+    assert r.returncode == 2 and "[0, 512)" in r.stderr
+    mlp = edgecc.compile(example_path("mlp"), "host", tmp_path / "mlp")
+    r = run_cli("generate", mlp.path, "--prompt-ids", "1,2")
+    assert r.returncode == 2 and "expected inputs ids, attention_mask, position_ids" in r.stderr
+    assert "it has x" in r.stderr
+
+
+def test_compile_refuses_missing_tokenizer(tiny_llama, tmp_path):
+    model = onnx.load(str(tiny_llama))
+    onnx.save(model, str(tmp_path / "alone.onnx"))  # metadata names tokenizer.json; none beside it
+    r = run_cli("compile", tmp_path / "alone.onnx", "-o", tmp_path / "out")
+    assert r.returncode == 2 and "tokenizer" in r.stderr and "alone.onnx" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_lm_metadata_is_json(tiny_llama):
+    props = {p.key: p.value for p in onnx.load(str(tiny_llama)).metadata_props}
+    assert json.loads(props["edgecc.lm.context"]) == TINY_LLAMA["context"]
+    assert json.loads(props["edgecc.lm.config"])["kv_heads"] == TINY_LLAMA["kv_heads"]
+
+
+def test_dim_expressions_in_random_inputs(tiny_llama):
+    assert dim_expr("past + seq", {"past": 5, "seq": 3}) == 8
+    assert dim_expr("2*n-1", {"n": 4}) == 7
+    model = onnx.load(str(tiny_llama))
+    feeds = random_inputs(model, dim_values={"past": 5, "seq": 3})
+    assert feeds["attention_mask"].shape == (1, 8) and feeds["past.0.key"].shape[2] == 5
+    np.testing.assert_array_equal(feeds["position_ids"], [[5, 6, 7]])
+    assert [s.name for s in graph_inputs(model)][:3] == ["ids", "attention_mask", "position_ids"]
+
+
+def test_fast_math_leaves_unknown_shapes_exact():
+    """TVM's FastMathTransform asserts on a tensor of unknown shape; edgecc's keeps the exact op."""
+    import tvm
+    from tvm.script import relax as R
+
+    from edgecc.backend import fast_math
+
+    @R.function
+    def main(x: R.Tensor(ndim=2, dtype="float32"), y: R.Tensor((4, 8), "float32")):
+        with R.dataflow():
+            a = R.exp(x)
+            b = R.exp(y)
+            R.output(a, b)
+        return (a, b)
+
+    mod = fast_math(tvm.IRModule({"main": main}))
+    text = mod.script()
+    assert "R.exp(x)" in text and "R.exp(y)" not in text and "fast_exp" in text
