@@ -34,11 +34,16 @@ def prepare(mod, target: TargetDesc):
 
     FastMathTransform first: erf, tanh and exp become TVM's polynomial approximations (float32
     accurate to about 1e-6, like ONNX Runtime's MLAS kernels), which vectorize; the exact ones
-    call libm once per element.
+    call libm once per element. On CPUs, matmuls with a constant weight and symbolic rows then
+    go to edgecc's dense kernel (kernels/dense.py), which no tuning could reach.
     """
     from tvm import relax
 
+    from edgecc.kernels import dense
+
     mod = fast_math(mod)
+    if target.device_kind == "llvm":
+        mod, _ = dense.route_symbolic_matmuls(mod, target.tvm_target())
     with target.tvm_target():
         return relax.get_pipeline("zero")(mod)
 
@@ -86,9 +91,9 @@ def apply_records(mod, tgt, records) -> tuple[Any, list[str]]:
 
 def schedule_kernels(mod, tgt):
     """edgecc's kernels get their hand schedules, unless a tuning record scheduled them already."""
-    from edgecc.kernels import bsr, int4, int8
+    from edgecc.kernels import bsr, dense, int4, int8
 
-    return bsr.schedule(int4.schedule_int4(int8.schedule(mod, tgt), tgt), tgt)
+    return dense.schedule(bsr.schedule(int4.schedule_int4(int8.schedule(mod, tgt), tgt), tgt), tgt)
 
 
 def build(mod, target: TargetDesc, lib_path: Path, records=()) -> dict:

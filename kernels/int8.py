@@ -35,11 +35,14 @@ def pack_int8(w: np.ndarray, tile: int) -> np.ndarray:
     """int8 [K, N] -> the layout for `tile` (see the module docstring)."""
     if w.dtype != np.int8 or w.ndim != 2:
         raise TypeError(f"pack_int8 takes a 2-D int8 weight, got {w.dtype} {w.shape}")
-    if tile == 0:
-        return w
+    return w if tile == 0 else pack_panels(w, tile)
+
+
+def pack_panels(w: np.ndarray, tile: int) -> np.ndarray:
+    """[K, N] -> [ceil(N/tile), K, tile], columns zero padded (any dtype; kernels.dense uses it too)."""
     K, N = w.shape
     panels = -(-N // tile)
-    padded = np.zeros((K, panels * tile), np.int8)
+    padded = np.zeros((K, panels * tile), w.dtype)
     padded[:, :N] = w
     return np.ascontiguousarray(padded.reshape(K, panels, tile).transpose(1, 0, 2))
 
@@ -102,7 +105,8 @@ def emit_int8_matmul(bb, x, w, tile: int, K: int, N: int):
                       primfunc_attrs={KERNEL_ATTR: tile, "op_pattern": 8})  # 8: kOpaque
 
 
-def _schedule_cpu(sch, mm, tile: int) -> None:
+def schedule_panels_cpu(sch, mm, tile: int) -> None:
+    """The CPU schedule of a [M, N] += x[m, k] * w(k, n) block (shared with kernels.dense)."""
     m, n, k = sch.get_loops(mm)
     n_out, n_in = sch.split(n, [None, tile or UNPACKED_TILE])
     sch.reorder(n_out, m, k, n_in)
@@ -134,7 +138,7 @@ def schedule(mod, target):
             mod[gv] = one["main"].with_attr("tirx.is_scheduled", True)
             continue
         sch = Schedule(func)
-        _schedule_cpu(sch, sch.get_sblock("int8_matmul"), int(func.attrs[KERNEL_ATTR]))
+        schedule_panels_cpu(sch, sch.get_sblock("int8_matmul"), int(func.attrs[KERNEL_ATTR]))
         mod[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
     return mod
 

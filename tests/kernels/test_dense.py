@@ -1,0 +1,79 @@
+"""fp32 dense kernel for symbolic rows: numerics against numpy, routing, and the CPU targets."""
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax, tirx
+from tvm.support import cc
+
+from edgecc.backend import prepare, schedule_kernels
+from edgecc.kernels.dense import KERNEL_ATTR, reference, route_symbolic_matmuls
+from edgecc.target import load_target
+from tests.kernels.targets import CROSS_CC, EM_AARCH64, HOST, e_machine, needs_cross_cc
+
+
+def _module(w: np.ndarray, rows):
+    """main(x [rows..., K]) = matmul(x, w) + 1, the way TVM's importer writes an ONNX MatMul."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((*rows, w.shape[0]), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.matmul(x, relax.const(w)))
+            out = bb.emit_output(relax.op.add(y, relax.const(1.0, "float32")))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _kernels(mod) -> list:
+    return [f for f in mod.functions.values()
+            if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and KERNEL_ATTR in f.attrs]
+
+
+def _build(w, rows, target_name="host"):
+    desc = load_target(target_name)
+    tgt = desc.tvm_target()
+    mod = schedule_kernels(prepare(_module(w, rows), desc), tgt)
+    return mod, tvm.compile(mod, target=tgt)
+
+
+@pytest.mark.parametrize("N", [96, 100])  # 100: not a multiple of the panel width, sliced back
+@pytest.mark.parametrize("M", [1, 7])
+def test_matches_numpy_for_every_row_count(M, N):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((72, N)).astype(np.float32)
+    mod, ex = _build(w, (tirx.Var("b", "int64"), tirx.Var("s", "int64")))
+    assert len(_kernels(mod)) == 1
+    x = rng.standard_normal((2, M, 72)).astype(np.float32)
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_allclose(got, reference(x, w) + 1, rtol=1e-5, atol=1e-5)
+
+
+def test_static_rows_stay_on_tvms_tunable_path():
+    w = np.ones((16, 32), np.float32)
+    _, routed = route_symbolic_matmuls(_module(w, (4, 8)), HOST)
+    assert routed == 0
+    _, routed = route_symbolic_matmuls(_module(w, (tirx.Var("s", "int64"), 8)), HOST)
+    assert routed == 1
+
+
+def test_only_constant_fp32_weights_are_routed():
+    bb = relax.BlockBuilder()
+    s = tirx.Var("s", "int64")
+    x = relax.Var("x", relax.TensorType((s, 16), "float32"))
+    w = relax.Var("w", relax.TensorType((16, 8), "float32"))
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.matmul(x, w))  # attention-style: both operands computed
+        bb.emit_func_output(out)
+    _, routed = route_symbolic_matmuls(bb.get(), HOST)
+    assert routed == 0
+
+
+@needs_cross_cc
+def test_rpi4_cross_compile(tmp_path):
+    w = np.random.default_rng(1).standard_normal((64, 48)).astype(np.float32)
+    mod, ex = _build(w, (tirx.Var("s", "int64"), tirx.Var("t", "int64")), "rpi4")
+    assert int(_kernels(mod)[0].attrs[KERNEL_ATTR]) == 16  # NEON: four 4-lane vectors
+    lib = tmp_path / "dense.so"
+    ex.export_library(str(lib), fcompile=cc.cross_compiler(CROSS_CC))
+    assert e_machine(lib) == EM_AARCH64
