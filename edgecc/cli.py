@@ -165,6 +165,41 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    from edgecc import bench
+
+    lengths = []
+    for item in a.prompt_lengths.split(","):
+        if not item.strip().isdigit() or int(item) < 1:
+            raise UserError(f"--prompt-lengths '{a.prompt_lengths}': expected positive integers, e.g. 32,128")
+        lengths.append(int(item))
+    for flag, value in (("--past", a.past), ("--decode-steps", a.decode_steps), ("--repeats", a.repeats),
+                        ("--threads", a.threads), ("--window-tokens", a.window_tokens)):
+        if value < 1:
+            raise UserError(f"{flag} {value}: must be at least 1")
+    if a.windows < 0:
+        raise UserError(f"--windows {a.windows}: must be 0 (no accuracy) or more")
+    settings = bench.Settings(target=a.target, pipelines=a.pipelines, threads=a.threads,
+                              prompt_lengths=tuple(lengths), past=a.past, decode_steps=a.decode_steps,
+                              repeats=a.repeats, windows=a.windows, window_tokens=a.window_tokens,
+                              text=a.text, tuning_logs=tuple(a.tuning_log or ()), seed=a.seed)
+    bench.parse_pipelines(a.pipelines)  # a bad --pipelines fails before any work
+    result = bench.run(a.model, settings, a.work_dir, log=_log)
+    print(bench.table(result))
+    for line in result["skipped"]:
+        print(f"skipped: {line}")
+    if a.json:
+        out = Path(a.json)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(out)
+        _log(f"wrote {out}")
+    if a.plot:
+        bench.plot(result, a.plot)
+        _log(f"wrote {a.plot}")
+    return 0
+
+
 def cmd_emulator(a: argparse.Namespace) -> int:
     from edgecc import emulator
 
@@ -291,6 +326,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--print-ids", action="store_true", help="print token ids, not text")
     g.add_argument("--threads", type=int, help="runtime threads (default: the target's core count)")
     g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="ONNX Runtime vs edgecc pipelines on a causal LM: latency, tokens/s, "
+                                     "memory, size, perplexity, roofline")
+    b.add_argument("model", help="exported LM .onnx with KV-cache inputs (tokenizer.json beside it)")
+    b.add_argument("--target", "-t", default="host")
+    b.add_argument("--pipelines", default="fp32;int8;int4",
+                   help="';'-separated presets (fp32, int8, int4) or LABEL=PIPELINE")
+    b.add_argument("--tuning-log", action="append", metavar="PATH", help="tuning records for the compiles")
+    b.add_argument("--json", metavar="OUT.json")
+    b.add_argument("--plot", metavar="OUT.png")
+    b.add_argument("--threads", type=int, default=2, help="threads for every engine (default 2)")
+    b.add_argument("--prompt-lengths", default="32,128")
+    b.add_argument("--past", type=int, default=128, help="KV-cache length before the timed decode steps")
+    b.add_argument("--decode-steps", type=int, default=32)
+    b.add_argument("--repeats", type=int, default=10, help="timed runs per prefill length")
+    b.add_argument("--windows", type=int, default=8, help="perplexity windows (0: no accuracy)")
+    b.add_argument("--window-tokens", type=int, default=256)
+    b.add_argument("--text", help="perplexity text (default: The Devil's Dictionary from dict-devil)")
+    b.add_argument("--work-dir", help="keep the artifacts and per-configuration results here")
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(func=cmd_bench)
 
     em = sub.add_parser("emulator", help="the cached aarch64 environment that runs Pi artifacts here")
     em.add_argument("action", choices=["setup", "status", "clean"])

@@ -87,12 +87,18 @@ def greedy(step: Step, cache: CacheLayout, prompt_ids: list[int], max_new_tokens
 
 
 def ort_step(model_path: str, threads: int = 0) -> tuple[Step, list[dict]]:
-    """ONNX Runtime (all optimizations) on an exported model, and its input specs."""
-    from edgecc.ir import load_model, to_proto
-    from edgecc.verify import graph_inputs, ort_session
+    """ONNX Runtime (all optimizations) on an exported model, and its input specs. The session
+    reads the file itself: no copy of the weights stays in this process."""
+    import onnxruntime as ort
 
-    proto = to_proto(load_model(model_path))
-    session = ort_session(proto, optimize=True, threads=threads)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own exception types, one per failure kind
+        raise UserError(f"{model_path}: ONNX Runtime cannot load it: {str(e).strip().splitlines()[0]}") from None
     names = [o.name for o in session.get_outputs()]
-    specs = [s.to_json() for s in graph_inputs(proto)]
+    specs = [{"name": i.name, "shape": list(i.shape)} for i in session.get_inputs()]
     return (lambda feeds: dict(zip(names, session.run(None, feeds)))), specs

@@ -98,7 +98,7 @@ def graph_outputs(model: onnx.ModelProto) -> list[TensorSpec]:
     return [_spec(vi) for vi in model.graph.output]
 
 
-def _index_bounds(model: onnx.ModelProto) -> dict[str, int]:
+def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
     """Upper bounds for integer inputs used as Gather indices (token ids into an embedding)."""
     shapes = {i.name: list(i.dims) for i in model.graph.initializer}
     for node in model.graph.node:
@@ -121,7 +121,7 @@ def random_inputs(
     attention masks as a tokenizer makes them (see _padding_mask); `position_ids` [batch, seq] the
     positions after a KV cache of the mask's length minus seq."""
     rng = np.random.default_rng(seed)
-    bounds = _index_bounds(model)
+    bounds = index_bounds(model)
     feeds = {}
     for spec in graph_inputs(model):
         shape = spec.concrete(dim_values or {})

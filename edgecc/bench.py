@@ -1,0 +1,274 @@
+"""`edgecc bench`: ONNX Runtime and edgecc artifacts of a causal LM, side by side in one run.
+
+Configurations: ONNX Runtime fp32 on the model (ORT_ENABLE_ALL, the same thread count), then per
+pipeline the edgecc artifact and ONNX Runtime on the artifact's optimized ONNX (where its ops
+allow; fp32's is the source model again and is left out). Each configuration is measured in
+its own process (edgecc.bench_worker): prefill latency p50/p90 per prompt length, decode
+tokens/s after a cache of `past` tokens, perplexity over windows of real text, peak resident
+memory. Per pipeline also: compile time, artifact size, the bytes of weights one decoded token
+reads, and the decode time as a fraction of the memory-bandwidth roofline,
+(weight bytes + KV-cache bytes) / bandwidth, with the bandwidth measured here first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from edgecc.errors import EdgeccError, UserError
+
+PRESETS = {
+    "fp32": "simplify,fuse",
+    "int8": "simplify,fuse,quantize-int8,pack-weights",
+    "int4": "simplify,fuse,quantize-int4{block=32},pack-weights",
+}
+DEVIL = Path("/usr/share/dictd/devil.dict.dz")  # Debian's dict-devil: The Devil's Dictionary
+WORKER = [sys.executable, "-m", "edgecc.bench_worker"]
+
+
+@dataclasses.dataclass
+class Settings:
+    target: str = "host"
+    pipelines: str = "fp32;int8;int4"
+    threads: int = 2
+    prompt_lengths: tuple[int, ...] = (32, 128)
+    past: int = 128
+    decode_steps: int = 32
+    repeats: int = 10
+    windows: int = 8
+    window_tokens: int = 256
+    text: str | None = None
+    tuning_logs: tuple[str, ...] = ()
+    seed: int = 0
+
+
+def parse_pipelines(text: str) -> list[tuple[str, str]]:
+    """"fp32;int8;int4" or "name=pipeline;…" (a preset name, or a label and a pass pipeline)."""
+    out = []
+    for item in filter(None, (p.strip() for p in text.split(";"))):
+        label, sep, pipeline = item.partition("=")
+        if not sep:
+            if item not in PRESETS:
+                raise UserError(f"--pipelines: '{item}' is not a preset ({', '.join(PRESETS)}); "
+                                "write LABEL=PIPELINE for others")
+            label, pipeline = item, PRESETS[item]
+        out.append((label.strip(), pipeline.strip()))
+    if not out:
+        raise UserError("--pipelines: no pipeline given")
+    return out
+
+
+def bandwidth_gbs(threads: int, mib: int = 256, rounds: int = 5) -> float:
+    """DRAM read bandwidth: `threads` threads each summing its own array far larger than any cache
+    (numpy releases the GIL in reductions); the best of `rounds`."""
+    arrays = [np.ones(mib * 2**20 // 8) for _ in range(threads)]
+    best = 0.0
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(rounds):
+            t = time.perf_counter()
+            list(pool.map(np.sum, arrays))
+            best = max(best, threads * mib * 2**20 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def text_windows(tokenizer_path: Path, text_path: Path | None, windows: int, length: int) -> tuple[list, str]:
+    """The first `windows` non-overlapping windows of `length` tokens of the text."""
+    from tokenizers import Tokenizer
+
+    path = Path(text_path) if text_path else DEVIL
+    if not path.is_file():
+        how = "" if text_path else " (apt-get install dict-devil, or give --text FILE)"
+        raise UserError(f"{path}: no such text file{how}")
+    raw = gzip.open(path).read() if path.suffix in (".gz", ".dz") else path.read_bytes()
+    ids = Tokenizer.from_file(str(tokenizer_path)).encode(raw.decode("utf-8", "replace")).ids
+    if len(ids) < windows * length:
+        raise UserError(f"{path}: {len(ids)} tokens, fewer than {windows} windows x {length}")
+    return [ids[i * length:(i + 1) * length] for i in range(windows)], str(path)
+
+
+def weight_bytes_per_token(model: onnx.ModelProto) -> int:
+    """Bytes of initializers one decoded token reads: all of them, except tables read through a
+    Gather (an embedding), of which one row."""
+    gathered = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
+    other_uses = {i for n in model.graph.node if n.op_type != "Gather" for i in n.input}
+    total = 0
+    for init in model.graph.initializer:
+        external = {e.key: e.value for e in init.external_data}
+        size = (int(external.get("length", 0)) if init.data_location == onnx.TensorProto.EXTERNAL
+                else len(init.raw_data) or numpy_helper.to_array(init).nbytes)
+        if init.name in gathered and init.name not in other_uses and len(init.dims) >= 1 and init.dims[0]:
+            size //= init.dims[0]
+        total += size
+    return total
+
+
+def _run_worker(spec: dict, work: Path, name: str) -> dict:
+    spec_path, out_path = work / f"{name}.spec.json", work / f"{name}.out.json"
+    spec_path.write_text(json.dumps(spec))
+    r = subprocess.run([*WORKER, str(spec_path), str(out_path)], capture_output=True, text=True)
+    if r.returncode != 0 or not out_path.exists():
+        tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"measurement process failed (exit {r.returncode}): {tail}"}
+    return json.loads(out_path.read_text())
+
+
+def run(model: str | os.PathLike, settings: Settings, out_dir: str | os.PathLike | None = None,
+        log: Callable[[str], None] = lambda _m: None) -> dict:
+    """Compile every pipeline, measure every configuration; the results as a JSON-able dict."""
+    from edgecc.compiler import compile as compile_model
+    from edgecc.generate import CacheLayout
+    from edgecc.target import load_target
+    from edgecc.tuning_log import host_device
+    from edgecc.verify import index_bounds, graph_inputs
+
+    model = Path(model)
+    pipelines = parse_pipelines(settings.pipelines)
+    target = load_target(settings.target)
+    source = onnx.load(str(model), load_external_data=False)
+    cache = CacheLayout.of([s.to_json() for s in graph_inputs(source)], str(model))
+    runs_here = target.runs_here()
+    work = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="edgecc-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+
+    bandwidth = bandwidth_gbs(settings.threads) if runs_here else None
+    if bandwidth:
+        log(f"memory bandwidth: {bandwidth:.1f} GB/s ({settings.threads} threads reading)")
+    tokenizer = model.with_name("tokenizer.json")
+    windows, text = ([], None)
+    if settings.windows:
+        if not tokenizer.is_file():
+            raise UserError(f"{model}: no tokenizer.json beside it for the perplexity text "
+                            "(give --windows 0 to skip accuracy)")
+        windows, text = text_windows(tokenizer, settings.text, settings.windows, settings.window_tokens)
+    vocab = index_bounds(source).get("ids")
+    if vocab is None:
+        raise UserError(f"{model}: input 'ids' indexes no embedding table; cannot draw token ids")
+    base = {"threads": settings.threads, "vocab": vocab, "prompt_lengths": list(settings.prompt_lengths),
+            "past": settings.past, "decode_steps": settings.decode_steps, "repeats": settings.repeats,
+            "seed": settings.seed, "windows": windows}
+    kv_bytes = len(cache.names) * cache.kv_heads * cache.head_dim * 4 * settings.past  # fp32 keys + values
+
+    def measure(name: str, kind: str, path: Path, timed: bool = True) -> dict:
+        log(f"measuring {name} ...")
+        return _run_worker(dict(base, kind=kind, path=str(path), time=timed and runs_here), work, name)
+
+    configs: list[dict] = []
+    fp32_bytes = weight_bytes_per_token(source)
+    configs.append({"name": "ort fp32", "engine": "onnxruntime", "pipeline": None,
+                    "weight_bytes_per_token": fp32_bytes,
+                    **measure("ort-fp32", "ort", model)})
+    skipped = [] if runs_here else [f"timing and memory: {target.name} artifacts cannot run on this host"]
+    for label, pipeline in pipelines:
+        art_dir = work / f"artifact-{label}"
+        log(f"compiling {label}: {pipeline}")
+        t = time.perf_counter()
+        try:
+            art = compile_model(model, target, art_dir, pipeline, force=True, tuning_logs=settings.tuning_logs)
+        except (UserError, EdgeccError) as e:
+            configs.append({"name": f"edgecc {label}", "pipeline": pipeline, "error": str(e)})
+            continue
+        compile_s = time.perf_counter() - t
+        optimized = art.path / "model.opt.onnx"
+        wbytes = weight_bytes_per_token(onnx.load(str(optimized)))
+        row = {"name": f"edgecc {label}", "engine": "edgecc", "pipeline": pipeline,
+               "compile_s": round(compile_s, 1),
+               "model_so_bytes": art.manifest["files"]["model.so"]["bytes"],
+               "weight_bytes_per_token": wbytes,
+               "verification": {k: art.manifest["verification"].get(k) for k in
+                                ("relative_rmse_vs_fp32", "cosine_vs_fp32", "skipped")}}
+        if runs_here:
+            row.update(measure(f"edgecc-{label}", "edgecc", art.path))
+        elif windows:  # accuracy of what the artifact computes, through ORT on its optimized model
+            row["accuracy_via"] = "onnxruntime on model.opt.onnx"
+            row.update(measure(f"edgecc-{label}-ref", "ort", optimized, timed=False))
+        configs.append(row)
+        if pipeline != PRESETS["fp32"]:
+            configs.append({"name": f"ort {label}", "engine": "onnxruntime", "pipeline": pipeline,
+                            "model": "edgecc's model.opt.onnx", "weight_bytes_per_token": wbytes,
+                            **measure(f"ort-{label}", "ort", optimized)})
+    for c in configs:
+        decode = c.get("decode")
+        if decode and bandwidth:
+            bound_s = (c["weight_bytes_per_token"] + kv_bytes) / (bandwidth * 1e9)
+            c["roofline_fraction"] = round(bound_s * decode["tokens_per_s"], 3)
+    ort_rate = (configs[0].get("decode") or {}).get("tokens_per_s")
+    for c in configs:
+        if ort_rate and c.get("decode"):
+            c["decode_speedup_vs_ort_fp32"] = round(c["decode"]["tokens_per_s"] / ort_rate, 2)
+    return {
+        "model": str(model), "target": target.name, "settings": dataclasses.asdict(settings) | {"text": text},
+        "machine": {"cpu": host_device().removeprefix("host:"),
+                    "platform": platform.platform(), "logical_cpus": os.cpu_count(),
+                    "bandwidth_gbs": bandwidth},
+        "kv_bytes_per_token_at_past": kv_bytes, "skipped": skipped, "configs": configs,
+    }
+
+
+def table(result: dict) -> str:
+    """The results as a fixed-width table."""
+    lengths = result["settings"]["prompt_lengths"]
+    head = (["config"] + [f"prefill{n} p50/p90 ms" for n in lengths] +
+            ["decode tok/s", "x ORT", "roofline", "ppl", "peak MB", "so MB", "weights/token MB"])
+    rows = [head]
+    for c in result["configs"]:
+        if "error" in c:
+            rows.append([c["name"], f"error: {c['error']}"])
+            continue
+        pre = c.get("prefill_ms", {})
+        cells = [c["name"]] + [f"{pre[str(n)]['p50']:.1f}/{pre[str(n)]['p90']:.1f}" if str(n) in pre else "-"
+                               for n in lengths]
+        dec = c.get("decode")
+        acc = c.get("accuracy")
+        cells += [f"{dec['tokens_per_s']:.1f}" if dec else "-",
+                  f"{c['decode_speedup_vs_ort_fp32']:.2f}" if "decode_speedup_vs_ort_fp32" in c else "-",
+                  f"{c['roofline_fraction']:.2f}" if "roofline_fraction" in c else "-",
+                  f"{acc['perplexity']:.2f}" if acc else "-",
+                  f"{c['peak_rss_mb']:.0f}" if "peak_rss_mb" in c else "-",
+                  f"{c['model_so_bytes'] / 1e6:.1f}" if "model_so_bytes" in c else "-",
+                  f"{c['weight_bytes_per_token'] / 1e6:.1f}"]
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in rows if len(r) == len(head)) for i in range(len(head))]
+    return "\n".join("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip() for r in rows)
+
+
+def plot(result: dict, path: str | os.PathLike) -> None:
+    """A PNG: decode tokens/s, prefill latency and perplexity per configuration."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install 'edgecc[bench]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = [c for c in result["configs"] if "error" not in c]
+    names = [c["name"] for c in configs]
+    n = result["settings"]["prompt_lengths"][-1]
+    panels = [("decode tokens/s", [c.get("decode", {}).get("tokens_per_s", 0) for c in configs]),
+              (f"prefill {n} tokens, p50 ms", [c.get("prefill_ms", {}).get(str(n), {}).get("p50", 0)
+                                              for c in configs]),
+              ("perplexity", [c.get("accuracy", {}).get("perplexity", 0) for c in configs])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (title, values) in zip(axes, panels):
+        ax.barh(names, values, color=["#888" if c["engine"] == "onnxruntime" else "#2a6" for c in configs])
+        ax.set_title(title)
+        ax.invert_yaxis()
+    fig.suptitle(f"{Path(result['model']).name} on {result['target']}")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)

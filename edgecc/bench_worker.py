@@ -1,0 +1,115 @@
+"""One configuration of `edgecc bench`, in its own process so its peak memory is its own.
+
+    python -m edgecc.bench_worker SPEC.json OUT.json
+
+SPEC: {"kind": "ort" | "edgecc", "path": model .onnx or artifact dir, "threads": n, "vocab": n,
+       "prompt_lengths": [...], "past": n, "decode_steps": n, "repeats": n, "seed": n,
+       "windows": [[token ids], ...]}  (windows: perplexity text, may be empty)
+OUT: latencies, decode tokens/s, perplexity, peak RSS. Timing is skipped with "time": false
+(a target that cannot run here measures accuracy through ONNX Runtime on its optimized model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+
+
+def _step(spec: dict):
+    """The step function and cache layout of the configuration."""
+    from edgecc.generate import CacheLayout, ort_step
+
+    if spec["kind"] == "ort":
+        step, inputs = ort_step(spec["path"], threads=spec["threads"])
+        return step, CacheLayout.of(inputs, spec["path"])
+    from edgecc.artifact import Artifact
+
+    art = Artifact.load(spec["path"], check_hashes=False)
+    art.load_vm(spec["threads"])
+    return (lambda feeds: art.run(feeds, threads=spec["threads"])), CacheLayout.of(art.manifest["inputs"],
+                                                                                  spec["path"])
+
+
+def _feeds(ids: np.ndarray, past: dict, cached: int) -> dict:
+    total = cached + ids.shape[1]
+    return {"ids": ids, "attention_mask": np.ones((1, total), np.int64),
+            "position_ids": np.arange(cached, total, dtype=np.int64)[None], **past}
+
+
+def _percentiles(samples: list[float]) -> dict:
+    return {"p50": float(np.percentile(samples, 50)), "p90": float(np.percentile(samples, 90)),
+            "runs": len(samples)}
+
+
+def prefill_ms(step, cache, length: int, repeats: int, rng, vocab: int) -> dict:
+    ids = rng.integers(0, vocab, (1, length)).astype(np.int64)
+    step(_feeds(ids, cache.empty(), 0))  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        step(_feeds(ids, cache.empty(), 0))
+        times.append((time.perf_counter() - t) * 1000)
+    return _percentiles(times)
+
+
+def decode_tokens_per_s(step, cache, past: int, steps: int, repeats: int, rng, vocab: int) -> dict:
+    """Greedy steps after a cache of `past` tokens; the median over `repeats` rounds."""
+    ids = rng.integers(0, vocab, (1, past)).astype(np.int64)
+    out = step(_feeds(ids, cache.empty(), 0))
+    start = {n: out[n.replace("past.", "present.", 1)] for n in cache.names}
+    token = np.asarray([[int(np.argmax(out["logits"][0, -1]))]], np.int64)
+    step(_feeds(token, start, past))  # warm-up
+    rates = []
+    for _ in range(repeats):
+        kv, tok = start, token
+        t = time.perf_counter()
+        for i in range(steps):
+            out = step(_feeds(tok, kv, past + i))
+            kv = {n: out[n.replace("past.", "present.", 1)] for n in cache.names}
+            tok = np.asarray([[int(np.argmax(out["logits"][0, -1]))]], np.int64)
+        rates.append(steps / (time.perf_counter() - t))
+    return {"tokens_per_s": float(np.median(rates)), "rounds": [round(r, 3) for r in rates],
+            "past": past, "steps": steps}
+
+
+def perplexity(step, cache, windows: list[list[int]]) -> dict:
+    """exp(mean next-token NLL) over the windows, each run as one prefill."""
+    nll, count = 0.0, 0
+    for window in windows:
+        ids = np.asarray([window], np.int64)
+        logits = step(_feeds(ids, cache.empty(), 0))["logits"][0].astype(np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        nll -= float(logp[np.arange(len(window) - 1), window[1:]].sum())
+        count += len(window) - 1
+    return {"perplexity": float(np.exp(nll / count)), "tokens": count, "windows": len(windows)}
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(open(argv[0]).read())
+    os.environ["TVM_NUM_THREADS"] = str(spec["threads"])
+    rng = np.random.default_rng(spec["seed"])
+    step, cache = _step(spec)
+    result: dict = {}
+    if spec.get("time", True):
+        result["prefill_ms"] = {str(n): prefill_ms(step, cache, n, spec["repeats"], rng, spec["vocab"])
+                                for n in spec["prompt_lengths"]}
+        result["decode"] = decode_tokens_per_s(step, cache, spec["past"], spec["decode_steps"],
+                                               max(3, spec["repeats"] // 3), rng, spec["vocab"])
+    if spec["windows"]:
+        result["accuracy"] = perplexity(step, cache, spec["windows"])
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    tmp = argv[1] + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, argv[1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,96 @@
+"""edgecc bench on the tiny KV-cache LM: every configuration measured, accuracy consistent."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from edgecc import bench
+from tests.conftest import run_cli
+
+TEXT = ("The devil's dictionary defines a bore as a person who talks when you wish him to listen. "
+        "Patience, n. A minor form of despair, disguised as a virtue. ") * 8
+
+
+@pytest.fixture(scope="module")
+def result(example_path, tmp_path_factory):
+    work = tmp_path_factory.mktemp("bench")
+    (work / "text.txt").write_text(TEXT)
+    settings = bench.Settings(pipelines="fp32;int8", prompt_lengths=(8, 16), past=16, decode_steps=4,
+                              repeats=2, windows=2, window_tokens=48, text=str(work / "text.txt"))
+    return bench.run(example_path("tiny-llama"), settings, work / "out")
+
+
+def _config(result, name):
+    return next(c for c in result["configs"] if c["name"] == name)
+
+
+def test_every_configuration_is_measured(result):
+    names = [c["name"] for c in result["configs"]]
+    assert names == ["ort fp32", "edgecc fp32", "edgecc int8", "ort int8"]
+    for c in result["configs"]:
+        assert "error" not in c, c
+        assert set(c["prefill_ms"]) == {"8", "16"} and c["prefill_ms"]["16"]["p50"] > 0
+        assert c["decode"]["tokens_per_s"] > 0 and c["peak_rss_mb"] > 50
+        assert 0 < c["roofline_fraction"] < 1.5
+    assert result["machine"]["bandwidth_gbs"] > 0.5
+
+
+def test_accuracy_agrees_across_engines(result):
+    """The same fp32 function in ORT and edgecc: the same perplexity; int8 close to it, and the
+    int8 artifact close to ORT running the same int8 graph."""
+    ppl = {c["name"]: c["accuracy"]["perplexity"] for c in result["configs"]}
+    assert ppl["edgecc fp32"] == pytest.approx(ppl["ort fp32"], rel=1e-4)
+    assert ppl["edgecc int8"] == pytest.approx(ppl["ort fp32"], rel=0.05)
+    assert ppl["edgecc int8"] == pytest.approx(ppl["ort int8"], rel=0.01)
+    assert _config(result, "edgecc int8")["accuracy"]["tokens"] == 2 * 47
+
+
+def test_sizes_and_bytes_per_token(result, example_path):
+    fp32, int8 = _config(result, "edgecc fp32"), _config(result, "edgecc int8")
+    assert int8["model_so_bytes"] < 0.7 * fp32["model_so_bytes"]
+    assert int8["weight_bytes_per_token"] < 0.4 * fp32["weight_bytes_per_token"]
+    model = onnx.load(str(example_path("tiny-llama")))
+    weights = sum(np.prod(i.dims) * 4 for i in model.graph.initializer)
+    embedding = 512 * 128 * 4
+    assert _config(result, "ort fp32")["weight_bytes_per_token"] == weights - embedding + 128 * 4
+
+
+def test_cli_table_json_and_plot(example_path, tmp_path):
+    (tmp_path / "t.txt").write_text(TEXT)
+    r = run_cli("bench", example_path("tiny-llama"), "--pipelines", "fp32", "--prompt-lengths", "8",
+                "--past", "8", "--decode-steps", "2", "--repeats", "1", "--windows", "1",
+                "--window-tokens", "32", "--text", tmp_path / "t.txt", "--json", tmp_path / "r.json",
+                "--plot", tmp_path / "r.png")
+    assert r.returncode == 0, r.stderr
+    assert "edgecc fp32" in r.stdout and "decode tok/s" in r.stdout
+    assert json.loads((tmp_path / "r.json").read_text())["configs"][1]["name"] == "edgecc fp32"
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc for the Jetson build")
+def test_a_target_that_cannot_run_here_is_measured_through_the_reference(example_path, tmp_path):
+    (tmp_path / "t.txt").write_text(TEXT)
+    settings = bench.Settings(target="jetson-orin-nano", pipelines="fp32", windows=1, window_tokens=32,
+                              text=str(tmp_path / "t.txt"))
+    result = bench.run(example_path("tiny-llama"), settings, tmp_path / "out")
+    art = _config(result, "edgecc fp32")
+    assert "decode" not in art and art["accuracy_via"] == "onnxruntime on model.opt.onnx"
+    assert art["accuracy"]["perplexity"] == pytest.approx(
+        _config(result, "ort fp32")["accuracy"]["perplexity"], rel=1e-4)
+    assert any("cannot run on this host" in s for s in result["skipped"])
+
+
+def test_bad_input(example_path, tmp_path):
+    r = run_cli("bench", example_path("tiny-llama"), "--pipelines", "fp33")
+    assert r.returncode == 2 and "'fp33' is not a preset" in r.stderr
+    r = run_cli("bench", example_path("tiny-llama"), "--text", tmp_path / "none.txt")
+    assert r.returncode == 2 and "none.txt: no such text file" in r.stderr
+    r = run_cli("bench", example_path("mlp"), "--windows", "0")
+    assert r.returncode == 2 and "not a causal LM with a KV cache" in r.stderr
+    r = run_cli("bench", example_path("tiny-llama"), "--prompt-lengths", "8,x")
+    assert r.returncode == 2 and "--prompt-lengths" in r.stderr
