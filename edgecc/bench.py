@@ -31,10 +31,13 @@ from onnx import numpy_helper
 
 from edgecc.errors import EdgeccError, UserError
 
+# int4: the LM head (the matmul producing the logits) in int8, as LM quantizers keep it above 4 bits;
+# float zero points, each block's min and max exactly on levels 0 and 15.
 PRESETS = {
     "fp32": "simplify,fuse",
-    "int8": "simplify,fuse,quantize-int8,pack-weights",
-    "int4": "simplify,fuse,quantize-int4{block=32},pack-weights",
+    "int8": "simplify,fuse,quantize-int8{smoothquant=0.5},pack-weights",
+    "int4": "simplify,fuse,quantize-int4{block=32,symmetric=false,zero_points=float,skip_outputs=true},"
+            "quantize-int8,pack-weights",
 }
 DEVIL = Path("/usr/share/dictd/devil.dict.dz")  # Debian's dict-devil: The Devil's Dictionary
 WORKER = [sys.executable, "-m", "edgecc.bench_worker"]

@@ -128,12 +128,16 @@ class MatMulNBits(OnnxOpConverter):
         kernel_scales = np.ascontiguousarray(scales.value.numpy().reshape(N, blocks).T)
         zeros = None
         if zero_points is not None:
-            nibbles = zero_points.value.numpy() if isinstance(zero_points, tvm.ir.Constant) else None
-            if nibbles is None or nibbles.dtype != np.uint8:
-                raise ValueError("edgecc lowers MatMulNBits zero points only as constant packed uint8")
-            nibbles = nibbles.reshape(N, -1)
-            both = np.stack([nibbles & 15, nibbles >> 4], axis=-1).reshape(N, -1)[:, :blocks]
-            zeros = relax.const(np.ascontiguousarray(both.T).astype(np.uint8))
+            given = zero_points.value.numpy() if isinstance(zero_points, tvm.ir.Constant) else None
+            if given is None or given.dtype not in (np.uint8, np.float32):
+                raise ValueError("edgecc lowers MatMulNBits zero points only as constants, packed "
+                                 "uint8 or float32")
+            if given.dtype == np.float32:
+                zeros = relax.const(np.ascontiguousarray(given.reshape(N, blocks).T))
+            else:
+                nibbles = given.reshape(N, -1)
+                both = np.stack([nibbles & 15, nibbles >> 4], axis=-1).reshape(N, -1)[:, :blocks]
+                zeros = relax.const(np.ascontiguousarray(both.T).astype(np.uint8))
         lead = list(x.ty.shape)[:-1]
         rows = x if len(lead) == 1 else bb.normalize(relax.op.reshape(x, (-1, K)))
         y = emit_int4_matmul(bb, rows, relax.const(packed), relax.const(kernel_scales), zeros, block, K, N)

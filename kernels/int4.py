@@ -41,16 +41,24 @@ def _check_block(K: int, block: int) -> None:
         raise UserError(f"int4 quantization: block {block} does not divide K = {K}")
 
 
-def quantize_blockwise(w: np.ndarray, block: int, symmetric: bool):
-    """w float [K, N] -> (q, scales float32 [K/block, N], zeros uint8 [K/block, N] or None).
+def quantize_blockwise(w: np.ndarray, block: int, symmetric: bool, float_zeros: bool = False):
+    """w float [K, N] -> (q, scales float32 [K/block, N], zeros [K/block, N] or None).
 
-    q is int8 in [-8, 7] (symmetric) or uint8 in [0, 15] (asymmetric).
+    q is int8 in [-8, 7] (symmetric) or uint8 in [0, 15] (asymmetric). Asymmetric zero points
+    are uint8 levels, or with `float_zeros` float32: then each block maps its min and max to
+    levels 0 and 15 exactly (GGUF's Q4_1 grid: weights already on such a grid come back exact).
     """
     K, N = w.shape
     _check_block(K, block)
     blocks = w.astype(np.float64).reshape(K // block, block, N)
     if symmetric:
         scales = np.abs(blocks).max(axis=1) / 7
+    elif float_zeros:
+        lo, hi = blocks.min(axis=1), blocks.max(axis=1)
+        scales = np.where(hi > lo, (hi - lo) / 15, 1).astype(np.float32)
+        zeros = (-lo / scales).astype(np.float32)
+        q = np.clip(np.round(blocks / scales[:, None, :] + zeros[:, None, :]), 0, 15)
+        return q.astype(np.uint8).reshape(K, N), scales, zeros
     else:
         lo = np.minimum(blocks.min(axis=1), 0)
         hi = np.maximum(blocks.max(axis=1), 0)

@@ -2,7 +2,8 @@
 
 Each constant weight W [K, N] of a MatMul (or of a Gemm as `fuse` emits it) is split into blocks
 of `block` rows along K; each block of each output column gets a float32 scale (and a zero point
-when asymmetric). The ONNX form is ONNX Runtime's MatMulNBits (bits=4), so ORT runs the optimized
+when asymmetric: a uint8 level, or a float32 that puts the block's min and max exactly on levels
+0 and 15). The ONNX form is ONNX Runtime's MatMulNBits (bits=4), so ORT runs the optimized
 model as the reference; edgecc lowers it to its fused dequantize-matmul kernel, and the module
 stores the packed nibbles: 5 bits a weight at block 32 (4, plus a 32-bit scale per 32 weights).
 
@@ -54,9 +55,12 @@ class _Int4Rule(pattern.RewriteRuleClassBase):
         self.opts = opts
         self.samples = samples  # activation name -> calibration rows [tokens, K]
         self.fired = 0
+        self._float_zeros = not opts["symmetric"] and opts["zero_points"] == "float"
 
-    def check(self, context, x, w, transposed: bool = False, **_) -> pattern.MatchResult:
+    def check(self, context, x, w, y=None, transposed: bool = False, **_) -> pattern.MatchResult:
         result = pattern.MatchResult()
+        if self.opts["skip_outputs"] and y is not None and y.is_graph_output():
+            return result.fail("its result is a graph output (skip_outputs=true)", y)
         if x.dtype != ir.DataType.FLOAT:
             return result.fail("activation is not float32", x)
         weight = _weight(w)
@@ -76,14 +80,14 @@ class _Int4Rule(pattern.RewriteRuleClassBase):
 
     def _awq_scales(self, x_rows: np.ndarray, w: np.ndarray) -> np.ndarray:
         """The per-input-channel scales with the smallest output error on calibration rows."""
-        block, symmetric = self.opts["block"], self.opts["symmetric"]
+        block, symmetric, float_zeros = self.opts["block"], self.opts["symmetric"], self._float_zeros
         importance = np.maximum(np.abs(x_rows).mean(axis=0), 1e-8)
         reference = x_rows @ w
         best, best_err = np.ones(w.shape[0], np.float32), np.inf
         for a in AWQ_GRID:
             s = importance**a
             s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)  # keep the scales centred on 1
-            q, scales, zeros = quantize_blockwise(w * s[:, None], block, symmetric)
+            q, scales, zeros = quantize_blockwise(w * s[:, None], block, symmetric, float_zeros)
             approx = (x_rows / s) @ dequantize_blockwise(q, scales, zeros, block)
             err = float(np.square(approx - reference).mean())
             if err < best_err:
@@ -99,18 +103,19 @@ class _Int4Rule(pattern.RewriteRuleClassBase):
             s = self._awq_scales(self.samples[x.name][:AWQ_ROWS].astype(np.float32), w)
             x = op.Mul(x, op.initializer(ir.tensor(1.0 / s), f"{prefix}_awq"))
             w = w * s[:, None]
-        q, scales, zeros = quantize_blockwise(w, block, self.opts["symmetric"])
+        q, scales, zeros = quantize_blockwise(w, block, self.opts["symmetric"], self._float_zeros)
         packed = pack_int4(q).reshape(N, K // block, block // 2)
         inputs = [x, op.initializer(ir.tensor(packed), f"{prefix}_b"),
                   op.initializer(ir.tensor(np.ascontiguousarray(scales.T).ravel()), f"{prefix}_scales")]
-        if zeros is not None:
-            inputs.append(op.initializer(ir.tensor(_pack_zero_points(zeros)), f"{prefix}_zp"))
+        if zeros is not None:  # MatMulNBits: uint8 nibbles, or float32 like the scales, N-major
+            zp = np.ascontiguousarray(zeros.T).ravel() if self._float_zeros else _pack_zero_points(zeros)
+            inputs.append(op.initializer(ir.tensor(zp), f"{prefix}_zp"))
         return op.MatMulNBits(*inputs, K=K, N=N, bits=4, block_size=block, _domain=MS_DOMAIN)
 
 
 class Int4MatMul(_Int4Rule):
     def pattern(self, op, x, w):
-        return op.MatMul(x, w)
+        return op.MatMul(x, w, _outputs=["y"])
 
     def rewrite(self, op, x, w, **_):
         return self._matmul_nbits(op, x, w, self._weight)
@@ -129,7 +134,7 @@ class Int4Gemm(_Int4Rule):
             return result.fail("Gemm with alpha or beta != 1", y)
         if attrs.get_int("transA", 0):
             return result.fail("Gemm with transA", y)
-        return super().check(context, x, w, transposed=bool(attrs.get_int("transB", 0)))
+        return super().check(context, x, w, y, transposed=bool(attrs.get_int("transB", 0)))
 
     def rewrite(self, op, x, w, b, **_):
         return op.Add(self._matmul_nbits(op, x, w, self._weight), b)
@@ -148,9 +153,14 @@ class QuantizeInt4(Pass):
     options = (
         Option("block", int, 32, "weights per scale along K", choices=(16, 32, 64, 128, 256)),
         Option("symmetric", bool, True, "symmetric blocks (false: a zero point per block)"),
+        Option("zero_points", str, "uint8", "asymmetric zero points: uint8 levels, or float (each "
+               "block's min and max land exactly on levels 0 and 15, GGUF Q4_1's grid)",
+               choices=("uint8", "float")),
         Option("method", str, "rtn", "rtn: round to nearest; awq: activation-aware channel scaling",
                choices=("rtn", "awq")),
         Option("min_weights", int, 1024, "leave matmuls with fewer weights in float", low=0),
+        Option("skip_outputs", bool, False, "leave matmuls whose result is a graph output (an LM "
+               "head) in float, for quantize-int8 after it or fp32"),
     )
     provides = ("quantized", "compressed-weights")
     # Relative RMS output error --verify accepts from this pass. Measured on MiniLM (6 layers),
@@ -167,7 +177,7 @@ class QuantizeInt4(Pass):
         if count:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         nbits = [n for n in model.graph if n.op_type == "MatMulNBits"]
-        packed = sum(n.inputs[1].const_value.nbytes + n.inputs[2].const_value.nbytes for n in nbits)
+        packed = sum(v.const_value.nbytes for n in nbits for v in n.inputs[1:4] if v is not None)
         weights = sum(n.attributes.get_int("K") * n.attributes.get_int("N") for n in nbits)
         return PassResult(model, count > 0, {
             "matmuls": count, "int4_bytes": packed,

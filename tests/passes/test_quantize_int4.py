@@ -35,7 +35,7 @@ def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 # --- structure --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("block,symmetric,bits_per_weight", [(32, True, 5.0), (64, True, 4.5),
-                                                               (32, False, 5.0)])
+                                                               (32, False, 5.125)])
 def test_structure_matmulnbits_with_packed_nibbles(block, symmetric, bits_per_weight):
     result, out = _quantize(linear_model(), block=block, symmetric=symmetric)
     (node,) = _nbits(out)
@@ -96,6 +96,41 @@ def test_awq_beats_rtn_when_a_few_channels_carry_large_activations():
     assert errors["awq"] < 0.8 * errors["rtn"], errors
 
 
+def _on_q4_1_grid(w: np.ndarray, block: int) -> np.ndarray:
+    """w rounded the way GGUF's Q4_1 does: per block of K, min + q * (max - min) / 15."""
+    blocks = w.reshape(-1, block, w.shape[1])
+    lo, hi = blocks.min(axis=1, keepdims=True), blocks.max(axis=1, keepdims=True)
+    step = (hi - lo) / 15
+    return (lo + np.round((blocks - lo) / step) * step).reshape(w.shape).astype(np.float32)
+
+
+def test_float_zero_points_reproduce_a_q4_1_grid_exactly():
+    """Asymmetric blocks with float zero points put each block's min and max on levels 0 and 15:
+    weights already on that grid (GGUF Q4_1, as SmolLM2 ships) come back unchanged, where uint8
+    zero points cannot (the min is not a whole number of steps from 0)."""
+    model = linear_model()
+    w = _on_q4_1_grid(numpy_helper.to_array(model.graph.initializer[0]), 32)
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "w"))
+    feeds = random_inputs(model, seed=6, dim_values={"B": 2, "T": 3})
+    reference = run_ort(model, feeds)
+    result, floats = _quantize(model, symmetric=False, zero_points="float")
+    (node,) = _nbits(floats)
+    assert _inits(floats)[node.input[3]].dtype == np.float32
+    assert result.stats["bits_per_weight"] == 6.0  # 4 + a float32 scale and zero per 32
+    assert relative_error(reference, run_ort(floats, feeds)) < 1e-5
+    _, levels = _quantize(model, symmetric=False)
+    assert relative_error(reference, run_ort(levels, feeds)) > 1e-3
+
+
+def test_skip_outputs_leaves_an_lm_head_for_a_later_pass():
+    """The matmul whose result is a graph output stays float; the one inside is quantized."""
+    model = linear_model(shared_matmul_output=True)  # h = x @ w is an output too
+    result, out = _quantize(model, skip_outputs=True)
+    assert not result.changed and not _nbits(out)
+    result, out = _quantize(linear_model(), skip_outputs=True)
+    assert result.changed and len(_nbits(out)) == 1
+
+
 # --- fires where it should, not where it must not ------------------------------------------------
 
 def test_block_that_does_not_divide_k_leaves_the_matmul_in_float():
@@ -147,6 +182,12 @@ def test_compiled_example_lm_matches_ort_and_stores_nibbles(example_path, tmp_pa
     for dims in ({"batch": 1, "seq": 1}, {"batch": 2, "seq": 13}):  # decode and prefill shapes
         feeds = random_inputs(opt, seed=4, dim_values=dims)
         assert compare(run_ort(opt, feeds), int4.run(feeds), tolerance=(1e-4, 1e-4)).ok, dims
+
+
+def test_compiled_float_zero_points_match_ort(example_path, tmp_path):
+    art = edgecc.compile(example_path("tiny-lm"), "host", tmp_path / "f",
+                         "simplify,fuse,quantize-int4{symmetric=false,zero_points=float}")
+    assert art.manifest["verification"]["ok"] and art.manifest["verification"]["max_abs"] < 1e-4
 
 
 def test_int4_pipeline_builds_for_jetson_with_device_code(example_path, tmp_path):
