@@ -1,7 +1,7 @@
 """Tuned vs untuned vs ONNX Runtime: latency after 250 / 1000 / 2000 MetaSchedule trials.
 
     .venv/bin/python benchmarks/tuning.py [--trials 250,1000,2000] [--models block,tiny-lm]
-        [--out benchmarks/results/tuning.json] [--work-dir DIR]
+        [--out benchmarks/results/tuning.json] [--work-dir DIR] [--remeasure]
 
 Models, both batch 1, sequence 32, fp32, pipeline simplify,fuse:
   block    two post-norm transformer encoder layers (d_model 256, 4 heads, FFN 1024, GELU),
@@ -16,7 +16,8 @@ all variants in this one process, TVM_NUM_THREADS=2. Tuning wall time is measure
 Per-kernel time of the most tuned module comes from the records (best measured run time x the
 kernel's call count), which is what the tuner optimized. Finally the store is exported to one
 file, the model compiled again with only that file (an empty store) and no tuning: zero trials,
-and its latency is measured beside the others.
+and its latency is measured beside the others. `--remeasure` measures the artifacts a run left in
+its --work-dir again, without tuning (for a run whose measurement a busy machine spoiled).
 """
 
 from __future__ import annotations
@@ -103,8 +104,15 @@ def main() -> int:
     ap.add_argument("--models", default="block,tiny-lm")
     ap.add_argument("--out", default="benchmarks/results/tuning.json")
     ap.add_argument("--work-dir")
+    ap.add_argument("--remeasure", action="store_true",
+                    help="measure the artifacts an earlier run left in --work-dir again (no tuning) "
+                         "and update the latencies in --out")
     args = ap.parse_args()
     steps = [int(t) for t in args.trials.split(",")]
+    if args.remeasure:
+        if not args.work_dir:
+            ap.error("--remeasure needs the --work-dir of the earlier run")
+        return remeasure(Path(args.work_dir), steps, args.models.split(","), Path(args.out))
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="edgecc-tuning-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -137,10 +145,12 @@ def main() -> int:
         shared = edgecc.compile(path, "host", work / f"{name}-from-log", tuning_store=work / "empty-store",
                                 tuning_logs=(exported,), **common)
         calls["from exported log"] = artifact_call(shared, feeds)
+        load_before = os.getloadavg()[0]
         latency = measure(calls)
         per_kernel = sorted(((k, v) for k, v in summary["best_ms"].items()), key=lambda kv: -kv[1])
         results[name] = {
             "shapes": shapes, "latency_ms": latency,
+            "load_average_before_after_measuring": [round(load_before, 2), round(os.getloadavg()[0], 2)],
             "speedup_vs_ort": {k: round(latency["ort"] / v, 3) for k, v in latency.items()},
             "tuning": steps_out, "exported_records": n,
             "from_exported_log": {"trials_spent": 0, "tuned_kernels": shared.manifest["build"]["tuned_kernels"]},
@@ -148,6 +158,28 @@ def main() -> int:
         }
         print(json.dumps(results[name], indent=1), flush=True)
         write(Path(args.out), results)  # after each model: a long run keeps what it finished
+    return 0
+
+
+def remeasure(work: Path, steps: list[int], names: list[str], out: Path) -> int:
+    """Latencies of the artifacts in `work` again, all variants interleaved as in a full run."""
+    results = json.loads(out.read_text())["results"]
+    for name in names:
+        path = work / f"{name}.onnx"
+        shapes = results[name]["shapes"] or {}
+        feeds = random_inputs(__import__("onnx").load(str(path)), seed=0, dim_values=shapes)
+        calls = {"ort": ort_call(path, feeds)}
+        dirs = {"untuned": f"{name}-untuned", **{f"tuned {t}": f"{name}-{t}" for t in steps},
+                "from exported log": f"{name}-from-log"}
+        for label, d in dirs.items():
+            calls[label] = artifact_call(edgecc.Artifact.load(work / d), feeds)
+        load_before = os.getloadavg()[0]
+        latency = measure(calls)
+        results[name].update({
+            "latency_ms": latency, "speedup_vs_ort": {k: round(latency["ort"] / v, 3) for k, v in latency.items()},
+            "load_average_before_after_measuring": [round(load_before, 2), round(os.getloadavg()[0], 2)]})
+        print(json.dumps({name: results[name]["latency_ms"]}, indent=1), flush=True)
+    write(out, results)
     return 0
 
 
@@ -159,7 +191,6 @@ def write(out: Path, results: dict) -> None:
         "versions": {"tvm": tuning_log.installed_tvm_version(), "onnxruntime": ort.__version__},
         "method": __doc__.split("\n\n", 2)[2].strip(), "results": results}, indent=2) + "\n")
     print(f"wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":
