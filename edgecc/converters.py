@@ -214,3 +214,39 @@ class FastGelu(OnnxOpConverter):
     def _impl_v1(cls, bb, inputs, attr, params):
         x = inputs[0] if len(inputs) < 2 or inputs[1] is None else bb.normalize(relax.op.add(*inputs[:2]))
         return _gelu(x, "tanh")
+
+
+@converter("Range")
+class Range(OnnxOpConverter):
+    """Range with integer bounds taken from shapes keeps its length symbolic.
+
+    `torch.arange(x.shape[1])` exports as Range(0, Gather(Shape(x), 1), 1). TVM's converter gives
+    the result a fresh length variable, so positions of length `seq` no longer broadcast with
+    tensors of length `seq` and every shape after them is lost. When start, limit and delta are
+    integer constants or shape expressions, relax's arange states the length itself; anything
+    else goes to TVM's converter.
+    """
+
+    computed_outputs = (0,)
+
+    @classmethod
+    def _impl_v12(cls, bb, inputs, attr, params):
+        from tvm.relax.frontend.onnx import onnx_frontend as frontend
+
+        bounds, dtypes = [], set()
+        for value in inputs:
+            value = frontend.get_constant(value, params)
+            if isinstance(value, tvm.ir.GenericConst) and value.value.numpy().size == 1:
+                number = value.value.numpy()
+                bounds.append(int(number.item()) if number.dtype.kind in "iu" else None)
+                dtypes.add(str(number.dtype))
+            elif tvm.ir.is_prim_expr(value):  # a shape dimension, as Gather(Shape(x)) imports
+                dtype = str(getattr(value, "dtype", None) or value.ty)
+                bounds.append(value if dtype.startswith("int") else None)
+                dtypes.add(dtype)
+            else:
+                bounds.append(None)
+        start, limit, delta = bounds
+        if None not in bounds and isinstance(delta, int) and delta > 0 and len(dtypes) == 1:
+            return relax.op.arange(start, limit, delta, dtypes.pop())
+        return frontend.Range._impl_v12(bb, inputs, attr, params)

@@ -188,3 +188,32 @@ def test_gelu_forms_compile_to_fast_math_within_fp32_tolerance(tmp_path, op, dom
     art = edgecc.compile(path, "host", tmp_path / "a", "simplify")
     x = {"x": np.linspace(-6, 6, 256, dtype=np.float32).reshape(4, 64)}
     assert compare(run_ort(onnx.load(str(path)), x), art.run(x)).ok
+
+
+def test_positions_from_range_of_shape_keep_their_length(tmp_path):
+    """`torch.arange(ids.shape[1])` exports as Range(0, Gather(Shape(ids), 1), 1). TVM's importer
+    gives its result a fresh length, and the sum with the token embeddings loses its shape;
+    edgecc's Range converter keeps the length `seq`, so the model compiles with symbolic seq and
+    matches ORT at several lengths."""
+    torch = pytest.importorskip("torch")
+
+    class Positions(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.pos = torch.nn.Embedding(64, 16), torch.nn.Embedding(32, 16)
+
+        def forward(self, ids):
+            h = self.tok(ids) + self.pos(torch.arange(ids.shape[1]))
+            return h @ h.transpose(1, 2) + torch.triu(torch.ones(ids.shape[1], ids.shape[1]), 1)
+
+    torch.manual_seed(0)
+    path = tmp_path / "positions.onnx"
+    torch.onnx.export(Positions().eval(), (torch.randint(0, 64, (1, 5)),), str(path), input_names=["ids"],
+                      output_names=["y"], dynamic_axes={"ids": {0: "b", 1: "s"}, "y": {0: "b", 1: "s", 2: "s"}},
+                      dynamo=False, opset_version=17)
+    assert "Range" in {n.op_type for n in onnx.load(str(path)).graph.node}
+    art = edgecc.compile(path, "host", tmp_path / "art", "simplify")
+    model = onnx.load(str(path))
+    for s in (3, 11):
+        feeds = random_inputs(model, seed=s, dim_values={"s": s})
+        assert compare(run_ort(model, feeds), art.run(feeds), across_engines=True).ok, s
