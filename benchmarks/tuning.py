@@ -12,7 +12,8 @@ Symbolic dims are fixed with --shape (tuning needs static kernels).
 For each model: ORT (ORT_ENABLE_ALL, 2 threads), the untuned edgecc artifact, then `edgecc tune`
 resumed up to each trial count in turn (so 1000 includes the first 250), each followed by a
 compile that uses the store. Latency: median over interleaved rounds of 50 calls after warm-up,
-all variants in this one process, TVM_NUM_THREADS=2. Tuning wall time is measured per step.
+all variants in this one process, TVM_NUM_THREADS=2; ORT also alone in a process of its own
+(`ort_alone_ms`), where it is faster. Tuning wall time is measured per step.
 Per-kernel time of the most tuned module comes from the records (best measured run time x the
 kernel's call count), which is what the tuner optimized. Finally the store is exported to one
 file, the model compiled again with only that file (an empty store) and no tuning: zero trials,
@@ -83,6 +84,36 @@ def artifact_call(art, feeds: dict):
     return lambda: vm(*args)
 
 
+ORT_ALONE = """
+import sys, time, numpy as np, onnxruntime as ort
+feeds = dict(np.load(sys.argv[2]))
+so = ort.SessionOptions()
+so.intra_op_num_threads = int(sys.argv[3])
+sess = ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
+for _ in range(20):
+    sess.run(None, feeds)
+times = []
+for _ in range(int(sys.argv[4])):
+    t = time.perf_counter()
+    sess.run(None, feeds)
+    times.append(time.perf_counter() - t)
+print(np.median(times) * 1e3)
+"""
+
+
+def ort_alone_ms(path: Path, feeds: dict, work: Path) -> float:
+    """ORT in a process of its own, nothing else running in it: interleaved with TVM's thread pool
+    in one process ORT measures slower (block: 1.48 ms vs 0.78 ms alone), so both are reported."""
+    import subprocess
+    import sys
+
+    npz = work / "ort-alone-feeds.npz"
+    np.savez(npz, **feeds)
+    out = subprocess.run([sys.executable, "-c", ORT_ALONE, str(path), str(npz), str(THREADS),
+                          str(ROUNDS * CALLS)], capture_output=True, text=True, check=True)
+    return round(float(out.stdout.strip()), 4)
+
+
 def measure(calls: dict) -> dict[str, float]:
     times: dict[str, list[float]] = {k: [] for k in calls}
     for fn in calls.values():
@@ -147,9 +178,11 @@ def main() -> int:
         calls["from exported log"] = artifact_call(shared, feeds)
         load_before = os.getloadavg()[0]
         latency = measure(calls)
+        alone = ort_alone_ms(path, feeds, work)
         per_kernel = sorted(((k, v) for k, v in summary["best_ms"].items()), key=lambda kv: -kv[1])
         results[name] = {
             "shapes": shapes, "latency_ms": latency,
+            "ort_alone_ms": alone, "speedup_vs_ort_alone": {k: round(alone / v, 3) for k, v in latency.items()},
             "load_average_before_after_measuring": [round(load_before, 2), round(os.getloadavg()[0], 2)],
             "speedup_vs_ort": {k: round(latency["ort"] / v, 3) for k, v in latency.items()},
             "tuning": steps_out, "exported_records": n,
@@ -175,8 +208,10 @@ def remeasure(work: Path, steps: list[int], names: list[str], out: Path) -> int:
             calls[label] = artifact_call(edgecc.Artifact.load(work / d), feeds)
         load_before = os.getloadavg()[0]
         latency = measure(calls)
+        alone = ort_alone_ms(path, feeds, work)
         results[name].update({
             "latency_ms": latency, "speedup_vs_ort": {k: round(latency["ort"] / v, 3) for k, v in latency.items()},
+            "ort_alone_ms": alone, "speedup_vs_ort_alone": {k: round(alone / v, 3) for k, v in latency.items()},
             "load_average_before_after_measuring": [round(load_before, 2), round(os.getloadavg()[0], 2)]})
         print(json.dumps({name: results[name]["latency_ms"]}, indent=1), flush=True)
     write(out, results)
