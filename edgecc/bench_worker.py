@@ -90,6 +90,19 @@ def perplexity(step, cache, windows: list[list[int]]) -> dict:
     return {"perplexity": float(np.exp(nll / count)), "tokens": count, "windows": len(windows)}
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM belongs to the address space exec made;
+    getrusage's ru_maxrss survives fork and exec on Linux, so it would report the parent's peak
+    (the bench process, which compiled the artifacts) instead."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def main(argv: list[str]) -> int:
     spec = json.loads(open(argv[0]).read())
     os.environ["TVM_NUM_THREADS"] = str(spec["threads"])
@@ -103,7 +116,7 @@ def main(argv: list[str]) -> int:
                                                max(3, spec["repeats"] // 3), rng, spec["vocab"])
     if spec["windows"]:
         result["accuracy"] = perplexity(step, cache, spec["windows"])
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_mb()
     tmp = argv[1] + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f)
