@@ -114,7 +114,7 @@ class MatMulNBits(OnnxOpConverter):
     def _impl_v1(cls, bb, inputs, attr, params):
         import numpy as np
 
-        from edgecc.kernels.int4 import emit_int4_matmul
+        from edgecc.kernels.int4 import emit_int4_linear
 
         K, N, bits, block = attr["K"], attr["N"], attr.get("bits", 4), attr["block_size"]
         x, b, scales = inputs[0], inputs[1], inputs[2]
@@ -140,7 +140,7 @@ class MatMulNBits(OnnxOpConverter):
                 zeros = relax.const(np.ascontiguousarray(both.T).astype(np.uint8))
         lead = list(x.ty.shape)[:-1]
         rows = x if len(lead) == 1 else bb.normalize(relax.op.reshape(x, (-1, K)))
-        y = emit_int4_matmul(bb, rows, relax.const(packed), relax.const(kernel_scales), zeros, block, K, N)
+        y = emit_int4_linear(bb, rows, relax.const(packed), relax.const(kernel_scales), zeros, block, K, N)
         return y if len(lead) == 1 else relax.op.reshape(y, (*lead, N))
 
 

@@ -166,6 +166,42 @@ def emit_int4_matmul(bb, x, packed, scales, zeros, block: int, K: int, N: int):
     )
 
 
+def emit_int4_linear(bb, x, packed, scales, zeros, block: int, K: int, N: int):
+    """emit_int4_matmul, except that symbolic rows get both kernels behind a run-time choice.
+
+    A causal LM compiled for prefill and decode has symbolic rows, which would always take the
+    any-M schedule: 2.2x slower than the GEMV schedule for the single row of a decode step. So a
+    private Relax function `int4_linear` tests `rows == 1` and calls int4_gemv, else int4_matmul.
+    """
+    from tvm import relax, tirx
+
+    rows = x.ty.shape[0]
+    if isinstance(rows, tirx.IntImm):
+        return emit_int4_matmul(bb, x, packed, scales, zeros, block, K, N)
+    _check_block(K, block)
+    m = tirx.Var("m", "int64")
+    xd = relax.Var("x", relax.TensorType((m, K), "float32"))
+
+    def kernel(arg, kind):
+        args = (arg, packed, scales, zeros, block, K, N)
+        return bb.call_te(_int4_matmul_te, *args, primfunc_name_hint=kind,
+                          primfunc_attrs={KERNEL_ATTR: kind, BLOCK_ATTR: block, "op_pattern": 8})
+
+    one = relax.Var("x1", relax.TensorType((1, K), "float32"))
+    y_one = relax.Var("y1", relax.TensorType((1, N), "float32"))
+    y_then = relax.Var("y", relax.TensorType((m, N), "float32"))
+    then = relax.SeqExpr([relax.BindingBlock([
+        relax.MatchCast(one, xd, one.ty), relax.VarBinding(y_one, kernel(one, "int4_gemv")),
+        relax.MatchCast(y_then, y_one, y_then.ty)])], y_then)
+    y_else = relax.Var("y", relax.TensorType((m, N), "float32"))
+    other = relax.SeqExpr([relax.BindingBlock([relax.VarBinding(y_else, kernel(xd, "int4_matmul"))])], y_else)
+    out = relax.Var("out", relax.TensorType((m, N), "float32"))
+    choice = relax.If(relax.prim_value(tirx.EQ(m, tirx.IntImm("int64", 1))), then, other)
+    body = relax.SeqExpr([relax.BindingBlock([relax.VarBinding(out, choice)])], out)
+    gv = bb.add_func(relax.Function([xd], body, relax.TensorType((m, N), "float32")), "int4_linear")
+    return relax.Call(gv, [x])
+
+
 def _schedule_gemv(sch, mm, x_buffer, block: int) -> None:
     """M == 1: parallel over outputs; each row of packed bytes is one contiguous stream.
 

@@ -10,13 +10,14 @@ import tvm_ffi
 from edgecc.kernels.int4 import (
     build_module,
     dequantize_blockwise,
+    emit_int4_linear,
     linear_module,
     pack_int4,
     quantize_blockwise,
     schedule_int4,
     unpack_int4,
 )
-from tvm import relax
+from tvm import relax, tirx
 from tvm.support import cc
 
 from edgecc import emulator
@@ -202,3 +203,29 @@ def test_jetson_build(M, kernel, tmp_path):
     lib = tmp_path / "int4.so"
     ex.export_library(str(lib), fcompile=cc.cross_compiler(CROSS_CC))
     assert e_machine(lib) == EM_AARCH64
+
+
+def test_symbolic_rows_choose_the_gemv_for_one_row_at_run_time():
+    """emit_int4_linear behind symbolic rows: one private function holding both kernels and a
+    rows == 1 test; both branches equal numpy."""
+    K, N, block = 64, 48, 32
+    w = np.random.default_rng(3).standard_normal((K, N)).astype(np.float32)
+    q, scales, zeros = quantize_blockwise(w, block, False, float_zeros=True)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((tirx.Var("m", "int64"), K), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(emit_int4_linear(bb, x, relax.const(pack_int4(q)), relax.const(scales),
+                                                relax.const(zeros), block, K, N))
+        bb.emit_func_output(y)
+    mod = bb.get()
+    names = {gv.name_hint for gv in mod.functions}
+    assert {"int4_linear", "int4_gemv", "int4_matmul"} <= names
+    with HOST:
+        mod = relax.get_pipeline("zero")(mod)
+    vm = relax.VirtualMachine(tvm.compile(schedule_int4(mod, HOST), target=HOST), tvm.cpu())
+    expected_w = dequantize_blockwise(q, scales, zeros, block)
+    for rows in (1, 5):
+        xv = np.random.default_rng(rows).standard_normal((rows, K)).astype(np.float32)
+        got = vm["main"](tvm.runtime.tensor(xv)).numpy()
+        np.testing.assert_allclose(got, xv @ expected_w, rtol=1e-4, atol=1e-4)
