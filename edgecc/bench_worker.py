@@ -19,11 +19,11 @@ import time
 
 import numpy as np
 
+from edgecc.generate import CacheLayout, ort_step, step_feeds
+
 
 def _step(spec: dict):
     """The step function and cache layout of the configuration."""
-    from edgecc.generate import CacheLayout, ort_step
-
     if spec["kind"] == "ort":
         step, inputs = ort_step(spec["path"], threads=spec["threads"])
         return step, CacheLayout.of(inputs, spec["path"])
@@ -35,12 +35,6 @@ def _step(spec: dict):
                                                                                   spec["path"])
 
 
-def _feeds(ids: np.ndarray, past: dict, cached: int) -> dict:
-    total = cached + ids.shape[1]
-    return {"ids": ids, "attention_mask": np.ones((1, total), np.int64),
-            "position_ids": np.arange(cached, total, dtype=np.int64)[None], **past}
-
-
 def _percentiles(samples: list[float]) -> dict:
     return {"p50": float(np.percentile(samples, 50)), "p90": float(np.percentile(samples, 90)),
             "runs": len(samples)}
@@ -48,11 +42,11 @@ def _percentiles(samples: list[float]) -> dict:
 
 def prefill_ms(step, cache, length: int, repeats: int, rng, vocab: int) -> dict:
     ids = rng.integers(0, vocab, (1, length)).astype(np.int64)
-    step(_feeds(ids, cache.empty(), 0))  # warm-up
+    step(step_feeds(ids, cache.empty(), 0))  # warm-up
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        step(_feeds(ids, cache.empty(), 0))
+        step(step_feeds(ids, cache.empty(), 0))
         times.append((time.perf_counter() - t) * 1000)
     return _percentiles(times)
 
@@ -60,17 +54,17 @@ def prefill_ms(step, cache, length: int, repeats: int, rng, vocab: int) -> dict:
 def decode_tokens_per_s(step, cache, past: int, steps: int, repeats: int, rng, vocab: int) -> dict:
     """Greedy steps after a cache of `past` tokens; the median over `repeats` rounds."""
     ids = rng.integers(0, vocab, (1, past)).astype(np.int64)
-    out = step(_feeds(ids, cache.empty(), 0))
-    start = {n: out[n.replace("past.", "present.", 1)] for n in cache.names}
+    out = step(step_feeds(ids, cache.empty(), 0))
+    start = cache.presents(out)
     token = np.asarray([[int(np.argmax(out["logits"][0, -1]))]], np.int64)
-    step(_feeds(token, start, past))  # warm-up
+    step(step_feeds(token, start, past))  # warm-up
     rates = []
     for _ in range(repeats):
         kv, tok = start, token
         t = time.perf_counter()
         for i in range(steps):
-            out = step(_feeds(tok, kv, past + i))
-            kv = {n: out[n.replace("past.", "present.", 1)] for n in cache.names}
+            out = step(step_feeds(tok, kv, past + i))
+            kv = cache.presents(out)
             tok = np.asarray([[int(np.argmax(out["logits"][0, -1]))]], np.int64)
         rates.append(steps / (time.perf_counter() - t))
     return {"tokens_per_s": float(np.median(rates)), "rounds": [round(r, 3) for r in rates],
@@ -82,7 +76,7 @@ def perplexity(step, cache, windows: list[list[int]]) -> dict:
     nll, count = 0.0, 0
     for window in windows:
         ids = np.asarray([window], np.int64)
-        logits = step(_feeds(ids, cache.empty(), 0))["logits"][0].astype(np.float64)
+        logits = step(step_feeds(ids, cache.empty(), 0))["logits"][0].astype(np.float64)
         logits -= logits.max(-1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
         nll -= float(logp[np.arange(len(window) - 1), window[1:]].sum())

@@ -45,6 +45,17 @@ class CacheLayout:
     def empty(self) -> dict[str, np.ndarray]:
         return {n: np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32) for n in self.names}
 
+    def presents(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The cache a step returned (present.*), as the next step's past.* inputs."""
+        return {n: outputs[n.replace("past.", "present.", 1)] for n in self.names}
+
+
+def step_feeds(ids: np.ndarray, past: dict[str, np.ndarray], cached: int) -> dict[str, np.ndarray]:
+    """Inputs of one step: `ids` [1, n] after `cached` tokens whose keys and values are `past`."""
+    total = cached + ids.shape[1]
+    return {"ids": ids, "attention_mask": np.ones((1, total), np.int64),
+            "position_ids": np.arange(cached, total, dtype=np.int64)[None], **past}
+
 
 @dataclasses.dataclass
 class Generation:
@@ -66,11 +77,8 @@ def greedy(step: Step, cache: CacheLayout, prompt_ids: list[int], max_new_tokens
     tokens: list[int] = []
     prefill_s = decode_s = 0.0
     while len(tokens) < max_new_tokens:
-        total = cached + ids.shape[1]
-        feeds = {"ids": ids, "attention_mask": np.ones((1, total), np.int64),
-                 "position_ids": np.arange(cached, total, dtype=np.int64)[None], **past}
         t = time.perf_counter()
-        out = step(feeds)
+        out = step(step_feeds(ids, past, cached))
         token = int(np.argmax(out["logits"][0, -1]))
         if tokens:
             decode_s += time.perf_counter() - t
@@ -81,8 +89,8 @@ def greedy(step: Step, cache: CacheLayout, prompt_ids: list[int], max_new_tokens
             on_token(token)
         if token in eos_ids:
             break
-        past = {n: out[n.replace("past.", "present.", 1)] for n in cache.names}
-        ids, cached = np.asarray([[token]], np.int64), total
+        past = cache.presents(out)
+        ids, cached = np.asarray([[token]], np.int64), cached + ids.shape[1]
     return Generation(list(prompt_ids), tokens, prefill_s, decode_s)
 
 

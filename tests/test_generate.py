@@ -10,7 +10,6 @@ import pytest
 
 import edgecc
 from edgecc import generate, llama
-from edgecc.artifact import Artifact
 from edgecc.examples import TINY_LLAMA
 from edgecc.verify import dim_expr, graph_inputs, random_inputs
 from tests.conftest import run_cli
@@ -35,25 +34,17 @@ def test_cache_decode_equals_full_sequence(tiny_llama):
     cache = generate.CacheLayout.of(specs, "tiny-llama")
     ids = np.array([PROMPT], np.int64)
     n = ids.shape[1]
-
-    def feeds(x, start, past):
-        return {"ids": x, "attention_mask": np.ones((1, start + x.shape[1]), np.int64),
-                "position_ids": np.arange(start, start + x.shape[1])[None], **past}
-
-    full = step(feeds(ids, 0, cache.empty()))
-    head = step(feeds(ids[:, :-1], 0, cache.empty()))
-    past = {name: head[name.replace("past.", "present.")] for name in cache.names}
-    last = step(feeds(ids[:, -1:], n - 1, past))
+    full = step(generate.step_feeds(ids, cache.empty(), 0))
+    head = step(generate.step_feeds(ids[:, :-1], cache.empty(), 0))
+    last = step(generate.step_feeds(ids[:, -1:], cache.presents(head), n - 1))
     np.testing.assert_allclose(last["logits"][0, -1], full["logits"][0, -1], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(last["present.1.value"], full["present.1.value"], rtol=1e-5, atol=1e-5)
 
 
 def test_left_padding_is_masked(tiny_llama):
     """Padded (mask 0) positions before the prompt do not change its logits."""
-    step, _ = generate.ort_step(str(tiny_llama))
-    cfg = llama.LlamaConfig(**TINY_LLAMA)
-    empty = {n: np.zeros((1, cfg.kv_heads, 0, cfg.head_dim), np.float32)
-             for n in llama.io_names(cfg.layers)[0][3:]}
+    step, specs = generate.ort_step(str(tiny_llama))
+    empty = generate.CacheLayout.of(specs, "tiny-llama").empty()
     ids = np.array([PROMPT], np.int64)
     plain = step({"ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(7)[None], **empty})
     padded_ids = np.concatenate([[[0, 0, 0]], ids], axis=1)
