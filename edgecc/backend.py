@@ -66,7 +66,14 @@ def fast_math(mod):
                 return rewrite(self.builder_, call)
             return super().visit_call_(call)
 
-    gen = FastMath(mod)
+    return rewrite_functions(mod, FastMath)
+
+
+def rewrite_functions(mod, mutator):
+    """`mod` with every Relax function rewritten by `mutator` (a relax.PyExprMutator class)."""
+    from tvm import relax
+
+    gen = mutator(mod)
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
             gen.builder_.update_func(gv, gen.visit_expr(func))

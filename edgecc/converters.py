@@ -49,14 +49,12 @@ class SkipSimplifiedLayerNormalization(OnnxOpConverter):
 
 def _int8_matmul(bb, x, w, tile: int):
     """x int8 [..., K] @ constant int8 w [K, N] -> int32 with edgecc's int8 kernel."""
-    from edgecc.kernels.int8 import emit_int8_matmul, pack_int8
+    from edgecc.kernels.int8 import emit_int8_matmul, over_rows, pack_int8
 
     weight = w.value.numpy()
     K, N = weight.shape
-    lead = list(x.ty.shape)[:-1]
-    rows = x if len(lead) == 1 else bb.normalize(relax.op.reshape(x, (-1, K)))
-    y = emit_int8_matmul(bb, rows, relax.const(pack_int8(weight, tile)), tile, K, N)
-    return y if len(lead) == 1 else relax.op.reshape(y, (*lead, N))
+    packed = relax.const(pack_int8(weight, tile))
+    return over_rows(bb, x, K, N, lambda rows: emit_int8_matmul(bb, rows, packed, tile, K, N))
 
 
 def _int8_operands(inputs) -> bool:
@@ -115,6 +113,7 @@ class MatMulNBits(OnnxOpConverter):
         import numpy as np
 
         from edgecc.kernels.int4 import emit_int4_linear
+        from edgecc.kernels.int8 import over_rows
 
         K, N, bits, block = attr["K"], attr["N"], attr.get("bits", 4), attr["block_size"]
         x, b, scales = inputs[0], inputs[1], inputs[2]
@@ -138,10 +137,9 @@ class MatMulNBits(OnnxOpConverter):
                 nibbles = given.reshape(N, -1)
                 both = np.stack([nibbles & 15, nibbles >> 4], axis=-1).reshape(N, -1)[:, :blocks]
                 zeros = relax.const(np.ascontiguousarray(both.T).astype(np.uint8))
-        lead = list(x.ty.shape)[:-1]
-        rows = x if len(lead) == 1 else bb.normalize(relax.op.reshape(x, (-1, K)))
-        y = emit_int4_linear(bb, rows, relax.const(packed), relax.const(kernel_scales), zeros, block, K, N)
-        return y if len(lead) == 1 else relax.op.reshape(y, (*lead, N))
+        packed, kernel_scales = relax.const(packed), relax.const(kernel_scales)
+        return over_rows(bb, x, K, N,
+                         lambda rows: emit_int4_linear(bb, rows, packed, kernel_scales, zeros, block, K, N))
 
 
 @converter("BlockSparseMatMul", domain="edgecc")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgecc.kernels.int8 import pack_panels, panel_width, schedule_panels_cpu
+from edgecc.kernels.int8 import over_rows, pack_panels, panel_width, schedule_panels_cpu, unscheduled_kernels
 
 KERNEL_ATTR = "edgecc.dense_tile"  # func attr marking the PrimFuncs `schedule` owns
 
@@ -33,14 +33,16 @@ def emit_dense(bb, x, weight: np.ndarray, tile: int):
     from tvm import relax
 
     K, N = weight.shape
-    lead = list(x.ty.shape)[:-1]
-    rows = x if len(lead) == 1 else bb.normalize(relax.op.reshape(x, (-1, K)))
     packed = relax.const(pack_panels(weight, tile))
-    y = bb.emit_te(_dense_te, rows, packed, tile, K, primfunc_name_hint="dense",
-                   primfunc_attrs={KERNEL_ATTR: tile, "op_pattern": 8})  # 8: kOpaque, kept whole
-    if -(-N // tile) * tile != N:
-        y = bb.normalize(relax.op.strided_slice(y, axes=[1], begin=[0], end=[N]))
-    return y if len(lead) == 1 else relax.op.reshape(y, (*lead, N))
+
+    def emit(rows):
+        y = bb.emit_te(_dense_te, rows, packed, tile, K, primfunc_name_hint="dense",
+                       primfunc_attrs={KERNEL_ATTR: tile, "op_pattern": 8})  # 8: kOpaque, kept whole
+        if N % tile == 0:
+            return y
+        return bb.normalize(relax.op.strided_slice(y, axes=[1], begin=[0], end=[N]))  # padded panels
+
+    return over_rows(bb, x, K, N, emit)
 
 
 def route_symbolic_matmuls(mod, target):
@@ -48,6 +50,8 @@ def route_symbolic_matmuls(mod, target):
     (CPU targets; `mod` before the "zero" pipeline). Returns the module and how many it routed."""
     import tvm
     from tvm import relax, tirx
+
+    from edgecc.backend import rewrite_functions
 
     tile = panel_width(target)
     routed = 0
@@ -68,23 +72,16 @@ def route_symbolic_matmuls(mod, target):
             routed += 1
             return emit_dense(self.builder_, x, w.value.numpy(), tile)
 
-    gen = Route(mod)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            gen.builder_.update_func(gv, gen.visit_expr(func))
-    return tvm.relax.transform.DeadCodeElimination()(gen.builder_.get()), routed
+    routed_mod = rewrite_functions(mod, Route)
+    return relax.transform.DeadCodeElimination()(routed_mod), routed
 
 
 def schedule(mod, target):
     """Schedule the dense kernels in `mod` (after the "zero" pipeline) for a CPU `target`."""
-    import tvm
     from tvm.s_tir import Schedule
 
     mod = mod.clone()
-    for gv, func in list(mod.functions.items()):
-        if (not isinstance(func, tvm.tirx.PrimFunc) or func.attrs is None
-                or KERNEL_ATTR not in func.attrs or func.attrs.get("tirx.is_scheduled")):
-            continue
+    for gv, func in unscheduled_kernels(mod, KERNEL_ATTR):
         sch = Schedule(func)
         schedule_panels_cpu(sch, sch.get_sblock("dense"), int(func.attrs[KERNEL_ATTR]))
         mod[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)

@@ -147,6 +147,11 @@ def emit_int4_matmul(bb, x, packed, scales, zeros, block: int, K: int, N: int):
     else "int4_matmul"; both compute the same thing and differ in schedule (schedule_int4).
     The PrimFunc is marked opaque to FuseOps so it keeps the two blocks its schedule expects.
     """
+    return bb.emit(_int4_call(bb, x, packed, scales, zeros, block, K, N))
+
+
+def _int4_call(bb, x, packed, scales, zeros, block: int, K: int, N: int):
+    """The call_tir of emit_int4_matmul's kernel, its operands checked, not yet emitted."""
     from tvm import tirx
 
     _check_block(K, block)
@@ -159,7 +164,7 @@ def emit_int4_matmul(bb, x, packed, scales, zeros, block: int, K: int, N: int):
         raise ValueError(f"emit_int4_matmul: x must be float32, got {x.ty.dtype}")
     gemv = isinstance(shape[0], tirx.IntImm) and int(shape[0]) == 1
     kind = "int4_gemv" if gemv else "int4_matmul"
-    return bb.emit_te(
+    return bb.call_te(
         _int4_matmul_te, x, packed, scales, zeros, block, K, N,
         primfunc_name_hint=kind,
         primfunc_attrs={KERNEL_ATTR: kind, BLOCK_ATTR: block, "op_pattern": 8},  # 8: kOpaque
@@ -175,26 +180,20 @@ def emit_int4_linear(bb, x, packed, scales, zeros, block: int, K: int, N: int):
     """
     from tvm import relax, tirx
 
-    rows = x.ty.shape[0]
-    if isinstance(rows, tirx.IntImm):
+    if isinstance(x.ty.shape[0], tirx.IntImm):
         return emit_int4_matmul(bb, x, packed, scales, zeros, block, K, N)
-    _check_block(K, block)
     m = tirx.Var("m", "int64")
     xd = relax.Var("x", relax.TensorType((m, K), "float32"))
-
-    def kernel(arg, kind):
-        args = (arg, packed, scales, zeros, block, K, N)
-        return bb.call_te(_int4_matmul_te, *args, primfunc_name_hint=kind,
-                          primfunc_attrs={KERNEL_ATTR: kind, BLOCK_ATTR: block, "op_pattern": 8})
-
     one = relax.Var("x1", relax.TensorType((1, K), "float32"))
     y_one = relax.Var("y1", relax.TensorType((1, N), "float32"))
     y_then = relax.Var("y", relax.TensorType((m, N), "float32"))
     then = relax.SeqExpr([relax.BindingBlock([
-        relax.MatchCast(one, xd, one.ty), relax.VarBinding(y_one, kernel(one, "int4_gemv")),
+        relax.MatchCast(one, xd, one.ty),
+        relax.VarBinding(y_one, _int4_call(bb, one, packed, scales, zeros, block, K, N)),  # int4_gemv
         relax.MatchCast(y_then, y_one, y_then.ty)])], y_then)
     y_else = relax.Var("y", relax.TensorType((m, N), "float32"))
-    other = relax.SeqExpr([relax.BindingBlock([relax.VarBinding(y_else, kernel(xd, "int4_matmul"))])], y_else)
+    other = relax.SeqExpr([relax.BindingBlock([  # int4_matmul
+        relax.VarBinding(y_else, _int4_call(bb, xd, packed, scales, zeros, block, K, N))])], y_else)
     out = relax.Var("out", relax.TensorType((m, N), "float32"))
     choice = relax.If(relax.prim_value(tirx.EQ(m, tirx.IntImm("int64", 1))), then, other)
     body = relax.SeqExpr([relax.BindingBlock([relax.VarBinding(out, choice)])], out)

@@ -116,6 +116,26 @@ def schedule_panels_cpu(sch, mm, tile: int) -> None:
     sch.vectorize(sch.get_loops(init)[-1])
 
 
+def over_rows(bb, x, K: int, N: int, emit):
+    """x [..., K] through `emit(rows [M, K]) -> [M, N]` as one matrix of rows, reshaped back to
+    [..., N]: the kernels take 2-D operands (used by every edgecc matmul lowering)."""
+    from tvm import relax
+
+    lead = list(x.ty.shape)[:-1]
+    if len(lead) == 1:
+        return emit(x)
+    return relax.op.reshape(emit(bb.normalize(relax.op.reshape(x, (-1, K)))), (*lead, N))
+
+
+def unscheduled_kernels(mod, attr: str) -> list:
+    """(GlobalVar, PrimFunc) of the kernels in `mod` marked with `attr` that nothing scheduled yet
+    (kernels.dense shares it)."""
+    import tvm
+
+    return [(gv, f) for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)
+            and f.attrs is not None and attr in f.attrs and not f.attrs.get("tirx.is_scheduled")]
+
+
 def schedule(mod, target):
     """Schedule every int8 kernel in `mod` (after the Relax "zero" pipeline) for `target`.
 
@@ -128,10 +148,7 @@ def schedule(mod, target):
     from tvm.s_tir import dlight as dl
 
     mod = mod.clone()
-    for gv, func in list(mod.functions.items()):
-        if (not isinstance(func, tvm.tirx.PrimFunc) or func.attrs is None
-                or KERNEL_ATTR not in func.attrs or func.attrs.get("tirx.is_scheduled")):
-            continue
+    for gv, func in unscheduled_kernels(mod, KERNEL_ATTR):
         if "gpu" in target.keys:
             with target:
                 one = dl.ApplyDefaultSchedule(dl.gpu.GEMV(), dl.gpu.Fallback())(tvm.IRModule({"main": func}))
