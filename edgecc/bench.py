@@ -131,21 +131,27 @@ def _run_worker(spec: dict, work: Path, name: str) -> dict:
 
 def run(model: str | os.PathLike, settings: Settings, out_dir: str | os.PathLike | None = None,
         log: Callable[[str], None] = lambda _m: None) -> dict:
-    """Compile every pipeline, measure every configuration; the results as a JSON-able dict."""
+    """Compile every pipeline, measure every configuration; the results as a JSON-able dict.
+    Artifacts and per-configuration files stay in `out_dir`; without one they are removed."""
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        return _run(Path(model), settings, Path(out_dir), log)
+    with tempfile.TemporaryDirectory(prefix="edgecc-bench-") as work:
+        return _run(Path(model), settings, Path(work), log)
+
+
+def _run(model: Path, settings: Settings, work: Path, log: Callable[[str], None]) -> dict:
     from edgecc.compiler import compile as compile_model
     from edgecc.generate import CacheLayout
     from edgecc.target import load_target
     from edgecc.tuning_log import host_device
     from edgecc.verify import index_bounds, graph_inputs
 
-    model = Path(model)
     pipelines = parse_pipelines(settings.pipelines)
     target = load_target(settings.target)
     source = onnx.load(str(model), load_external_data=False)
     cache = CacheLayout.of([s.to_json() for s in graph_inputs(source)], str(model))
     runs_here = target.runs_here()
-    work = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="edgecc-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
 
     bandwidth = bandwidth_gbs(settings.threads) if runs_here else None
     if bandwidth:
@@ -169,11 +175,8 @@ def run(model: str | os.PathLike, settings: Settings, out_dir: str | os.PathLike
         log(f"measuring {name} ...")
         return _run_worker(dict(base, kind=kind, path=str(path), time=timed and runs_here), work, name)
 
-    configs: list[dict] = []
-    fp32_bytes = weight_bytes_per_token(source)
-    configs.append({"name": "ort fp32", "engine": "onnxruntime", "pipeline": None,
-                    "weight_bytes_per_token": fp32_bytes,
-                    **measure("ort-fp32", "ort", model)})
+    configs = [{"name": "ort fp32", "engine": "onnxruntime", "pipeline": None,
+                "weight_bytes_per_token": weight_bytes_per_token(source), **measure("ort-fp32", "ort", model)}]
     skipped = [] if runs_here else [f"timing and memory: {target.name} artifacts cannot run on this host"]
     for label, pipeline in pipelines:
         art_dir = work / f"artifact-{label}"
@@ -203,15 +206,14 @@ def run(model: str | os.PathLike, settings: Settings, out_dir: str | os.PathLike
             configs.append({"name": f"ort {label}", "engine": "onnxruntime", "pipeline": pipeline,
                             "model": "edgecc's model.opt.onnx", "weight_bytes_per_token": wbytes,
                             **measure(f"ort-{label}", "ort", optimized)})
-    for c in configs:
-        decode = c.get("decode")
-        if decode and bandwidth:
-            bound_s = (c["weight_bytes_per_token"] + kv_bytes) / (bandwidth * 1e9)
-            c["roofline_fraction"] = round(bound_s * decode["tokens_per_s"], 3)
     ort_rate = (configs[0].get("decode") or {}).get("tokens_per_s")
-    for c in configs:
-        if ort_rate and c.get("decode"):
-            c["decode_speedup_vs_ort_fp32"] = round(c["decode"]["tokens_per_s"] / ort_rate, 2)
+    for c in (c for c in configs if c.get("decode")):
+        rate = c["decode"]["tokens_per_s"]
+        if bandwidth:
+            bound_s = (c["weight_bytes_per_token"] + kv_bytes) / (bandwidth * 1e9)
+            c["roofline_fraction"] = round(bound_s * rate, 3)
+        if ort_rate:
+            c["decode_speedup_vs_ort_fp32"] = round(rate / ort_rate, 2)
     return {
         "model": str(model), "target": target.name, "settings": dataclasses.asdict(settings) | {"text": text},
         "machine": {"cpu": host_device().removeprefix("host:"),

@@ -183,7 +183,6 @@ def cmd_bench(a: argparse.Namespace) -> int:
                               prompt_lengths=tuple(lengths), past=a.past, decode_steps=a.decode_steps,
                               repeats=a.repeats, windows=a.windows, window_tokens=a.window_tokens,
                               text=a.text, tuning_logs=tuple(a.tuning_log or ()), seed=a.seed)
-    bench.parse_pipelines(a.pipelines)  # a bad --pipelines fails before any work
     result = bench.run(a.model, settings, a.work_dir, log=_log)
     print(bench.table(result))
     for line in result["skipped"]:
@@ -246,8 +245,7 @@ def cmd_example(a: argparse.Namespace) -> int:
     if not a.print_path:
         _log(f"{a.name}: {examples.EXAMPLES[a.name]}")
     if a.name == "smollm2" and not a.output:
-        cached = (examples.examples_dir() / "smollm2" / "model.onnx").is_file()
-        if not cached and not a.print_path:
+        if not examples.smollm2_cached() and not a.print_path:
             _log("smollm2: first use, exporting it into the example cache (about a minute)")
         path = examples.smollm2()
     else:

@@ -231,10 +231,19 @@ def _smollm2():
     return cfg, model, tokenizer, eos
 
 
+def smollm2_path(directory: str | os.PathLike | None = None) -> Path:
+    """Where the SmolLM2 example lives: `directory` (default: the example cache)/model.onnx."""
+    return Path(directory or examples_dir() / "smollm2") / "model.onnx"
+
+
+def smollm2_cached(directory: str | os.PathLike | None = None) -> bool:
+    path = smollm2_path(directory)
+    return path.is_file() and path.with_name("tokenizer.json").is_file()
+
+
 def smollm2(directory: str | os.PathLike | None = None) -> Path:
     """The SmolLM2 example's ONNX path, exported on first use into `directory` (default: the
     example cache) and reused afterwards."""
-    path = Path(directory or examples_dir() / "smollm2") / "model.onnx"
-    if not (path.is_file() and path.with_name("tokenizer.json").is_file()):
-        build_example("smollm2", path)
-    return path
+    if not smollm2_cached(directory):
+        build_example("smollm2", smollm2_path(directory))
+    return smollm2_path(directory)
