@@ -143,13 +143,14 @@ def run(model: str | os.PathLike, settings: Settings, out_dir: str | os.PathLike
 def _run(model: Path, settings: Settings, work: Path, log: Callable[[str], None]) -> dict:
     from edgecc.compiler import compile as compile_model
     from edgecc.generate import CacheLayout
+    from edgecc.ir import load_model, to_proto
     from edgecc.target import load_target
     from edgecc.tuning_log import host_device
     from edgecc.verify import index_bounds, graph_inputs
 
     pipelines = parse_pipelines(settings.pipelines)
     target = load_target(settings.target)
-    source = onnx.load(str(model), load_external_data=False)
+    source = to_proto(load_model(model))  # a missing or unreadable file is a one-line error
     cache = CacheLayout.of([s.to_json() for s in graph_inputs(source)], str(model))
     runs_here = target.runs_here()
 

@@ -94,8 +94,15 @@ def build_example(name: str, path: str | os.PathLike, exporter: str = "dynamo", 
     """Build example `name` from `seed` and export it to `path` (weights inline)."""
     if name not in EXAMPLES:
         raise UserError(f"unknown example '{name}'; known: {', '.join(EXAMPLES)}")
+    path = Path(path)
+    try:  # before any work: an unwritable place is the user's to fix
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{path}: cannot create its directory: {e.strerror}") from None
+    if not os.access(path.parent, os.W_OK):
+        raise UserError(f"{path.parent}: not writable")
     if name in ("tiny-llama", "smollm2"):
-        return _llama_example(name, Path(path), seed)
+        return _llama_example(name, path, seed)
     if exporter not in EXPORTERS:
         raise UserError(f"unknown exporter '{exporter}'; known: {', '.join(EXPORTERS)}")
     try:
@@ -121,8 +128,6 @@ def build_example(name: str, path: str | os.PathLike, exporter: str = "dynamo", 
     else:
         args, in_name, out_name = (torch.randn(2, 3, 32, 32),), "image", "logits"
         axes = {0: "batch"}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     kwargs = dict(input_names=[in_name], output_names=[out_name])
     if opset is not None:
@@ -156,7 +161,6 @@ def _llama_example(name: str, path: Path, seed: int) -> Path:
         raise UserError("building examples needs torch: pip install 'edgecc[export]'") from None
     from edgecc import llama
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer_path = path.with_name("tokenizer.json")
     if name == "tiny-llama":
         cfg = llama.LlamaConfig(**TINY_LLAMA)

@@ -145,3 +145,12 @@ def test_print_ir_after_a_pass_not_in_the_pipeline(good_model, tmp_path):
     out = tmp_path / "out"
     _assert_user_error(run_cli("compile", good_model, "--print-ir-after", "fsue", "-o", out),
                        "--print-ir-after: no pass 'fsue'; did you mean 'fuse'?", out=out)
+
+
+@pytest.mark.parametrize("name", ["tiny-lm", "tiny-llama"])
+def test_example_into_an_unwritable_place(tmp_path, name):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    r = run_cli("example", name, "-o", blocker / "sub" / "m.onnx")
+    assert r.returncode == 2 and "cannot create its directory" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 2  # description + error

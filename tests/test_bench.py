@@ -92,5 +92,7 @@ def test_bad_input(example_path, tmp_path):
     assert r.returncode == 2 and "none.txt: no such text file" in r.stderr
     r = run_cli("bench", example_path("mlp"), "--windows", "0")
     assert r.returncode == 2 and "not a causal LM with a KV cache" in r.stderr
+    r = run_cli("bench", tmp_path / "missing.onnx", "--windows", "0")
+    assert r.returncode == 2 and "missing.onnx: no such file" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("bench", example_path("tiny-llama"), "--prompt-lengths", "8,x")
     assert r.returncode == 2 and "--prompt-lengths" in r.stderr
