@@ -97,10 +97,13 @@ def apply_records(mod, tgt, records) -> tuple[Any, list[str]]:
 
 
 def schedule_kernels(mod, tgt):
-    """edgecc's kernels get their hand schedules, unless a tuning record scheduled them already."""
-    from edgecc.kernels import bsr, dense, int4, int8
+    """edgecc's kernels get their hand schedules, unless a tuning record scheduled them already;
+    so do the activation matmuls with symbolic shapes, which no tuning can reach."""
+    from edgecc.kernels import activation_matmul, bsr, dense, int4, int8
 
-    return dense.schedule(bsr.schedule(int4.schedule_int4(int8.schedule(mod, tgt), tgt), tgt), tgt)
+    for kernels in (int8, int4, bsr, dense, activation_matmul):
+        mod = kernels.schedule(mod, tgt)
+    return mod
 
 
 def build(mod, target: TargetDesc, lib_path: Path, records=()) -> dict:

@@ -144,7 +144,7 @@ def emit_int4_matmul(bb, x, packed, scales, zeros, block: int, K: int, N: int):
 
     packed/scales/zeros are relax.Constants from pack_int4 and quantize_blockwise (zeros None
     for symmetric). M may be symbolic. A static M == 1 gets the PrimFunc "int4_gemv", anything
-    else "int4_matmul"; both compute the same thing and differ in schedule (schedule_int4).
+    else "int4_matmul"; both compute the same thing and differ in schedule (schedule).
     The PrimFunc is marked opaque to FuseOps so it keeps the two blocks its schedule expects.
     """
     return bb.emit(_int4_call(bb, x, packed, scales, zeros, block, K, N))
@@ -260,7 +260,7 @@ def _schedule_matmul(sch, mm, block: int) -> None:
     sch.vectorize(sch.get_loops(init)[-1])
 
 
-def schedule_int4(mod, target):
+def schedule(mod, target):
     """Schedule every int4 kernel in `mod` (after the Relax "zero" pipeline) for `target`.
 
     CPU: the hand schedules above. GPU: dlight's rules (GEMV, Matmul, Fallback), applied to the
@@ -320,7 +320,7 @@ def linear_module(K: int, N: int, block: int, symmetric: bool, M: int | None = N
 
 def build_module(K: int, N: int, block: int, symmetric: bool, target, M: int | None = None,
                  weight: np.ndarray | None = None):
-    """linear_module compiled for `target`: the "zero" pipeline, schedule_int4, tvm.compile.
+    """linear_module compiled for `target`: the "zero" pipeline, schedule, tvm.compile.
 
     Returns the executable (load it with relax.VirtualMachine, or export_library it).
     """
@@ -329,4 +329,4 @@ def build_module(K: int, N: int, block: int, symmetric: bool, target, M: int | N
 
     with target:
         mod = relax.get_pipeline("zero")(linear_module(K, N, block, symmetric, M, weight))
-    return tvm.compile(schedule_int4(mod, target), target=target)
+    return tvm.compile(schedule(mod, target), target=target)

@@ -14,7 +14,7 @@ from edgecc.kernels.int4 import (
     linear_module,
     pack_int4,
     quantize_blockwise,
-    schedule_int4,
+    schedule,
     unpack_int4,
 )
 from tvm import relax, tirx
@@ -123,10 +123,10 @@ def test_odd_width_gemv():
 def test_dispatch_and_cpu_schedule(M, kernel):
     with HOST:
         mod = relax.get_pipeline("zero")(linear_module(64, 64, 32, True, M=M))
-    scheduled = schedule_int4(mod, HOST)
+    scheduled = schedule(mod, HOST)
     func = scheduled[kernel]
     assert func.attrs["tirx.is_scheduled"]
-    assert schedule_int4(scheduled, HOST)[kernel].same_as(func)
+    assert schedule(scheduled, HOST)[kernel].same_as(func)
     text = func.script()
     assert "T.parallel" in text and "T.vectorized" in text
 
@@ -223,7 +223,7 @@ def test_symbolic_rows_choose_the_gemv_for_one_row_at_run_time():
     assert {"int4_linear", "int4_gemv", "int4_matmul"} <= names
     with HOST:
         mod = relax.get_pipeline("zero")(mod)
-    vm = relax.VirtualMachine(tvm.compile(schedule_int4(mod, HOST), target=HOST), tvm.cpu())
+    vm = relax.VirtualMachine(tvm.compile(schedule(mod, HOST), target=HOST), tvm.cpu())
     expected_w = dequantize_blockwise(q, scales, zeros, block)
     for rows in (1, 5):
         xv = np.random.default_rng(rows).standard_normal((rows, K)).astype(np.float32)
