@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from edgecc.generate import CacheLayout, ort_step, step_feeds
+from edgecc.generate import CacheLayout, logits, ort_step, step_feeds
 
 
 def _step(spec: dict):
@@ -31,8 +31,8 @@ def _step(spec: dict):
 
     art = Artifact.load(spec["path"], check_hashes=False)
     art.load_vm(spec["threads"])
-    return (lambda feeds: art.run(feeds, threads=spec["threads"])), CacheLayout.of(art.manifest["inputs"],
-                                                                                  spec["path"])
+    return (lambda feeds: art.run(feeds, threads=spec["threads"], as_numpy=False),
+            CacheLayout.of(art.manifest["inputs"], spec["path"]))
 
 
 def _percentiles(samples: list[float]) -> dict:
@@ -56,7 +56,7 @@ def decode_tokens_per_s(step, cache, past: int, steps: int, repeats: int, rng, v
     ids = rng.integers(0, vocab, (1, past)).astype(np.int64)
     out = step(step_feeds(ids, cache.empty(), 0))
     start = cache.presents(out)
-    token = np.asarray([[int(np.argmax(out["logits"][0, -1]))]], np.int64)
+    token = np.asarray([[int(np.argmax(logits(out)[0, -1]))]], np.int64)
     step(step_feeds(token, start, past))  # warm-up
     rates = []
     for _ in range(repeats):
@@ -65,7 +65,7 @@ def decode_tokens_per_s(step, cache, past: int, steps: int, repeats: int, rng, v
         for i in range(steps):
             out = step(step_feeds(tok, kv, past + i))
             kv = cache.presents(out)
-            tok = np.asarray([[int(np.argmax(out["logits"][0, -1]))]], np.int64)
+            tok = np.asarray([[int(np.argmax(logits(out)[0, -1]))]], np.int64)
         rates.append(steps / (time.perf_counter() - t))
     return {"tokens_per_s": float(np.median(rates)), "rounds": [round(r, 3) for r in rates],
             "past": past, "steps": steps}
@@ -76,9 +76,9 @@ def perplexity(step, cache, windows: list[list[int]]) -> dict:
     nll, count = 0.0, 0
     for window in windows:
         ids = np.asarray([window], np.int64)
-        logits = step(step_feeds(ids, cache.empty(), 0))["logits"][0].astype(np.float64)
-        logits -= logits.max(-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        scores = logits(step(step_feeds(ids, cache.empty(), 0)))[0].astype(np.float64)
+        scores -= scores.max(-1, keepdims=True)
+        logp = scores - np.log(np.exp(scores).sum(-1, keepdims=True))
         nll -= float(logp[np.arange(len(window) - 1), window[1:]].sum())
         count += len(window) - 1
     return {"perplexity": float(np.exp(nll / count)), "tokens": count, "windows": len(windows)}

@@ -93,6 +93,11 @@ def cmd_run(a: argparse.Namespace) -> int:
 
         outputs = emulator.run_artifact(art.path, feeds, threads=a.threads)
         _log("ran under qemu-user emulation: its timings say nothing about the device, none shown")
+    elif art.manifest["build"].get("runtime") == "litert":
+        from edgecc.edgetpu.runtime import run_artifact
+
+        outputs = run_artifact(art, feeds)
+        _log("ran model.tflite in LiteRT's interpreter on this CPU (not on an Edge TPU): no timing shown")
     else:
         outputs = art.run(feeds, threads=a.threads)
         _log(f"ran in {(time.perf_counter() - start) * 1000:.1f} ms (first run, includes loading)")
@@ -157,7 +162,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         gen_ids.append(token)
 
     gen_ids: list[int] = []
-    result = greedy(lambda feeds: art.run(feeds, threads=a.threads), cache, prompt, new,
+    result = greedy(lambda feeds: art.run(feeds, threads=a.threads, as_numpy=False), cache, prompt, new,
                     tuple(lm.get("eos_token_ids", ())), on_token=show)
     print()
     _log(f"prompt {len(prompt)} tokens, prefill {result.prefill_s * 1000:.1f} ms; {len(result.tokens)} "
@@ -304,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--seed", type=int, default=0)
     tu.set_defaults(func=cmd_tune)
 
-    r = sub.add_parser("run", help="run an artifact built for this host")
+    r = sub.add_parser("run", help="run an artifact built for this host (Edge TPU artifacts: in LiteRT)")
     r.add_argument("artifact")
     r.add_argument("--inputs", help=".npz of named inputs (default: seeded random inputs)")
     r.add_argument("--output", help="write outputs to this .npz")

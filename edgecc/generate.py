@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from edgecc.errors import UserError
 
-Step = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+# Outputs may stay in the engine's own tensors (Artifact.run(as_numpy=False)); `logits` reads one.
+Step = Callable[[dict[str, Any]], dict[str, Any]]
 _PAST = re.compile(r"past\.(\d+)\.(key|value)")
 EXPECTED = "ids, attention_mask, position_ids, past.<layer>.key, past.<layer>.value"
 
@@ -45,12 +46,18 @@ class CacheLayout:
     def empty(self) -> dict[str, np.ndarray]:
         return {n: np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32) for n in self.names}
 
-    def presents(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def presents(self, outputs: dict[str, Any]) -> dict[str, Any]:
         """The cache a step returned (present.*), as the next step's past.* inputs."""
         return {n: outputs[n.replace("past.", "present.", 1)] for n in self.names}
 
 
-def step_feeds(ids: np.ndarray, past: dict[str, np.ndarray], cached: int) -> dict[str, np.ndarray]:
+def logits(outputs: dict[str, Any]) -> np.ndarray:
+    """A step's logits as numpy, whichever engine's tensor holds them."""
+    value = outputs["logits"]
+    return value if isinstance(value, np.ndarray) else value.numpy()
+
+
+def step_feeds(ids: np.ndarray, past: dict[str, Any], cached: int) -> dict[str, Any]:
     """Inputs of one step: `ids` [1, n] after `cached` tokens whose keys and values are `past`."""
     total = cached + ids.shape[1]
     return {"ids": ids, "attention_mask": np.ones((1, total), np.int64),
@@ -79,7 +86,7 @@ def greedy(step: Step, cache: CacheLayout, prompt_ids: list[int], max_new_tokens
     while len(tokens) < max_new_tokens:
         t = time.perf_counter()
         out = step(step_feeds(ids, past, cached))
-        token = int(np.argmax(out["logits"][0, -1]))
+        token = int(np.argmax(logits(out)[0, -1]))
         if tokens:
             decode_s += time.perf_counter() - t
         else:
