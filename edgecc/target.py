@@ -1,7 +1,12 @@
 """Hardware target descriptions: TOML files in `edgecc.targets`, or a user's own file.
 
-Code asks a target what it has (TVM target, toolchain, hardware facts, default pipeline);
+Code asks a target what it has (backend, TVM target, toolchain, hardware facts, default pipeline);
 it never branches on a target's name.
+
+Two backends: `tvm` (the default; a `[tvm]` table, lowered to Relax and built by TVM) and `tflite`
+(an `[edgetpu]` table: the optimized graph becomes a fully int8 TFLite flatbuffer, and the table's
+supported ops and limits predict what edgetpu_compiler maps). A key that belongs to the other
+backend is an error, so a file never half-describes both.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from edgecc.errors import UserError
 from edgecc.pass_base import unknown_message
 from edgecc.pipeline import parse_pipeline
 
-_TOP_KEYS = {"name", "description", "default_pipeline", "tvm", "toolchain", "hardware"}
-_TOOLCHAIN_KEYS = {"cc": str, "package": str, "nvcc": str}
+_TOP_KEYS = {"name", "description", "default_pipeline", "backend", "tvm", "toolchain", "hardware", "edgetpu"}
+BACKENDS = ("tvm", "tflite")
+_TOOLCHAIN_KEYS = {"cc": str, "package": str, "nvcc": str, "edgetpu_compiler": str}
 _HARDWARE_KEYS = {"cpu": str, "cores": int, "memory_gb": (int, float), "dram_bandwidth_gbps": (int, float),
                   "isa": list, "peak_gflops_fp32": (int, float)}
 _ARCH_OF_TRIPLE = {"aarch64": "aarch64", "arm64": "aarch64", "x86_64": "x86_64"}
@@ -36,6 +42,12 @@ class TargetDesc:
     toolchain: dict[str, Any]
     hardware: dict[str, Any]
     source: str  # the file it was read from
+    backend: str = "tvm"
+    edgetpu: dict[str, Any] = dataclasses.field(default_factory=dict)  # backend "tflite" only
+
+    @property
+    def lowers_to_tvm(self) -> bool:
+        return self.backend == "tvm"
 
     @property
     def is_host(self) -> bool:
@@ -44,7 +56,7 @@ class TargetDesc:
 
     @property
     def device_kind(self) -> str:
-        return self.tvm["kind"]
+        return self.tvm["kind"] if self.lowers_to_tvm else "edgetpu"
 
     def host_arch(self) -> str:
         """The CPU architecture the compiled library's host code runs on."""
@@ -59,6 +71,8 @@ class TargetDesc:
 
     def tvm_target(self):
         """The TVM Target object (TVM 0.27 takes dicts, not strings)."""
+        if not self.lowers_to_tvm:
+            raise UserError(f"target '{self.name}' has backend '{self.backend}': it has no TVM target")
         import tvm
 
         if self.is_host:
@@ -75,7 +89,11 @@ class TargetDesc:
         return int(self.tvm.get("num-cores") or self.hardware.get("cores") or _physical_cores())
 
     def fingerprint(self) -> str:
-        """Keys tuning records: a hash of the TVM target and the toolchain."""
+        """Keys tuning records: a hash of the TVM target (or the Edge TPU table) and the toolchain."""
+        if not self.lowers_to_tvm:
+            blob = json.dumps({"backend": self.backend, "edgetpu": self.edgetpu, "toolchain": self.toolchain},
+                              sort_keys=True, default=str)
+            return hashlib.sha256(blob.encode()).hexdigest()[:16]
         tvm_spec = self.tvm_target().export() if self.is_host else self.tvm
         blob = json.dumps({"tvm": tvm_spec, "toolchain": self.toolchain}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -130,15 +148,29 @@ def load_target_file(path: Path) -> TargetDesc:
     extra = set(data) - _TOP_KEYS
     if extra:
         raise UserError(f"{path}: unknown key '{sorted(extra)[0]}' (known: {', '.join(sorted(_TOP_KEYS))})")
-    tvm_spec = need(data, "tvm", dict)
-    kind = need(tvm_spec, "kind", str, "tvm.")
-    if kind not in ("llvm", "cuda"):
-        raise UserError(f"{path}: key 'tvm.kind' must be 'llvm' or 'cuda', got '{kind}'")
-    if kind == "cuda":
-        need(tvm_spec, "arch", str, "tvm.")
-        need(tvm_spec, "host", dict, "tvm.")
-    toolchain = need(data, "toolchain", dict)
-    need(toolchain, "cc", str, "toolchain.")
+    backend = data.get("backend", "tvm")
+    if backend not in BACKENDS:
+        raise UserError(f"{path}: key 'backend' must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    own, other = ("tvm", "edgetpu") if backend == "tvm" else ("edgetpu", "tvm")
+    if other in data:
+        raise UserError(f"{path}: key '{other}' does not apply to backend '{backend}'")
+    tvm_spec: dict = {}
+    edgetpu: dict = {}
+    if backend == "tvm":
+        tvm_spec = need(data, "tvm", dict)
+        kind = need(tvm_spec, "kind", str, "tvm.")
+        if kind not in ("llvm", "cuda"):
+            raise UserError(f"{path}: key 'tvm.kind' must be 'llvm' or 'cuda', got '{kind}'")
+        if kind == "cuda":
+            need(tvm_spec, "arch", str, "tvm.")
+            need(tvm_spec, "host", dict, "tvm.")
+        toolchain = need(data, "toolchain", dict)
+        need(toolchain, "cc", str, "toolchain.")
+    else:
+        from edgecc.edgetpu.spec import check_edgetpu_table
+
+        edgetpu = check_edgetpu_table(need(data, own, dict), path)
+        toolchain = need(data, "toolchain", dict) if "toolchain" in data else {}
     hardware = data.get("hardware", {})
     tables = ((toolchain, "toolchain", _TOOLCHAIN_KEYS), (hardware, "hardware", _HARDWARE_KEYS))
     for table, name, known in tables:
@@ -155,12 +187,14 @@ def load_target_file(path: Path) -> TargetDesc:
         toolchain=toolchain,
         hardware=hardware,
         source=str(path),
+        backend=backend,
+        edgetpu=edgetpu,
     )
     try:
         parse_pipeline(desc.default_pipeline)
     except UserError as e:
         raise UserError(f"{path}: key 'default_pipeline': {str(e).splitlines()[0]}") from None
-    if not desc.is_host:
+    if desc.lowers_to_tvm and not desc.is_host:
         try:
             desc.tvm_target()
         except Exception as e:  # TVM rejects unknown attributes or values

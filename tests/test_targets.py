@@ -96,5 +96,5 @@ def test_malformed_target_names_file_and_key(tmp_path, mutate, fragment):
 def test_unknown_target_lists_the_known_ones():
     with pytest.raises(UserError, match="unknown target 'rpi-4'; did you mean 'rpi4'"):
         load_target("rpi-4")
-    with pytest.raises(UserError, match=r"\(known: host, jetson-orin-nano, rpi4, rpi5\)"):
+    with pytest.raises(UserError, match=r"\(known: coral-edgetpu, host, jetson-orin-nano, rpi4, rpi5\)"):
         load_target("zzz")
