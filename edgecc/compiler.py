@@ -58,11 +58,11 @@ class Optimized:
     optimized: ir.Model
     proto: onnx.ModelProto  # `optimized` as a ModelProto
     reports: list
-    mod: Any  # the Relax IRModule
+    mod: Any  # the Relax IRModule; None until lowered (never, for a target that is not TVM's)
     timings: dict[str, float]
 
 
-def optimize(
+def run_pipeline(
     model: str | os.PathLike,
     target: str | TargetDesc = "host",
     pipeline: str | None = None,
@@ -77,12 +77,10 @@ def optimize(
     log: Callable[[str], None] = lambda _msg: None,
     before_load: Callable[[TargetDesc], None] = lambda _t: None,
 ) -> Optimized:
-    """Load a model, run the pipeline (the target's by default) and lower it to Relax.
+    """Load a model and run the pipeline (the target's by default); `optimize` then lowers it.
 
-    `shapes` binds symbolic dims (by name) to sizes in the Relax module: its kernels become
-    static, which tuning needs, and the module then accepts only those sizes. `before_load` runs
-    once the target and pipeline are known to be valid, before the long work: the place for a
-    caller's own up-front checks.
+    `before_load` runs once the target and pipeline are known to be valid, before the long work:
+    the place for a caller's own up-front checks.
     """
     timings: dict[str, float] = {}
 
@@ -126,16 +124,39 @@ def optimize(
     for r in pass_reports if explain else ():
         for miss in r.stats.get("near_misses", []):
             log(f"{r.name}: near miss: {miss}")
+    return Optimized(tdesc, pipe, ctx, source_proto, optimized, to_proto(optimized), pass_reports, None,
+                     timings)
 
+
+def optimize(
+    model: str | os.PathLike,
+    target: str | TargetDesc = "host",
+    pipeline: str | None = None,
+    *,
+    shapes: dict[str, int] | None = None,
+    before_load: Callable[[TargetDesc], None] = lambda _t: None,
+    **kwargs: Any,
+) -> Optimized:
+    """`run_pipeline`, then lower the optimized model to Relax (the target must be TVM's).
+
+    `shapes` binds symbolic dims (by name) to sizes in the Relax module: its kernels become
+    static, which tuning needs, and the module then accepts only those sizes.
+    """
+    def checks(tdesc: TargetDesc) -> None:
+        if not tdesc.lowers_to_tvm:
+            raise UserError(f"target '{tdesc.name}' has backend '{tdesc.backend}': it is not lowered to TVM "
+                            "(tuning and Relax modules are TVM's); use `edgecc compile`")
+        before_load(tdesc)
+
+    opt = run_pipeline(model, target, pipeline, shapes=shapes, before_load=checks, **kwargs)
     t = time.perf_counter()
-    opt_proto = to_proto(optimized)
-    mod = lower.to_relax(opt_proto)
+    opt.mod = lower.to_relax(opt.proto)
     if shapes:
         from tvm import relax
 
-        mod = relax.transform.BindSymbolicVars(shapes)(mod)
-    stage("lower", t)
-    return Optimized(tdesc, pipe, ctx, source_proto, optimized, opt_proto, pass_reports, mod, timings)
+        opt.mod = relax.transform.BindSymbolicVars(shapes)(opt.mod)
+    opt.timings["lower"] = round(time.perf_counter() - t, 3)
+    return opt
 
 
 def compile(
@@ -162,6 +183,17 @@ def compile(
     Tuning records that apply to the target come from `tuning_logs` files and from the local
     store (`tuning_store`: a directory, None for the default, False for none).
     """
+    tdesc = target if isinstance(target, TargetDesc) else load_target(target)
+    if not tdesc.lowers_to_tvm:  # the target says how it is built; edgecc never asks its name
+        from edgecc.edgetpu.backend import compile_tflite
+
+        if tuning_logs:
+            raise UserError(f"--tuning-log: target '{tdesc.name}' is not built by TVM; "
+                            "tuning records do not apply")
+        return compile_tflite(model, tdesc, output, pipeline, force=force, verify=verify,
+                              verify_each_pass=verify_each_pass, print_ir_after=print_ir_after,
+                              dim_values=dim_values, calibration=calibration, explain=explain, seed=seed,
+                              shapes=shapes, log=log)
     out_dir = Path(output) if output is not None else None
     runner_info: dict[str, Any] = {}
 
@@ -174,7 +206,7 @@ def compile(
         runner_info["runner"], runner_info["why_not"] = _runner_for(tdesc)
         runner_info["records"] = tuning.records_for(tdesc, tuning_logs, tuning_store, log)
 
-    opt = optimize(model, target, pipeline, verify_each_pass=verify_each_pass, print_ir_after=print_ir_after,
+    opt = optimize(model, tdesc, pipeline, verify_each_pass=verify_each_pass, print_ir_after=print_ir_after,
                    dim_values=dim_values, calibration=calibration, explain=explain, seed=seed,
                    shapes=shapes, log=log, before_load=checks)
     tdesc, pipe, ctx, timings = opt.target, opt.pipeline, opt.ctx, opt.timings
