@@ -97,6 +97,34 @@ class MatMulInt8(OnnxOpConverter):
         return _int8_matmul(bb, inputs[0], inputs[1], tile=attr["tile"])
 
 
+def _nbits_operands(inputs, attr):
+    """MatMulNBits' constants in the int4 kernels' terms: packed bytes [N, K/2] (two k per byte),
+    scales [K/block, N], zero points [K/block, N] (uint8 levels, float32, or None: symmetric)."""
+    import numpy as np
+
+    K, N, bits, block = attr["K"], attr["N"], attr.get("bits", 4), attr["block_size"]
+    b, scales = inputs[1], inputs[2]
+    zero_points = inputs[3] if len(inputs) > 3 else None
+    extra = [i for i in inputs[4:] if i is not None]
+    if bits != 4 or extra or not all(isinstance(v, tvm.ir.Constant) for v in (b, scales)):
+        raise ValueError("edgecc lowers MatMulNBits with bits=4, constant B and scales, "
+                         "and no g_idx or bias inputs")
+    blocks = K // block
+    packed = b.value.numpy().reshape(N, K // 2)
+    kernel_scales = np.ascontiguousarray(scales.value.numpy().reshape(N, blocks).T)
+    if zero_points is None:
+        return packed, kernel_scales, None
+    given = zero_points.value.numpy() if isinstance(zero_points, tvm.ir.Constant) else None
+    if given is None or given.dtype not in (np.uint8, np.float32):
+        raise ValueError("edgecc lowers MatMulNBits zero points only as constants, packed "
+                         "uint8 or float32")
+    if given.dtype == np.float32:
+        return packed, kernel_scales, np.ascontiguousarray(given.reshape(N, blocks).T)
+    nibbles = given.reshape(N, -1)
+    both = np.stack([nibbles & 15, nibbles >> 4], axis=-1).reshape(N, -1)[:, :blocks]
+    return packed, kernel_scales, np.ascontiguousarray(both.T).astype(np.uint8)
+
+
 @converter("MatMulNBits", domain="com.microsoft")
 class MatMulNBits(OnnxOpConverter):
     """int4 MatMulNBits (what quantize-int4 emits) -> edgecc's fused dequantize-matmul kernel.
@@ -110,36 +138,36 @@ class MatMulNBits(OnnxOpConverter):
 
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
-        import numpy as np
-
         from edgecc.kernels.int4 import emit_int4_linear
         from edgecc.kernels.int8 import over_rows
 
-        K, N, bits, block = attr["K"], attr["N"], attr.get("bits", 4), attr["block_size"]
-        x, b, scales = inputs[0], inputs[1], inputs[2]
-        zero_points = inputs[3] if len(inputs) > 3 else None
-        extra = [i for i in inputs[4:] if i is not None]
-        if bits != 4 or extra or not all(isinstance(v, tvm.ir.Constant) for v in (b, scales)):
-            raise ValueError("edgecc lowers MatMulNBits with bits=4, constant B and scales, "
-                             "and no g_idx or bias inputs")
-        blocks = K // block
-        packed = b.value.numpy().reshape(N, K // 2)
-        kernel_scales = np.ascontiguousarray(scales.value.numpy().reshape(N, blocks).T)
-        zeros = None
-        if zero_points is not None:
-            given = zero_points.value.numpy() if isinstance(zero_points, tvm.ir.Constant) else None
-            if given is None or given.dtype not in (np.uint8, np.float32):
-                raise ValueError("edgecc lowers MatMulNBits zero points only as constants, packed "
-                                 "uint8 or float32")
-            if given.dtype == np.float32:
-                zeros = relax.const(np.ascontiguousarray(given.reshape(N, blocks).T))
-            else:
-                nibbles = given.reshape(N, -1)
-                both = np.stack([nibbles & 15, nibbles >> 4], axis=-1).reshape(N, -1)[:, :blocks]
-                zeros = relax.const(np.ascontiguousarray(both.T).astype(np.uint8))
-        packed, kernel_scales = relax.const(packed), relax.const(kernel_scales)
-        return over_rows(bb, x, K, N,
-                         lambda rows: emit_int4_linear(bb, rows, packed, kernel_scales, zeros, block, K, N))
+        K, N, block = attr["K"], attr["N"], attr["block_size"]
+        packed, scales, zeros = (v if v is None else relax.const(v) for v in _nbits_operands(inputs, attr))
+        return over_rows(bb, inputs[0], K, N,
+                         lambda rows: emit_int4_linear(bb, rows, packed, scales, zeros, block, K, N))
+
+
+@converter("MatMulNBitsVNNI", domain="edgecc")
+class MatMulNBitsVNNI(OnnxOpConverter):
+    """A MatMulNBits with accuracy_level 4 that pack-weights gave the int4 x int8 VNNI kernel."""
+
+    computed_outputs = (0,)
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        import numpy as np
+
+        from edgecc.kernels import int4_vnni
+        from edgecc.kernels.int4 import unpack_int4
+        from edgecc.kernels.int8 import over_rows
+
+        K, N, block = attr["K"], attr["N"], attr["block_size"]
+        packed, scales, zeros = _nbits_operands(inputs, attr)
+        levels = unpack_int4(packed, K, N, signed=False)
+        if zeros is None:  # symmetric: offset-binary nibbles, zero point 8
+            zeros = np.full_like(scales, 8)
+        return over_rows(bb, inputs[0], K, N,
+                         lambda rows: int4_vnni.emit(bb, rows, levels, scales, zeros.astype(np.float32), block))
 
 
 @converter("BlockSparseMatMul", domain="edgecc")

@@ -109,13 +109,14 @@ def _route_to_kernels(model: onnx.ModelProto) -> onnx.ModelProto:
     """Nodes a pass marked for an edgecc kernel become that kernel's op, for the importer only.
 
     The optimized ONNX keeps standard ops (ORT runs it as the reference); here a MatMul, or a
-    Gemm's product, marked `edgecc.kernel = bsr` becomes edgecc's BlockSparseMatMul, and a
-    MatMulInteger marked `edgecc.kernel = int8` (by pack-weights) edgecc's MatMulInt8.
+    Gemm's product, marked `edgecc.kernel = bsr` becomes edgecc's BlockSparseMatMul, a
+    MatMulInteger marked `edgecc.kernel = int8` (by pack-weights) edgecc's MatMulInt8, and a
+    MatMulNBits marked `int4_vnni` edgecc's MatMulNBitsVNNI (same inputs and attributes).
     """
     def kernel(node):
         return {p.key: p.value for p in node.metadata_props}.get("edgecc.kernel")
 
-    if not any(kernel(n) in ("bsr", "int8") for n in model.graph.node):
+    if not any(kernel(n) in ("bsr", "int8", "int4_vnni") for n in model.graph.node):
         return model
     model = copy.deepcopy(model)
     nodes = []
@@ -124,6 +125,11 @@ def _route_to_kernels(model: onnx.ModelProto) -> onnx.ModelProto:
         if kernel(node) == "int8":
             nodes.append(onnx.helper.make_node("MatMulInt8", node.input, node.output, name=node.name,
                                                domain="edgecc", tile=int(props["edgecc.tile"])))
+            continue
+        if kernel(node) == "int4_vnni":
+            routed = copy.deepcopy(node)
+            routed.op_type, routed.domain = "MatMulNBitsVNNI", "edgecc"
+            nodes.append(routed)
             continue
         if kernel(node) != "bsr":
             nodes.append(node)

@@ -179,6 +179,52 @@ def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], optimize: bool
     return dict(zip(names, sess.run(names, feeds)))
 
 
+def with_int8_activations(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The reference for a module whose MatMulNBits run on int8 activations (pack-weights marked
+    them `int4_vnni`): a copy where each such node's input is rounded per block to int8 levels in
+    plain ONNX ops (x -> round(x / s) * s, s = max|x over the block| / 127), as the kernel does.
+
+    MatMulNBits' accuracy_level 4 allows that rounding, and ONNX Runtime applies it only for some
+    zero-point forms (none with float zero points), so without this the reference and the
+    module would differ by the rounding itself, not by a bug."""
+    def marked(node) -> bool:
+        return node.op_type == "MatMulNBits" and any(
+            p.key == "edgecc.kernel" and p.value == "int4_vnni" for p in node.metadata_props)
+
+    if not any(marked(n) for n in model.graph.node):
+        return model
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    nodes = []
+    for i, node in enumerate(model.graph.node):
+        if marked(node):
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            x, p = node.input[0], f"edgecc_a8_{i}"
+            blocks, block = attrs["K"] // attrs["block_size"], attrs["block_size"]
+            consts = {f"{p}_blocked": np.array([-1, blocks, block], np.int64),
+                      f"{p}_levels": np.array(127, np.float32), f"{p}_tiny": np.array(1e-30, np.float32)}
+            model.graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in consts.items())
+            reduce = (helper.make_node("ReduceMax", [f"{p}_abs"], [f"{p}_max"], axes=[-1], keepdims=1)
+                      if opset < 18 else
+                      helper.make_node("ReduceMax", [f"{p}_abs", f"{p}_axis"], [f"{p}_max"], keepdims=1))
+            if opset >= 18:
+                model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1], np.int64), f"{p}_axis"))
+            nodes += [helper.make_node("Shape", [x], [f"{p}_shape"]),
+                      helper.make_node("Reshape", [x, f"{p}_blocked"], [f"{p}_x"]),
+                      helper.make_node("Abs", [f"{p}_x"], [f"{p}_abs"]), reduce,
+                      helper.make_node("Max", [f"{p}_max", f"{p}_tiny"], [f"{p}_safe"]),
+                      helper.make_node("Div", [f"{p}_safe", f"{p}_levels"], [f"{p}_scale"]),
+                      helper.make_node("Div", [f"{p}_x", f"{p}_scale"], [f"{p}_ratio"]),
+                      helper.make_node("Round", [f"{p}_ratio"], [f"{p}_round"]),
+                      helper.make_node("Mul", [f"{p}_round", f"{p}_scale"], [f"{p}_q"]),
+                      helper.make_node("Reshape", [f"{p}_q", f"{p}_shape"], [f"{p}_in"])]
+            node.input[0] = f"{p}_in"
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
 @dataclasses.dataclass
 class Comparison:
     ok: bool

@@ -11,7 +11,10 @@ ONNX Runtime still runs it as the reference; the layout is recorded on each node
        target's width (edgecc.kernels.int8.panel_width: four int32 vectors on CPUs, 1 — plain
        pre-transposition — on GPUs, whose GEMV rules want a contiguous reduction).
   int4 (MatMulNBits): already nibble-packed and pre-transposed, [N, K/2] bytes, which is
-       the layout the int4 kernels read; left as it is and counted.
+       the layout the int4 kernels read; left as it is and counted. A node with
+       accuracy_level 4 (int8 activations allowed) on a target with AVX-512 VNNI is marked
+       `edgecc.kernel = int4_vnni`: the lowering stores its nibbles in 16-output tiles for
+       edgecc.kernels.int4_vnni, which multiplies them with int8 activations.
   BSR (nodes block-sparsity marked): stored as block columns by construction; counted.
 """
 
@@ -41,6 +44,18 @@ def _int8_weight(node: ir.Node) -> np.ndarray | None:
     return weight if weight.ndim == 2 and weight.dtype == np.int8 and x.dtype == ir.DataType.INT8 else None
 
 
+def _int4_vnni(node: ir.Node, ctx: PassContext) -> bool:
+    """A MatMulNBits that may run on int8 activations, on a target with the VNNI kernel."""
+    from edgecc.kernels import int4_vnni
+
+    attrs = node.attributes
+    level = attrs["accuracy_level"].as_int() if "accuracy_level" in attrs else 0
+    if level != 4 or ctx.target is None or ctx.target.device_kind != "llvm":
+        return False
+    K, N, block = (attrs[k].as_int() for k in ("K", "N", "block_size"))
+    return int4_vnni.fits(K, N, block) and int4_vnni.supported(ctx.target.tvm_target())
+
+
 def _target_tile(ctx: PassContext) -> tuple[int, str]:
     if ctx.target is None:
         return NO_TARGET_TILE, "no target given"
@@ -64,7 +79,7 @@ class PackWeights(Pass):
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         model = infer_shapes(model)  # the dtype check needs the types quantize-int8's casts made
         tile, source = (self.opts["tile"], "tile option") if self.opts["tile"] else _target_tile(ctx)
-        int8 = int4 = bsr = 0
+        int8 = int4 = vnni = bsr = 0
         packed_bytes = 0
         for node in model.graph:  # the lowering routes top-level nodes
             weight = _int8_weight(node)
@@ -75,8 +90,11 @@ class PackWeights(Pass):
                 packed_bytes += weight.shape[0] * -(-weight.shape[1] // tile) * tile
             elif node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
                 int4 += 1
+                if _int4_vnni(node, ctx):
+                    node.metadata_props[KERNEL_KEY] = "int4_vnni"
+                    vnni += 1
             elif node.metadata_props.get(KERNEL_KEY) == "bsr":
                 bsr += 1
         stats = {"int8_packed": int8, "tile": tile, "tile_from": source, "int8_packed_bytes": packed_bytes,
-                 "int4_nibble_packed": int4, "bsr": bsr}
-        return PassResult(model, int8 > 0, stats)
+                 "int4_nibble_packed": int4, "int4_vnni": vnni, "bsr": bsr}
+        return PassResult(model, int8 + vnni > 0, stats)

@@ -7,6 +7,10 @@ when asymmetric: a uint8 level, or a float32 that puts the block's min and max e
 model as the reference; edgecc lowers it to its fused dequantize-matmul kernel, and the module
 stores the packed nibbles: 5 bits a weight at block 32 (4, plus a 32-bit scale per 32 weights).
 
+`accuracy_level=4` is MatMulNBits' own switch for int8 activations, which ONNX Runtime honours
+too: each block of `block` activations is quantized with its own scale, and on CPUs with int8
+dot products the weights multiply them without being widened to float (edgecc.kernels.int4_vnni).
+
 Methods:
 - `rtn`: round to nearest, per block.
 - `awq`: activation-aware scaling. Input channels that carry large activations matter more, so
@@ -110,7 +114,8 @@ class _Int4Rule(pattern.RewriteRuleClassBase):
         if zeros is not None:  # MatMulNBits: uint8 nibbles, or float32 like the scales, N-major
             zp = np.ascontiguousarray(zeros.T).ravel() if self._float_zeros else _pack_zero_points(zeros)
             inputs.append(op.initializer(ir.tensor(zp), f"{prefix}_zp"))
-        return op.MatMulNBits(*inputs, K=K, N=N, bits=4, block_size=block, _domain=MS_DOMAIN)
+        return op.MatMulNBits(*inputs, K=K, N=N, bits=4, block_size=block,
+                              accuracy_level=self.opts["accuracy_level"], _domain=MS_DOMAIN)
 
 
 class Int4MatMul(_Int4Rule):
@@ -161,6 +166,9 @@ class QuantizeInt4(Pass):
         Option("min_weights", int, 1024, "leave matmuls with fewer weights in float", low=0),
         Option("skip_outputs", bool, False, "leave matmuls whose result is a graph output (an LM "
                "head) in float, for quantize-int8 after it or fp32"),
+        Option("accuracy_level", int, 0, "MatMulNBits' accuracy_level: 4 lets activations be "
+               "quantized to int8 per block (pack-weights then picks the int4 x int8 VNNI kernel "
+               "where the target has it); 0 keeps them float", choices=(0, 4)),
     )
     provides = ("quantized", "compressed-weights")
     # Relative RMS output error --verify accepts from this pass. Measured on MiniLM (6 layers),

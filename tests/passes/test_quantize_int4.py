@@ -41,7 +41,7 @@ def test_structure_matmulnbits_with_packed_nibbles(block, symmetric, bits_per_we
     (node,) = _nbits(out)
     assert node.domain == "com.microsoft"
     attrs = {a.name: a.i for a in node.attribute}
-    assert attrs == {"K": K, "N": N, "bits": 4, "block_size": block}
+    assert attrs == {"K": K, "N": N, "bits": 4, "block_size": block, "accuracy_level": 0}
     inits = _inits(out)
     packed = inits[node.input[1]]
     assert packed.dtype == np.uint8 and packed.shape == (N, K // block, block // 2)
@@ -158,9 +158,16 @@ def test_gemm_with_alpha_is_left_alone():
     assert not result.changed
 
 
+def test_accuracy_level_is_written_for_onnx_runtime_too():
+    model = QuantizeInt4(min_weights=0, accuracy_level=4).run(ir.from_proto(linear_model()), PassContext()).model
+    (node,) = [n for n in model.graph if n.op_type == "MatMulNBits"]
+    assert node.attributes.get_int("accuracy_level") == 4
+
+
 @pytest.mark.parametrize("text,fragment", [
     ("quantize-int4{block=48}", "must be one of 16, 32, 64, 128, 256"),
     ("quantize-int4{method=gptq}", "must be one of rtn, awq"),
+    ("quantize-int4{accuracy_level=2}", "must be one of 0, 4"),
 ])
 def test_bad_options(text, fragment):
     with pytest.raises(UserError, match=fragment):

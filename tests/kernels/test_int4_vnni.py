@@ -1,0 +1,103 @@
+"""int4 x int8 VNNI kernel: layout, numerics against numpy, and where it is (not) chosen."""
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+import tvm
+from tvm import relax, tirx
+
+import edgecc
+from edgecc.kernels import int4_vnni
+from edgecc.kernels.int4 import quantize_blockwise
+from edgecc.pass_base import PassContext
+from edgecc.pass_manager import PassManager
+from edgecc.target import load_target
+from edgecc.verify import random_inputs, run_ort, with_int8_activations
+from tests.kernels.targets import RPI4
+from tests.passes.linear_models import linear_model
+
+HOST_TARGET = load_target("host").tvm_target()
+needs_vnni = pytest.mark.skipif(not int4_vnni.supported(HOST_TARGET), reason="this CPU has no AVX-512 VNNI")
+
+
+def test_pack_puts_four_k_of_sixteen_outputs_in_each_nibble_half():
+    K, N = 16, 32
+    levels = np.random.default_rng(0).integers(0, 16, (K, N)).astype(np.uint8)
+    packed = int4_vnni.pack(levels)
+    assert packed.shape == (N // 16, K // 8, 16, 4) and packed.dtype == np.uint8
+    t, c, i, j = 1, 1, 5, 2
+    assert packed[t, c, i, j] & 15 == levels[8 * c + j, 16 * t + i]
+    assert packed[t, c, i, j] >> 4 == levels[8 * c + 4 + j, 16 * t + i]
+
+
+def _module(levels, scales, zeros, block):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((tirx.Var("m", "int64"), levels.shape[0]), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(int4_vnni.emit(bb, x, levels, scales, zeros, block))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@needs_vnni
+@pytest.mark.parametrize("block", [32, 64])
+def test_matches_numpy_for_any_row_count(block):
+    K, N = 128, 48
+    w = np.random.default_rng(1).standard_normal((K, N)).astype(np.float32)
+    levels, scales, zeros = quantize_blockwise(w, block, symmetric=False, float_zeros=True)
+    ex = tvm.compile(_module(levels, scales, zeros, block), target=HOST_TARGET)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    for rows in (1, 5):
+        x = np.random.default_rng(rows).standard_normal((rows, K)).astype(np.float32)
+        x[0, :block] = 0  # an all-zero block of activations has no scale
+        got = vm["main"](tvm.runtime.tensor(x)).numpy()
+        want = int4_vnni.reference(x, levels, scales, zeros, block)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_chosen_only_where_the_target_has_vnni_and_the_shape_fits():
+    assert not int4_vnni.supported(RPI4)
+    assert not int4_vnni.supported(load_target("jetson-orin-nano").tvm_target())
+    assert int4_vnni.fits(576, 1536, 32) and not int4_vnni.fits(576, 1000, 32) and not int4_vnni.fits(64, 48, 4)
+
+
+def _compile(tmp_path, name, opts):
+    model = tmp_path / "m.onnx"
+    onnx.save(linear_model(k=256, n=96), model)
+    return edgecc.compile(model, "host", tmp_path / name,
+                          f"quantize-int4{{block=32,accuracy_level=4{opts}}},pack-weights")
+
+
+@needs_vnni
+@pytest.mark.parametrize("opts", ["", ",symmetric=false", ",symmetric=false,zero_points=float"])
+def test_accuracy_level_4_compiles_to_the_kernel_and_matches_its_reference(tmp_path, opts):
+    art = _compile(tmp_path, "a", opts)
+    assert art.manifest["passes"][-1]["stats"]["int4_vnni"] == 1
+    v = art.manifest["verification"]
+    assert v["ok"] and v["relative_rmse_vs_reference"] < 1e-5  # ORT on the explicitly rounded graph
+    assert v["relative_rmse_vs_fp32"] < 0.15
+
+
+@needs_vnni
+def test_reference_rounds_activations_only_where_the_kernel_does(tmp_path):
+    art = _compile(tmp_path, "a", ",symmetric=false,zero_points=float")
+    opt = onnx.load(str(art.path / "model.opt.onnx"))
+    rounded = with_int8_activations(opt)
+    assert len(rounded.graph.node) > len(opt.graph.node)
+    feeds = random_inputs(opt, seed=2, dim_values={"B": 1, "T": 3})
+    plain, explicit = run_ort(opt, feeds)["y"], run_ort(rounded, feeds)["y"]
+    assert np.abs(plain - explicit).max() > 1e-4  # ORT itself keeps float activations here
+    on_rpi4, _ = PassManager("quantize-int4{block=32,accuracy_level=4},pack-weights").run(
+        ir.from_proto(linear_model(k=256, n=96)), PassContext(target=load_target("rpi4")))
+    unmarked = ir.to_proto(on_rpi4)
+    assert with_int8_activations(unmarked) is unmarked
+
+
+@needs_vnni
+def test_without_accuracy_level_4_the_float_kernel_stays(tmp_path):
+    model = tmp_path / "m.onnx"
+    onnx.save(linear_model(k=256, n=96), model)
+    art = edgecc.compile(model, "host", tmp_path / "c", "quantize-int4{block=32},pack-weights")
+    assert art.manifest["passes"][-1]["stats"]["int4_vnni"] == 0
