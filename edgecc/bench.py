@@ -1,8 +1,10 @@
 """`edgecc bench`: ONNX Runtime and edgecc artifacts of a causal LM, side by side in one run.
 
-Configurations: ONNX Runtime fp32 on the model (ORT_ENABLE_ALL, the same thread count), then per
-pipeline the edgecc artifact and ONNX Runtime on the artifact's optimized ONNX (where its ops
-allow; fp32's is the source model again and is left out). Each configuration is measured in
+Configurations: ONNX Runtime fp32 on the model (ORT_ENABLE_ALL, the same thread count); when a
+pipeline quantizes to int4, ONNX Runtime's own int4 (its MatMulNBits quantizer on the fp32 model,
+the pipeline's block size, accuracy_level 4: its fastest CPU path); then per pipeline the edgecc
+artifact and ONNX Runtime on the artifact's optimized ONNX (where its ops allow; fp32's is the
+source model again and is left out). Each configuration is measured in
 its own process (edgecc.bench_worker): prefill latency p50/p90 per prompt length, decode
 tokens/s after a cache of `past` tokens, perplexity over windows of real text, peak resident
 memory. Per pipeline also: compile time, artifact size, the bytes of weights one decoded token
@@ -15,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -32,12 +35,13 @@ from onnx import numpy_helper
 from edgecc.errors import EdgeccError, UserError
 
 # int4: the LM head (the matmul producing the logits) in int8, as LM quantizers keep it above 4 bits;
-# float zero points, each block's min and max exactly on levels 0 and 15.
+# float zero points, each block's min and max exactly on levels 0 and 15; activations rounded to
+# int8 per block (accuracy_level 4), which CPUs with int8 dot products multiply without widening.
 PRESETS = {
     "fp32": "simplify,fuse",
     "int8": "simplify,fuse,quantize-int8{smoothquant=0.5},pack-weights",
-    "int4": "simplify,fuse,quantize-int4{block=32,symmetric=false,zero_points=float,skip_outputs=true},"
-            "quantize-int8,pack-weights",
+    "int4": "simplify,fuse,quantize-int4{block=32,symmetric=false,zero_points=float,skip_outputs=true,"
+            "accuracy_level=4},quantize-int8,pack-weights",
 }
 DEVIL = Path("/usr/share/dictd/devil.dict.dz")  # Debian's dict-devil: The Devil's Dictionary
 WORKER = [sys.executable, "-m", "edgecc.bench_worker"]
@@ -119,6 +123,32 @@ def weight_bytes_per_token(model: onnx.ModelProto) -> int:
     return total
 
 
+def int4_block(pipelines: list[tuple[str, str]]) -> int | None:
+    """The block size of the first pipeline that quantizes to int4, if any."""
+    from edgecc.pipeline import parse_pipeline
+
+    for _, text in pipelines:
+        for spec in parse_pipeline(text).resolved().passes:
+            if spec.name == "quantize-int4":
+                return dict(spec.options)["block"]
+    return None
+
+
+def ort_int4(model: Path, block: int, out: Path) -> Path:
+    """ONNX Runtime's own int4 model: its MatMulNBits quantizer (asymmetric, `block`,
+    accuracy_level 4) over every MatMul of the fp32 model, LM head included."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger(MatMulNBitsQuantizer.__module__).setLevel(logging.WARNING)  # a line per node
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(model)), block_size=block, is_symmetric=False,
+                                     accuracy_level=4)
+    quantizer.process()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "model.onnx"
+    quantizer.model.save_model_to_file(str(path), use_external_data_format=True)
+    return path
+
+
 def _run_worker(spec: dict, work: Path, name: str) -> dict:
     spec_path, out_path = work / f"{name}.spec.json", work / f"{name}.out.json"
     spec_path.write_text(json.dumps(spec))
@@ -178,6 +208,14 @@ def _run(model: Path, settings: Settings, work: Path, log: Callable[[str], None]
 
     configs = [{"name": "ort fp32", "engine": "onnxruntime", "pipeline": None,
                 "weight_bytes_per_token": weight_bytes_per_token(source), **measure("ort-fp32", "ort", model)}]
+    block = int4_block(pipelines)
+    if block:
+        log(f"quantizing with ONNX Runtime's MatMulNBits quantizer (block {block}) ...")
+        quantized = ort_int4(model, block, work / "ort-int4")
+        configs.append({"name": "ort int4 (own quantizer)", "engine": "onnxruntime",
+                        "pipeline": f"MatMulNBitsQuantizer(block_size={block}, is_symmetric=False, accuracy_level=4)",
+                        "weight_bytes_per_token": weight_bytes_per_token(onnx.load(str(quantized))),
+                        **measure("ort-int4-own", "ort", quantized)})
     skipped = [] if runs_here else [f"timing and memory: {target.name} artifacts cannot run on this host"]
     for label, pipeline in pipelines:
         art_dir = work / f"artifact-{label}"

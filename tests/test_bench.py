@@ -20,7 +20,7 @@ TEXT = ("The devil's dictionary defines a bore as a person who talks when you wi
 def result(example_path, tmp_path_factory):
     work = tmp_path_factory.mktemp("bench")
     (work / "text.txt").write_text(TEXT)
-    settings = bench.Settings(pipelines="fp32;int8", prompt_lengths=(8, 16), past=16, decode_steps=4,
+    settings = bench.Settings(pipelines="fp32;int8;int4", prompt_lengths=(8, 16), past=16, decode_steps=4,
                               repeats=2, windows=2, window_tokens=48, text=str(work / "text.txt"))
     return bench.run(example_path("tiny-llama"), settings, work / "out")
 
@@ -31,7 +31,8 @@ def _config(result, name):
 
 def test_every_configuration_is_measured(result):
     names = [c["name"] for c in result["configs"]]
-    assert names == ["ort fp32", "edgecc fp32", "edgecc int8", "ort int8"]
+    assert names == ["ort fp32", "ort int4 (own quantizer)", "edgecc fp32", "edgecc int8", "ort int8",
+                     "edgecc int4", "ort int4"]
     for c in result["configs"]:
         assert "error" not in c, c
         assert set(c["prefill_ms"]) == {"8", "16"} and c["prefill_ms"]["16"]["p50"] > 0
@@ -48,11 +49,15 @@ def test_accuracy_agrees_across_engines(result):
     assert ppl["edgecc int8"] == pytest.approx(ppl["ort fp32"], rel=0.05)
     assert ppl["edgecc int8"] == pytest.approx(ppl["ort int8"], rel=0.01)
     assert _config(result, "edgecc int8")["accuracy"]["tokens"] == 2 * 47
+    assert ppl["edgecc int4"] == pytest.approx(ppl["ort fp32"], rel=0.1)
+    assert ppl["ort int4 (own quantizer)"] == pytest.approx(ppl["ort fp32"], rel=0.1)
 
 
 def test_sizes_and_bytes_per_token(result, example_path):
     fp32, int8 = _config(result, "edgecc fp32"), _config(result, "edgecc int8")
     assert int8["model_so_bytes"] < 0.7 * fp32["model_so_bytes"]
+    assert _config(result, "edgecc int4")["model_so_bytes"] < int8["model_so_bytes"]
+    assert _config(result, "ort int4 (own quantizer)")["weight_bytes_per_token"] < int8["weight_bytes_per_token"]
     assert int8["weight_bytes_per_token"] < 0.4 * fp32["weight_bytes_per_token"]
     model = onnx.load(str(example_path("tiny-llama")))
     weights = sum(np.prod(i.dims) * 4 for i in model.graph.initializer)
