@@ -44,7 +44,7 @@ def main() -> int:
     ap.add_argument("--out", default="benchmarks/results/smollm2.json")
     ap.add_argument("--work-dir", default="out/bench-smollm2")
     a = ap.parse_args()
-    model = examples.smollm2()
+    model = examples.cached("smollm2")
     result = bench.run(model, bench.Settings(pipelines=a.pipelines), a.work_dir,
                        log=lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True))
     fp32_dir = Path(a.work_dir) / "artifact-fp32"

@@ -59,6 +59,7 @@ class Settings:
     windows: int = 8
     window_tokens: int = 256
     text: str | None = None
+    sentences: int = 64  # encoders: accuracy sentences
     tuning_logs: tuple[str, ...] = ()
     seed: int = 0
 
@@ -137,9 +138,11 @@ def int4_block(pipelines: list[tuple[str, str]]) -> int | None:
 def ort_int4(model: Path, block: int, out: Path) -> Path:
     """ONNX Runtime's own int4 model: its MatMulNBits quantizer (asymmetric, `block`,
     accuracy_level 4) over every MatMul of the fp32 model, LM head included."""
+    root = logging.getLogger()
+    level = root.level
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    logging.getLogger(MatMulNBitsQuantizer.__module__).setLevel(logging.WARNING)  # a line per node
+    root.setLevel(level)  # importing it sets the root logger to INFO: a line per node from every library
     quantizer = MatMulNBitsQuantizer(onnx.load(str(model)), block_size=block, is_symmetric=False,
                                      accuracy_level=4)
     quantizer.process()
@@ -181,30 +184,50 @@ def _run(model: Path, settings: Settings, work: Path, log: Callable[[str], None]
     pipelines = parse_pipelines(settings.pipelines)
     target = load_target(settings.target)
     source = to_proto(load_model(model))  # a missing or unreadable file is a one-line error
-    cache = CacheLayout.of([s.to_json() for s in graph_inputs(source)], str(model))
+    inputs = [s.to_json() for s in graph_inputs(source)]
     runs_here = target.runs_here()
-
-    bandwidth = bandwidth_gbs(settings.threads) if runs_here else None
-    if bandwidth:
-        log(f"memory bandwidth: {bandwidth:.1f} GB/s ({settings.threads} threads reading)")
+    encoder = is_encoder(inputs)
     tokenizer = model.with_name("tokenizer.json")
-    windows, text = ([], None)
-    if settings.windows:
+    if encoder:
         if not tokenizer.is_file():
-            raise UserError(f"{model}: no tokenizer.json beside it for the perplexity text "
-                            "(give --windows 0 to skip accuracy)")
-        windows, text = text_windows(tokenizer, settings.text, settings.windows, settings.window_tokens)
-    vocab = index_bounds(source).get("ids")
-    if vocab is None:
-        raise UserError(f"{model}: input 'ids' indexes no embedding table; cannot draw token ids")
-    base = {"threads": settings.threads, "vocab": vocab, "prompt_lengths": list(settings.prompt_lengths),
-            "past": settings.past, "decode_steps": settings.decode_steps, "repeats": settings.repeats,
-            "seed": settings.seed, "windows": windows}
-    kv_bytes = len(cache.names) * cache.kv_heads * cache.head_dim * 4 * settings.past  # fp32 keys + values
+            raise UserError(f"{model}: no tokenizer.json beside it to tokenize the accuracy sentences")
+        sentences, text = encoder_sentences(tokenizer, settings.text, settings.sentences, inputs,
+                                            max(settings.prompt_lengths), work / "sentences.npz")
+        seq = sentences["input_ids"].shape[1]
+        lengths = [n for n in settings.prompt_lengths if n <= seq] if _dynamic_seq(inputs) else [seq]
+        base = {"mode": "encoder", "threads": settings.threads, "prompt_lengths": lengths,
+                "repeats": settings.repeats, "sentences": str(work / "sentences.npz")}
+        accuracy_wanted, bandwidth, kv_bytes = True, None, 0
+    else:
+        try:
+            cache = CacheLayout.of(inputs, str(model))
+        except UserError as e:
+            raise UserError(f"{e}; nor is it an encoder (inputs input_ids, attention_mask"
+                            "[, token_type_ids])") from None
+        bandwidth = bandwidth_gbs(settings.threads) if runs_here else None
+        if bandwidth:
+            log(f"memory bandwidth: {bandwidth:.1f} GB/s ({settings.threads} threads reading)")
+        windows, text = ([], None)
+        if settings.windows:
+            if not tokenizer.is_file():
+                raise UserError(f"{model}: no tokenizer.json beside it for the perplexity text "
+                                "(give --windows 0 to skip accuracy)")
+            windows, text = text_windows(tokenizer, settings.text, settings.windows, settings.window_tokens)
+        vocab = index_bounds(source).get("ids")
+        if vocab is None:
+            raise UserError(f"{model}: input 'ids' indexes no embedding table; cannot draw token ids")
+        base = {"threads": settings.threads, "vocab": vocab, "prompt_lengths": list(settings.prompt_lengths),
+                "past": settings.past, "decode_steps": settings.decode_steps, "repeats": settings.repeats,
+                "seed": settings.seed, "windows": windows}
+        accuracy_wanted = bool(windows)
+        kv_bytes = len(cache.names) * cache.kv_heads * cache.head_dim * 4 * settings.past  # fp32 keys + values
 
     def measure(name: str, kind: str, path: Path, timed: bool = True) -> dict:
         log(f"measuring {name} ...")
-        return _run_worker(dict(base, kind=kind, path=str(path), time=timed and runs_here), work, name)
+        spec = dict(base, kind=kind, path=str(path), time=timed and runs_here)
+        if encoder:
+            spec["embeddings"] = str(work / f"{name}.embeddings.npy")
+        return dict(_run_worker(spec, work, name), **({"embeddings": spec["embeddings"]} if encoder else {}))
 
     configs = [{"name": "ort fp32", "engine": "onnxruntime", "pipeline": None,
                 "weight_bytes_per_token": weight_bytes_per_token(source), **measure("ort-fp32", "ort", model)}]
@@ -237,7 +260,7 @@ def _run(model: Path, settings: Settings, work: Path, log: Callable[[str], None]
                                 ("relative_rmse_vs_fp32", "cosine_vs_fp32", "skipped")}}
         if runs_here:
             row.update(measure(f"edgecc-{label}", "edgecc", art.path))
-        elif windows:  # accuracy of what the artifact computes, through ORT on its optimized model
+        elif accuracy_wanted:  # accuracy of what the artifact computes, through ORT on its optimized model
             row["accuracy_via"] = "onnxruntime on model.opt.onnx"
             row.update(measure(f"edgecc-{label}-ref", "ort", optimized, timed=False))
         configs.append(row)
@@ -245,6 +268,14 @@ def _run(model: Path, settings: Settings, work: Path, log: Callable[[str], None]
             configs.append({"name": f"ort {label}", "engine": "onnxruntime", "pipeline": pipeline,
                             "model": "edgecc's model.opt.onnx", "weight_bytes_per_token": wbytes,
                             **measure(f"ort-{label}", "ort", optimized)})
+    if encoder:
+        _embedding_accuracy(configs)
+        longest = str(max(base["prompt_lengths"]))
+        ort_ms = (configs[0].get("prefill_ms") or {}).get(longest, {}).get("p50")
+        for c in configs:
+            ms = (c.get("prefill_ms") or {}).get(longest, {}).get("p50")
+            if ort_ms and ms:
+                c["latency_speedup_vs_ort_fp32"] = round(ort_ms / ms, 2)
     ort_rate = (configs[0].get("decode") or {}).get("tokens_per_s")
     for c in (c for c in configs if c.get("decode")):
         rate = c["decode"]["tokens_per_s"]
@@ -258,15 +289,90 @@ def _run(model: Path, settings: Settings, work: Path, log: Callable[[str], None]
         "machine": {"cpu": host_device().removeprefix("host:"),
                     "platform": platform.platform(), "logical_cpus": os.cpu_count(),
                     "bandwidth_gbs": bandwidth},
+        "kind": "encoder" if encoder else "causal LM",
         "kv_bytes_per_token_at_past": kv_bytes, "skipped": skipped, "configs": configs,
     }
 
 
+# Encoders: latency of one tokenized sentence per length, and accuracy as the cosine of each
+# sentence's embedding (mean-pooled over its tokens, as sentence-transformers computes it) to ONNX
+# Runtime fp32's, over real sentences.
+ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def is_encoder(inputs: list[dict]) -> bool:
+    """A BERT-style encoder: token ids, an attention mask (and maybe token types), no KV cache."""
+    names = [i["name"] for i in inputs]
+    return "input_ids" in names and "attention_mask" in names and set(names) <= set(ENCODER_INPUTS)
+
+
+def _dynamic_seq(inputs: list[dict]) -> bool:
+    return isinstance(next(i for i in inputs if i["name"] == "input_ids")["shape"][1], str)
+
+
+def text_sentences(text: str, count: int) -> list[str]:
+    """The first `count` distinct sentences of 6 to 40 words."""
+    import re
+
+    out: list[str] = []
+    for para in re.split(r"\n\s*\n", text):
+        for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", " ".join(para.split())):
+            if 6 <= len(sentence.split()) <= 40 and sentence not in out:
+                out.append(sentence)
+                if len(out) == count:
+                    return out
+    return out
+
+
+def encoder_sentences(tokenizer_path: Path, text_path: str | None, count: int, inputs: list[dict],
+                      max_length: int, out: Path) -> tuple[dict, str]:
+    """`count` sentences of the text, tokenized and padded to the model's sequence length (its
+    static one, else `max_length`), saved to `out` (.npz) for the measurement processes."""
+    from tokenizers import Tokenizer
+
+    path = Path(text_path) if text_path else DEVIL
+    if not path.is_file():
+        how = "" if text_path else " (apt-get install dict-devil, or give --text FILE)"
+        raise UserError(f"{path}: no such text file{how}")
+    raw = gzip.open(path).read() if path.suffix in (".gz", ".dz") else path.read_bytes()
+    sentences = text_sentences(raw.decode("utf-8", "replace"), count)
+    if len(sentences) < count:
+        raise UserError(f"{path}: {len(sentences)} sentences of 6 to 40 words, fewer than {count}")
+    seq = next(i for i in inputs if i["name"] == "input_ids")["shape"][1]
+    seq = max_length if isinstance(seq, str) else seq
+    tok = Tokenizer.from_file(str(tokenizer_path))
+    tok.enable_truncation(seq)
+    tok.enable_padding(length=seq)
+    encoded = tok.encode_batch(sentences)
+    rows = {"input_ids": np.array([e.ids for e in encoded], np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encoded], np.int64)}
+    if "token_type_ids" in {i["name"] for i in inputs}:
+        rows["token_type_ids"] = np.zeros_like(rows["input_ids"])
+    np.savez(out, **rows)
+    return rows, str(path)
+
+
+def _embedding_accuracy(configs: list[dict]) -> None:
+    """Each configuration's mean and minimum cosine to ORT fp32's embeddings (the first config)."""
+    reference = np.load(configs[0]["embeddings"]) if os.path.exists(configs[0].get("embeddings", "")) else None
+    for c in configs:
+        path = c.pop("embeddings", None)
+        if reference is None or path is None or not os.path.exists(path):
+            continue
+        cos = (np.load(path) * reference).sum(1)  # both L2-normalized
+        c["accuracy"] = {"mean_cosine_vs_ort_fp32": float(cos.mean()), "min_cosine": float(cos.min()),
+                         "sentences": len(cos)}
+
+
 def table(result: dict) -> str:
-    """The results as a fixed-width table."""
-    lengths = result["settings"]["prompt_lengths"]
-    head = (["config"] + [f"prefill{n} p50/p90 ms" for n in lengths] +
-            ["decode tok/s", "x ORT", "roofline", "ppl", "peak MB", "so MB", "weights/token MB"])
+    """The results as a fixed-width table (an encoder's has no decode columns)."""
+    lengths = sorted({int(n) for c in result["configs"] for n in c.get("prefill_ms", {})}) or \
+        result["settings"]["prompt_lengths"]
+    encoder = result.get("kind") == "encoder"
+    latency = "latency{} p50/p90 ms" if encoder else "prefill{} p50/p90 ms"
+    head = (["config"] + [latency.format(n) for n in lengths] +
+            (["x ORT", "cos vs ORT"] if encoder else ["decode tok/s", "x ORT", "roofline", "ppl"]) +
+            ["peak MB", "so MB", "weights read/run MB" if encoder else "weights/token MB"])
     rows = [head]
     for c in result["configs"]:
         if "error" in c:
@@ -275,13 +381,16 @@ def table(result: dict) -> str:
         pre = c.get("prefill_ms", {})
         cells = [c["name"]] + [f"{pre[str(n)]['p50']:.1f}/{pre[str(n)]['p90']:.1f}" if str(n) in pre else "-"
                                for n in lengths]
-        dec = c.get("decode")
-        acc = c.get("accuracy")
-        cells += [f"{dec['tokens_per_s']:.1f}" if dec else "-",
-                  f"{c['decode_speedup_vs_ort_fp32']:.2f}" if "decode_speedup_vs_ort_fp32" in c else "-",
-                  f"{c['roofline_fraction']:.2f}" if "roofline_fraction" in c else "-",
-                  f"{acc['perplexity']:.2f}" if acc else "-",
-                  f"{c['peak_rss_mb']:.0f}" if "peak_rss_mb" in c else "-",
+        dec, acc = c.get("decode"), c.get("accuracy")
+        if encoder:
+            cells += [f"{c['latency_speedup_vs_ort_fp32']:.2f}" if "latency_speedup_vs_ort_fp32" in c else "-",
+                      f"{acc['mean_cosine_vs_ort_fp32']:.5f}" if acc else "-"]
+        else:
+            cells += [f"{dec['tokens_per_s']:.1f}" if dec else "-",
+                      f"{c['decode_speedup_vs_ort_fp32']:.2f}" if "decode_speedup_vs_ort_fp32" in c else "-",
+                      f"{c['roofline_fraction']:.2f}" if "roofline_fraction" in c else "-",
+                      f"{acc['perplexity']:.2f}" if acc else "-"]
+        cells += [f"{c['peak_rss_mb']:.0f}" if "peak_rss_mb" in c else "-",
                   f"{c['model_so_bytes'] / 1e6:.1f}" if "model_so_bytes" in c else "-",
                   f"{c['weight_bytes_per_token'] / 1e6:.1f}"]
         rows.append(cells)
@@ -300,11 +409,15 @@ def plot(result: dict, path: str | os.PathLike) -> None:
 
     configs = [c for c in result["configs"] if "error" not in c]
     names = [c["name"] for c in configs]
-    n = result["settings"]["prompt_lengths"][-1]
+    n = max(int(k) for c in configs for k in c.get("prefill_ms", {"0": None}))
+    accuracy = ("mean cosine vs ORT fp32", "mean_cosine_vs_ort_fp32") if result.get("kind") == "encoder" \
+        else ("perplexity", "perplexity")
     panels = [("decode tokens/s", [c.get("decode", {}).get("tokens_per_s", 0) for c in configs]),
-              (f"prefill {n} tokens, p50 ms", [c.get("prefill_ms", {}).get(str(n), {}).get("p50", 0)
-                                              for c in configs]),
-              ("perplexity", [c.get("accuracy", {}).get("perplexity", 0) for c in configs])]
+              (f"{'latency' if result.get('kind') == 'encoder' else 'prefill'} {n} tokens, p50 ms",
+               [c.get("prefill_ms", {}).get(str(n), {}).get("p50", 0) for c in configs]),
+              (accuracy[0], [c.get("accuracy", {}).get(accuracy[1], 0) for c in configs])]
+    if result.get("kind") == "encoder":
+        panels = panels[1:]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     for ax, (title, values) in zip(axes, panels):
         ax.barh(names, values, color=["#888" if c["engine"] == "onnxruntime" else "#2a6" for c in configs])

