@@ -16,7 +16,8 @@ offset-binary nibbles of edgecc.kernels.int4).
 
 Layout (pack): uint8 [N/16, K/8, 16, 4]. Byte [t, c, i, j] holds k = 8c + j of output 16t + i in
 its low nibble and k = 8c + 4 + j in its high one: 64 bytes give two vpdpbusd operands (low
-nibbles, high nibbles) of 16 outputs x 4 k each. Needs N % 16 == 0 and block % 8 == 0.
+nibbles, high nibbles) of 16 outputs x 4 k each. Needs N % 16 == 0 and block % 8 == 0. Scales
+and s * z are stored tile by tile (pack_meta), so each tile streams two contiguous arrays.
 
 One PrimFunc serves any number of rows (symbolic M): rows are quantized first (serially: a few
 thousand values), then 16-output tiles run in parallel, each walking its contiguous weight
@@ -56,6 +57,14 @@ def pack(levels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray((r[:, 0] | (r[:, 1] << 4)).transpose(2, 0, 3, 1))  # t, c, i, j
 
 
+def pack_meta(scales: np.ndarray, zeros: np.ndarray) -> np.ndarray:
+    """scales and zero points [K/block, N] -> float32 [N/16, K/block, 2, 16]: per tile, per block,
+    the 16 scales then the 16 products s * z, so a tile reads one contiguous stream."""
+    blocks, N = scales.shape
+    both = np.stack([scales, scales * zeros]).astype(np.float32)  # [2, blocks, N]
+    return np.ascontiguousarray(both.reshape(2, blocks, N // TILE, TILE).transpose(2, 1, 0, 3))
+
+
 def reference(x: np.ndarray, levels: np.ndarray, scales: np.ndarray, zeros: np.ndarray,
               block: int) -> np.ndarray:
     """numpy (float64) of what the kernel computes: x [M, K], levels [K, N], scales and zeros
@@ -76,8 +85,7 @@ def primfunc(K: int, N: int, block: int):
 
     @T.prim_func(private=True, s_tir=True)
     def int4_vnni(x_handle: T.handle, packed: T.Buffer((tiles, groups, TILE, 4), "uint8"),
-                  scales: T.Buffer((blocks, N), "float32"), scaled_zeros: T.Buffer((blocks, N), "float32"),
-                  y_handle: T.handle):
+                  meta: T.Buffer((tiles, blocks, 2, TILE), "float32"), y_handle: T.handle):
         T.func_attr({"tirx.noalias": True})
         M = T.int64()
         x = T.match_buffer(x_handle, (M, K), "float32")
@@ -103,11 +111,12 @@ def primfunc(K: int, N: int, block: int):
             sum_xq[m, b] = T.Cast("float32", total[0])
         for t in T.parallel(tiles):
             acc = T.alloc_buffer((TILE,), "float32", scope="local")
-            dot = T.alloc_buffer((TILE,), "int32", scope="local")
+            dot = T.alloc_buffer((2, TILE), "int32", scope="local")
             for m in range(M):
                 acc[T.ramp(0, 1, TILE)] = T.broadcast(T.float32(0), TILE)
                 for b in range(blocks):
-                    dot[T.ramp(0, 1, TILE)] = T.broadcast(T.int32(0), TILE)
+                    dot[0, T.ramp(0, 1, TILE)] = T.broadcast(T.int32(0), TILE)
+                    dot[1, T.ramp(0, 1, TILE)] = T.broadcast(T.int32(0), TILE)
                     for c in range(per_block):
                         k = b * block + c * GROUP
                         both = packed.vload([t, b * per_block + c, 0, 0], "uint8x64")
@@ -116,13 +125,15 @@ def primfunc(K: int, N: int, block: int):
                         x_low = T.reinterpret("int8x64", T.broadcast(T.reinterpret("int32", xq.vload([m, k], "int8x4")), TILE))
                         x_high = T.reinterpret("int8x64",
                                                T.broadcast(T.reinterpret("int32", xq.vload([m, k + 4], "int8x4")), TILE))
-                        partial = T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512",
-                                                          dot[T.ramp(0, 1, TILE)], low, x_low)
-                        dot[T.ramp(0, 1, TILE)] = T.call_llvm_pure_intrin(
-                            "int32x16", "llvm.x86.avx512.vpdpbusd.512", partial, high, x_high)
+                        # Two accumulators: vpdpbusd's latency, not its throughput, would bound one chain.
+                        dot[0, T.ramp(0, 1, TILE)] = T.call_llvm_pure_intrin(
+                            "int32x16", "llvm.x86.avx512.vpdpbusd.512", dot[0, T.ramp(0, 1, TILE)], low, x_low)
+                        dot[1, T.ramp(0, 1, TILE)] = T.call_llvm_pure_intrin(
+                            "int32x16", "llvm.x86.avx512.vpdpbusd.512", dot[1, T.ramp(0, 1, TILE)], high, x_high)
+                    total = dot[0, T.ramp(0, 1, TILE)] + dot[1, T.ramp(0, 1, TILE)]
                     acc[T.ramp(0, 1, TILE)] = acc[T.ramp(0, 1, TILE)] + T.broadcast(sx[m, b], TILE) * (
-                        T.Cast("float32x16", dot[T.ramp(0, 1, TILE)]) * scales[b, T.ramp(t * TILE, 1, TILE)]
-                        - scaled_zeros[b, T.ramp(t * TILE, 1, TILE)] * T.broadcast(sum_xq[m, b], TILE))
+                        T.Cast("float32x16", total) * meta[t, b, 0, T.ramp(0, 1, TILE)]
+                        - meta[t, b, 1, T.ramp(0, 1, TILE)] * T.broadcast(sum_xq[m, b], TILE))
                 y[m, T.ramp(t * TILE, 1, TILE)] = acc[T.ramp(0, 1, TILE)]
 
     # Scheduled by hand; opaque, so FuseOps leaves it whole.
@@ -137,6 +148,5 @@ def emit(bb, x, levels: np.ndarray, scales: np.ndarray, zeros: np.ndarray, block
 
     K, N = levels.shape
     gv = bb.add_func(primfunc(K, N, block), "int4_vnni")
-    operands = [x, relax.const(pack(levels)), relax.const(scales.astype(np.float32)),
-                relax.const((scales * zeros).astype(np.float32))]
+    operands = [x, relax.const(pack(levels)), relax.const(pack_meta(scales, zeros))]
     return bb.emit(relax.call_tir(gv, operands, relax.TensorType((x.ty.shape[0], N), "float32")))
