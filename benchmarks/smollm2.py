@@ -5,9 +5,10 @@
 Runs `edgecc example smollm2` (exported once into the example cache), then the bench harness
 (edgecc/bench.py: each configuration in its own process, 2 threads, prefill p50/p90 at 32 and 128
 tokens, decode tokens/s after a 128-token cache, perplexity on 8 x 256 tokens of The Devil's
-Dictionary, peak RSS, sizes, roofline against the bandwidth measured first). Then the fp32
+Dictionary, peak RSS, sizes, roofline against the bandwidth measured first; timings taken in 3
+round-robin rounds, the median reported). Then the fp32
 artifact and ONNX Runtime on the exported model decode the same prompt greedily: the first 32
-tokens must be equal. Writes the JSON and a PNG beside it. About 15 minutes on 2 cores; run it
+tokens must be equal. Writes the JSON and a PNG beside it. About 20 minutes on 2 cores; run it
 alone.
 """
 
@@ -41,11 +42,12 @@ def greedy_check(model: Path, artifact: Path, tokens: int = 32) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pipelines", default="fp32;int8;int4")
+    ap.add_argument("--rounds", type=int, default=3, help="timing runs per configuration (median reported)")
     ap.add_argument("--out", default="benchmarks/results/smollm2.json")
     ap.add_argument("--work-dir", default="out/bench-smollm2")
     a = ap.parse_args()
     model = examples.cached("smollm2")
-    result = bench.run(model, bench.Settings(pipelines=a.pipelines), a.work_dir,
+    result = bench.run(model, bench.Settings(pipelines=a.pipelines, rounds=a.rounds), a.work_dir,
                        log=lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True))
     fp32_dir = Path(a.work_dir) / "artifact-fp32"
     if fp32_dir.is_dir():

@@ -7,7 +7,8 @@ artifact and ONNX Runtime on the artifact's optimized ONNX (where its ops allow;
 source model again and is left out). Each configuration is measured in
 its own process (edgecc.bench_worker): prefill latency p50/p90 per prompt length, decode
 tokens/s after a cache of `past` tokens, perplexity over windows of real text, peak resident
-memory. Per pipeline also: compile time, artifact size, the bytes of weights one decoded token
+memory. With `rounds` > 1 the timings are taken that many times, round-robin over the
+configurations, and the median is reported (a shared machine's speed drifts by 20% over minutes). Per pipeline also: compile time, artifact size, the bytes of weights one decoded token
 reads, and the decode time as a fraction of the memory-bandwidth roofline,
 (weight bytes + KV-cache bytes) / bandwidth, with the bandwidth measured here first.
 """
@@ -60,6 +61,7 @@ class Settings:
     window_tokens: int = 256
     text: str | None = None
     sentences: int = 64  # encoders: accuracy sentences
+    rounds: int = 1  # timing runs per configuration, round-robin over the configurations
     tuning_logs: tuple[str, ...] = ()
     seed: int = 0
 
@@ -152,6 +154,26 @@ def ort_int4(model: Path, block: int, out: Path) -> Path:
     return path
 
 
+def _add_round(row: dict, again: dict) -> None:
+    """Fold another process's timings of a configuration into its row: the per-run values are kept
+    ("runs") and the median over runs is reported, so one slow moment of a noisy machine does not
+    decide a comparison."""
+    if "error" in again:
+        row.setdefault("round_errors", []).append(again["error"])
+        return
+    for n, p in again.get("prefill_ms", {}).items():
+        mine = row["prefill_ms"][n]
+        for key in ("p50", "p90"):
+            runs = mine.setdefault(f"{key}_runs", [mine[key]])
+            runs.append(p[key])
+            mine[key] = float(np.median(runs))
+    if "decode" in again:
+        runs = row["decode"].setdefault("runs", [row["decode"]["tokens_per_s"]])
+        runs.append(again["decode"]["tokens_per_s"])
+        row["decode"]["tokens_per_s"] = float(np.median(runs))
+    row["peak_rss_mb"] = max(row["peak_rss_mb"], again["peak_rss_mb"])
+
+
 def _run_worker(spec: dict, work: Path, name: str) -> dict:
     spec_path, out_path = work / f"{name}.spec.json", work / f"{name}.out.json"
     spec_path.write_text(json.dumps(spec))
@@ -222,12 +244,18 @@ def _run(model: Path, settings: Settings, work: Path, log: Callable[[str], None]
         accuracy_wanted = bool(windows)
         kv_bytes = len(cache.names) * cache.kv_heads * cache.head_dim * 4 * settings.past  # fp32 keys + values
 
-    def measure(name: str, kind: str, path: Path, timed: bool = True) -> dict:
+    timed: list[tuple[str, dict]] = []  # (name, spec) of every timed measurement, for later rounds
+
+    def measure(name: str, kind: str, path: Path, timed_here: bool = True) -> dict:
         log(f"measuring {name} ...")
-        spec = dict(base, kind=kind, path=str(path), time=timed and runs_here)
+        spec = dict(base, kind=kind, path=str(path), time=timed_here and runs_here)
         if encoder:
             spec["embeddings"] = str(work / f"{name}.embeddings.npy")
-        return dict(_run_worker(spec, work, name), **({"embeddings": spec["embeddings"]} if encoder else {}))
+        result = _run_worker(spec, work, name)
+        if spec["time"] and "error" not in result:
+            timed.append((name, spec))
+            result["_measured"] = name
+        return dict(result, **({"embeddings": spec["embeddings"]} if encoder else {}))
 
     configs = [{"name": "ort fp32", "engine": "onnxruntime", "pipeline": None,
                 "weight_bytes_per_token": weight_bytes_per_token(source), **measure("ort-fp32", "ort", model)}]
@@ -262,12 +290,20 @@ def _run(model: Path, settings: Settings, work: Path, log: Callable[[str], None]
             row.update(measure(f"edgecc-{label}", "edgecc", art.path))
         elif accuracy_wanted:  # accuracy of what the artifact computes, through ORT on its optimized model
             row["accuracy_via"] = "onnxruntime on model.opt.onnx"
-            row.update(measure(f"edgecc-{label}-ref", "ort", optimized, timed=False))
+            row.update(measure(f"edgecc-{label}-ref", "ort", optimized, timed_here=False))
         configs.append(row)
         if pipeline != PRESETS["fp32"]:
             configs.append({"name": f"ort {label}", "engine": "onnxruntime", "pipeline": pipeline,
                             "model": "edgecc's model.opt.onnx", "weight_bytes_per_token": wbytes,
                             **measure(f"ort-{label}", "ort", optimized)})
+    by_name = {name: c for c in configs for name in [c.get("_measured")] if name}
+    for r in range(2, settings.rounds + 1):
+        for name, spec in timed:
+            log(f"round {r}/{settings.rounds}: timing {name} ...")
+            again = _run_worker(dict(spec, windows=[]), work, name)
+            _add_round(by_name[name], again)
+    for c in configs:
+        c.pop("_measured", None)
     if encoder:
         _embedding_accuracy(configs)
         longest = str(max(base["prompt_lengths"]))

@@ -180,7 +180,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         lengths.append(int(item))
     for flag, value in (("--past", a.past), ("--decode-steps", a.decode_steps), ("--repeats", a.repeats),
                         ("--threads", a.threads), ("--window-tokens", a.window_tokens),
-                        ("--sentences", a.sentences)):
+                        ("--sentences", a.sentences), ("--rounds", a.rounds)):
         if value < 1:
             raise UserError(f"{flag} {value}: must be at least 1")
     if a.windows < 0:
@@ -188,7 +188,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     settings = bench.Settings(target=a.target, pipelines=a.pipelines, threads=a.threads,
                               prompt_lengths=tuple(lengths), past=a.past, decode_steps=a.decode_steps,
                               repeats=a.repeats, windows=a.windows, window_tokens=a.window_tokens,
-                              text=a.text, sentences=a.sentences, tuning_logs=tuple(a.tuning_log or ()), seed=a.seed)
+                              text=a.text, sentences=a.sentences, rounds=a.rounds, tuning_logs=tuple(a.tuning_log or ()), seed=a.seed)
     result = bench.run(a.model, settings, a.work_dir, log=_log)
     print(bench.table(result))
     for line in result["skipped"]:
@@ -350,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=10, help="timed runs per prefill length")
     b.add_argument("--windows", type=int, default=8, help="perplexity windows (0: no accuracy)")
     b.add_argument("--window-tokens", type=int, default=256)
+    b.add_argument("--rounds", type=int, default=1,
+                   help="time every configuration this many times, round-robin, and report the median")
     b.add_argument("--sentences", type=int, default=64,
                    help="encoders: sentences of the text whose embeddings are compared with ORT fp32's")
     b.add_argument("--text", help="accuracy text (default: The Devil's Dictionary from dict-devil)")

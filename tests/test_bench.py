@@ -21,7 +21,7 @@ def result(example_path, tmp_path_factory):
     work = tmp_path_factory.mktemp("bench")
     (work / "text.txt").write_text(TEXT)
     settings = bench.Settings(pipelines="fp32;int8;int4", prompt_lengths=(8, 16), past=16, decode_steps=4,
-                              repeats=2, windows=2, window_tokens=48, text=str(work / "text.txt"))
+                              repeats=2, windows=2, window_tokens=48, text=str(work / "text.txt"), rounds=2)
     return bench.run(example_path("tiny-llama"), settings, work / "out")
 
 
@@ -38,6 +38,9 @@ def test_every_configuration_is_measured(result):
         assert set(c["prefill_ms"]) == {"8", "16"} and c["prefill_ms"]["16"]["p50"] > 0
         assert c["decode"]["tokens_per_s"] > 0 and c["peak_rss_mb"] > 50
         assert 0 < c["roofline_fraction"] < 1.5
+        runs = c["decode"]["runs"]  # rounds=2: two processes timed it, the median reported
+        assert len(runs) == 2 and c["decode"]["tokens_per_s"] == np.median(runs)
+        assert len(c["prefill_ms"]["16"]["p50_runs"]) == 2
     assert result["machine"]["bandwidth_gbs"] > 0.5
 
 
