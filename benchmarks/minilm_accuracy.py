@@ -19,7 +19,7 @@ Each pipeline is compiled for "host" with edgecc.compile (verification on); the 
 mean pooling over the attention mask plus L2 normalization, in numpy, as sentence-transformers
 computes it. Reported per pipeline: cosine of the embeddings to the fp32 TVM artifact's and to
 torch's (mean, min over sentences), agreement with ONNX Runtime running the same optimized
-graph (model.opt.onnx), model.so size and compile time. When compile's final verification
+graph (model.opt.onnx), model size (library and weights) and compile time. When compile's final verification
 rejects a pipeline, the failure is recorded and the pipeline is compiled again with verify=False
 so its accuracy can still be measured; such rows are marked "UNVERIFIED". The baseline is ONNX
 Runtime's quantize_dynamic (QInt8 weights, per_channel=False, default options) on the same fp32
@@ -298,7 +298,7 @@ def main() -> int:
             continue
         row["compile_s"] = round(time.perf_counter() - t, 1)
         row["timings_s"] = art.manifest["timings_s"]
-        row["model_so_bytes"] = (out_dir / art.manifest["build"]["library"]).stat().st_size
+        row["model_bytes"] = art.model_bytes
         if row["verified"]:
             v = art.manifest["verification"]
             row["compile_verification"] = {k: v.get(k) for k in ("max_abs", "cosine_vs_fp32",
@@ -353,10 +353,10 @@ def main() -> int:
         return f"{d[key]:.4f}" if isinstance(d, dict) else "-"
 
     print(f"\n{'pipeline':<12} {'status':<11} {'cos fp32-tvm':>12} {'min':>7} {'cos torch':>9} {'min':>7} "
-          f"{'tvm~ort':>7} {'ort cos torch':>13} {'model.so MiB':>12} {'compile s':>9}")
+          f"{'tvm~ort':>7} {'ort cos torch':>13} {'model MiB':>12} {'compile s':>9}")
     for name, r in rows.items():
         status = "FAILED" if "error" in r else ("ok" if r.get("verified") else "UNVERIFIED")
-        so = f"{r['model_so_bytes'] / 2**20:.1f}" if "model_so_bytes" in r else "-"
+        so = f"{r['model_bytes'] / 2**20:.1f}" if "model_bytes" in r else "-"
         same = r.get("ort_same_graph", {})
         print(f"{name:<12} {status:<11} {cell(r.get('cosine_vs_fp32_tvm')):>12} "
               f"{cell(r.get('cosine_vs_fp32_tvm'), 'min'):>7} {cell(r.get('cosine_vs_torch')):>9} "

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/sizes.py [--out benchmarks/results/sizes.json]
 
-Each model is compiled for host with every pipeline below; the table gives model.so bytes and
+Each model is compiled for host with every pipeline below; the table gives the model's bytes (model.so and weights.bin) and
 the ratio to the fp32 pipeline, plus the error against fp32 that compile's verification measured.
 The tiny LM keeps its embeddings (a third of its weights) and the code in float/so, which bounds
 its ratio; the 4 x 1024x1024 MLP shows the weight-dominated case.
@@ -62,17 +62,17 @@ def main() -> int:
             base = None
             for name, pipeline in PIPELINES.items():
                 art = edgecc.compile(path, "host", Path(tmp) / f"{model_name}-{name}", pipeline)
-                size = art.manifest["files"]["model.so"]["bytes"]
+                size = art.model_bytes
                 base = base or size
                 v = art.manifest["verification"]
                 rows.append({"model": model_name, "pipeline": name, "pipeline_text": pipeline,
-                             "model_so_bytes": size, "ratio_vs_fp32": round(size / base, 3),
+                             "model_bytes": size, "ratio_vs_fp32": round(size / base, 3),
                              "cosine_vs_fp32": v.get("cosine_vs_fp32"),
                              "relative_error_vs_fp32": v.get("relative_error_vs_fp32")})
-    print(f"{'model':12} {'pipeline':10} {'model.so':>10} {'x fp32':>7} {'cos vs fp32':>12}")
+    print(f"{'model':12} {'pipeline':10} {'model':>10} {'x fp32':>7} {'cos vs fp32':>12}")
     for r in rows:
         cos = f"{r['cosine_vs_fp32']:.5f}" if r["cosine_vs_fp32"] is not None else "-"
-        print(f"{r['model']:12} {r['pipeline']:10} {r['model_so_bytes'] / 1e6:9.2f}M "
+        print(f"{r['model']:12} {r['pipeline']:10} {r['model_bytes'] / 1e6:9.2f}M "
               f"{r['ratio_vs_fp32']:7.3f} {cos:>12}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -76,6 +76,7 @@ class Artifact:
         self.path = Path(path)
         self.manifest = manifest
         self._vm = None
+        self._weights: list = []  # the runtime tensors of weights.bin, once the VM is loaded
 
     @classmethod
     def load(cls, path: str | os.PathLike, check_hashes: bool = True) -> "Artifact":
@@ -112,6 +113,13 @@ class Artifact:
     def outputs(self) -> list[dict]:
         return self.manifest["outputs"]
 
+    @property
+    def model_bytes(self) -> int:
+        """The compiled model's size: the library and the weights stored beside it."""
+        build, files = self.manifest["build"], self.manifest["files"]
+        names = [build["library"]] + ([build["weights"]["file"]] if "weights" in build else [])
+        return sum(files[n]["bytes"] for n in names)
+
     def runs_here(self) -> bool:
         t = self.manifest["target"]
         return t["device_kind"] == "llvm" and t["host_arch"] == platform.machine()
@@ -132,8 +140,13 @@ class Artifact:
         from tvm.runtime.vm import VirtualMachine
 
         if self._vm is None:
-            lib = tvm.runtime.load_module(str(self.path / self.manifest["build"]["library"]))
+            from edgecc import weights
+
+            build = self.manifest["build"]
+            lib = tvm.runtime.load_module(str(self.path / build["library"]))
             self._vm = VirtualMachine(lib, tvm.cpu())
+            stored = build.get("weights")
+            self._weights = weights.load(self.path / stored["file"], stored["tensors"]) if stored else []
         tvm.get_global_func("runtime.config_threadpool")(1, n)
         return self._vm
 
@@ -169,7 +182,8 @@ class Artifact:
 
         arrays = self.check_inputs(feeds)
         vm = self.load_vm(threads)
-        out = vm["main"](*[a if isinstance(a, tvm.runtime.Tensor) else tvm.runtime.tensor(a) for a in arrays])
+        out = vm["main"](*[a if isinstance(a, tvm.runtime.Tensor) else tvm.runtime.tensor(a) for a in arrays],
+                         *self._weights)
         values = [out] if isinstance(out, tvm.runtime.Tensor) else list(_flatten(out))
         names = [o["name"] for o in self.outputs]
         if len(values) != len(names):

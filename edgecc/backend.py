@@ -2,7 +2,8 @@
 
 CPU targets run the Relax "zero" pipeline first (tvm.compile alone does not fuse on CPU),
 apply the tuning records that match the target, give edgecc's kernels their hand schedules,
-leave the rest to TVM's defaults, build, and export through the target's toolchain.
+leave the rest to TVM's defaults, lift the weights out into a file beside the library
+(edgecc.weights), build, and export through the target's toolchain.
 CUDA targets are built by edgecc.cuda, which embeds nvcc-compiled device code.
 """
 
@@ -12,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from edgecc import weights
 from edgecc.errors import UserError
 from edgecc.target import TargetDesc
 
@@ -122,6 +124,7 @@ def build(mod, target: TargetDesc, lib_path: Path, records=()) -> dict:
     tgt = target.tvm_target()
     mod, tuned = apply_records(prepare(mod, target), tgt, records)
     mod = schedule_kernels(mod, tgt)
+    mod, arrays = weights.lift(mod)
     executable = tvm.compile(mod, target=tgt)
     if target.runs_here():
         executable.export_library(str(lib_path))
@@ -129,7 +132,10 @@ def build(mod, target: TargetDesc, lib_path: Path, records=()) -> dict:
         from tvm.support import cc as tvm_cc
 
         executable.export_library(str(lib_path), fcompile=tvm_cc.cross_compiler(cc))
-    return {"library": LIBRARY_NAME, **tuning_facts(mod, tuned, records), "tvm_target": str(tgt)}
+    facts = {"library": LIBRARY_NAME, **tuning_facts(mod, tuned, records), "tvm_target": str(tgt)}
+    if arrays:
+        facts["weights"] = {"file": weights.FILE, "tensors": weights.write(lib_path.with_name(weights.FILE), arrays)}
+    return facts
 
 
 def tuning_facts(mod, tuned: list[str], records) -> dict:

@@ -282,7 +282,7 @@ def _run(model: Path, settings: Settings, work: Path, log: Callable[[str], None]
         wbytes = weight_bytes_per_token(onnx.load(str(optimized)))
         row = {"name": f"edgecc {label}", "engine": "edgecc", "pipeline": pipeline,
                "compile_s": round(compile_s, 1),
-               "model_so_bytes": art.manifest["files"]["model.so"]["bytes"],
+               "model_bytes": art.model_bytes,
                "weight_bytes_per_token": wbytes,
                "verification": {k: art.manifest["verification"].get(k) for k in
                                 ("relative_rmse_vs_fp32", "cosine_vs_fp32", "skipped")}}
@@ -408,7 +408,7 @@ def table(result: dict) -> str:
     latency = "latency{} p50/p90 ms" if encoder else "prefill{} p50/p90 ms"
     head = (["config"] + [latency.format(n) for n in lengths] +
             (["x ORT", "cos vs ORT"] if encoder else ["decode tok/s", "x ORT", "roofline", "ppl"]) +
-            ["peak MB", "so MB", "weights read/run MB" if encoder else "weights/token MB"])
+            ["peak MB", "model MB", "weights read/run MB" if encoder else "weights/token MB"])
     rows = [head]
     for c in result["configs"]:
         if "error" in c:
@@ -427,7 +427,7 @@ def table(result: dict) -> str:
                       f"{c['roofline_fraction']:.2f}" if "roofline_fraction" in c else "-",
                       f"{acc['perplexity']:.2f}" if acc else "-"]
         cells += [f"{c['peak_rss_mb']:.0f}" if "peak_rss_mb" in c else "-",
-                  f"{c['model_so_bytes'] / 1e6:.1f}" if "model_so_bytes" in c else "-",
+                  f"{c['model_bytes'] / 1e6:.1f}" if "model_bytes" in c else "-",
                   f"{c['weight_bytes_per_token'] / 1e6:.1f}"]
         rows.append(cells)
     widths = [max(len(r[i]) for r in rows if len(r) == len(head)) for i in range(len(head))]

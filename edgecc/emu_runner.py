@@ -27,10 +27,16 @@ def main(artifact: str, inp: str, out: str, threads: str) -> None:
     from tvm.runtime.vm import VirtualMachine
 
     manifest = json.loads((Path(artifact) / "manifest.json").read_text())
-    lib = tvm.runtime.load_module(str(Path(artifact) / manifest["build"]["library"]))
+    build = manifest["build"]
+    lib = tvm.runtime.load_module(str(Path(artifact) / build["library"]))
     vm = VirtualMachine(lib, tvm.cpu())
     with np.load(inp) as feeds:
         args = [tvm.runtime.tensor(feeds[spec["name"]]) for spec in manifest["inputs"]]
+    if "weights" in build:  # the module's weights, stored beside it (edgecc.weights)
+        data = np.fromfile(Path(artifact) / build["weights"]["file"], dtype=np.uint8)
+        for t in build["weights"]["tensors"]:
+            view = data[t["offset"]:t["offset"] + t["bytes"]].view(t["dtype"]).reshape(t["shape"])
+            args.append(tvm.runtime.tensor(view))
     values = list(_flatten(vm["main"](*args), tvm.runtime.Tensor))
     names = [spec["name"] for spec in manifest["outputs"]]
     if len(values) != len(names):

@@ -58,8 +58,8 @@ def test_accuracy_agrees_across_engines(result):
 
 def test_sizes_and_bytes_per_token(result, example_path):
     fp32, int8 = _config(result, "edgecc fp32"), _config(result, "edgecc int8")
-    assert int8["model_so_bytes"] < 0.7 * fp32["model_so_bytes"]
-    assert _config(result, "edgecc int4")["model_so_bytes"] < int8["model_so_bytes"]
+    assert int8["model_bytes"] < 0.7 * fp32["model_bytes"]
+    assert _config(result, "edgecc int4")["model_bytes"] < int8["model_bytes"]
     assert _config(result, "ort int4 (own quantizer)")["weight_bytes_per_token"] < int8["weight_bytes_per_token"]
     assert int8["weight_bytes_per_token"] < 0.4 * fp32["weight_bytes_per_token"]
     model = onnx.load(str(example_path("tiny-llama")))

@@ -62,7 +62,7 @@ def test_manifest_records_what_reproduces_the_build(host_artifacts):
     m = art.manifest
     assert m["pipeline"] == "simplify{onnxsim=true},fuse{layernorm=true,gelu=true,matmul_bias=true}" or \
         m["pipeline"].startswith("simplify{onnxsim=true},fuse{")
-    assert [p["name"] for p in m["passes"]] == ["simplify", "fuse"]
+    assert [p["name"] for p in m["passes"]] == ["simplify", "fuse", "fuse-siblings"]
     assert all(p["seconds"] >= 0 and "stats" in p for p in m["passes"])
     assert m["versions"]["apache-tvm"] == "0.27.0.post1"
     assert m["target"]["name"] == "host" and len(m["target"]["fingerprint"]) == 16
@@ -70,7 +70,11 @@ def test_manifest_records_what_reproduces_the_build(host_artifacts):
     assert m["outputs"][0]["name"] == "logits"
     for name, info in m["files"].items():
         assert sha256_file(art.path / name) == info["sha256"]
-    assert {"model.so", "model.opt.onnx", "report.md"} <= set(m["files"])
+    assert {"model.so", "weights.bin", "model.opt.onnx", "report.md"} <= set(m["files"])
+    # The weights live beside the library, each tensor 64-byte aligned for a zero-copy mapping.
+    stored = m["build"]["weights"]["tensors"]
+    assert all(t["offset"] % 64 == 0 for t in stored)
+    assert sum(t["bytes"] for t in stored) > 3 * m["files"]["model.so"]["bytes"]
     report = (art.path / "report.md").read_text()
     assert "simplify" in report and "max abs error" in report
     # The optimized graph is runnable in ORT as a reference.

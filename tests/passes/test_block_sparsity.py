@@ -107,7 +107,7 @@ def test_compiled_bsr_artifact_matches_ort_and_stores_only_nonzero_blocks(exampl
         v = art.manifest["verification"]
         assert v["ok"] and v["reference"] == "onnxruntime (optimized model)" and v["max_abs"] < 1e-5
         assert art.manifest["passes"][-1]["stats"]["bsr"] > 0
-    sizes = [a.manifest["files"]["model.so"]["bytes"] for a in (light, heavy)]
+    sizes = [a.model_bytes for a in (light, heavy)]
     assert sizes[1] < 0.7 * sizes[0], sizes  # dropped blocks are not in the module
     opt = onnx.load(str(heavy.path / "model.opt.onnx"))
     feeds = random_inputs(opt, seed=6, dim_values={"batch": 2, "seq": 7})

@@ -182,8 +182,8 @@ def test_compiled_example_lm_matches_ort_and_stores_nibbles(example_path, tmp_pa
     v = int4.manifest["verification"]
     assert v["ok"] and v["reference"] == "onnxruntime (optimized model)" and v["max_abs"] < 1e-4
     assert v["cosine_vs_fp32"] > 0.99
-    lib32 = fp32.manifest["files"]["model.so"]["bytes"]
-    lib4 = int4.manifest["files"]["model.so"]["bytes"]
+    lib32 = fp32.model_bytes
+    lib4 = int4.model_bytes
     assert lib4 < 0.5 * lib32, (lib4, lib32)
     opt = onnx.load(str(int4.path / "model.opt.onnx"))
     for dims in ({"batch": 1, "seq": 1}, {"batch": 2, "seq": 13}):  # decode and prefill shapes

@@ -198,8 +198,8 @@ def test_compiled_example_lm_is_smaller_and_matches_ort_on_the_int8_graph(exampl
     v = int8.manifest["verification"]
     assert v["ok"] and v["reference"] == "onnxruntime (optimized model)"
     assert v["relative_error_vs_fp32"] < 0.05 and v["cosine_vs_fp32"] > 0.999
-    lib32 = fp32.manifest["files"]["model.so"]["bytes"]
-    lib8 = int8.manifest["files"]["model.so"]["bytes"]
+    lib32 = fp32.model_bytes
+    lib8 = int8.model_bytes
     assert lib8 < 0.6 * lib32, (lib8, lib32)  # the int8 weights are what the module stores
     opt = onnx.load(str(int8.path / "model.opt.onnx"))
     feeds = random_inputs(opt, seed=9, dim_values={"batch": 2, "seq": 11})

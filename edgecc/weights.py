@@ -1,0 +1,84 @@
+"""Weights stored beside the compiled library, mapped at load instead of copied.
+
+A Relax module built with its weights as constants embeds them in the library, and loading it
+holds them three times: the library's mapped file, the executable's deserialized constants and
+the VM's own copy (SmolLM2 fp32: 652 MB of weights, 2.9 GB peak resident). So CPU builds lift
+every large constant of `main` into a trailing parameter (`lift`), the artifact keeps them in
+one raw file (`write`: 64-byte aligned, described in the manifest), and loading maps that file
+copy-on-write and hands the pages to the runtime without a copy (`load`). The module's other
+functions keep their constants.
+
+tvm is imported inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+FILE = "weights.bin"
+MIN_BYTES = 4096  # smaller constants (shapes, scalars, small tables) stay in the library
+ALIGN = 64  # what DLPack wants of a tensor's data pointer
+
+
+def lift(mod, min_bytes: int = MIN_BYTES):
+    """`mod` with every constant of `main` of at least `min_bytes` bytes made a parameter after
+    its inputs, and those constants' values in parameter order."""
+    import tvm
+    from tvm import relax
+
+    main = mod["main"]
+    params: dict = {}  # constant (by identity) -> (its parameter, its value)
+
+    @relax.expr_functor.mutator
+    class Lift(relax.PyExprMutator):
+        def visit_generic_const_(self, const):
+            if not isinstance(const, tvm.ir.Constant):
+                return const
+            if const not in params:
+                value = const.value.numpy()
+                if value.nbytes < min_bytes:
+                    return const
+                var = relax.Var(f"weight{len(params)}", relax.TensorType(value.shape, str(value.dtype)))
+                params[const] = (var, value)
+            return params[const][0]
+
+    body = Lift(mod).visit_expr(main.body)
+    if not params:
+        return mod, []
+    lifted = list(params.values())
+    func = relax.Function(list(main.params) + [v for v, _ in lifted], body, main.ret_ty, main.is_pure,
+                          main.attrs, main.span)
+    out = mod.clone()
+    out["main"] = func
+    return out, [value for _, value in lifted]
+
+
+def write(path: Path, arrays: list[np.ndarray]) -> list[dict]:
+    """The arrays back to back in one file, each at a 64-byte aligned offset; their manifest entries."""
+    entries, offset = [], 0
+    with open(path, "wb") as f:
+        for a in arrays:
+            pad = -offset % ALIGN
+            f.write(b"\0" * pad)
+            offset += pad
+            data = np.ascontiguousarray(a)
+            f.write(data.tobytes())
+            entries.append({"dtype": str(data.dtype), "shape": list(data.shape), "offset": offset,
+                            "bytes": data.nbytes})
+            offset += data.nbytes
+    return entries
+
+
+def load(path: Path, entries: list[dict]) -> list:
+    """The weights as runtime tensors over a copy-on-write mapping of the file: pages are read on
+    first use and shared with the page cache; nothing writes to them."""
+    import tvm
+
+    mapped = np.memmap(path, dtype=np.uint8, mode="c")
+    tensors = []
+    for e in entries:
+        view = mapped[e["offset"]:e["offset"] + e["bytes"]].view(e["dtype"]).reshape(e["shape"])
+        tensors.append(tvm.runtime.from_dlpack(view))
+    return tensors
