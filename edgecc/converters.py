@@ -147,9 +147,10 @@ class MatMulNBits(OnnxOpConverter):
                          lambda rows: emit_int4_linear(bb, rows, packed, scales, zeros, block, K, N))
 
 
-@converter("MatMulNBitsVNNI", domain="edgecc")
-class MatMulNBitsVNNI(OnnxOpConverter):
-    """A MatMulNBits with accuracy_level 4 that pack-weights gave the int4 x int8 VNNI kernel."""
+@converter("MatMulNBitsDot", domain="edgecc")
+class MatMulNBitsDot(OnnxOpConverter):
+    """A MatMulNBits with accuracy_level 4 that pack-weights gave the int4 x int8 dot-product
+    kernel of an instruction set (`isa`)."""
 
     computed_outputs = (0,)
 
@@ -157,17 +158,19 @@ class MatMulNBitsVNNI(OnnxOpConverter):
     def _impl_v1(cls, bb, inputs, attr, params):
         import numpy as np
 
-        from edgecc.kernels import int4_vnni
+        from edgecc.kernels import int4_dot
         from edgecc.kernels.int4 import unpack_int4
         from edgecc.kernels.int8 import over_rows
 
         K, N, block = attr["K"], attr["N"], attr["block_size"]
+        isa = attr["isa"].decode() if isinstance(attr["isa"], bytes) else attr["isa"]
         packed, scales, zeros = _nbits_operands(inputs, attr)
         levels = unpack_int4(packed, K, N, signed=False)
         if zeros is None:  # symmetric: offset-binary nibbles, zero point 8
             zeros = np.full_like(scales, 8)
         return over_rows(bb, inputs[0], K, N,
-                         lambda rows: int4_vnni.emit(bb, rows, levels, scales, zeros.astype(np.float32), block))
+                         lambda rows: int4_dot.emit(bb, rows, levels, scales, zeros.astype(np.float32), block,
+                                                    isa))
 
 
 @converter("BlockSparseMatMul", domain="edgecc")

@@ -111,12 +111,13 @@ def _route_to_kernels(model: onnx.ModelProto) -> onnx.ModelProto:
     The optimized ONNX keeps standard ops (ORT runs it as the reference); here a MatMul, or a
     Gemm's product, marked `edgecc.kernel = bsr` becomes edgecc's BlockSparseMatMul, a
     MatMulInteger marked `edgecc.kernel = int8` (by pack-weights) edgecc's MatMulInt8, and a
-    MatMulNBits marked `int4_vnni` edgecc's MatMulNBitsVNNI (same inputs and attributes).
+    MatMulNBits marked `int4_dot` edgecc's MatMulNBitsDot (same inputs and attributes, plus the
+    instruction set pack-weights chose).
     """
     def kernel(node):
         return {p.key: p.value for p in node.metadata_props}.get("edgecc.kernel")
 
-    if not any(kernel(n) in ("bsr", "int8", "int4_vnni") for n in model.graph.node):
+    if not any(kernel(n) in ("bsr", "int8", "int4_dot") for n in model.graph.node):
         return model
     model = copy.deepcopy(model)
     nodes = []
@@ -126,9 +127,10 @@ def _route_to_kernels(model: onnx.ModelProto) -> onnx.ModelProto:
             nodes.append(onnx.helper.make_node("MatMulInt8", node.input, node.output, name=node.name,
                                                domain="edgecc", tile=int(props["edgecc.tile"])))
             continue
-        if kernel(node) == "int4_vnni":
+        if kernel(node) == "int4_dot":
             routed = copy.deepcopy(node)
-            routed.op_type, routed.domain = "MatMulNBitsVNNI", "edgecc"
+            routed.op_type, routed.domain = "MatMulNBitsDot", "edgecc"
+            routed.attribute.append(onnx.helper.make_attribute("isa", props["edgecc.isa"]))
             nodes.append(routed)
             continue
         if kernel(node) != "bsr":

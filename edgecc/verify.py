@@ -181,7 +181,7 @@ def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], optimize: bool
 
 def with_int8_activations(model: onnx.ModelProto) -> onnx.ModelProto:
     """The reference for a module whose MatMulNBits run on int8 activations (pack-weights marked
-    them `int4_vnni`): a copy where each such node's input is rounded per block to int8 levels in
+    them `int4_dot`): a copy where each such node's input is rounded per block to int8 levels in
     plain ONNX ops (x -> round(x / s) * s, s = max|x over the block| / 127), as the kernel does.
 
     MatMulNBits' accuracy_level 4 allows that rounding, and ONNX Runtime applies it only for some
@@ -189,7 +189,7 @@ def with_int8_activations(model: onnx.ModelProto) -> onnx.ModelProto:
     module would differ by the rounding itself, not by a bug."""
     def marked(node) -> bool:
         return node.op_type == "MatMulNBits" and any(
-            p.key == "edgecc.kernel" and p.value == "int4_vnni" for p in node.metadata_props)
+            p.key == "edgecc.kernel" and p.value == "int4_dot" for p in node.metadata_props)
 
     if not any(marked(n) for n in model.graph.node):
         return model

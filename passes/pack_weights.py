@@ -12,9 +12,10 @@ ONNX Runtime still runs it as the reference; the layout is recorded on each node
        pre-transposition — on GPUs, whose GEMV rules want a contiguous reduction).
   int4 (MatMulNBits): already nibble-packed and pre-transposed, [N, K/2] bytes, which is
        the layout the int4 kernels read; left as it is and counted. A node with
-       accuracy_level 4 (int8 activations allowed) on a target with AVX-512 VNNI is marked
-       `edgecc.kernel = int4_vnni`: the lowering stores its nibbles in 16-output tiles for
-       edgecc.kernels.int4_vnni, which multiplies them with int8 activations.
+       accuracy_level 4 (int8 activations allowed) on a target with int8 dot products
+       (AVX-512 VNNI, Arm dotprod) is marked `edgecc.kernel = int4_dot` and `edgecc.isa`: the
+       lowering stores its nibbles in 16-output tiles for edgecc.kernels.int4_dot, which
+       multiplies them with int8 activations.
   BSR (nodes block-sparsity marked): stored as block columns by construction; counted.
 """
 
@@ -28,6 +29,7 @@ from edgecc.pass_base import Option, Pass, PassContext, PassResult, register_pas
 
 KERNEL_KEY = "edgecc.kernel"
 TILE_KEY = "edgecc.tile"
+ISA_KEY = "edgecc.isa"
 NO_TARGET_TILE = 32  # without a target (a target-independent run): AVX2's four int32 vectors
 
 
@@ -44,16 +46,17 @@ def _int8_weight(node: ir.Node) -> np.ndarray | None:
     return weight if weight.ndim == 2 and weight.dtype == np.int8 and x.dtype == ir.DataType.INT8 else None
 
 
-def _int4_vnni(node: ir.Node, ctx: PassContext) -> bool:
-    """A MatMulNBits that may run on int8 activations, on a target with the VNNI kernel."""
-    from edgecc.kernels import int4_vnni
+def _int4_dot(node: ir.Node, ctx: PassContext) -> str | None:
+    """The dot-product ISA a MatMulNBits that may run on int8 activations gets, if the target
+    has one the int4_dot kernel uses and the shape fits it."""
+    from edgecc.kernels import int4_dot
 
     attrs = node.attributes
     level = attrs["accuracy_level"].as_int() if "accuracy_level" in attrs else 0
     if level != 4 or ctx.target is None or ctx.target.device_kind != "llvm":
-        return False
+        return None
     K, N, block = (attrs[k].as_int() for k in ("K", "N", "block_size"))
-    return int4_vnni.fits(K, N, block) and int4_vnni.supported(ctx.target.tvm_target())
+    return int4_dot.isa(ctx.target.tvm_target()) if int4_dot.fits(K, N, block) else None
 
 
 def _target_tile(ctx: PassContext) -> tuple[int, str]:
@@ -79,7 +82,7 @@ class PackWeights(Pass):
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         model = infer_shapes(model)  # the dtype check needs the types quantize-int8's casts made
         tile, source = (self.opts["tile"], "tile option") if self.opts["tile"] else _target_tile(ctx)
-        int8 = int4 = vnni = bsr = 0
+        int8 = int4 = dot = bsr = 0
         packed_bytes = 0
         for node in model.graph:  # the lowering routes top-level nodes
             weight = _int8_weight(node)
@@ -90,11 +93,13 @@ class PackWeights(Pass):
                 packed_bytes += weight.shape[0] * -(-weight.shape[1] // tile) * tile
             elif node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
                 int4 += 1
-                if _int4_vnni(node, ctx):
-                    node.metadata_props[KERNEL_KEY] = "int4_vnni"
-                    vnni += 1
+                isa = _int4_dot(node, ctx)
+                if isa:
+                    node.metadata_props[KERNEL_KEY] = "int4_dot"
+                    node.metadata_props[ISA_KEY] = isa
+                    dot += 1
             elif node.metadata_props.get(KERNEL_KEY) == "bsr":
                 bsr += 1
         stats = {"int8_packed": int8, "tile": tile, "tile_from": source, "int8_packed_bytes": packed_bytes,
-                 "int4_nibble_packed": int4, "int4_vnni": vnni, "bsr": bsr}
-        return PassResult(model, int8 + vnni > 0, stats)
+                 "int4_nibble_packed": int4, "int4_int8_dot": dot, "bsr": bsr}
+        return PassResult(model, int8 + dot > 0, stats)

@@ -9,7 +9,7 @@ stores the packed nibbles: 5 bits a weight at block 32 (4, plus a 32-bit scale p
 
 `accuracy_level=4` is MatMulNBits' own switch for int8 activations, which ONNX Runtime honours
 too: each block of `block` activations is quantized with its own scale, and on CPUs with int8
-dot products the weights multiply them without being widened to float (edgecc.kernels.int4_vnni).
+dot products the weights multiply them without being widened to float (edgecc.kernels.int4_dot).
 
 Methods:
 - `rtn`: round to nearest, per block.
@@ -167,7 +167,7 @@ class QuantizeInt4(Pass):
         Option("skip_outputs", bool, False, "leave matmuls whose result is a graph output (an LM "
                "head) in float, for quantize-int8 after it or fp32"),
         Option("accuracy_level", int, 0, "MatMulNBits' accuracy_level: 4 lets activations be "
-               "quantized to int8 per block (pack-weights then picks the int4 x int8 VNNI kernel "
+               "quantized to int8 per block (pack-weights then picks the int4 x int8 dot-product kernel "
                "where the target has it); 0 keeps them float", choices=(0, 4)),
     )
     provides = ("quantized", "compressed-weights")

@@ -1,4 +1,7 @@
-"""int4 x int8 VNNI kernel: layout, numerics against numpy, and where it is (not) chosen."""
+"""int4 x int8 dot-product kernel: layout, numerics against numpy (VNNI here, Arm dotprod under
+qemu), and where it is (not) chosen."""
+
+import os
 
 import numpy as np
 import onnx
@@ -8,7 +11,9 @@ import tvm
 from tvm import relax, tirx
 
 import edgecc
-from edgecc.kernels import int4_vnni
+from edgecc import emulator
+from edgecc.errors import UserError
+from edgecc.kernels import int4_dot
 from edgecc.kernels.int4 import quantize_blockwise
 from edgecc.pass_base import PassContext
 from edgecc.pass_manager import PassManager
@@ -18,13 +23,13 @@ from tests.kernels.targets import RPI4
 from tests.passes.linear_models import linear_model
 
 HOST_TARGET = load_target("host").tvm_target()
-needs_vnni = pytest.mark.skipif(not int4_vnni.supported(HOST_TARGET), reason="this CPU has no AVX-512 VNNI")
+needs_vnni = pytest.mark.skipif(int4_dot.isa(HOST_TARGET) != "avx512vnni", reason="this CPU has no AVX-512 VNNI")
 
 
 def test_pack_puts_four_k_of_sixteen_outputs_in_each_nibble_half():
     K, N = 16, 32
     levels = np.random.default_rng(0).integers(0, 16, (K, N)).astype(np.uint8)
-    packed = int4_vnni.pack(levels)
+    packed = int4_dot.pack(levels)
     assert packed.shape == (N // 16, K // 8, 16, 4) and packed.dtype == np.uint8
     t, c, i, j = 1, 1, 5, 2
     assert packed[t, c, i, j] & 15 == levels[8 * c + j, 16 * t + i]
@@ -36,7 +41,7 @@ def _module(levels, scales, zeros, block):
     x = relax.Var("x", relax.TensorType((tirx.Var("m", "int64"), levels.shape[0]), "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
-            out = bb.emit_output(int4_vnni.emit(bb, x, levels, scales, zeros, block))
+            out = bb.emit_output(int4_dot.emit(bb, x, levels, scales, zeros, block, "avx512vnni"))
         bb.emit_func_output(out)
     return bb.get()
 
@@ -53,20 +58,21 @@ def test_matches_numpy_for_any_row_count(block):
         x = np.random.default_rng(rows).standard_normal((rows, K)).astype(np.float32)
         x[0, :block] = 0  # an all-zero block of activations has no scale
         got = vm["main"](tvm.runtime.tensor(x)).numpy()
-        want = int4_vnni.reference(x, levels, scales, zeros, block)
+        want = int4_dot.reference(x, levels, scales, zeros, block)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
-def test_chosen_only_where_the_target_has_vnni_and_the_shape_fits():
-    assert not int4_vnni.supported(RPI4)
-    assert not int4_vnni.supported(load_target("jetson-orin-nano").tvm_target())
-    assert int4_vnni.fits(576, 1536, 32) and not int4_vnni.fits(576, 1000, 32) and not int4_vnni.fits(64, 48, 4)
+def test_chosen_only_where_the_target_has_int8_dot_products_and_the_shape_fits():
+    assert int4_dot.isa(RPI4) is None  # Cortex-A72: no dotprod
+    assert int4_dot.isa(load_target("rpi5").tvm_target()) == "dotprod"
+    assert int4_dot.isa(load_target("jetson-orin-nano").tvm_target()) is None
+    assert int4_dot.fits(576, 1536, 32) and not int4_dot.fits(576, 1000, 32) and not int4_dot.fits(64, 48, 4)
 
 
-def _compile(tmp_path, name, opts):
+def _compile(tmp_path, name, opts, target="host"):
     model = tmp_path / "m.onnx"
     onnx.save(linear_model(k=256, n=96), model)
-    return edgecc.compile(model, "host", tmp_path / name,
+    return edgecc.compile(model, target, tmp_path / name,
                           f"quantize-int4{{block=32,accuracy_level=4{opts}}},pack-weights")
 
 
@@ -74,7 +80,7 @@ def _compile(tmp_path, name, opts):
 @pytest.mark.parametrize("opts", ["", ",symmetric=false", ",symmetric=false,zero_points=float"])
 def test_accuracy_level_4_compiles_to_the_kernel_and_matches_its_reference(tmp_path, opts):
     art = _compile(tmp_path, "a", opts)
-    assert art.manifest["passes"][-1]["stats"]["int4_vnni"] == 1
+    assert art.manifest["passes"][-1]["stats"]["int4_int8_dot"] == 1
     v = art.manifest["verification"]
     assert v["ok"] and v["relative_rmse_vs_reference"] < 1e-5  # ORT on the explicitly rounded graph
     assert v["relative_rmse_vs_fp32"] < 0.15
@@ -100,4 +106,18 @@ def test_without_accuracy_level_4_the_float_kernel_stays(tmp_path):
     model = tmp_path / "m.onnx"
     onnx.save(linear_model(k=256, n=96), model)
     art = edgecc.compile(model, "host", tmp_path / "c", "quantize-int4{block=32},pack-weights")
-    assert art.manifest["passes"][-1]["stats"]["int4_vnni"] == 0
+    assert art.manifest["passes"][-1]["stats"]["int4_int8_dot"] == 0
+
+
+@pytest.mark.emulation
+def test_rpi5_sdot_kernel_matches_its_reference_under_qemu(tmp_path):
+    try:
+        emulator.setup()
+    except UserError as e:
+        if os.environ.get("CI"):  # in CI the emulation tier must run, not vanish
+            raise
+        pytest.skip(f"aarch64 emulator unavailable: {e}")
+    art = _compile(tmp_path, "pi5", ",symmetric=false,zero_points=float", target="rpi5")
+    assert art.manifest["passes"][-1]["stats"]["int4_int8_dot"] == 1
+    v = art.manifest["verification"]
+    assert v["runner"] == "qemu-user emulation" and v["relative_rmse_vs_reference"] < 1e-5

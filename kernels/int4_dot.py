@@ -1,11 +1,13 @@
-"""int4 weights x int8 activations on AVX-512 VNNI: MatMulNBits with accuracy_level 4.
+"""int4 weights x int8 activations on CPU dot-product instructions: MatMulNBits with accuracy_level 4.
 
 ONNX Runtime's MatMulNBits `accuracy_level=4` lets the activations be quantized to int8; this is
-edgecc's kernel for it on x86 CPUs with VNNI, where `vpdpbusd` multiplies 64 unsigned bytes by
-64 signed bytes and adds each group of four products into one of 16 int32 lanes. The nibbles
-(levels 0..15) are the unsigned operand as they are, so a weight costs one mask or shift: no
-conversion to float, and decoding reads the 4-bit weights at memory speed (SmolLM2-135M's
-576x1536 projection, one row: 16 us against 52 us for the fp32-dequantizing GEMV).
+edgecc's kernel for it on CPUs that add four byte products into an int32 lane in one instruction:
+x86 AVX-512 VNNI (`vpdpbusd`: 64 unsigned x 64 signed bytes into 16 lanes) and Armv8.2 dot
+product (`sdot`: 16 x 16 signed bytes into 4 lanes; the Raspberry Pi 5's Cortex-A76 has it, the
+Pi 4's A72 does not). The nibbles (levels 0..15) are a valid operand as they are, so a weight
+costs one mask or shift: no conversion to float, and decoding reads the 4-bit weights at memory
+speed (SmolLM2-135M's 576x1536 projection, one row, on VNNI: 16 us against 52 us for the
+fp32-dequantizing GEMV).
 
 Numerics, per row m and block b of `block` k (the blocks of the weights):
   x_k ~ sx[m, b] * xq_k,  sx = max|x over the block| / 127,  xq = round(x / sx) in [-127, 127]
@@ -30,20 +32,20 @@ from __future__ import annotations
 
 import numpy as np
 
-TILE = 16  # int32 lanes of vpdpbusd.512: outputs per tile
+TILE = 16  # outputs per tile: vpdpbusd.512's int32 lanes, four sdot vectors
 GROUP = 8  # k per byte group: 4 in the low nibbles, 4 in the high
-FEATURE = "avx512vnni"
-KERNEL_ATTR = "edgecc.int4_vnni"
+ISAS = ("avx512vnni", "dotprod")  # LLVM feature names, in order of preference
+KERNEL_ATTR = "edgecc.int4_dot"
 
 
-def supported(target) -> bool:
-    """Whether `target` (a TVM target) has the instructions."""
+def isa(target) -> str | None:
+    """The dot-product instructions `target` (a TVM target) has, if any."""
     from tvm.target import codegen
 
     if target.kind.name != "llvm":
-        return False
+        return None
     with target:
-        return bool(codegen.target_has_features(FEATURE))
+        return next((f for f in ISAS if codegen.target_has_features(f)), None)
 
 
 def fits(K: int, N: int, block: int) -> bool:
@@ -77,15 +79,52 @@ def reference(x: np.ndarray, levels: np.ndarray, scales: np.ndarray, zeros: np.n
     return np.einsum("mbk,bkn->mn", xq * amax / 127, w)
 
 
-def primfunc(K: int, N: int, block: int):
-    """The kernel for [M, K] x [K, N] weights in blocks of `block`; M symbolic."""
+def _group_step(isa_name: str):
+    """The TVMScript macro that adds one group (8 k of the tile's 16 outputs) into `dot`, the
+    tile's two int32 accumulators (low and high nibbles: two chains, so the instruction's
+    latency does not bound the loop)."""
+    from tvm.script import tirx as T
+
+    if isa_name == "avx512vnni":
+        @T.macro
+        def step(packed, xq, dot, t, g, m, k):
+            both = packed.vload([t, g, 0, 0], "uint8x64")
+            x_low = T.reinterpret("int8x64", T.broadcast(T.reinterpret("int32", xq.vload([m, k], "int8x4")), TILE))
+            x_high = T.reinterpret("int8x64", T.broadcast(T.reinterpret("int32", xq.vload([m, k + 4], "int8x4")), TILE))
+            dot[0, T.ramp(0, 1, TILE)] = T.call_llvm_pure_intrin(
+                "int32x16", "llvm.x86.avx512.vpdpbusd.512", dot[0, T.ramp(0, 1, TILE)],
+                T.bitwise_and(both, T.broadcast(T.uint8(15), 64)), x_low)
+            dot[1, T.ramp(0, 1, TILE)] = T.call_llvm_pure_intrin(
+                "int32x16", "llvm.x86.avx512.vpdpbusd.512", dot[1, T.ramp(0, 1, TILE)],
+                T.shift_right(both, T.broadcast(T.uint8(4), 64)), x_high)
+        return step
+
+    @T.macro
+    def step(packed, xq, dot, t, g, m, k):
+        # sdot's lane i adds a[4i..4i+3] . b[4i..4i+3]: 16 bytes of the tile are 4 outputs x 4 k.
+        x_low = T.reinterpret("int8x16", T.broadcast(T.reinterpret("int32", xq.vload([m, k], "int8x4")), 4))
+        x_high = T.reinterpret("int8x16", T.broadcast(T.reinterpret("int32", xq.vload([m, k + 4], "int8x4")), 4))
+        for q in T.unroll(TILE // 4):
+            both = packed.vload([t, g, 4 * q, 0], "uint8x16")
+            dot[0, T.ramp(4 * q, 1, 4)] = T.call_llvm_pure_intrin(
+                "int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", dot[0, T.ramp(4 * q, 1, 4)],
+                T.reinterpret("int8x16", T.bitwise_and(both, T.broadcast(T.uint8(15), 16))), x_low)
+            dot[1, T.ramp(4 * q, 1, 4)] = T.call_llvm_pure_intrin(
+                "int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", dot[1, T.ramp(4 * q, 1, 4)],
+                T.reinterpret("int8x16", T.shift_right(both, T.broadcast(T.uint8(4), 16))), x_high)
+    return step
+
+
+def primfunc(K: int, N: int, block: int, isa_name: str):
+    """The kernel for [M, K] x [K, N] weights in blocks of `block` on `isa_name`; M symbolic."""
     from tvm.script import tirx as T
 
     tiles, groups, blocks, per_block = N // TILE, K // GROUP, K // block, block // GROUP
+    group_step = _group_step(isa_name)
 
     @T.prim_func(private=True, s_tir=True)
-    def int4_vnni(x_handle: T.handle, packed: T.Buffer((tiles, groups, TILE, 4), "uint8"),
-                  meta: T.Buffer((tiles, blocks, 2, TILE), "float32"), y_handle: T.handle):
+    def int4_dot(x_handle: T.handle, packed: T.Buffer((tiles, groups, TILE, 4), "uint8"),
+                 meta: T.Buffer((tiles, blocks, 2, TILE), "float32"), y_handle: T.handle):
         T.func_attr({"tirx.noalias": True})
         M = T.int64()
         x = T.match_buffer(x_handle, (M, K), "float32")
@@ -118,18 +157,7 @@ def primfunc(K: int, N: int, block: int):
                     dot[0, T.ramp(0, 1, TILE)] = T.broadcast(T.int32(0), TILE)
                     dot[1, T.ramp(0, 1, TILE)] = T.broadcast(T.int32(0), TILE)
                     for c in range(per_block):
-                        k = b * block + c * GROUP
-                        both = packed.vload([t, b * per_block + c, 0, 0], "uint8x64")
-                        low = T.bitwise_and(both, T.broadcast(T.uint8(15), 64))
-                        high = T.shift_right(both, T.broadcast(T.uint8(4), 64))
-                        x_low = T.reinterpret("int8x64", T.broadcast(T.reinterpret("int32", xq.vload([m, k], "int8x4")), TILE))
-                        x_high = T.reinterpret("int8x64",
-                                               T.broadcast(T.reinterpret("int32", xq.vload([m, k + 4], "int8x4")), TILE))
-                        # Two accumulators: vpdpbusd's latency, not its throughput, would bound one chain.
-                        dot[0, T.ramp(0, 1, TILE)] = T.call_llvm_pure_intrin(
-                            "int32x16", "llvm.x86.avx512.vpdpbusd.512", dot[0, T.ramp(0, 1, TILE)], low, x_low)
-                        dot[1, T.ramp(0, 1, TILE)] = T.call_llvm_pure_intrin(
-                            "int32x16", "llvm.x86.avx512.vpdpbusd.512", dot[1, T.ramp(0, 1, TILE)], high, x_high)
+                        group_step(packed, xq, dot, t, b * per_block + c, m, b * block + c * GROUP)
                     total = dot[0, T.ramp(0, 1, TILE)] + dot[1, T.ramp(0, 1, TILE)]
                     acc[T.ramp(0, 1, TILE)] = acc[T.ramp(0, 1, TILE)] + T.broadcast(sx[m, b], TILE) * (
                         T.Cast("float32x16", total) * meta[t, b, 0, T.ramp(0, 1, TILE)]
@@ -137,16 +165,17 @@ def primfunc(K: int, N: int, block: int):
                 y[m, T.ramp(t * TILE, 1, TILE)] = acc[T.ramp(0, 1, TILE)]
 
     # Scheduled by hand; opaque, so FuseOps leaves it whole.
-    return (int4_vnni.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
+    return (int4_dot.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
             .with_attr(KERNEL_ATTR, block))
 
 
-def emit(bb, x, levels: np.ndarray, scales: np.ndarray, zeros: np.ndarray, block: int):
-    """Emit x [M, K] float32 @ the int4 weights into `bb`: levels uint8 [K, N] (0..15), scales
-    and zeros float32 [K/block, N]. The module stores the packed nibbles, the scales and s * z."""
+def emit(bb, x, levels: np.ndarray, scales: np.ndarray, zeros: np.ndarray, block: int, isa_name: str):
+    """Emit x [M, K] float32 @ the int4 weights into `bb` for `isa_name`: levels uint8 [K, N]
+    (0..15), scales and zeros float32 [K/block, N]. The module stores the packed nibbles, the
+    scales and s * z."""
     from tvm import relax
 
     K, N = levels.shape
-    gv = bb.add_func(primfunc(K, N, block), "int4_vnni")
+    gv = bb.add_func(primfunc(K, N, block, isa_name), "int4_dot")
     operands = [x, relax.const(pack(levels)), relax.const(pack_meta(scales, zeros))]
     return bb.emit(relax.call_tir(gv, operands, relax.TensorType((x.ty.shape[0], N), "float32")))
