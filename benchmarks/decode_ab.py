@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 
 from edgecc import bench, examples
-from edgecc.artifact import Artifact
 from edgecc.bench_worker import decode_tokens_per_s
 from edgecc.compiler import compile as compile_model
 from edgecc.generate import CacheLayout, ort_step
