@@ -30,6 +30,8 @@ tvm is imported inside the functions that need it.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 TILE = 16  # outputs per tile: vpdpbusd.512's int32 lanes, four sdot vectors
@@ -115,8 +117,11 @@ def _group_step(isa_name: str):
     return step
 
 
+@functools.lru_cache(maxsize=None)
 def primfunc(K: int, N: int, block: int, isa_name: str):
-    """The kernel for [M, K] x [K, N] weights in blocks of `block` on `isa_name`; M symbolic."""
+    """The kernel for [M, K] x [K, N] weights in blocks of `block` on `isa_name`; M symbolic.
+    Cached: a model repeats a few shapes many times (SmolLM2: 4 shapes, 120 matmuls), and
+    parsing the TVMScript takes ~85 ms."""
     from tvm.script import tirx as T
 
     tiles, groups, blocks, per_block = N // TILE, K // GROUP, K // block, block // GROUP
