@@ -58,6 +58,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from edgecc.bench_worker import mean_pool  # sentence-transformers' pooling, as `edgecc bench` computes it
+
 DICT_FILE = Path("/usr/share/dictd/devil.dict.dz")
 PIPELINES = {
     "fp32": ("simplify,fuse", False),
@@ -113,13 +115,6 @@ def devil_sentences() -> list[str]:
                 seen.add(s)
                 out.append(s)
     return out
-
-
-def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """sentence-transformers' embedding: masked mean over tokens, then L2 normalization."""
-    m = mask[..., None].astype(np.float64)
-    emb = (hidden.astype(np.float64) * m).sum(1) / np.clip(m.sum(1), 1e-9, None)
-    return emb / np.clip(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12, None)
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -95,16 +95,22 @@ def bandwidth_gbs(threads: int, mib: int = 256, rounds: int = 5) -> float:
     return best
 
 
-def text_windows(tokenizer_path: Path, text_path: Path | None, windows: int, length: int) -> tuple[list, str]:
-    """The first `windows` non-overlapping windows of `length` tokens of the text."""
-    from tokenizers import Tokenizer
-
+def read_text(text_path: str | os.PathLike | None) -> tuple[str, Path]:
+    """The accuracy text (default The Devil's Dictionary; .gz/.dz decompressed) and its path."""
     path = Path(text_path) if text_path else DEVIL
     if not path.is_file():
         how = "" if text_path else " (apt-get install dict-devil, or give --text FILE)"
         raise UserError(f"{path}: no such text file{how}")
     raw = gzip.open(path).read() if path.suffix in (".gz", ".dz") else path.read_bytes()
-    ids = Tokenizer.from_file(str(tokenizer_path)).encode(raw.decode("utf-8", "replace")).ids
+    return raw.decode("utf-8", "replace"), path
+
+
+def text_windows(tokenizer_path: Path, text_path: Path | None, windows: int, length: int) -> tuple[list, str]:
+    """The first `windows` non-overlapping windows of `length` tokens of the text."""
+    from tokenizers import Tokenizer
+
+    text, path = read_text(text_path)
+    ids = Tokenizer.from_file(str(tokenizer_path)).encode(text).ids
     if len(ids) < windows * length:
         raise UserError(f"{path}: {len(ids)} tokens, fewer than {windows} windows x {length}")
     return [ids[i * length:(i + 1) * length] for i in range(windows)], str(path)
@@ -296,11 +302,12 @@ def _run(model: Path, settings: Settings, work: Path, log: Callable[[str], None]
             configs.append({"name": f"ort {label}", "engine": "onnxruntime", "pipeline": pipeline,
                             "model": "edgecc's model.opt.onnx", "weight_bytes_per_token": wbytes,
                             **measure(f"ort-{label}", "ort", optimized)})
-    by_name = {name: c for c in configs for name in [c.get("_measured")] if name}
+    by_name = {c["_measured"]: c for c in configs if "_measured" in c}
     for r in range(2, settings.rounds + 1):
         for name, spec in timed:
             log(f"round {r}/{settings.rounds}: timing {name} ...")
-            again = _run_worker(dict(spec, windows=[]), work, name)
+            timing_only = {k: v for k, v in spec.items() if k != "embeddings"} | {"windows": []}
+            again = _run_worker(timing_only, work, name)
             _add_round(by_name[name], again)
     for c in configs:
         c.pop("_measured", None)
@@ -366,12 +373,8 @@ def encoder_sentences(tokenizer_path: Path, text_path: str | None, count: int, i
     static one, else `max_length`), saved to `out` (.npz) for the measurement processes."""
     from tokenizers import Tokenizer
 
-    path = Path(text_path) if text_path else DEVIL
-    if not path.is_file():
-        how = "" if text_path else " (apt-get install dict-devil, or give --text FILE)"
-        raise UserError(f"{path}: no such text file{how}")
-    raw = gzip.open(path).read() if path.suffix in (".gz", ".dz") else path.read_bytes()
-    sentences = text_sentences(raw.decode("utf-8", "replace"), count)
+    text, path = read_text(text_path)
+    sentences = text_sentences(text, count)
     if len(sentences) < count:
         raise UserError(f"{path}: {len(sentences)} sentences of 6 to 40 words, fewer than {count}")
     seq = next(i for i in inputs if i["name"] == "input_ids")["shape"][1]
@@ -400,10 +403,16 @@ def _embedding_accuracy(configs: list[dict]) -> None:
                          "sentences": len(cos)}
 
 
+def _lengths(result: dict) -> list[int]:
+    """The prompt lengths the latencies were measured at (an encoder's static length replaces the
+    settings'), or the settings' when nothing was timed."""
+    return sorted({int(n) for c in result["configs"] for n in c.get("prefill_ms", {})}) or \
+        list(result["settings"]["prompt_lengths"])
+
+
 def table(result: dict) -> str:
     """The results as a fixed-width table (an encoder's has no decode columns)."""
-    lengths = sorted({int(n) for c in result["configs"] for n in c.get("prefill_ms", {})}) or \
-        result["settings"]["prompt_lengths"]
+    lengths = _lengths(result)
     encoder = result.get("kind") == "encoder"
     latency = "latency{} p50/p90 ms" if encoder else "prefill{} p50/p90 ms"
     head = (["config"] + [latency.format(n) for n in lengths] +
@@ -445,7 +454,7 @@ def plot(result: dict, path: str | os.PathLike) -> None:
 
     configs = [c for c in result["configs"] if "error" not in c]
     names = [c["name"] for c in configs]
-    n = max(int(k) for c in configs for k in c.get("prefill_ms", {"0": None}))
+    n = _lengths(result)[-1]
     accuracy = ("mean cosine vs ORT fp32", "mean_cosine_vs_ort_fp32") if result.get("kind") == "encoder" \
         else ("perplexity", "perplexity")
     panels = [("decode tokens/s", [c.get("decode", {}).get("tokens_per_s", 0) for c in configs]),

@@ -9,8 +9,8 @@ OUT: latencies, decode tokens/s, perplexity, peak RSS. Timing is skipped with "t
 (a target that cannot run here measures accuracy through ONNX Runtime on its optimized model).
 
 An encoder (SPEC "mode": "encoder") instead gets "sentences": an .npz of tokenized rows
-(input_ids, attention_mask, token_type_ids [n, seq]) and "embeddings": where to write the
-mean-pooled, normalized embedding of each row; OUT has the latency of one row per length.
+(input_ids, attention_mask, token_type_ids [n, seq]) and, optionally, "embeddings": where to
+write the mean-pooled, normalized embedding of each row; OUT has the latency of one row per length.
 """
 
 from __future__ import annotations
@@ -26,33 +26,38 @@ import numpy as np
 from edgecc.generate import CacheLayout, logits, ort_step, step_feeds
 
 
-def _step(spec: dict):
-    """The step function and cache layout of the configuration."""
+def _engine(spec: dict):
+    """The configuration's run function (feeds -> outputs by name; an artifact's stay in the
+    runtime) and its input specs."""
     if spec["kind"] == "ort":
-        step, inputs = ort_step(spec["path"], threads=spec["threads"])
-        return step, CacheLayout.of(inputs, spec["path"])
+        return ort_step(spec["path"], threads=spec["threads"])
     from edgecc.artifact import Artifact
 
     art = Artifact.load(spec["path"], check_hashes=False)
     art.load_vm(spec["threads"])
-    return (lambda feeds: art.run(feeds, threads=spec["threads"], as_numpy=False),
-            CacheLayout.of(art.manifest["inputs"], spec["path"]))
+    return (lambda feeds: art.run(feeds, threads=spec["threads"], as_numpy=False)), art.inputs
 
 
-def _percentiles(samples: list[float]) -> dict:
-    return {"p50": float(np.percentile(samples, 50)), "p90": float(np.percentile(samples, 90)),
-            "runs": len(samples)}
+def _step(spec: dict):
+    """The step function and cache layout of the configuration."""
+    step, inputs = _engine(spec)
+    return step, CacheLayout.of(inputs, spec["path"])
+
+
+def _latency_ms(call, repeats: int) -> dict:
+    """p50/p90 milliseconds of `repeats` timed calls, after one untimed warm-up call."""
+    call()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t) * 1000)
+    return {"p50": float(np.percentile(times, 50)), "p90": float(np.percentile(times, 90)), "runs": len(times)}
 
 
 def prefill_ms(step, cache, length: int, repeats: int, rng, vocab: int) -> dict:
     ids = rng.integers(0, vocab, (1, length)).astype(np.int64)
-    step(step_feeds(ids, cache.empty(), 0))  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        step(step_feeds(ids, cache.empty(), 0))
-        times.append((time.perf_counter() - t) * 1000)
-    return _percentiles(times)
+    return _latency_ms(lambda: step(step_feeds(ids, cache.empty(), 0)), repeats)
 
 
 def decode_tokens_per_s(step, cache, past: int, steps: int, repeats: int, rng, vocab: int) -> dict:
@@ -101,24 +106,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _encoder(spec: dict):
-    """The run function of an encoder configuration: feeds -> its first output."""
-    if spec["kind"] == "ort":
-        from edgecc.verify import ort_session
-
-        import onnx
-
-        session = ort_session(onnx.load(spec["path"]), optimize=True, threads=spec["threads"])
-        names = [i.name for i in session.get_inputs()]
-        return lambda feeds: session.run(None, {n: feeds[n] for n in names})[0], names
-    from edgecc.artifact import Artifact
-
-    art = Artifact.load(spec["path"], check_hashes=False)
-    art.load_vm(spec["threads"])
-    names = [i["name"] for i in art.inputs]
-    return lambda feeds: next(iter(art.run({n: feeds[n] for n in names}, threads=spec["threads"]).values())), names
-
-
 def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """sentence-transformers' embedding: the mean over unmasked tokens, L2-normalized."""
     m = mask[..., None].astype(np.float64)
@@ -127,24 +114,24 @@ def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def encoder(spec: dict) -> dict:
-    """Latency of one row per length (p50/p90) and every sentence's embedding."""
-    run, names = _encoder(spec)
-    rows = dict(np.load(spec["sentences"]))
+    """Latency of one row per length (p50/p90) and, when asked for, every sentence's embedding."""
+    run, _ = _engine(spec)
+    rows = dict(np.load(spec["sentences"]))  # exactly the model's inputs
+
+    def hidden(feeds: dict) -> np.ndarray:
+        value = next(iter(run(feeds).values()))
+        return value if isinstance(value, np.ndarray) else value.numpy()
+
     result: dict = {}
     if spec.get("time", True):
         result["prefill_ms"] = {}
         for n in spec["prompt_lengths"]:
             feeds = {k: v[:1, :n] for k, v in rows.items()}
-            run(feeds)  # warm-up
-            times = []
-            for _ in range(spec["repeats"]):
-                t = time.perf_counter()
-                run(feeds)
-                times.append((time.perf_counter() - t) * 1000)
-            result["prefill_ms"][str(n)] = _percentiles(times)
-    embeddings = np.concatenate([mean_pool(run({k: v[i:i + 1] for k, v in rows.items()}),
-                                           rows["attention_mask"][i:i + 1]) for i in range(len(rows["input_ids"]))])
-    np.save(spec["embeddings"], embeddings)
+            result["prefill_ms"][str(n)] = _latency_ms(lambda: run(feeds), spec["repeats"])
+    if "embeddings" in spec:
+        embeddings = [mean_pool(hidden({k: v[i:i + 1] for k, v in rows.items()}), rows["attention_mask"][i:i + 1])
+                      for i in range(len(rows["input_ids"]))]
+        np.save(spec["embeddings"], np.concatenate(embeddings))
     return result
 
 

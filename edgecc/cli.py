@@ -188,7 +188,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
     settings = bench.Settings(target=a.target, pipelines=a.pipelines, threads=a.threads,
                               prompt_lengths=tuple(lengths), past=a.past, decode_steps=a.decode_steps,
                               repeats=a.repeats, windows=a.windows, window_tokens=a.window_tokens,
-                              text=a.text, sentences=a.sentences, rounds=a.rounds, tuning_logs=tuple(a.tuning_log or ()), seed=a.seed)
+                              text=a.text, sentences=a.sentences, rounds=a.rounds,
+                              tuning_logs=tuple(a.tuning_log or ()), seed=a.seed)
     result = bench.run(a.model, settings, a.work_dir, log=_log)
     print(bench.table(result))
     for line in result["skipped"]:
