@@ -227,18 +227,7 @@ def compile(
         save_model(optimized, stage_dir / OPT_MODEL)
 
         manifest = {
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "versions": {d: _version(d) for d in ("edgecc", "apache-tvm", "onnx", "onnxruntime",
-                                                   "onnx-ir", "onnxscript", "onnxsim")},
-            "source": {"path": str(model), "nodes": len(source_proto.graph.node)},
-            "target": dict(tdesc.to_json(), fingerprint=tdesc.fingerprint(),
-                           device_kind=tdesc.device_kind, host_arch=tdesc.host_arch(),
-                           num_cores=tdesc.num_cores()),
-            "pipeline": str(pipe.resolved()),
-            "pipeline_given": str(pipe),
-            "inputs": [s.to_json() for s in inputs],
-            "outputs": [s.to_json() for s in outputs],
-            "passes": [r.to_json() for r in pass_reports],
+            **manifest_head(opt, model, inputs, outputs, "apache-tvm"),
             "build": build_facts,
             "timings_s": timings,
             **({"lm": lm} if lm else {}),
@@ -265,6 +254,27 @@ def compile(
         (stage_dir / "report.md").write_text(report.render(manifest))
         manifest = write_manifest(stage_dir, manifest)
     return Artifact.load(out_dir)
+
+
+def manifest_head(opt: Optimized, model, inputs: list[TensorSpec], outputs: list[TensorSpec],
+                  builder: str) -> dict:
+    """What every artifact's manifest records first: when and with which versions it was built
+    (`builder`: the distribution that builds it), from what source, for which target and
+    pipeline, its inputs and outputs, and the passes' reports."""
+    t = opt.target
+    return {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {d: _version(d) for d in ("edgecc", builder, "onnx", "onnxruntime", "onnx-ir",
+                                               "onnxscript", "onnxsim")},
+        "source": {"path": str(model), "nodes": len(opt.source.graph.node)},
+        "target": dict(t.to_json(), fingerprint=t.fingerprint(), device_kind=t.device_kind,
+                       host_arch=t.host_arch(), num_cores=t.num_cores()),
+        "pipeline": str(opt.pipeline.resolved()),
+        "pipeline_given": str(opt.pipeline),
+        "inputs": [s.to_json() for s in inputs],
+        "outputs": [s.to_json() for s in outputs],
+        "passes": [r.to_json() for r in opt.reports],
+    }
 
 
 def _lm_facts(source: onnx.ModelProto, model_path: Path, stage_dir: Path) -> dict:

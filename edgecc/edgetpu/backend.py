@@ -18,7 +18,6 @@ directory that becomes the artifact only when every stage (verification included
 
 from __future__ import annotations
 
-import datetime
 import json
 import tempfile
 import time
@@ -159,32 +158,7 @@ def compile_tflite(
         compiled = _run_compiler(target, stage_dir, prediction, log)
         inputs, outputs = graph_inputs(opt.proto), graph_outputs(opt.proto)
         manifest = {
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "versions": {
-                d: compiler._version(d)
-                for d in (
-                    "edgecc",
-                    "ai-edge-litert",
-                    "onnx",
-                    "onnxruntime",
-                    "onnx-ir",
-                    "onnxscript",
-                    "onnxsim",
-                )
-            },
-            "source": {"path": str(model), "nodes": len(opt.source.graph.node)},
-            "target": dict(
-                target.to_json(),
-                fingerprint=target.fingerprint(),
-                device_kind=target.device_kind,
-                host_arch=target.host_arch(),
-                num_cores=target.num_cores(),
-            ),
-            "pipeline": str(opt.pipeline.resolved()),
-            "pipeline_given": str(opt.pipeline),
-            "inputs": [s.to_json() for s in inputs],
-            "outputs": [s.to_json() for s in outputs],
-            "passes": [r.to_json() for r in opt.reports],
+            **compiler.manifest_head(opt, model, inputs, outputs, "ai-edge-litert"),
             "build": {
                 "format": "tflite",
                 "library": runtime.TFLITE,
