@@ -36,7 +36,7 @@ from edgecc.errors import UserError, VerificationError
 from edgecc.ir import save_model
 from edgecc.passes.host_embedding import HOST_OUTPUTS_KEY, host_nodes
 from edgecc.target import TargetDesc
-from edgecc.verify import cosine, graph_inputs, graph_outputs, random_inputs, relative_rmse, run_ort
+from edgecc.verify import cosine, graph_inputs, graph_outputs, random_inputs, ort_session, relative_rmse
 
 SYNTHETIC_SAMPLES = 8
 PREDICT_JSON = "edgetpu_predict.json"
@@ -240,10 +240,12 @@ def _verify(
 ) -> dict:
     got: dict[str, list] = {}
     ref: dict[str, list] = {}
+    run, reference = runtime.runner(artifact), ort_session(source)
+    names = [o.name for o in reference.get_outputs()]
     for feeds in samples:
-        for name, value in runtime.run_artifact(artifact, feeds).items():
+        for name, value in run(feeds).items():
             got.setdefault(name, []).append(value)
-        for name, value in run_ort(source, feeds).items():
+        for name, value in zip(names, reference.run(names, feeds)):
             ref.setdefault(name, []).append(value)
     got_all = {k: np.concatenate(v) for k, v in got.items()}
     ref_all = {k: np.concatenate(v) for k, v in ref.items()}

@@ -7,11 +7,13 @@ outputs dequantized. This is what `edgecc run` and the compile-time verification
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import onnx
 
 from edgecc.edgetpu.tflite import Quant, dequantize, quantize
-from edgecc.verify import run_ort
+from edgecc.verify import ort_session
 
 TFLITE = "model.tflite"
 HOST_MODEL = "host.onnx"
@@ -21,25 +23,37 @@ def _quant(spec: dict) -> Quant:
     return Quant((spec["scale"],), (spec["zero_point"],))
 
 
-def run_artifact(artifact, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Outputs (float32) of an Edge TPU artifact for the model's own inputs."""
+def runner(artifact) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """A function from the model's own inputs to an Edge TPU artifact's outputs (float32). The host
+    part's ONNX Runtime session and the LiteRT interpreter are made once, for every call."""
     from ai_edge_litert.interpreter import Interpreter
 
-    artifact.check_inputs(feeds)
     facts = artifact.manifest["edgetpu"]
-    values = dict(feeds)
-    if facts["host_model"]:
-        values.update(run_ort(onnx.load(str(artifact.path / facts["host_model"])), feeds))
+    host = ort_session(onnx.load(str(artifact.path / facts["host_model"]))) if facts["host_model"] else None
     interpreter = Interpreter(model_path=str(artifact.path / TFLITE))
     interpreter.allocate_tensors()
     index = {
         d["name"]: d["index"] for d in (*interpreter.get_input_details(), *interpreter.get_output_details())
     }
-    for spec in facts["tflite_inputs"]:
-        value = np.asarray(values[spec["name"]], np.float32).reshape(spec["shape"])
-        interpreter.set_tensor(index[spec["name"]], quantize(value, _quant(spec)))
-    interpreter.invoke()
-    return {
-        spec["name"]: dequantize(interpreter.get_tensor(index[spec["name"]]), _quant(spec))
-        for spec in facts["tflite_outputs"]
-    }
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        artifact.check_inputs(feeds)
+        values = dict(feeds)
+        if host is not None:
+            names = [o.name for o in host.get_outputs()]
+            values.update(zip(names, host.run(names, feeds)))
+        for spec in facts["tflite_inputs"]:
+            value = np.asarray(values[spec["name"]], np.float32).reshape(spec["shape"])
+            interpreter.set_tensor(index[spec["name"]], quantize(value, _quant(spec)))
+        interpreter.invoke()
+        return {
+            spec["name"]: dequantize(interpreter.get_tensor(index[spec["name"]]), _quant(spec))
+            for spec in facts["tflite_outputs"]
+        }
+
+    return run
+
+
+def run_artifact(artifact, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Outputs (float32) of an Edge TPU artifact for the model's own inputs."""
+    return runner(artifact)(feeds)
