@@ -55,6 +55,11 @@ SAME_SCALE_OPS = {
 }
 
 
+def _attrs(node: onnx.NodeProto) -> dict:
+    """A node's attributes by name, as Python values."""
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
 def _schema():
     from ai_edge_litert import schema_py_generated as fb
 
@@ -355,7 +360,7 @@ class Exporter:
         return {(0.0, 6.0): act.RELU6, (-1.0, 1.0): act.RELU_N1_TO_1, (0.0, math.inf): act.RELU}.get((lo, hi))
 
     def _clip_bounds(self, node: onnx.NodeProto) -> tuple[float, float]:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        attrs = _attrs(node)
         lo, hi = attrs.get("min", -math.inf), attrs.get("max", math.inf)
         if len(node.input) > 1 and node.input[1]:
             lo = float(self.consts[node.input[1]])
@@ -543,7 +548,7 @@ class Exporter:
 
     def _op_Transpose(self, node):
         idx, perm = self.vals[node.input[0]]
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        attrs = _attrs(node)
         s = list(attrs.get("perm", reversed(range(len(perm)))))
         self.vals[node.output[0]] = (idx, tuple(s.index(p) for p in perm))  # no op: a new view
 
@@ -574,7 +579,7 @@ class Exporter:
         )
 
     def _op_Split(self, node):
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        attrs = _attrs(node)
         rank = len(self.shape(node.input[0]))
         axis = attrs.get("axis", 0) % rank
         sizes = [self.shape(o)[axis] for o in node.output]
@@ -608,13 +613,13 @@ class Exporter:
     # reductions and normalization -------------------------------------------------------------
 
     def _axes(self, node: onnx.NodeProto) -> list[int] | None:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        attrs = _attrs(node)
         if len(node.input) > 1 and node.input[1]:
             return [int(a) for a in self.consts[node.input[1]].reshape(-1)]
         return list(attrs["axes"]) if "axes" in attrs else None
 
     def _op_ReduceMean(self, node):
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        attrs = _attrs(node)
         rank = len(self.shape(node.input[0]))
         axes = self._axes(node)
         axes = sorted(a % rank for a in (axes if axes is not None else range(rank)))
@@ -645,7 +650,7 @@ class Exporter:
         )
 
     def _op_Softmax(self, node):
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        attrs = _attrs(node)
         rank = len(self.shape(node.input[0]))
         if attrs.get("axis", -1) % rank != rank - 1:
             raise UserError(
@@ -662,7 +667,7 @@ class Exporter:
 
     def _padding(self, node: onnx.NodeProto, kernel: list[int], strides: list[int], dilations: list[int]):
         """(TFLite padding, explicit [[top, bottom], [left, right]] or None) for an ONNX window op."""
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        attrs = _attrs(node)
         auto = attrs.get("auto_pad", b"NOTSET")
         auto = auto.decode() if isinstance(auto, bytes) else auto
         if auto == "VALID":
@@ -682,7 +687,7 @@ class Exporter:
         return self.fb.Padding.VALID, [[pads[0], pads[2]], [pads[1], pads[3]]]
 
     def _window(self, node: onnx.NodeProto, kernel: list[int]):
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        attrs = _attrs(node)
         if len(kernel) != 2:
             raise UserError(f"node '{node.name}' ({node.op_type}): only 2-D windows have TFLite ops")
         strides = list(attrs.get("strides", [1, 1]))
@@ -709,7 +714,7 @@ class Exporter:
         return out
 
     def _op_Conv(self, node):
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        attrs = _attrs(node)
         w = self.consts.get(node.input[1])
         if w is None or w.ndim != 4:
             raise UserError(f"node '{node.name}' (Conv): only 2-D convolutions with constant weights")
@@ -754,7 +759,7 @@ class Exporter:
         return self.tensor(name, q.shape, self.fb.TensorType.INT32, quant, q)
 
     def _pool(self, node, code: int) -> None:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        attrs = _attrs(node)
         kernel = list(attrs["kernel_shape"])
         strides, dilations, padding, explicit = self._window(node, kernel)
         if explicit is not None or any(d != 1 for d in dilations) or attrs.get("ceil_mode", 0):
@@ -836,7 +841,7 @@ class Exporter:
         )
 
     def _op_Gemm(self, node):
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        attrs = _attrs(node)
         w = self.consts.get(node.input[1])
         if attrs.get("transA", 0) or w is None:
             raise UserError(f"node '{node.name}' (Gemm): only transA=0 with a constant B")
