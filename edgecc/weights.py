@@ -2,7 +2,7 @@
 
 A Relax module built with its weights as constants embeds them in the library, and loading it
 holds them three times: the library's mapped file, the executable's deserialized constants and
-the VM's own copy (SmolLM2 fp32: 652 MB of weights, 2.9 GB peak resident). So CPU builds lift
+the VM's own copy (SmolLM2 fp32: 652 MB of weights, 3.6 GB peak resident after loading). So CPU builds lift
 every large constant of `main` into a trailing parameter (`lift`), the artifact keeps them in
 one raw file (`write`: 64-byte aligned, described in the manifest), and loading maps that file
 copy-on-write and hands the pages to the runtime without a copy (`load`). The module's other
