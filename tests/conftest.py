@@ -37,3 +37,20 @@ def run_cli(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
     """The edgecc CLI in a fresh process, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "edgecc.cli", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def hf_model(tmp_path_factory):
+    """hf_model(arch, exporter) -> a random-weight transformers LM exported once per session."""
+    from tests import hf_models
+
+    root = tmp_path_factory.mktemp("hf")
+    cache: dict = {}
+
+    def get(arch: str, exporter: str = "dynamo"):
+        key = (arch, exporter)
+        if key not in cache:
+            cache[key] = hf_models.export(arch, exporter, root / f"{arch}-{exporter}.onnx")
+        return cache[key]
+
+    return get
