@@ -57,11 +57,18 @@ def export(arch: str, exporter: str, path: str | Path, seed: int = 0) -> Path:
     """Export a random-weight `arch` model with `exporter` ("dynamo" or "torchscript") to `path`."""
     import torch
     from transformers import AutoModelForCausalLM
-    from transformers.cache_utils import DynamicCache
 
     cfg = config(arch)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
+    return export_model(AutoModelForCausalLM.from_config(cfg).eval(), exporter, path)
+
+
+def export_model(model, exporter: str, path: str | Path) -> Path:
+    """Export a transformers causal LM with its KV cache, as Optimum names it, with `exporter`."""
+    import torch
+    from transformers.cache_utils import DynamicCache
+
+    cfg = model.config
     layers = cfg.num_hidden_layers
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
