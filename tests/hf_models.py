@@ -7,8 +7,9 @@ torch.onnx emit.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
+
+from edgecc.examples import import_transformers
 
 # Small enough to export in seconds; large enough for GQA (4 query heads on 2 KV heads), q/k norms
 # and a sliding window shorter than the prompts the tests use.
@@ -30,21 +31,8 @@ ARCHITECTURES = {
 EXPORTERS = ("dynamo", "torchscript")
 
 
-def _import_transformers() -> None:
-    """Import transformers with the repository root off sys.path: pytest puts it there, and its
-    top-level `kernels/` folder (installed as edgecc.kernels) would shadow PyPI's `kernels`, which
-    transformers imports when it is installed."""
-    root = Path(__file__).resolve().parent.parent
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
-    try:
-        import transformers.activations  # noqa: F401  (the module that imports `kernels`)
-    finally:
-        sys.path[:] = saved
-
-
 def config(arch: str):
-    _import_transformers()
+    import_transformers()
     from transformers import AutoConfig
 
     model_type, overrides = ARCHITECTURES[arch]
