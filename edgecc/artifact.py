@@ -162,7 +162,8 @@ class Artifact:
         arrays = []
         for spec in self.inputs:
             a = feeds[spec["name"]]
-            a = a if hasattr(a, "numpy") else np.ascontiguousarray(a)  # a TVM tensor stays one
+            # A TVM tensor stays one; asarray keeps a scalar 0-d (ascontiguousarray makes it [1]).
+            a = a if hasattr(a, "numpy") else np.asarray(a, order="C")
             dtype, shape = str(a.dtype), tuple(a.shape)
             if dtype != spec["dtype"]:
                 raise UserError(f"input '{spec['name']}': dtype {dtype}, expected {spec['dtype']}")

@@ -26,6 +26,7 @@ from edgecc.artifact import Artifact, staged_output, write_manifest
 from edgecc.backend import LIBRARY_NAME, build, require_tool
 from edgecc.errors import UserError, VerificationError
 from edgecc.ir import load_model, save_model, to_proto
+from edgecc.isolate import ModuleCrash, run_isolated
 from edgecc.pass_base import Pass, PassContext, unknown_message
 from edgecc.pass_manager import Instrument, PassManager, PrintIRAfter, VerifyEachPass
 from edgecc.pipeline import Pipeline, parse_pipeline
@@ -318,7 +319,7 @@ def _describe_shapes(shapes: dict[str, list[int]]) -> str:
 def _runner_for(target: TargetDesc) -> tuple[Callable | None, str]:
     """How to run this target's artifacts here: natively, under emulation, or not (and why)."""
     if target.runs_here():
-        return (lambda art, feeds: art.run(feeds)), ""
+        return run_isolated, ""  # a crash in the module must not end edgecc
     if target.device_kind != "llvm" or target.host_arch() != "aarch64":
         return None, f"{target.device_kind} code for {target.host_arch()} needs the device"
     from edgecc import emulator
@@ -347,9 +348,12 @@ def _verify(artifact: Artifact, runner: Callable, source: onnx.ModelProto, optim
     passes declare together.
     """
     feeds = random_inputs(source, ctx.seed, ctx.dim_values)
-    got = runner(artifact, feeds)
     shapes = {k: list(v.shape) for k, v in feeds.items()}
     described = _describe_shapes(shapes)
+    try:
+        got = runner(artifact, feeds)
+    except ModuleCrash as e:
+        raise VerificationError(f"{e} while verifying on inputs {described}") from None
     fp32 = run_ort(source, feeds)
     extra = {}
     if lossy:
