@@ -1,4 +1,5 @@
-"""edgecc's converters for ONNX Runtime contrib ops that TVM 0.27's importer lacks."""
+"""edgecc's converters: ONNX Runtime contrib ops that TVM 0.27's importer lacks, and ops whose TVM
+converter computes an output wrongly, or fails where a one-line refusal naming the node is due."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
+from edgecc.errors import UserError
 from edgecc.lower import converter
 
 
@@ -279,3 +281,123 @@ class Range(OnnxOpConverter):
         if None not in bounds and isinstance(delta, int) and delta > 0 and len(dtypes) == 1:
             return relax.op.arange(start, limit, delta, dtypes.pop())
         return frontend.Range._impl_v12(bb, inputs, attr, params)
+
+
+@converter("LayerNormalization")
+class LayerNormalization(OnnxOpConverter):
+    """LayerNormalization with its optional Mean and InvStdDev outputs, which TVM's converter
+    returns as zeros. They are computed (in the stash type) only when the node has them: the
+    LayerNorms of transformer exports ask for Y alone, which stays relax's fused layer_norm."""
+
+    computed_outputs = (0, 1, 2)
+
+    @classmethod
+    def _impl_v17(cls, bb, inputs, attr, params):
+        from onnx import helper
+        from tvm.relax.frontend.onnx import onnx_frontend
+
+        y = onnx_frontend.LayerNormalization._impl_v17(bb, inputs, attr, params)[0]
+        if attr["tvm_custom"]["num_outputs"] == 1:
+            return y
+        stash = helper.tensor_dtype_to_np_dtype(attr.get("stash_type", 1)).name
+        axes = _axes(inputs[0], attr.get("axis", -1))
+        x = relax.op.astype(inputs[0], stash)
+        mean = relax.op.mean(x, axes, keepdims=True)
+        var = relax.op.mean(relax.op.square(relax.op.subtract(x, mean)), axes, keepdims=True)
+        inv_std = relax.op.rsqrt(relax.op.add(var, relax.const(attr.get("epsilon", 1e-5), stash)))
+        return relax.Tuple([y, mean, inv_std])
+
+
+def _node(attr) -> str:
+    return attr["tvm_custom"]["name"] or "<unnamed>"
+
+
+def _constant(value, params):
+    """The value of a constant input as a numpy array; None when it is not a constant."""
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    value = onnx_frontend.get_constant(value, params)
+    return value.value.numpy() if isinstance(value, tvm.ir.GenericConst) else None
+
+
+@converter("Attention")
+class Attention(OnnxOpConverter):
+    """Routes by domain, which TVM's importer ignores: its Attention converter is ORT's contrib
+    com.microsoft.Attention (whose `num_heads` attribute is required), and the standard opset-23
+    Attention sent there fails with KeyError 'num_heads'. The standard op is refused here until
+    edgecc has a converter for it."""
+
+    computed_outputs = (0, 1, 2, 3)
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        if "num_heads" in attr:
+            from tvm.relax.frontend.onnx import onnx_frontend
+
+            return onnx_frontend.Attention.get_converter(1)(bb, inputs, attr, params)
+        raise UserError(f"node '{_node(attr)}': op Attention (ONNX opset 23) cannot be lowered to TVM "
+                        "(no converter; TVM's is for com.microsoft.Attention); hint: export "
+                        "attention unfused (MatMul, Softmax), as its function body defines it")
+
+
+@converter("Dropout")
+class Dropout(OnnxOpConverter):
+    """Inference Dropout: Y = X and a mask of ones, as bool (TVM's mask is float32)."""
+
+    computed_outputs = (0, 1)
+
+    @classmethod
+    def _impl_v12(cls, bb, inputs, attr, params):
+        training = inputs[2] if inputs[2] is None else _constant(inputs[2], params)
+        if inputs[2] is not None and (training is None or training.any()):
+            raise UserError(f"node '{_node(attr)}': Dropout in training mode (random masks) is not "
+                            "compiled; edgecc compiles inference graphs")
+        if attr["tvm_custom"]["num_outputs"] == 1:
+            return inputs[0]
+        return relax.Tuple([inputs[0], relax.op.ones_like(inputs[0], "bool")])
+
+
+# Inputs that TVM's converters take only as constants: a value computed or fed at run time is
+# refused here, naming the node and the input, rather than failing inside the importer.
+_REDUCTIONS = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+               "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
+CONSTANT_OPERANDS: dict[str, dict[int, str]] = {
+    **{op: {1: "axes"} for op in _REDUCTIONS},
+    "TopK": {1: "k"}, "CumSum": {1: "axis"}, "Split": {1: "split"}, "Pad": {1: "pads", 3: "axes"},
+    "OneHot": {1: "depth", 2: "values"},
+}
+
+
+def _constant_operands(op: str, operands: dict[int, str]) -> type:
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    base = onnx_frontend._get_convert_map()[op]
+
+    class Checked(base):
+        computed_outputs = range(1 << 16)  # every output: TVM's converter computes them all
+
+        @classmethod
+        def get_converter(cls, opset):
+            convert = base.get_converter(opset)
+
+            def checked(bb, inputs, attr, params):
+                for i, what in operands.items():
+                    value = inputs[i]
+                    if value is None or _constant(value, params) is not None:
+                        continue
+                    source = (f"graph input '{value.name}'"
+                              if isinstance(value, relax.Var) and not isinstance(value, relax.DataflowVar)
+                              else "a value computed at run time")
+                    raise UserError(f"node '{_node(attr)}': {op}'s {what} (input {i}) is {source}; "
+                                    f"edgecc compiles {op} only with constant {what} (make it an "
+                                    "initializer)")
+                return convert(bb, inputs, attr, params)
+
+            return checked
+
+    Checked.__name__ = Checked.__qualname__ = op
+    return Checked
+
+
+for _op, _operands in CONSTANT_OPERANDS.items():
+    converter(_op)(_constant_operands(_op, _operands))
