@@ -87,7 +87,8 @@ def _all_nodes(graph: onnx.GraphProto):
 
 @contextlib.contextmanager
 def _patched_frontend():
-    """edgecc's converters in the importer's map, and Gather lowered with in-bounds indexing.
+    """edgecc's converters in the importer's map, shape arithmetic computed on symbolic dims
+    (edgecc.shape_values), and Gather lowered with in-bounds indexing.
 
     The importer normalizes negative Gather indices itself; its default `take(mode="fast")`
     is undefined behaviour out of bounds and logs a warning per Gather, so clip instead.
@@ -95,9 +96,13 @@ def _patched_frontend():
     from tvm import relax
     from tvm.relax.frontend.onnx import onnx_frontend
 
+    from edgecc.shape_values import WRAPPED_OPS, ShapeValues
+
     orig_map, orig_take = onnx_frontend._get_convert_map, relax.op.take
-    extra = {op: cls for (_, op), cls in _CONVERTERS.items()}
-    onnx_frontend._get_convert_map = lambda: {**orig_map(), **extra}
+    convert_map = {**orig_map(), **{op: cls for (_, op), cls in _CONVERTERS.items()}}
+    values = ShapeValues()  # shape arithmetic first, then the op's own converter
+    convert_map.update({op: values.wrap(op, convert_map.get(op)) for op in WRAPPED_OPS})
+    onnx_frontend._get_convert_map = lambda: convert_map
     relax.op.take = functools.partial(orig_take, mode="clip")
     try:
         yield
@@ -153,13 +158,18 @@ def to_relax(model: onnx.ModelProto):
     """The Relax IRModule of a checked ONNX model; weights become constants of the module."""
     from tvm.relax.frontend.onnx import from_onnx
 
+    from edgecc.shape_values import lm_input_shapes
+
     check_supported(model)
     model = _route_to_kernels(model)
+    shapes = lm_input_shapes(model)
     with _patched_frontend(), warnings.catch_warnings():
         # Inputs are passed by position; the importer's renaming of "past.0.key" is not news.
         warnings.filterwarnings("ignore", message="Renaming name")
         try:
-            return from_onnx(model, keep_params_in_input=False)
+            return from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
+        except UserError:
+            raise
         except Exception as e:
             raise EdgeccError(f"TVM's ONNX importer failed: {type(e).__name__}: "
                             f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}") from e
