@@ -8,6 +8,7 @@ seconds, and the child shares the parent's loaded libraries and memory copy-on-w
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing
 import signal
 from typing import Any
@@ -20,6 +21,7 @@ class ModuleCrash(EdgeccError):
 
 
 def _child(artifact, feeds: dict[str, Any], conn) -> None:
+    faulthandler.disable()  # the parent reports a crash; an inherited handler would dump a traceback
     try:
         conn.send(("ok", artifact.run(feeds)))
     except BaseException as e:  # the parent re-raises it; nothing may escape a forked child

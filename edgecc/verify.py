@@ -75,7 +75,13 @@ class TensorSpec:
         return {"name": self.name, "dtype": self.dtype.name, "shape": list(self.shape)}
 
 
-def _spec(vi: onnx.ValueInfoProto) -> TensorSpec:
+def _spec(vi: onnx.ValueInfoProto, model: onnx.ModelProto) -> TensorSpec:
+    if not vi.type.HasField("tensor_type"):
+        users = [f"{n.op_type} node '{n.name}'" for n in model.graph.node
+                 if vi.name in n.input or vi.name in n.output]
+        raise UserError(f"'{vi.name}' ({', '.join(users) or 'a graph output'}) is a "
+                        f"{vi.type.WhichOneof('value').removesuffix('_type')}, not a tensor: edgecc "
+                        "compiles tensor graphs")
     tt = vi.type.tensor_type
     dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
     dims: list = []
@@ -91,27 +97,82 @@ def _spec(vi: onnx.ValueInfoProto) -> TensorSpec:
 
 def graph_inputs(model: onnx.ModelProto) -> list[TensorSpec]:
     inits = {i.name for i in model.graph.initializer}
-    return [_spec(vi) for vi in model.graph.input if vi.name not in inits]
+    return [_spec(vi, model) for vi in model.graph.input if vi.name not in inits]
 
 
 def graph_outputs(model: onnx.ModelProto) -> list[TensorSpec]:
-    return [_spec(vi) for vi in model.graph.output]
+    return [_spec(vi, model) for vi in model.graph.output]
 
 
-def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
-    """Upper bounds for integer inputs used as Gather indices (token ids into an embedding)."""
-    shapes = {i.name: list(i.dims) for i in model.graph.initializer}
+# Operands that a model's user gives and random data cannot stand in for (axes, shapes, sizes): a
+# graph input there must be given (an initializer), or verification is off.
+_GIVEN_OPERANDS: dict[str, dict[int, str]] = {
+    **{op: {1: "axes"} for op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
+                                  "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare", "Squeeze",
+                                  "Unsqueeze")},
+    "Reshape": {1: "shape"}, "Expand": {1: "shape"}, "ConstantOfShape": {0: "shape"}, "Tile": {1: "repeats"},
+    "Slice": {3: "axes"}, "TopK": {1: "k"}, "CumSum": {1: "axis"}, "Split": {1: "split"},
+    "Pad": {1: "pads", 3: "axes"}, "OneHot": {1: "depth"}, "Resize": {3: "sizes"},
+}
+# Integer operands that must be nonzero: divisors, steps.
+_NONZERO_OPERANDS = {"Div": 1, "Mod": 1, "Slice": 4, "Range": 2}
+_DEFAULT_HIGH = 8  # integers are drawn from [0, 8) where nothing narrower is known
+
+
+def integer_ranges(model: onnx.ModelProto, dim_values: dict[str, int] | None = None) -> dict[str, tuple[int, int]]:
+    """[low, high) for the integer graph inputs whose consumers take only some values: indices
+    within the axis they index (Gather, GatherElements, GatherND), nonzero divisors and steps.
+    A graph input that an op reads as axes, a shape or a size raises a UserError naming it."""
+    inputs = {s.name: s for s in graph_inputs(model)}
+    shapes: dict[str, list] = {vi.name: [d.dim_value if d.HasField("dim_value") else None
+                                         for d in vi.type.tensor_type.shape.dim] for vi in model.graph.value_info}
+    shapes.update({i.name: list(i.dims) for i in model.graph.initializer})
+    shapes.update({name: list(s.concrete(dim_values or {})) for name, s in inputs.items()})
     for node in model.graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].t.dims:
             shapes[node.output[0]] = list(node.attribute[0].t.dims)
-    bounds: dict[str, int] = {}
+    ranges: dict[str, tuple[int, int]] = {}
+
+    def within(name: str, low: int, high: int) -> None:
+        if name in inputs and high > low:
+            lo, hi = ranges.get(name, (low, high))
+            ranges[name] = (max(lo, low), min(hi, high))
+
     for node in model.graph.node:
-        if node.op_type == "Gather" and len(node.input) == 2 and node.input[0] in shapes:
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-            size = shapes[node.input[0]][axis]
-            prev = bounds.get(node.input[1], size)
-            bounds[node.input[1]] = min(prev, size)
-    return bounds
+        args = list(node.input) + [""] * 5
+        for i, what in _GIVEN_OPERANDS.get(node.op_type, {}).items():
+            if args[i] in inputs:
+                raise UserError(f"input '{args[i]}' is the {what} of {node.op_type} node '{node.name}': "
+                                "random data cannot stand in for it; make it an initializer, or compile "
+                                "without verification")
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        data = shapes.get(args[0]) or []
+        if node.op_type in ("Gather", "GatherElements"):
+            axis = attrs.get("axis", 0)
+            if -len(data) <= axis < len(data) and isinstance(data[axis], int):
+                within(args[1], 0, data[axis])
+        elif node.op_type == "GatherND":
+            dims = data[attrs.get("batch_dims", 0):]
+            if dims and all(isinstance(d, int) for d in dims):
+                within(args[1], 0, min(dims))
+        elif node.op_type in _NONZERO_OPERANDS:
+            within(args[_NONZERO_OPERANDS[node.op_type]], 1, _DEFAULT_HIGH)
+    return ranges
+
+
+def _kind(dtype: np.dtype) -> str:
+    """'f', 'i' or 'b' of numpy's dtypes and of ml_dtypes' (bfloat16, float8, int4: numpy's kind 'V')."""
+    import ml_dtypes
+
+    if dtype.kind != "V":
+        return "i" if dtype.kind == "u" else dtype.kind
+    for kind, info in (("f", ml_dtypes.finfo), ("i", ml_dtypes.iinfo)):
+        try:
+            info(dtype)
+            return kind
+        except (ValueError, TypeError):
+            pass
+    return dtype.kind
 
 
 def random_inputs(
@@ -121,17 +182,20 @@ def random_inputs(
     attention masks as a tokenizer makes them (see _padding_mask); `position_ids` [batch, seq] the
     positions after a KV cache of the mask's length minus seq."""
     rng = np.random.default_rng(seed)
-    bounds = index_bounds(model)
+    ranges = integer_ranges(model, dim_values)
     feeds = {}
     for spec in graph_inputs(model):
         shape = spec.concrete(dim_values or {})
         if "mask" in spec.name.lower() and len(shape) == 2:
             feeds[spec.name] = _padding_mask(rng, shape).astype(spec.dtype)
-        elif spec.dtype.kind == "f":
+        elif _kind(spec.dtype) == "f":
             feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-        elif spec.dtype.kind in "iu":
-            high = bounds.get(spec.name, 8)
-            feeds[spec.name] = rng.integers(0, high, shape).astype(spec.dtype)
+        elif _kind(spec.dtype) == "i":
+            import ml_dtypes
+
+            low, high = ranges.get(spec.name, (0, _DEFAULT_HIGH))
+            high = min(high, int(ml_dtypes.iinfo(spec.dtype).max) + 1)  # uint2 and int4 hold less
+            feeds[spec.name] = rng.integers(low, high, shape).astype(spec.dtype)
         elif spec.dtype.kind == "b":
             feeds[spec.name] = rng.integers(0, 2, shape).astype(bool)
         else:

@@ -1,10 +1,15 @@
-"""Verification helpers: seeded inputs that look like real ones, and the error measures."""
+"""Verification: seeded inputs that look like real ones and respect each op's domain, the error
+measures, and a compiled module run where its crash cannot end edgecc."""
 
 import numpy as np
 import onnx
+import pytest
 from onnx import helper
 
-from edgecc.verify import random_inputs, relative_error, relative_rmse
+import edgecc
+from edgecc.errors import UserError
+from edgecc.isolate import ModuleCrash, run_isolated
+from edgecc.verify import graph_inputs, random_inputs, relative_error, relative_rmse
 
 
 def _model_with_inputs(*inputs) -> onnx.ModelProto:
@@ -40,3 +45,73 @@ def test_relative_rmse_is_not_decided_by_one_element():
     assert relative_rmse(ref, one_outlier) == 0.01
     assert relative_rmse(ref, {"y": -ref["y"]}) == 2.0
     assert relative_rmse({"i": np.arange(3)}, {"i": np.zeros(3)}) == 0.0  # integer outputs are not measured
+
+
+def _one_node(op: str, inputs, outputs, **attrs) -> onnx.ModelProto:
+    """A one-node model; inputs and outputs as (name, elem_type, shape)."""
+    values = [helper.make_tensor_value_info(*i) for i in inputs]
+    node = helper.make_node(op, [i[0] for i in inputs], [o[0] for o in outputs], name=f"{op}_0", **attrs)
+    graph = helper.make_graph([node], "g", values, [helper.make_tensor_value_info(*o) for o in outputs])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_inputs_respect_the_domain_of_the_ops_that_read_them():
+    ints = onnx.TensorProto.INT64
+    div = _one_node("Div", [("a", ints, [64]), ("b", ints, [64])], [("c", ints, [64])])
+    assert random_inputs(div)["b"].min() >= 1  # no integer division by zero
+    gather = _one_node("GatherND", [("data", onnx.TensorProto.FLOAT, [3, 5]), ("i", ints, [64, 2])],
+                       [("y", onnx.TensorProto.FLOAT, [64])])
+    assert random_inputs(gather)["i"].max() < 3  # within every axis it indexes
+    take = _one_node("Gather", [("data", onnx.TensorProto.FLOAT, ["n", 4]), ("i", ints, [64])],
+                     [("y", onnx.TensorProto.FLOAT, [64, 4])])
+    assert random_inputs(take, dim_values={"n": 2})["i"].max() < 2  # the size the data input is given
+    bf16 = _one_node("Relu", [("x", onnx.TensorProto.BFLOAT16, [4])], [("y", onnx.TensorProto.BFLOAT16, [4])])
+    assert random_inputs(bf16)["x"].dtype.name == "bfloat16"
+
+
+def test_an_input_that_is_an_axis_or_a_shape_must_be_given():
+    model = _one_node("ReduceSum", [("x", onnx.TensorProto.FLOAT, [2, 3]), ("axes", onnx.TensorProto.INT64, [1])],
+                      [("y", onnx.TensorProto.FLOAT, None)])
+    with pytest.raises(UserError, match=r"^input 'axes' is the axes of ReduceSum node 'ReduceSum_0'"):
+        random_inputs(model)
+
+
+def test_a_sequence_input_is_refused_by_name():
+    seq = helper.make_tensor_sequence_value_info("s", onnx.TensorProto.FLOAT, None)
+    node = helper.make_node("SequenceLength", ["s"], ["n"], name="len")
+    model = helper.make_model(helper.make_graph(
+        [node], "g", [seq], [helper.make_tensor_value_info("n", onnx.TensorProto.INT64, [])]))
+    with pytest.raises(UserError, match=r"^'s' \(SequenceLength node 'len'\) is a sequence, not a tensor"):
+        graph_inputs(model)
+
+
+@pytest.fixture(scope="module")
+def int_div(tmp_path_factory):
+    """An integer Div compiled for this host, unverified."""
+    ints = onnx.TensorProto.INT32
+    path = tmp_path_factory.mktemp("div") / "div.onnx"
+    onnx.save(_one_node("Div", [("a", ints, [4]), ("b", ints, [4])], [("c", ints, [4])]), path)
+    return edgecc.compile(path, "host", path.with_suffix(""), verify=False)
+
+
+def test_a_crash_in_the_module_is_an_error_not_a_dead_process(int_div):
+    a = np.arange(4, dtype=np.int32)
+    assert (run_isolated(int_div, {"a": a, "b": np.full(4, 2, np.int32)})["c"] == a // 2).all()
+    with pytest.raises(ModuleCrash, match="compiled module crashed \\(signal SIGFPE\\)"):
+        run_isolated(int_div, {"a": a, "b": np.zeros(4, np.int32)})
+    with pytest.raises(UserError, match="missing \\['b'\\]"):  # the module's own errors pass through
+        run_isolated(int_div, {"a": a})
+
+
+def test_scalar_inputs_and_layernorm_statistics_verify(tmp_path):
+    f = onnx.TensorProto.FLOAT
+    scalar = tmp_path / "scalar.onnx"
+    onnx.save(_one_node("Add", [("a", f, []), ("b", f, [])], [("c", f, [])]), scalar)
+    art = edgecc.compile(scalar, "host", tmp_path / "scalar", verify=True)
+    assert art.manifest["verification"]["input_shapes"] == {"a": [], "b": []}
+    assert art.run({"a": np.array(1, np.float32), "b": np.array(2, np.float32)})["c"].shape == ()
+    ln = tmp_path / "ln.onnx"  # Mean and InvStdDev are graph outputs: verification compares them
+    onnx.save(_one_node("LayerNormalization", [("x", f, [3, 8]), ("s", f, [8])],
+                        [("y", f, [3, 8]), ("mean", f, [3, 1]), ("inv_std", f, [3, 1])]), ln)
+    art = edgecc.compile(ln, "host", tmp_path / "ln", verify=True)
+    assert art.manifest["verification"]["ok"]
