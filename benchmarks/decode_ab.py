@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecc import bench, examples
+from edgecc import bench, examples, lm_signature
 from edgecc.bench_worker import decode_tokens_per_s
 from edgecc.compiler import compile as compile_model
-from edgecc.generate import CacheLayout, ort_step
+from edgecc.generate import ort_step
 from edgecc.tuning_log import host_device
 
 THREADS = 2
@@ -48,17 +48,15 @@ def main() -> int:
         print("compiling edgecc int4 ...", file=sys.stderr)
         art = compile_model(model, "host", work / "int4", bench.PRESETS["int4"], force=True)
         art.load_vm(THREADS)
-        configs = {}
-        for name, path in (("ort fp32", model), ("ort int4 (own quantizer)", ort_int4)):
-            step, specs = ort_step(str(path), threads=THREADS)
-            configs[name] = (step, CacheLayout.of(specs, str(path)))
-        configs["edgecc int4"] = (lambda feeds: art.run(feeds, threads=THREADS, as_numpy=False),
-                                  CacheLayout.of(art.inputs, str(art.path)))
+        sig = lm_signature.of_file(model)  # the quantized models and the artifact keep its I/O
+        configs = {name: ort_step(str(path), threads=THREADS)
+                   for name, path in (("ort fp32", model), ("ort int4 (own quantizer)", ort_int4))}
+        configs["edgecc int4"] = lambda feeds: art.run(feeds, threads=THREADS, as_numpy=False)
         rates: dict[str, list[float]] = {name: [] for name in configs}
         for r in range(a.rounds):
-            for name, (step, cache) in configs.items():
+            for name, step in configs.items():
                 rng = np.random.default_rng(r)  # the same prompt for every configuration of a round
-                rate = decode_tokens_per_s(step, cache, a.past, a.steps, 1, rng, 49152)["tokens_per_s"]
+                rate = decode_tokens_per_s(step, sig, a.past, a.steps, 1, rng, sig.vocab)["tokens_per_s"]
                 rates[name].append(rate)
             print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in rates.items()), file=sys.stderr)
     edgecc = np.array(rates["edgecc int4"])

@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from edgecc import bench, examples, generate
+from edgecc import bench, examples, generate, lm_signature
 from edgecc.artifact import Artifact
 
 PROMPT = "The Devil's Dictionary defines a bore as"
@@ -29,11 +29,10 @@ def greedy_check(model: Path, artifact: Path, tokens: int = 32) -> dict:
     from tokenizers import Tokenizer
 
     ids = Tokenizer.from_file(str(model.with_name("tokenizer.json"))).encode(PROMPT).ids
-    step, specs = generate.ort_step(str(model), threads=2)
-    want = generate.greedy(step, generate.CacheLayout.of(specs, "ort"), ids, tokens).tokens
+    want = generate.greedy(generate.ort_step(str(model), threads=2), lm_signature.of_file(model), ids, tokens).tokens
     art = Artifact.load(artifact)
     art.load_vm(2)
-    got = generate.greedy(art.run, generate.CacheLayout.of(art.manifest["inputs"], "edgecc"), ids, tokens).tokens
+    got = generate.greedy(art.run, lm_signature.of_manifest(art.manifest, str(artifact)), ids, tokens).tokens
     first_diff = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), None)
     return {"prompt": PROMPT, "tokens": tokens, "equal": want == got, "first_difference": first_diff,
             "ort": want, "edgecc": got}

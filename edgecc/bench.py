@@ -203,11 +203,11 @@ def run(model: str | os.PathLike, settings: Settings, out_dir: str | os.PathLike
 
 def _run(model: Path, settings: Settings, work: Path, log: Callable[[str], None]) -> dict:
     from edgecc.compiler import compile as compile_model
-    from edgecc.generate import CacheLayout
     from edgecc.ir import load_model, to_proto
+    from edgecc.lm_signature import NotAnLM, of_model
     from edgecc.target import load_target
     from edgecc.tuning_log import host_device
-    from edgecc.verify import index_bounds, graph_inputs
+    from edgecc.verify import graph_inputs
 
     pipelines = parse_pipelines(settings.pipelines)
     target = load_target(settings.target)
@@ -228,8 +228,8 @@ def _run(model: Path, settings: Settings, work: Path, log: Callable[[str], None]
         accuracy_wanted, bandwidth, kv_bytes = True, None, 0
     else:
         try:
-            cache = CacheLayout.of(inputs, str(model))
-        except UserError as e:
+            sig = of_model(source, str(model))
+        except NotAnLM as e:
             raise UserError(f"{e}; nor is it an encoder (inputs input_ids, attention_mask"
                             "[, token_type_ids])") from None
         bandwidth = bandwidth_gbs(settings.threads) if runs_here else None
@@ -241,14 +241,15 @@ def _run(model: Path, settings: Settings, work: Path, log: Callable[[str], None]
                 raise UserError(f"{model}: no tokenizer.json beside it for the perplexity text "
                                 "(give --windows 0 to skip accuracy)")
             windows, text = text_windows(tokenizer, settings.text, settings.windows, settings.window_tokens)
-        vocab = index_bounds(source).get("ids")
-        if vocab is None:
-            raise UserError(f"{model}: input 'ids' indexes no embedding table; cannot draw token ids")
-        base = {"threads": settings.threads, "vocab": vocab, "prompt_lengths": list(settings.prompt_lengths),
+        if sig.vocab is None:
+            raise UserError(f"{model}: neither the logits nor the embedding table '{sig.ids.name}' indexes "
+                            "says the vocabulary size; cannot draw token ids")
+        base = {"threads": settings.threads, "vocab": sig.vocab, "signature": sig.to_json(),
+                "prompt_lengths": list(settings.prompt_lengths),
                 "past": settings.past, "decode_steps": settings.decode_steps, "repeats": settings.repeats,
                 "seed": settings.seed, "windows": windows}
         accuracy_wanted = bool(windows)
-        kv_bytes = len(cache.names) * cache.kv_heads * cache.head_dim * 4 * settings.past  # fp32 keys + values
+        kv_bytes = sig.kv_bytes_per_token() * settings.past
 
     timed: list[tuple[str, dict]] = []  # (name, spec) of every timed measurement, for later rounds
 

@@ -3,6 +3,7 @@
     python -m edgecc.bench_worker SPEC.json OUT.json
 
 SPEC: {"kind": "ort" | "edgecc", "path": model .onnx or artifact dir, "threads": n, "vocab": n,
+       "signature": the LM's signature (edgecc.lm_signature, JSON; the same for every configuration),
        "prompt_lengths": [...], "past": n, "decode_steps": n, "repeats": n, "seed": n,
        "windows": [[token ids], ...]}  (windows: perplexity text, may be empty)
 OUT: latencies, decode tokens/s, perplexity, peak RSS. Timing is skipped with "time": false
@@ -23,25 +24,19 @@ import time
 
 import numpy as np
 
-from edgecc.generate import CacheLayout, logits, ort_step, step_feeds
+from edgecc.generate import logits, ort_step, step_feeds
+from edgecc.lm_signature import LMSignature
 
 
 def _engine(spec: dict):
-    """The configuration's run function (feeds -> outputs by name; an artifact's stay in the
-    runtime) and its input specs."""
+    """The configuration's run function: feeds -> outputs by name (an artifact's stay in the runtime)."""
     if spec["kind"] == "ort":
         return ort_step(spec["path"], threads=spec["threads"])
     from edgecc.artifact import Artifact
 
     art = Artifact.load(spec["path"], check_hashes=False)
     art.load_vm(spec["threads"])
-    return (lambda feeds: art.run(feeds, threads=spec["threads"], as_numpy=False)), art.inputs
-
-
-def _step(spec: dict):
-    """The step function and cache layout of the configuration."""
-    step, inputs = _engine(spec)
-    return step, CacheLayout.of(inputs, spec["path"])
+    return lambda feeds: art.run(feeds, threads=spec["threads"], as_numpy=False)
 
 
 def _latency_ms(call, repeats: int) -> dict:
@@ -55,37 +50,37 @@ def _latency_ms(call, repeats: int) -> dict:
     return {"p50": float(np.percentile(times, 50)), "p90": float(np.percentile(times, 90)), "runs": len(times)}
 
 
-def prefill_ms(step, cache, length: int, repeats: int, rng, vocab: int) -> dict:
+def prefill_ms(step, sig: LMSignature, length: int, repeats: int, rng, vocab: int) -> dict:
     ids = rng.integers(0, vocab, (1, length)).astype(np.int64)
-    return _latency_ms(lambda: step(step_feeds(ids, cache.empty(), 0)), repeats)
+    return _latency_ms(lambda: step(step_feeds(sig, ids, sig.empty_cache(), 0)), repeats)
 
 
-def decode_tokens_per_s(step, cache, past: int, steps: int, repeats: int, rng, vocab: int) -> dict:
+def decode_tokens_per_s(step, sig: LMSignature, past: int, steps: int, repeats: int, rng, vocab: int) -> dict:
     """Greedy steps after a cache of `past` tokens; the median over `repeats` rounds."""
     ids = rng.integers(0, vocab, (1, past)).astype(np.int64)
-    out = step(step_feeds(ids, cache.empty(), 0))
-    start = cache.presents(out)
-    token = np.asarray([[int(np.argmax(logits(out)[0, -1]))]], np.int64)
-    step(step_feeds(token, start, past))  # warm-up
+    out = step(step_feeds(sig, ids, sig.empty_cache(), 0))
+    start = sig.presents(out)
+    token = np.asarray([[int(np.argmax(logits(sig, out)[0, -1]))]], np.int64)
+    step(step_feeds(sig, token, start, past))  # warm-up
     rates = []
     for _ in range(repeats):
         kv, tok = start, token
         t = time.perf_counter()
         for i in range(steps):
-            out = step(step_feeds(tok, kv, past + i))
-            kv = cache.presents(out)
-            tok = np.asarray([[int(np.argmax(logits(out)[0, -1]))]], np.int64)
+            out = step(step_feeds(sig, tok, kv, past + i))
+            kv = sig.presents(out)
+            tok = np.asarray([[int(np.argmax(logits(sig, out)[0, -1]))]], np.int64)
         rates.append(steps / (time.perf_counter() - t))
     return {"tokens_per_s": float(np.median(rates)), "rounds": [round(r, 3) for r in rates],
             "past": past, "steps": steps}
 
 
-def perplexity(step, cache, windows: list[list[int]]) -> dict:
+def perplexity(step, sig: LMSignature, windows: list[list[int]]) -> dict:
     """exp(mean next-token NLL) over the windows, each run as one prefill."""
     nll, count = 0.0, 0
     for window in windows:
         ids = np.asarray([window], np.int64)
-        scores = logits(step(step_feeds(ids, cache.empty(), 0)))[0].astype(np.float64)
+        scores = logits(sig, step(step_feeds(sig, ids, sig.empty_cache(), 0)))[0].astype(np.float64)
         scores -= scores.max(-1, keepdims=True)
         logp = scores - np.log(np.exp(scores).sum(-1, keepdims=True))
         nll -= float(logp[np.arange(len(window) - 1), window[1:]].sum())
@@ -115,7 +110,7 @@ def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def encoder(spec: dict) -> dict:
     """Latency of one row per length (p50/p90) and, when asked for, every sentence's embedding."""
-    run, _ = _engine(spec)
+    run = _engine(spec)
     rows = dict(np.load(spec["sentences"]))  # exactly the model's inputs
 
     def hidden(feeds: dict) -> np.ndarray:
@@ -143,15 +138,15 @@ def main(argv: list[str]) -> int:
         result["peak_rss_mb"] = peak_rss_mb()
         return _write(result, argv[1])
     rng = np.random.default_rng(spec["seed"])
-    step, cache = _step(spec)
+    step, sig = _engine(spec), LMSignature.from_json(spec["signature"])
     result: dict = {}
     if spec.get("time", True):
-        result["prefill_ms"] = {str(n): prefill_ms(step, cache, n, spec["repeats"], rng, spec["vocab"])
+        result["prefill_ms"] = {str(n): prefill_ms(step, sig, n, spec["repeats"], rng, spec["vocab"])
                                 for n in spec["prompt_lengths"]}
-        result["decode"] = decode_tokens_per_s(step, cache, spec["past"], spec["decode_steps"],
+        result["decode"] = decode_tokens_per_s(step, sig, spec["past"], spec["decode_steps"],
                                                max(3, spec["repeats"] // 3), rng, spec["vocab"])
     if spec["windows"]:
-        result["accuracy"] = perplexity(step, cache, spec["windows"])
+        result["accuracy"] = perplexity(step, sig, spec["windows"])
     result["peak_rss_mb"] = peak_rss_mb()
     return _write(result, argv[1])
 

@@ -112,30 +112,40 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from edgecc.artifact import Artifact
-    from edgecc.generate import CacheLayout, greedy
+    from edgecc import lm_signature
+    from edgecc.generate import greedy, ort_step
 
-    art = Artifact.load(a.artifact)
-    cache = CacheLayout.of(art.manifest["inputs"], str(art.path))
-    lm = art.manifest.get("lm", {})
+    path = Path(a.artifact)
+    exported = path.suffix == ".onnx" and not path.is_dir()  # the exported model, in ONNX Runtime
+    if exported:
+        proto = lm_signature.read_graph(path)
+        sig, lm = lm_signature.of_model(proto, str(path)), lm_signature.metadata(proto, str(path))
+        tokenizer_path = path.parent / lm.get("tokenizer", "tokenizer.json")
+        has_tokenizer = tokenizer_path.is_file()
+    else:
+        from edgecc.artifact import Artifact
+
+        art = Artifact.load(a.artifact)
+        sig, lm = lm_signature.of_manifest(art.manifest, str(art.path)), art.manifest.get("lm", {})
+        tokenizer_path, has_tokenizer = art.path / lm.get("tokenizer", ""), bool(lm.get("tokenizer"))
     tokenizer = None
-    if lm.get("tokenizer"):
+    if has_tokenizer:
         from tokenizers import Tokenizer
 
-        tokenizer = Tokenizer.from_file(str(art.path / lm["tokenizer"]))
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
     if a.prompt_ids is not None:
         try:
             prompt = [int(t) for t in a.prompt_ids.split(",")]
         except ValueError:
             raise UserError(f"--prompt-ids '{a.prompt_ids}': expected comma-separated token ids") from None
     elif tokenizer is None:
-        raise UserError(f"{art.path}: the artifact has no tokenizer (its model's metadata names none); "
-                        "give the prompt as --prompt-ids")
+        raise UserError(f"{path}: no tokenizer (neither named by the model's metadata nor a "
+                        "tokenizer.json beside it); give the prompt as --prompt-ids")
     else:
         prompt = tokenizer.encode(a.prompt).ids
     if not prompt:
         raise UserError("the prompt is empty")
-    vocab = lm.get("config", {}).get("vocab")
+    vocab = sig.vocab or lm.get("config", {}).get("vocab")
     if vocab and not all(0 <= t < vocab for t in prompt):
         raise UserError(f"prompt token ids must lie in [0, {vocab})")
     context = lm.get("context")
@@ -147,7 +157,11 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if context and len(prompt) + new > context:
         new = context - len(prompt)
         _log(f"generating {new} tokens: the model's context of {context} ends there")
-    art.load_vm(a.threads)
+    if exported:
+        step = ort_step(str(path), threads=a.threads or 0)
+    else:
+        art.load_vm(a.threads)
+        step = lambda feeds: art.run(feeds, threads=a.threads, as_numpy=False)  # noqa: E731
     shown = ""
 
     def show(token: int) -> None:
@@ -162,8 +176,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         gen_ids.append(token)
 
     gen_ids: list[int] = []
-    result = greedy(lambda feeds: art.run(feeds, threads=a.threads, as_numpy=False), cache, prompt, new,
-                    tuple(lm.get("eos_token_ids", ())), on_token=show)
+    result = greedy(step, sig, prompt, new, tuple(lm.get("eos_token_ids", ())), on_token=show)
     print()
     _log(f"prompt {len(prompt)} tokens, prefill {result.prefill_s * 1000:.1f} ms; {len(result.tokens)} "
          f"tokens generated, decode {result.decode_tokens_per_s:.1f} tok/s")
@@ -324,8 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run an aarch64 artifact under qemu-user (see 'edgecc emulator setup')")
     r.set_defaults(func=cmd_run)
 
-    g = sub.add_parser("generate", help="greedy decoding with a compiled causal LM (KV-cache inputs)")
-    g.add_argument("artifact")
+    g = sub.add_parser("generate", help="greedy decoding with a causal LM with a KV cache: a compiled "
+                                        "artifact, or an exported .onnx run in ONNX Runtime")
+    g.add_argument("artifact", help="artifact directory, or MODEL.onnx (tokenizer.json beside it)")
     prompt = g.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="text, encoded with the artifact's tokenizer")
     prompt.add_argument("--prompt-ids", metavar="ID,ID,...", help="token ids (models without a tokenizer)")

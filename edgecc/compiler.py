@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import importlib.metadata
-import json
 import os
 import shutil
 import time
@@ -20,7 +19,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from edgecc import lower, report, tuning
+from edgecc import lm_signature, lower, report, tuning
 from edgecc.calibration import load_calibration
 from edgecc.artifact import Artifact, staged_output, write_manifest
 from edgecc.backend import LIBRARY_NAME, build, require_tool
@@ -279,15 +278,16 @@ def manifest_head(opt: Optimized, model, inputs: list[TensorSpec], outputs: list
 
 
 def _lm_facts(source: onnx.ModelProto, model_path: Path, stage_dir: Path) -> dict:
-    """A language model's generation facts from the ONNX metadata (`edgecc.lm.*`, JSON values),
-    with the tokenizer file it names copied into the artifact, so `edgecc generate` needs only
-    the artifact."""
-    props = {p.key.removeprefix("edgecc.lm."): p.value for p in source.metadata_props
-             if p.key.startswith("edgecc.lm.")}
-    try:
-        lm = {k: json.loads(v) for k, v in props.items()}
-    except json.JSONDecodeError as e:
-        raise UserError(f"{model_path}: metadata edgecc.lm.* is not JSON: {e}") from None
+    """A language model's facts: its signature recognized from the graph (lm_signature), the
+    generation facts of its `edgecc.lm.*` metadata, and the tokenizer the metadata names (else a
+    tokenizer.json beside the model) copied into the artifact, so `generate` and `bench` need only
+    the artifact. Empty for a model that is not a causal LM with a KV cache and has no metadata."""
+    lm = lm_signature.metadata(source, str(model_path))
+    sig = lm_signature.find(source)
+    if sig is not None:
+        lm["signature"] = sig.to_json()
+        if "tokenizer" not in lm and (model_path.parent / TOKENIZER).is_file():
+            lm["tokenizer"] = TOKENIZER
     if "tokenizer" in lm:
         tokenizer = model_path.parent / lm["tokenizer"]
         if not tokenizer.is_file():

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from edgecc import lm_signature
 from edgecc.errors import UserError
 
 # Tolerances by output dtype: (absolute, relative). Integers must match exactly.
@@ -180,8 +181,13 @@ def random_inputs(
 ) -> dict[str, np.ndarray]:
     """Seeded inputs: N(0,1) floats; integer ids within the range of the tables they index;
     attention masks as a tokenizer makes them (see _padding_mask); `position_ids` [batch, seq] the
-    positions after a KV cache of the mask's length minus seq."""
+    positions after a KV cache of the mask's length minus seq. Of a causal LM (lm_signature),
+    whatever its inputs and dims are called: batch 1, seq 5, past 3 where not pinned, the mask
+    over past + seq tokens, positions past .. past + seq - 1."""
     rng = np.random.default_rng(seed)
+    lm = lm_signature.find(model)
+    if lm is not None:
+        dim_values = lm.verify_dims({s.name: s.shape for s in graph_inputs(model)}, dim_values or {})
     ranges = integer_ranges(model, dim_values)
     feeds = {}
     for spec in graph_inputs(model):
@@ -200,6 +206,17 @@ def random_inputs(
             feeds[spec.name] = rng.integers(0, 2, shape).astype(bool)
         else:
             raise UserError(f"input '{spec.name}': cannot make random data of dtype {spec.dtype}")
+    if lm is not None:
+        seq, first = feeds[lm.ids.name].shape[1], lm.cache[0]
+        past = feeds[first.past].shape[first.seq_axis]
+        if lm.mask:
+            mask = feeds[lm.mask.name]
+            feeds[lm.mask.name] = _padding_mask(rng, mask.shape).astype(mask.dtype)
+        if lm.positions:
+            positions = feeds[lm.positions.name]
+            feeds[lm.positions.name] = np.broadcast_to(np.arange(past, past + seq),
+                                                       positions.shape).astype(positions.dtype)
+        return feeds
     positions = feeds.get("position_ids")
     if positions is not None and positions.ndim == 2:
         mask = feeds.get("attention_mask")

@@ -36,8 +36,7 @@ def test_every_configuration_is_measured(result):
     for c in result["configs"]:
         assert "error" not in c, c
         assert set(c["prefill_ms"]) == {"8", "16"} and c["prefill_ms"]["16"]["p50"] > 0
-        assert c["decode"]["tokens_per_s"] > 0 and c["peak_rss_mb"] > 50
-        assert 0 < c["roofline_fraction"] < 1.5
+        assert c["decode"]["tokens_per_s"] > 0 and c["peak_rss_mb"] > 50 and c["roofline_fraction"] > 0
         runs = c["decode"]["runs"]  # rounds=2: two processes timed it, the median reported
         assert len(runs) == 2 and c["decode"]["tokens_per_s"] == np.median(runs)
         assert len(c["prefill_ms"]["16"]["p50_runs"]) == 2
@@ -62,10 +61,30 @@ def test_sizes_and_bytes_per_token(result, example_path):
     assert _config(result, "edgecc int4")["model_bytes"] < int8["model_bytes"]
     assert _config(result, "ort int4 (own quantizer)")["weight_bytes_per_token"] < int8["weight_bytes_per_token"]
     assert int8["weight_bytes_per_token"] < 0.4 * fp32["weight_bytes_per_token"]
+
+
+def test_a_token_reads_one_row_of_the_embedding(example_path):
+    """A larger vocabulary's embedding table costs a decoded token nothing more; any other weight
+    costs all its bytes."""
     model = onnx.load(str(example_path("tiny-llama")))
-    weights = sum(np.prod(i.dims) * 4 for i in model.graph.initializer)
-    embedding = 512 * 128 * 4
-    assert _config(result, "ort fp32")["weight_bytes_per_token"] == weights - embedding + 128 * 4
+    base = bench.weight_bytes_per_token(model)
+    table = next(i for i in model.graph.initializer if i.name == next(
+        n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[1] == "ids"))
+    rows = onnx.numpy_helper.to_array(table)
+    table.CopyFrom(onnx.numpy_helper.from_array(np.concatenate([rows, rows]), table.name))
+    assert bench.weight_bytes_per_token(model) == base
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((8, 8), np.float32), "unused"))
+    assert bench.weight_bytes_per_token(model) == base + 8 * 8 * 4
+
+
+def test_kv_bytes_are_what_the_cache_holds(result, example_path):
+    """The KV bytes of the roofline are what the model returns as its cache after `past` tokens."""
+    from edgecc import generate, lm_signature
+
+    path = example_path("tiny-llama")
+    sig = lm_signature.of_file(path)
+    out = generate.ort_step(str(path))(generate.step_feeds(sig, np.zeros((1, 16), np.int64), sig.empty_cache(), 0))
+    assert result["kv_bytes_per_token_at_past"] == sum(out[e.present].nbytes for e in sig.cache)
 
 
 def test_cli_table_json_and_plot(example_path, tmp_path):

@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 import edgecc
-from edgecc import generate, llama
+from edgecc import generate, llama, lm_signature
 from edgecc.examples import TINY_LLAMA
 from edgecc.verify import dim_expr, graph_inputs, random_inputs
 from tests.conftest import run_cli
@@ -30,21 +30,19 @@ def artifact(tiny_llama, tmp_path_factory):
 def test_cache_decode_equals_full_sequence(tiny_llama):
     """Prefill then one decode step through the cache gives the logits of running the whole
     sequence at once: the cache, positions and mask are consistent (ORT on the export)."""
-    step, specs = generate.ort_step(str(tiny_llama))
-    cache = generate.CacheLayout.of(specs, "tiny-llama")
+    step, sig = generate.ort_step(str(tiny_llama)), lm_signature.of_file(tiny_llama)
     ids = np.array([PROMPT], np.int64)
     n = ids.shape[1]
-    full = step(generate.step_feeds(ids, cache.empty(), 0))
-    head = step(generate.step_feeds(ids[:, :-1], cache.empty(), 0))
-    last = step(generate.step_feeds(ids[:, -1:], cache.presents(head), n - 1))
+    full = step(generate.step_feeds(sig, ids, sig.empty_cache(), 0))
+    head = step(generate.step_feeds(sig, ids[:, :-1], sig.empty_cache(), 0))
+    last = step(generate.step_feeds(sig, ids[:, -1:], sig.presents(head), n - 1))
     np.testing.assert_allclose(last["logits"][0, -1], full["logits"][0, -1], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(last["present.1.value"], full["present.1.value"], rtol=1e-5, atol=1e-5)
 
 
 def test_left_padding_is_masked(tiny_llama):
     """Padded (mask 0) positions before the prompt do not change its logits."""
-    step, specs = generate.ort_step(str(tiny_llama))
-    empty = generate.CacheLayout.of(specs, "tiny-llama").empty()
+    step, empty = generate.ort_step(str(tiny_llama)), lm_signature.of_file(tiny_llama).empty_cache()
     ids = np.array([PROMPT], np.int64)
     plain = step({"ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(7)[None], **empty})
     padded_ids = np.concatenate([[[0, 0, 0]], ids], axis=1)
@@ -59,7 +57,7 @@ def test_export_matches_torch_module(tmp_path):
     cfg = llama.LlamaConfig(vocab=64, hidden=48, intermediate=96, layers=1, heads=6, kv_heads=2)
     model = llama.build(cfg, seed=3)
     path = llama.export(model, cfg, tmp_path / "m.onnx")
-    step, _ = generate.ort_step(str(path))
+    step = generate.ort_step(str(path))
     ids = torch.randint(0, 64, (1, 5))
     past = [torch.randn(1, 2, 4, 8) for _ in range(2)]
     mask, positions = torch.ones(1, 9, dtype=torch.int64), torch.arange(4, 9)[None]
@@ -78,19 +76,19 @@ def test_one_artifact_serves_prefill_and_decode(artifact):
     assert shapes["attention_mask"][1] == "past + seq"
     assert artifact.manifest["lm"]["tokenizer"] == "tokenizer.json"
     assert (artifact.path / "tokenizer.json").is_file()
-    step, specs = generate.ort_step(str(artifact.path / "model.opt.onnx"))
-    cache = generate.CacheLayout.of(specs, "ort")
-    want = generate.greedy(step, cache, PROMPT, 32)
-    got = generate.greedy(artifact.run, generate.CacheLayout.of(artifact.manifest["inputs"], "art"), PROMPT, 32)
+    sig = lm_signature.of_manifest(artifact.manifest, "art")
+    assert sig == lm_signature.of_file(artifact.path / "model.opt.onnx") and sig.paired_by == "graph"
+    want = generate.greedy(generate.ort_step(str(artifact.path / "model.opt.onnx")), sig, PROMPT, 32)
+    got = generate.greedy(artifact.run, sig, PROMPT, 32)
     assert len(got.tokens) == 32
     assert got.tokens == want.tokens
     assert len(set(got.tokens)) > 1  # a constant stream would make the comparison weak
 
 
 def test_greedy_stops_at_eos(artifact):
-    cache = generate.CacheLayout.of(artifact.manifest["inputs"], "art")
-    first = generate.greedy(artifact.run, cache, PROMPT, 5).tokens
-    stopped = generate.greedy(artifact.run, cache, PROMPT, 5, eos_ids=(first[2],)).tokens
+    sig = lm_signature.of_manifest(artifact.manifest, "art")
+    first = generate.greedy(artifact.run, sig, PROMPT, 5).tokens
+    stopped = generate.greedy(artifact.run, sig, PROMPT, 5, eos_ids=(first[2],)).tokens
     assert stopped == first[:first.index(first[2]) + 1]
 
 
@@ -101,8 +99,8 @@ def test_generate_cli(artifact):
     r = run_cli("generate", artifact.path, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "6",
                 "--print-ids")
     assert r.returncode == 0, r.stderr
-    cache = generate.CacheLayout.of(artifact.manifest["inputs"], "art")
-    assert r.stdout.split() == [str(t) for t in generate.greedy(artifact.run, cache, PROMPT, 6).tokens]
+    sig = lm_signature.of_manifest(artifact.manifest, "art")
+    assert r.stdout.split() == [str(t) for t in generate.greedy(artifact.run, sig, PROMPT, 6).tokens]
 
 
 def test_generate_rejects_bad_input(artifact, example_path, tmp_path):
@@ -115,8 +113,8 @@ def test_generate_rejects_bad_input(artifact, example_path, tmp_path):
     assert r.returncode == 2 and "[0, 512)" in r.stderr
     mlp = edgecc.compile(example_path("mlp"), "host", tmp_path / "mlp")
     r = run_cli("generate", mlp.path, "--prompt-ids", "1,2")
-    assert r.returncode == 2 and "expected inputs ids, attention_mask, position_ids" in r.stderr
-    assert "it has x" in r.stderr
+    assert r.returncode == 2 and "not a causal LM with a KV cache: no token-ids input" in r.stderr
+    assert "(its inputs: x)" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_compile_refuses_missing_tokenizer(tiny_llama, tmp_path):
