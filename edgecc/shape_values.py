@@ -89,6 +89,20 @@ def _int64(expr):
     return expr if _dtype(expr) == "int64" else tirx.Cast("int64", expr)
 
 
+def _map(fn, *arrays) -> np.ndarray:
+    """`fn` element by element over broadcast object arrays; a 0-d result stays an array."""
+    return _array(np.frompyfunc(fn, len(arrays), 1)(*np.broadcast_arrays(*arrays)))
+
+
+def _array(result) -> np.ndarray:
+    """numpy hands back a lone element for a 0-d object result: make it an array again."""
+    if isinstance(result, np.ndarray):
+        return result
+    out = np.empty((), dtype=object)
+    out[()] = result
+    return out
+
+
 def _elements(values, dtype: str, shape=None) -> np.ndarray:
     out = np.empty(len(values), dtype=object)
     out[:] = [tirx.const(int(v), dtype) if isinstance(v, (int, np.integer, bool, np.bool_)) else v
@@ -256,33 +270,30 @@ def _evaluate(values: ShapeValues, op: str, inputs, attr) -> Value | None:
     first = args[0]
     if op in _ELEMENTWISE:
         fn, out_dtype = _ELEMENTWISE[op]
-        result = functools.reduce(lambda a, b: np.frompyfunc(fn, 2, 1)(*np.broadcast_arrays(a, b)),
-                                  [a.elements for a in present])
-        return Value(np.asarray(result, dtype=object), out_dtype or first.dtype)
+        result = functools.reduce(lambda a, b: _map(fn, a, b), [a.elements for a in present])
+        return Value(result, out_dtype or first.dtype)
     if op == "Neg":
-        return Value(np.frompyfunc(lambda e: -e, 1, 1)(first.elements), first.dtype)
+        return Value(_map(lambda e: -e, first.elements), first.dtype)
     if op == "Not":
-        return Value(np.frompyfunc(tirx.Not, 1, 1)(first.elements), "bool")
+        return Value(_map(tirx.Not, first.elements), "bool")
     if op == "Identity":
         return first
     if op == "Cast":
         dtype = str(onnx.helper.tensor_dtype_to_np_dtype(attr["to"]))
         if dtype == "bool":
-            return Value(np.frompyfunc(lambda e: e != tirx.const(0, _dtype(e)), 1, 1)(first.elements), dtype)
+            return Value(_map(lambda e: e != tirx.const(0, _dtype(e)), first.elements), dtype)
         if not np.issubdtype(np.dtype(dtype), np.integer):
             return None  # a float computed from shapes: a run-time tensor
-        return Value(np.frompyfunc(lambda e: tirx.Cast(dtype, e), 1, 1)(first.elements), dtype)
+        return Value(_map(lambda e: tirx.Cast(dtype, e), first.elements), dtype)
     if op == "Where":
-        cond, x, y = (a.elements for a in args)
-        out = np.frompyfunc(tirx.Select, 3, 1)(*np.broadcast_arrays(cond, x, y))
-        return Value(np.asarray(out, dtype=object), args[1].dtype)
+        return Value(_map(tirx.Select, *(a.elements for a in args)), args[1].dtype)
     if op == "Gather":
         indices = args[1].constant
         if indices is None:
             return None
         axis = attr.get("axis", 0)
         size = first.elements.shape[axis]
-        return Value(np.take(first.elements, np.where(indices < 0, indices + size, indices), axis=axis),
+        return Value(_array(np.take(first.elements, np.where(indices < 0, indices + size, indices), axis=axis)),
                      first.dtype)
     if op == "Concat":
         return Value(np.concatenate([a.elements for a in args], axis=attr["axis"]), first.dtype)
