@@ -9,6 +9,7 @@ from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
 from edgecc.errors import UserError
 from edgecc.lower import converter
+from edgecc.verify import UNCOMPILABLE_TYPES
 
 
 def _axes(data, axis: int) -> list[int]:
@@ -357,6 +358,41 @@ class Dropout(OnnxOpConverter):
         return relax.Tuple([inputs[0], relax.op.ones_like(inputs[0], "bool")])
 
 
+@converter("Cast")
+class Cast(OnnxOpConverter):
+    """TVM's Cast, except to the element types TVM cannot compile (float8, float4, int4, int2),
+    where TVM fails inside code generation or when it copies the tensor."""
+
+    computed_outputs = (0,)
+
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        from onnx import helper
+        from tvm.relax.frontend.onnx import onnx_frontend
+
+        if attr["to"] in UNCOMPILABLE_TYPES:
+            to = helper.tensor_dtype_to_string(attr["to"]).removeprefix("TensorProto.")
+            raise UserError(f"node '{_node(attr)}': Cast to {to}, which TVM 0.27 cannot compile")
+        return onnx_frontend.Cast._impl_v13(bb, inputs, attr, params)
+
+
+@converter("BatchNormalization")
+class BatchNormalization(OnnxOpConverter):
+    """Inference BatchNormalization; training mode (batch statistics, updated running mean and
+    variance) is refused: TVM's converter computes its running statistics wrongly."""
+
+    computed_outputs = (0, 1, 2)
+
+    @classmethod
+    def _impl_v15(cls, bb, inputs, attr, params):
+        from tvm.relax.frontend.onnx import onnx_frontend
+
+        if attr.get("training_mode", 0):
+            raise UserError(f"node '{_node(attr)}': BatchNormalization with training_mode=1 is not "
+                            "compiled; edgecc compiles inference graphs")
+        return onnx_frontend.BatchNormalization._impl_v15(bb, inputs, attr, params)
+
+
 # Inputs that TVM's converters take only as constants: a value computed or fed at run time is
 # refused here, naming the node and the input, rather than failing inside the importer.
 _REDUCTIONS = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
@@ -364,7 +400,7 @@ _REDUCTIONS = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd"
 CONSTANT_OPERANDS: dict[str, dict[int, str]] = {
     **{op: {1: "axes"} for op in _REDUCTIONS},
     "TopK": {1: "k"}, "CumSum": {1: "axis"}, "Split": {1: "split"}, "Pad": {1: "pads", 3: "axes"},
-    "OneHot": {1: "depth", 2: "values"},
+    "OneHot": {1: "depth", 2: "values"}, "AffineGrid": {1: "size"},
 }
 
 

@@ -76,14 +76,26 @@ class TensorSpec:
         return {"name": self.name, "dtype": self.dtype.name, "shape": list(self.shape)}
 
 
+# Element types TVM 0.27 holds in no tensor and compiles no cast to: sub-byte integers, float8, float4.
+UNCOMPILABLE_TYPES = {getattr(onnx.TensorProto, t) for t in (
+    "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "FLOAT8E8M0", "FLOAT4E2M1",
+    "UINT4", "INT4", "UINT2", "INT2") if hasattr(onnx.TensorProto, t)}
+
+
 def _spec(vi: onnx.ValueInfoProto, model: onnx.ModelProto) -> TensorSpec:
+    """The signature of a graph input or output; one edgecc cannot compile is a UserError naming
+    the value and the nodes that use it."""
+    users = ", ".join(f"{n.op_type} node '{n.name}'" if n.name else f"{n.op_type} node"
+                      for n in model.graph.node if vi.name in n.input or vi.name in n.output)
     if not vi.type.HasField("tensor_type"):
-        users = [f"{n.op_type} node '{n.name}'" for n in model.graph.node
-                 if vi.name in n.input or vi.name in n.output]
-        raise UserError(f"'{vi.name}' ({', '.join(users) or 'a graph output'}) is a "
+        raise UserError(f"'{vi.name}' ({users or 'unused'}) is a "
                         f"{vi.type.WhichOneof('value').removesuffix('_type')}, not a tensor: edgecc "
                         "compiles tensor graphs")
     tt = vi.type.tensor_type
+    if tt.elem_type in UNCOMPILABLE_TYPES and users:  # an unused one is never made
+        raise UserError(f"'{vi.name}' ({users}) is a tensor of "
+                        f"{helper.tensor_dtype_to_string(tt.elem_type).removeprefix('TensorProto.')}, "
+                        "which TVM 0.27 cannot compile")
     dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))
     dims: list = []
     for d in tt.shape.dim:
