@@ -393,6 +393,100 @@ class BatchNormalization(OnnxOpConverter):
         return onnx_frontend.BatchNormalization._impl_v15(bb, inputs, attr, params)
 
 
+@converter("Constant")
+class Constant(OnnxOpConverter):
+    """Every form of Constant: TVM's converter takes only `value`, not the scalar and list forms
+    that function bodies use (value_float, value_ints, ...), and turns a string into a zero."""
+
+    computed_outputs = (0,)
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        import numpy as np
+        from onnx import TensorProto
+        from tvm.relax.frontend.onnx import onnx_frontend
+
+        for key, dtype in (("value_float", "float32"), ("value_floats", "float32"),
+                           ("value_int", "int64"), ("value_ints", "int64")):
+            if key in attr:
+                return relax.const(np.array(attr[key], dtype), dtype)
+        value = attr.get("value")
+        if not isinstance(value, TensorProto) or value.data_type == TensorProto.STRING:
+            raise UserError(f"node '{_node(attr)}': a Constant of strings or a sparse Constant, which "
+                            "edgecc does not compile")
+        return onnx_frontend.Constant._impl_v13(bb, inputs, attr, params)
+
+
+@converter("IsInf")
+class IsInf(OnnxOpConverter):
+    """IsInf with its detect_negative / detect_positive attributes (TVM's converter ignores them)."""
+
+    computed_outputs = (0,)
+
+    @classmethod
+    def _impl_v10(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        inf, zero = relax.op.isinf(x), relax.const(0, x.ty.dtype)
+        if not attr.get("detect_negative", 1):
+            inf = relax.op.logical_and(inf, relax.op.greater(x, zero))
+        if not attr.get("detect_positive", 1):
+            inf = relax.op.logical_and(inf, relax.op.less(x, zero))
+        return inf
+
+
+@converter("EyeLike")
+class EyeLike(OnnxOpConverter):
+    """EyeLike with a `dtype` other than its input's (TVM's converter refuses one, and relax's
+    eye_like keeps the input's dtype whatever it is asked: hence the cast)."""
+
+    computed_outputs = (0,)
+
+    @classmethod
+    def _impl_v9(cls, bb, inputs, attr, params):
+        from tvm.relax.frontend.onnx import onnx_frontend
+
+        dtype = onnx_frontend.get_type(attr["dtype"]) if "dtype" in attr else inputs[0].ty.dtype
+        return relax.op.astype(relax.op.eye_like(inputs[0], attr.get("k", 0)), dtype)
+
+
+@converter("BitShift")
+class BitShift(OnnxOpConverter):
+    """BitShift; a left shift by a negative amount or by the width or more is 0, as ONNX's
+    reference says (in the generated code it is undefined behaviour)."""
+
+    computed_outputs = (0,)
+
+    @classmethod
+    def _impl_v11(cls, bb, inputs, attr, params):
+        from tvm.relax.frontend.onnx import onnx_frontend
+
+        shifted = onnx_frontend.BitShift._impl_v11(bb, inputs, attr, params)
+        if attr.get("direction", b"LEFT") != b"LEFT":
+            return shifted
+        amount = inputs[1]
+        dtype = amount.ty.dtype
+        bits = int("".join(c for c in str(dtype) if c.isdigit()))
+        in_range = relax.op.logical_and(relax.op.greater_equal(amount, relax.const(0, dtype)),
+                                        relax.op.less(amount, relax.const(bits, dtype)))
+        return relax.op.where(in_range, shifted, relax.op.zeros_like(shifted))
+
+
+@converter("ConvTranspose")
+class ConvTranspose(OnnxOpConverter):
+    """TVM's ConvTranspose, which ignores `output_shape`: a node that sets it is refused."""
+
+    computed_outputs = (0,)
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        from tvm.relax.frontend.onnx import onnx_frontend
+
+        if "output_shape" in attr:
+            raise UserError(f"node '{_node(attr)}': ConvTranspose with output_shape is not lowered "
+                            "(TVM's converter ignores it); give pads and output_padding instead")
+        return onnx_frontend.ConvTranspose._impl_v1(bb, inputs, attr, params)
+
+
 # Inputs that TVM's converters take only as constants: a value computed or fed at run time is
 # refused here, naming the node and the input, rather than failing inside the importer.
 _REDUCTIONS = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",

@@ -76,10 +76,11 @@ class TensorSpec:
         return {"name": self.name, "dtype": self.dtype.name, "shape": list(self.shape)}
 
 
-# Element types TVM 0.27 holds in no tensor and compiles no cast to: sub-byte integers, float8, float4.
+# Element types TVM 0.27 holds in no tensor and compiles no cast to: sub-byte integers, float8, float4,
+# strings.
 UNCOMPILABLE_TYPES = {getattr(onnx.TensorProto, t) for t in (
     "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "FLOAT8E8M0", "FLOAT4E2M1",
-    "UINT4", "INT4", "UINT2", "INT2") if hasattr(onnx.TensorProto, t)}
+    "UINT4", "INT4", "UINT2", "INT2", "STRING") if hasattr(onnx.TensorProto, t)}
 
 
 def _spec(vi: onnx.ValueInfoProto, model: onnx.ModelProto) -> TensorSpec:
