@@ -47,7 +47,26 @@ def prepare(mod, target: TargetDesc):
     if target.device_kind == "llvm":
         mod, _ = dense.route_symbolic_matmuls(mod, target.tvm_target())
     with target.tvm_target():
-        return relax.get_pipeline("zero")(mod)
+        return relax.get_pipeline("zero")(unfused_dim_readers(relax.transform.LegalizeOps()(mod)))
+
+
+def unfused_dim_readers(mod):
+    """Kernels that read a symbolic dim as a value (a scalar parameter no buffer's shape has, as
+    shape_to_tensor's) are kept out of fusion. Fused, the dim becomes a scalar parameter of the
+    fused function while being a shape variable of the module too, and FuseTIR stops in RenewDefs
+    (`VarRemapGet(source) == nullptr`). They write a handful of integers; fusing them gains nothing.
+    """
+    import tvm
+
+    opaque = 8  # relax.OpPatternKind.kOpaque: FuseOps leaves the kernel alone
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        buffers = [p.ty for p in func.params if isinstance(p.ty, tvm.tirx.BufferType)]
+        in_shapes = {v for buf in buffers for d in buf.shape for v in tvm.tirx.analysis.undefined_vars(d)}
+        if any(isinstance(p.ty, tvm.ir.PrimType) and p not in in_shapes for p in func.params):
+            mod[gv] = func.with_attr("op_pattern", opaque)
+    return mod
 
 
 def fast_math(mod):

@@ -25,8 +25,7 @@ from typing import Callable
 import numpy as np
 import onnx
 import tvm
-import tvm_ffi
-from tvm import relax, te, tirx
+from tvm import relax, tirx
 
 from edgecc import lm_signature
 from edgecc.errors import UserError
@@ -156,26 +155,10 @@ class ShapeValues:
         constant = value.constant
         if constant is not None:
             return relax.const(constant, value.dtype)
-        # A kernel of our own that computes the elements from the dims it is passed, each dim a
-        # variable of the kernel's own. Not shape_to_tensor: its legalized kernel shares the
-        # dim's variable with the Relax function, and once fused, FuseTIR defines it twice and
-        # stops in RenewDefs (`VarRemapGet(source) == nullptr`).
-        dims = sorted({v for e in value.elements.flat for v in tvm.tirx.analysis.undefined_vars(e)},
-                      key=lambda v: v.name)
-        own = {v: tirx.Var(v.name, "int64") for v in dims}  # a PrimFunc has variables of its own
-        flat = [tvm_ffi.structural_map(e, (tvm.ir.Var, lambda v: own.get(v, v)), order="post")
-                for e in value.elements.flat]
-
-        def element(i):
-            out = flat[-1]
-            for k in range(len(flat) - 2, -1, -1):
-                out = tirx.Select(i == k, flat[k], out)
-            return out
-
-        kernel = te.compute((tirx.const(len(flat), "int64"),), element, name="shape_value")
-        kernel = te.create_prim_func([*own.values(), kernel]).without_attr("global_symbol").with_attr("op_pattern", 8)
-        gv = bb.add_func(kernel, "shape_value")
-        out = bb.normalize(relax.call_tir(gv, relax.Tuple(dims), relax.TensorType((len(flat),), value.dtype)))
+        flat = [_int64(e) for e in value.elements.flat]
+        out = bb.normalize(relax.op.shape_to_tensor(relax.ShapeExpr(flat)))
+        if value.dtype != "int64":
+            out = bb.normalize(relax.op.astype(out, value.dtype))
         if value.elements.ndim != 1:
             out = bb.normalize(relax.op.reshape(out, list(value.elements.shape)))
         self._known[out] = value
@@ -201,6 +184,34 @@ class ShapeValues:
                 dims.pop(same)
         return self._analyzer.simplify(tirx.floordiv(math.prod(dims, start=tirx.const(1, "int64")),
                                                      math.prod(divisor, start=tirx.const(1, "int64"))))
+
+    def align(self, bb, args: list) -> list | None:
+        """The operands of a broadcasting op with the dims Relax cannot prove equal made equal.
+
+        ONNX broadcasts a dim only from 1: two other dims must be equal at run time. A sliding-
+        window layer's scores are [.., min(window_past, 7) + seq] (its cache sliced to the
+        window), its mask [.., window_past + seq]: equal for every cache the graph accepts, but
+        Relax cannot know, and the sum's shape is lost. Each operand is cast to the first
+        operand's dim there (a run-time check); None when no operand needs it.
+        """
+        shapes = [self.dims_of(a) if isinstance(getattr(a, "ty", None), relax.TensorType) else None
+                  for a in args]
+        rank = max((len(s) for s in shapes if s is not None), default=0)
+        target: list = [None] * rank
+        for s in shapes:
+            for axis, dim in enumerate(s or [], start=rank - len(s or [])):
+                if target[axis] is None and not self._analyzer.can_prove(dim == 1):
+                    target[axis] = dim
+        aligned, changed = list(args), False
+        for i, s in enumerate(shapes):
+            if s is None:
+                continue
+            want = [d if target[a] is None or self._analyzer.can_prove(d == 1) or self._analyzer.can_prove(d == target[a])
+                    else target[a] for a, d in enumerate(s, start=rank - len(s))]
+            if any(not w.same_as(d) for w, d in zip(want, s)):
+                aligned[i] = bb.match_cast(args[i], relax.TensorType(want, args[i].ty.dtype))
+                changed = True
+        return aligned if changed else None
 
     def simplify(self, elements: np.ndarray) -> np.ndarray:
         out = np.empty(elements.shape, dtype=object)
@@ -245,8 +256,16 @@ class _Wrapped:
                 args[i] = values.tensor(bb, value)
         if self.op_type == "Reshape" and not isinstance(args[1], tvm.ir.GenericConst):
             return _reshape_tensor(values, args[0], values.value_of(args[1]), attr)
-        return fallback(bb, tvm.relax.frontend.onnx.onnx_frontend.onnx_input(args), attr, params)
+        convert = functools.partial(fallback, bb, attr=attr, params=params)
+        out = convert(tvm.relax.frontend.onnx.onnx_frontend.onnx_input(args))
+        if self.op_type in _BROADCASTS and values.dims_of(bb.normalize(out)) is None:
+            aligned = values.align(bb, args)
+            if aligned is not None:
+                return convert(tvm.relax.frontend.onnx.onnx_frontend.onnx_input(aligned))
+        return out
 
+
+_BROADCASTS = {*_ELEMENTWISE, "Pow", "Where"}
 
 # The operands whose value must be known at import time, and what to call them in an error.
 _NEEDS_SHAPE = {"Reshape": "target shape", "Expand": "target shape", "ConstantOfShape": "shape",
@@ -350,25 +369,33 @@ def _reshape_tensor(values: ShapeValues, data, shape: Value, attr):
 
 
 def lm_input_shapes(model: onnx.ModelProto) -> dict[str, list] | None:
-    """The input shapes of a causal LM with one batch, seq and past dim, the mask past + seq long.
+    """The input shapes of a causal LM in one set of dims: batch, seq, past, and the mask past + seq.
 
     Exporters name every input's dims independently (the dynamo exporter: `s59` for one layer's
     past, `s5` for the next one's, `s53` for the mask), so nothing tells Relax that a layer's
     scores [.., seq, s5 + seq] and the mask [.., seq, s53] broadcast, and every shape after them
-    is lost. An LM's cache entries all grow by the same steps, and the mask covers past and new
-    tokens: these dims are one. None for a model that is not an LM (lm_signature decides).
+    is lost. An LM's full-attention caches all grow by the same steps, and the mask covers their
+    past and the new tokens: these dims are one. A sliding-window layer's cache (its present is a
+    Slice of the grown cache: the last window - 1 tokens) is shorter once the prompt outgrows the
+    window; those caches share a dim of their own, `window_past`. None for a model that is not an
+    LM (lm_signature decides).
     """
     sig = lm_signature.find(model)
     if sig is None:
         return None
-    batch, seq, past = (tirx.Var(name, "int64") for name in ("batch", "seq", "past"))
-    roles = {sig.ids.name: {0: batch, 1: seq}}
-    if sig.mask:
-        roles[sig.mask.name] = {0: batch, 1: past + seq}
+    producer = {out: node.op_type for node in model.graph.node for out in node.output}
+    batch, seq, past, window_past = (tirx.Var(name, "int64") for name in ("batch", "seq", "past", "window_past"))
+    roles: dict[str, dict] = {sig.ids.name: {0: batch, 1: seq}}
     if sig.positions:
         roles[sig.positions.name] = {0: batch, 1: seq}
+    full = False
     for entry in sig.cache:
-        roles[entry.past] = {entry.seq_axis: past, **({entry.batch_axis: batch} if entry.batch_axis is not None else {})}
+        sliding = producer.get(entry.present) == "Slice"
+        full |= not sliding
+        roles[entry.past] = {entry.seq_axis: window_past if sliding else past,
+                             **({entry.batch_axis: batch} if entry.batch_axis is not None else {})}
+    if sig.mask:  # with sliding-window layers only, the mask's length is its own
+        roles[sig.mask.name] = {0: batch, **({1: past + seq} if full else {})}
     others: dict[str, tirx.Var] = {}  # any other symbolic dim: one variable per name
     shapes = {}
     for vi in model.graph.input:
