@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tvm
 from tvm import relax
+from tvm.relax.frontend.onnx import onnx_frontend
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
 from edgecc.errors import UserError
@@ -82,8 +83,6 @@ class MatMulInteger(OnnxOpConverter):
     def _impl_v10(cls, bb, inputs, attr, params):
         if _int8_operands(inputs):
             return _int8_matmul(bb, inputs[0], inputs[1], tile=0)
-        from tvm.relax.frontend.onnx import onnx_frontend
-
         return onnx_frontend.MatMulInteger._impl_v10(bb, inputs, attr, params)
 
 
@@ -263,11 +262,9 @@ class Range(OnnxOpConverter):
 
     @classmethod
     def _impl_v12(cls, bb, inputs, attr, params):
-        from tvm.relax.frontend.onnx import onnx_frontend as frontend
-
         bounds, dtypes = [], set()
         for value in inputs:
-            value = frontend.get_constant(value, params)
+            value = onnx_frontend.get_constant(value, params)
             if isinstance(value, tvm.ir.GenericConst) and value.value.numpy().size == 1:
                 number = value.value.numpy()
                 bounds.append(int(number.item()) if number.dtype.kind in "iu" else None)
@@ -281,7 +278,7 @@ class Range(OnnxOpConverter):
         start, limit, delta = bounds
         if None not in bounds and isinstance(delta, int) and delta > 0 and len(dtypes) == 1:
             return relax.op.arange(start, limit, delta, dtypes.pop())
-        return frontend.Range._impl_v12(bb, inputs, attr, params)
+        return onnx_frontend.Range._impl_v12(bb, inputs, attr, params)
 
 
 @converter("LayerNormalization")
@@ -295,7 +292,6 @@ class LayerNormalization(OnnxOpConverter):
     @classmethod
     def _impl_v17(cls, bb, inputs, attr, params):
         from onnx import helper
-        from tvm.relax.frontend.onnx import onnx_frontend
 
         y = onnx_frontend.LayerNormalization._impl_v17(bb, inputs, attr, params)[0]
         if attr["tvm_custom"]["num_outputs"] == 1:
@@ -315,8 +311,6 @@ def _node(attr) -> str:
 
 def _constant(value, params):
     """The value of a constant input as a numpy array; None when it is not a constant."""
-    from tvm.relax.frontend.onnx import onnx_frontend
-
     value = onnx_frontend.get_constant(value, params)
     return value.value.numpy() if isinstance(value, tvm.ir.GenericConst) else None
 
@@ -333,7 +327,6 @@ class Attention(OnnxOpConverter):
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
         if "num_heads" in attr:
-            from tvm.relax.frontend.onnx import onnx_frontend
 
             return onnx_frontend.Attention.get_converter(1)(bb, inputs, attr, params)
         raise UserError(f"node '{_node(attr)}': op Attention (ONNX opset 23) cannot be lowered to TVM "
@@ -368,7 +361,6 @@ class Cast(OnnxOpConverter):
     @classmethod
     def _impl_v13(cls, bb, inputs, attr, params):
         from onnx import helper
-        from tvm.relax.frontend.onnx import onnx_frontend
 
         if attr["to"] in UNCOMPILABLE_TYPES:
             to = helper.tensor_dtype_to_string(attr["to"]).removeprefix("TensorProto.")
@@ -385,8 +377,6 @@ class BatchNormalization(OnnxOpConverter):
 
     @classmethod
     def _impl_v15(cls, bb, inputs, attr, params):
-        from tvm.relax.frontend.onnx import onnx_frontend
-
         if attr.get("training_mode", 0):
             raise UserError(f"node '{_node(attr)}': BatchNormalization with training_mode=1 is not "
                             "compiled; edgecc compiles inference graphs")
@@ -404,7 +394,6 @@ class Constant(OnnxOpConverter):
     def _impl_v1(cls, bb, inputs, attr, params):
         import numpy as np
         from onnx import TensorProto
-        from tvm.relax.frontend.onnx import onnx_frontend
 
         for key, dtype in (("value_float", "float32"), ("value_floats", "float32"),
                            ("value_int", "int64"), ("value_ints", "int64")):
@@ -443,8 +432,6 @@ class EyeLike(OnnxOpConverter):
 
     @classmethod
     def _impl_v9(cls, bb, inputs, attr, params):
-        from tvm.relax.frontend.onnx import onnx_frontend
-
         dtype = onnx_frontend.get_type(attr["dtype"]) if "dtype" in attr else inputs[0].ty.dtype
         return relax.op.astype(relax.op.eye_like(inputs[0], attr.get("k", 0)), dtype)
 
@@ -458,8 +445,6 @@ class BitShift(OnnxOpConverter):
 
     @classmethod
     def _impl_v11(cls, bb, inputs, attr, params):
-        from tvm.relax.frontend.onnx import onnx_frontend
-
         shifted = onnx_frontend.BitShift._impl_v11(bb, inputs, attr, params)
         if attr.get("direction", b"LEFT") != b"LEFT":
             return shifted
@@ -479,12 +464,108 @@ class ConvTranspose(OnnxOpConverter):
 
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
-        from tvm.relax.frontend.onnx import onnx_frontend
-
         if "output_shape" in attr:
             raise UserError(f"node '{_node(attr)}': ConvTranspose with output_shape is not lowered "
                             "(TVM's converter ignores it); give pads and output_padding instead")
         return onnx_frontend.ConvTranspose._impl_v1(bb, inputs, attr, params)
+
+
+@converter("RMSNormalization")
+class RMSNormalization(OnnxOpConverter):
+    """RMSNormalization; over every axis of its input as explicit reductions, where relax's rms_norm
+    fails to legalize (it reduces to a rank-0 tensor)."""
+
+    computed_outputs = (0,)
+
+    @classmethod
+    def _impl_v23(cls, bb, inputs, attr, params):
+        from onnx import helper
+
+        data, scale = inputs[0], inputs[1]
+        if _axes(data, attr.get("axis", -1))[0] != 0:
+            return onnx_frontend.RMSNormalization._impl_v23(bb, inputs, attr, params)
+        stash = helper.tensor_dtype_to_np_dtype(attr.get("stash_type", 1)).name
+        x = relax.op.astype(data, stash)
+        mean_square = relax.op.mean(relax.op.square(x), _axes(data, 0), keepdims=True)
+        scaled = relax.op.multiply(relax.op.multiply(x, relax.op.rsqrt(relax.op.add(
+            mean_square, relax.const(attr.get("epsilon", 1e-5), stash)))), relax.op.astype(scale, stash))
+        return relax.op.astype(scaled, data.ty.dtype)
+
+
+@converter("Pow")
+class Pow(OnnxOpConverter):
+    """Pow of any base and exponent types (TVM's needs both the same float type): computed in
+    float64 where either is an integer, cast back to the base's type, as ONNX's output is."""
+
+    computed_outputs = (0,)
+
+    @classmethod
+    def _impl_v15(cls, bb, inputs, attr, params):
+        base, exponent = inputs[0], inputs[1]
+        dtype = str(base.ty.dtype)
+        if dtype == str(exponent.ty.dtype) and "float" in dtype:
+            return onnx_frontend.Pow.get_converter(15)(bb, inputs, attr, params)
+        wide = "float64"
+        power = relax.op.power(relax.op.astype(base, wide), relax.op.astype(exponent, wide))
+        if "int" in dtype:
+            power = relax.op.round(power)
+        return relax.op.astype(power, dtype)
+
+
+@converter("Mod")
+class Mod(OnnxOpConverter):
+    """TVM's Mod; a float Mod with fmod=0 is refused, as the ONNX spec has it (fmod must be 1)."""
+
+    computed_outputs = (0,)
+
+    @classmethod
+    def _impl_v10(cls, bb, inputs, attr, params):
+        if "float" in str(inputs[0].ty.dtype) and not attr.get("fmod", 0):
+            raise UserError(f"node '{_node(attr)}': Mod of floats needs fmod=1 (ONNX spec)")
+        return onnx_frontend.Mod._impl_v10(bb, inputs, attr, params)
+
+
+@converter("NonMaxSuppression")
+class NonMaxSuppression(OnnxOpConverter):
+    """Refused: TVM 0.27's converter selects no box at all (ONNX's node tests)."""
+
+    computed_outputs = (0,)
+
+    @classmethod
+    def _impl_v10(cls, bb, inputs, attr, params):
+        raise UserError(f"node '{_node(attr)}': op NonMaxSuppression cannot be lowered to TVM "
+                        "(TVM 0.27's converter selects no boxes); run it on the host after the model")
+
+
+@converter("RoiAlign")
+class RoiAlign(OnnxOpConverter):
+    """TVM's RoiAlign in mode 'avg'; mode 'max' is refused (TVM's differs from ONNX's reference)."""
+
+    computed_outputs = (0,)
+
+    @classmethod
+    def _check(cls, attr):
+        if attr.get("mode", b"avg") != b"avg":
+            raise UserError(f"node '{_node(attr)}': RoiAlign with mode 'max' is not lowered "
+                            "(TVM's differs from ONNX's)")
+
+    @classmethod
+    def _impl_v10(cls, bb, inputs, attr, params):
+        cls._check(attr)
+        return onnx_frontend.RoiAlign._impl_v10(bb, inputs, attr, params)
+
+    @classmethod
+    def _impl_v16(cls, bb, inputs, attr, params):
+        cls._check(attr)
+        return onnx_frontend.RoiAlign._impl_v16(bb, inputs, attr, params)
+
+
+@converter("MaxPool")
+class MaxPool(onnx_frontend.MaxPool):
+    """TVM's MaxPool, which computes no Indices output: check_supported refuses a node whose
+    Indices are used."""
+
+    computed_outputs = (0,)
 
 
 # Inputs that TVM's converters take only as constants: a value computed or fed at run time is
@@ -496,11 +577,12 @@ CONSTANT_OPERANDS: dict[str, dict[int, str]] = {
     "TopK": {1: "k"}, "CumSum": {1: "axis"}, "Split": {1: "split"}, "Pad": {1: "pads", 3: "axes"},
     "OneHot": {1: "depth", 2: "values"}, "AffineGrid": {1: "size"},
 }
+# Inputs that TVM's converters also take computed from shapes (a Resize to Shape(x) * 2): only a
+# graph input there is refused.
+GIVEN_OPERANDS: dict[str, dict[int, str]] = {"Resize": {1: "roi", 2: "scales", 3: "sizes"}, "Upsample": {1: "scales"}}
 
 
-def _constant_operands(op: str, operands: dict[int, str]) -> type:
-    from tvm.relax.frontend.onnx import onnx_frontend
-
+def _constant_operands(op: str, operands: dict[int, str], computed_ok: bool) -> type:
     base = onnx_frontend._get_convert_map()[op]
 
     class Checked(base):
@@ -515,9 +597,10 @@ def _constant_operands(op: str, operands: dict[int, str]) -> type:
                     value = inputs[i]
                     if value is None or _constant(value, params) is not None:
                         continue
-                    source = (f"graph input '{value.name}'"
-                              if isinstance(value, relax.Var) and not isinstance(value, relax.DataflowVar)
-                              else "a value computed at run time")
+                    given = isinstance(value, relax.Var) and not isinstance(value, relax.DataflowVar)
+                    if not given and computed_ok:
+                        continue
+                    source = f"graph input '{value.name}'" if given else "a value computed at run time"
                     raise UserError(f"node '{_node(attr)}': {op}'s {what} (input {i}) is {source}; "
                                     f"edgecc compiles {op} only with constant {what} (make it an "
                                     "initializer)")
@@ -530,4 +613,6 @@ def _constant_operands(op: str, operands: dict[int, str]) -> type:
 
 
 for _op, _operands in CONSTANT_OPERANDS.items():
-    converter(_op)(_constant_operands(_op, _operands))
+    converter(_op)(_constant_operands(_op, _operands, computed_ok=False))
+for _op, _operands in GIVEN_OPERANDS.items():
+    converter(_op)(_constant_operands(_op, _operands, computed_ok=True))
