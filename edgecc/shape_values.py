@@ -134,7 +134,7 @@ class ShapeValues:
             return None
         if isinstance(expr, relax.ShapeExpr):
             return Value(_elements(list(expr.values), "int64"), "int64")
-        if tvm.ir.is_prim_expr(expr) and not isinstance(expr, relax.Var) and _dtype(expr) != "handle":
+        if tvm.ir.is_prim_expr(expr):  # a dim, as TVM's Gather of a ShapeExpr returns it
             return Value(_elements([expr], _dtype(expr), ()), _dtype(expr))
         return None
 
@@ -227,8 +227,7 @@ class _Wrapped:
         self.values, self.op_type, self.original = values, op_type, original
 
     def get_converter(self, opset: int):
-        fallback = self.original.get_converter(opset) if self.original is not None else None
-        return functools.partial(self._convert, fallback)
+        return functools.partial(self._convert, self.original.get_converter(opset))
 
     def _convert(self, fallback, bb, inputs, attr, params):
         values = self.values
@@ -238,17 +237,16 @@ class _Wrapped:
             if result is not None:
                 result.elements = values.simplify(result.elements)
                 return values.tensor(bb, result)
-        if fallback is None:
-            raise UserError(f"node '{node}': {self.op_type} of computed shape values has no converter")
         operands = SHAPE_OPERANDS.get(self.op_type, ())
         args = list(inputs)
         for i, x in enumerate(inputs):
-            value = values.value_of(x) if x is not None else None
+            value = values.value_of(x)
             if value is None:
-                if i in operands and x is not None and self.op_type in _NEEDS_SHAPE:
-                    raise UserError(f"node '{node}': the {self.op_type} {_NEEDS_SHAPE[self.op_type]} is "
-                                    "computed from tensor data, not from shapes; edgecc needs it "
-                                    "constant or a function of the symbolic dims")
+                computed = x is not None and not isinstance(x, tvm.ir.GenericConst)
+                if computed and i in operands and self.op_type in _NEEDS_SHAPE:
+                    raise UserError(f"node '{node}': {self.op_type} input {i} ({_NEEDS_SHAPE[self.op_type]}) "
+                                    "depends on tensor data, not only on shapes; edgecc needs it constant "
+                                    "or computed from the symbolic dims")
                 continue
             if i in operands:
                 args[i] = values.operand(value)
@@ -356,16 +354,15 @@ def _reshape_tensor(values: ShapeValues, data, shape: Value, attr):
     dims = values.dims_of(data)
     target = list(shape.elements.flat)
     if dims is None:
-        raise UserError(f"node '{attr['tvm_custom']['name']}': Reshape of a tensor of unknown rank "
-                        "to a computed shape")
+        raise UserError(f"node '{attr['tvm_custom']['name']}': Reshape to a computed shape of a "
+                        "tensor whose shape is unknown")
     if not attr.get("allowzero", 0):
         target = [dims[i] if isinstance(d, tirx.IntImm) and int(d) == 0 else d for i, d in enumerate(target)]
     rest = [i for i, d in enumerate(target) if isinstance(d, tirx.IntImm) and int(d) == -1]
     if rest:
         target[rest[0]] = values.quotient(dims, [d for i, d in enumerate(target) if i != rest[0]])
-    target = [values.simplify(np.array([_int64(d)], dtype=object))[0]
-              for d in target]
-    return relax.op.reshape(data, relax.ShapeExpr(target))
+    target = values.simplify(np.array([_int64(d) for d in target], dtype=object))
+    return relax.op.reshape(data, relax.ShapeExpr(list(target)))
 
 
 def lm_input_shapes(model: onnx.ModelProto) -> dict[str, list] | None:
