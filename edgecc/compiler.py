@@ -30,8 +30,8 @@ from edgecc.pass_base import Pass, PassContext, unknown_message
 from edgecc.pass_manager import Instrument, PassManager, PrintIRAfter, VerifyEachPass
 from edgecc.pipeline import Pipeline, parse_pipeline
 from edgecc.target import TargetDesc, load_target
-from edgecc.verify import (TensorSpec, compare, cosine, graph_inputs, graph_outputs, random_inputs,
-                           relative_error, relative_rmse, run_ort, with_int8_activations)
+from edgecc.verify import (TensorSpec, compare, cosine, graph_inputs, graph_outputs, input_rules,
+                           random_inputs, relative_error, relative_rmse, run_ort, with_int8_activations)
 
 OPT_MODEL = "model.opt.onnx"
 TOKENIZER = "tokenizer.json"
@@ -383,4 +383,5 @@ def _verify(artifact: Artifact, runner: Callable, source: onnx.ModelProto, optim
             f"({', '.join(p.name for p in lossy)}){hint}")
     how = "native" if artifact.runs_here() else "qemu-user emulation"
     return dict(result.to_json(), **extra, **accuracy, seed=ctx.seed, input_shapes=shapes,
+                inputs_drawn=input_rules(source, ctx.dim_values),
                 reference="onnxruntime (optimized model)" if lossy else "onnxruntime", runner=how)

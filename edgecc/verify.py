@@ -210,9 +210,7 @@ def random_inputs(
         elif _kind(spec.dtype) == "f":
             feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif _kind(spec.dtype) == "i":
-            low, high = ranges.get(spec.name, (0, _DEFAULT_HIGH))
-            high = min(high, int(ml_dtypes.iinfo(spec.dtype).max) + 1)  # uint2 and int4 hold less
-            feeds[spec.name] = rng.integers(low, high, shape).astype(spec.dtype)
+            feeds[spec.name] = rng.integers(*_integer_range(spec, ranges), shape).astype(spec.dtype)
         elif spec.dtype.kind == "b":
             feeds[spec.name] = rng.integers(0, 2, shape).astype(bool)
         else:
@@ -235,6 +233,33 @@ def random_inputs(
         feeds["position_ids"] = np.broadcast_to(np.arange(past, past + positions.shape[1]),
                                                 positions.shape).astype(positions.dtype)
     return feeds
+
+
+def _integer_range(spec: TensorSpec, ranges: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    low, high = ranges.get(spec.name, (0, _DEFAULT_HIGH))
+    return low, min(high, int(ml_dtypes.iinfo(spec.dtype).max) + 1)  # uint2 and int4 hold less
+
+
+def input_rules(model: onnx.ModelProto, dim_values: dict[str, int] | None = None) -> dict[str, str]:
+    """How random_inputs draws each input: what a manifest records beside the verification."""
+    ranges = integer_ranges(model, dim_values)
+    rules = {}
+    for spec in graph_inputs(model):
+        if "mask" in spec.name.lower() and len(spec.shape) == 2:
+            rules[spec.name] = "padding mask: per row 1s, then 0s"
+        elif _kind(spec.dtype) == "f":
+            rules[spec.name] = "normal(0, 1)"
+        elif _kind(spec.dtype) == "i":
+            rules[spec.name] = "integers in [{}, {})".format(*_integer_range(spec, ranges))
+        else:
+            rules[spec.name] = "booleans"
+    lm = lm_signature.find(model)
+    if lm is not None and lm.mask:
+        rules[lm.mask.name] = "padding mask over past + seq tokens: per row 1s, then 0s"
+    positions = lm.positions.name if lm is not None and lm.positions else "position_ids"
+    if positions in rules:
+        rules[positions] = "positions past .. past + seq - 1"
+    return rules
 
 
 def _padding_mask(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:

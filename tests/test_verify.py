@@ -115,3 +115,4 @@ def test_scalar_inputs_and_layernorm_statistics_verify(tmp_path):
                         [("y", f, [3, 8]), ("mean", f, [3, 1]), ("inv_std", f, [3, 1])]), ln)
     art = edgecc.compile(ln, "host", tmp_path / "ln", verify=True)
     assert art.manifest["verification"]["ok"]
+    assert art.manifest["verification"]["inputs_drawn"] == {"x": "normal(0, 1)", "s": "normal(0, 1)"}
