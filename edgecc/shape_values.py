@@ -130,7 +130,8 @@ class ShapeValues:
         if isinstance(expr, tvm.ir.GenericConst):
             array = expr.value.numpy()
             if array.dtype.kind in "iub" and array.size <= _MAX_ELEMENTS:
-                return Value(_elements(array.ravel().tolist(), str(array.dtype), array.shape), str(array.dtype))
+                dtype = str(array.dtype)
+                return Value(_elements(array.ravel().tolist(), dtype, array.shape), dtype)
             return None
         if isinstance(expr, relax.ShapeExpr):
             return Value(_elements(list(expr.values), "int64"), "int64")
@@ -194,19 +195,20 @@ class ShapeValues:
         Relax cannot know, and the sum's shape is lost. Each operand is cast to the first
         operand's dim there (a run-time check); None when no operand needs it.
         """
+        proves = self._analyzer.can_prove
         shapes = [self.dims_of(a) if isinstance(getattr(a, "ty", None), relax.TensorType) else None
                   for a in args]
         rank = max((len(s) for s in shapes if s is not None), default=0)
         target: list = [None] * rank
         for s in shapes:
             for axis, dim in enumerate(s or [], start=rank - len(s or [])):
-                if target[axis] is None and not self._analyzer.can_prove(dim == 1):
+                if target[axis] is None and not proves(dim == 1):
                     target[axis] = dim
         aligned, changed = list(args), False
         for i, s in enumerate(shapes):
             if s is None:
                 continue
-            want = [d if target[a] is None or self._analyzer.can_prove(d == 1) or self._analyzer.can_prove(d == target[a])
+            want = [d if target[a] is None or proves(d == 1) or proves(d == target[a])
                     else target[a] for a, d in enumerate(s, start=rank - len(s))]
             if any(not w.same_as(d) for w, d in zip(want, s)):
                 aligned[i] = bb.match_cast(args[i], relax.TensorType(want, args[i].ty.dtype))
@@ -310,8 +312,8 @@ def _evaluate(values: ShapeValues, op: str, inputs, attr) -> Value | None:
             return None
         axis = attr.get("axis", 0)
         size = first.elements.shape[axis]
-        return Value(_array(np.take(first.elements, np.where(indices < 0, indices + size, indices), axis=axis)),
-                     first.dtype)
+        taken = np.take(first.elements, np.where(indices < 0, indices + size, indices), axis=axis)
+        return Value(_array(taken), first.dtype)
     if op == "Concat":
         return Value(np.concatenate([a.elements for a in args], axis=attr["axis"]), first.dtype)
     if op in ("Unsqueeze", "Squeeze"):
@@ -374,37 +376,41 @@ def lm_input_shapes(model: onnx.ModelProto) -> dict[str, list] | None:
     is lost. An LM's full-attention caches all grow by the same steps, and the mask covers their
     past and the new tokens: these dims are one. A sliding-window layer's cache (its present is a
     Slice of the grown cache: the last window - 1 tokens) is shorter once the prompt outgrows the
-    window; those caches share a dim of their own, `window_past`. None for a model that is not an
-    LM (lm_signature decides).
+    window; those caches share a dim of their own. Each dim keeps the name the token ids' or the
+    first cache's input gives it. None for a model that is not an LM (lm_signature decides).
     """
     sig = lm_signature.find(model)
     if sig is None:
         return None
     producer = {out: node.op_type for node in model.graph.node for out in node.output}
-    batch, seq, past, window_past = (tirx.Var(name, "int64") for name in ("batch", "seq", "past", "window_past"))
+    sliding = {e.past: producer.get(e.present) == "Slice" for e in sig.cache}
+    inputs = {vi.name: vi.type.tensor_type.shape.dim for vi in model.graph.input}
+
+    def dim(name: str, axis: int, default: str):
+        """The input's dim there, static or a variable named as the model names it (what --shape
+        binds), the default name where it has none."""
+        d = inputs[name][axis]
+        return d.dim_value if d.HasField("dim_value") else tirx.Var(d.dim_param or default, "int64")
+
+    batch, seq = dim(sig.ids.name, 0, "batch"), dim(sig.ids.name, 1, "seq")
+    full = [e for e in sig.cache if not sliding[e.past]]
+    windowed = [e for e in sig.cache if sliding[e.past]]
+    past = dim(full[0].past, full[0].seq_axis, "past") if full else None
+    window_past = dim(windowed[0].past, windowed[0].seq_axis, "window_past") if windowed else None
+    if full and windowed and str(window_past) == str(past):  # TorchScript's export names both lengths alike
+        window_past = tirx.Var(f"{past}_window", "int64")
     roles: dict[str, dict] = {sig.ids.name: {0: batch, 1: seq}}
     if sig.positions:
         roles[sig.positions.name] = {0: batch, 1: seq}
-    full = False
     for entry in sig.cache:
-        sliding = producer.get(entry.present) == "Slice"
-        full |= not sliding
-        roles[entry.past] = {entry.seq_axis: window_past if sliding else past,
+        roles[entry.past] = {entry.seq_axis: window_past if sliding[entry.past] else past,
                              **({entry.batch_axis: batch} if entry.batch_axis is not None else {})}
     if sig.mask:  # with sliding-window layers only, the mask's length is its own
         roles[sig.mask.name] = {0: batch, **({1: past + seq} if full else {})}
     others: dict[str, tirx.Var] = {}  # any other symbolic dim: one variable per name
     shapes = {}
-    for vi in model.graph.input:
-        if vi.name not in roles:
-            continue
-        shape = []
-        for axis, d in enumerate(vi.type.tensor_type.shape.dim):
-            if d.HasField("dim_value"):
-                shape.append(d.dim_value)
-            elif axis in roles[vi.name]:
-                shape.append(roles[vi.name][axis])
-            else:
-                shape.append(others.setdefault(d.dim_param, tirx.Var(d.dim_param, "int64")))
-        shapes[vi.name] = shape
+    for name, role in roles.items():
+        shapes[name] = [d.dim_value if d.HasField("dim_value") else role[axis] if axis in role
+                        else others.setdefault(d.dim_param, tirx.Var(d.dim_param, "int64"))
+                        for axis, d in enumerate(inputs[name])]
     return shapes
