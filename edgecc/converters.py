@@ -317,21 +317,104 @@ def _constant(value, params):
 
 @converter("Attention")
 class Attention(OnnxOpConverter):
-    """Routes by domain, which TVM's importer ignores: its Attention converter is ORT's contrib
-    com.microsoft.Attention (whose `num_heads` attribute is required), and the standard opset-23
-    Attention sent there fails with KeyError 'num_heads'. The standard op is refused here until
-    edgecc has a converter for it."""
+    """ONNX's Attention (opset 23/24): scaled dot-product attention over 3D or 4D Q, K, V, with
+    grouped KV heads, a boolean or additive mask, bottom-right causal masking, softcap and a KV
+    cache (past in, present out), as onnx's reference computes it (fully masked rows are 0).
+
+    TVM's importer ignores domains and its Attention converter is ORT's contrib
+    com.microsoft.Attention, whose `num_heads` attribute is required: such a node goes there.
+    """
 
     computed_outputs = (0, 1, 2, 3)
 
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
         if "num_heads" in attr:
-
             return onnx_frontend.Attention.get_converter(1)(bb, inputs, attr, params)
-        raise UserError(f"node '{_node(attr)}': op Attention (ONNX opset 23) cannot be lowered to TVM "
-                        "(no converter; TVM's is for com.microsoft.Attention); hint: export "
-                        "attention unfused (MatMul, Softmax), as its function body defines it")
+        return cls._standard(bb, inputs, attr)
+
+    @classmethod
+    def _standard(cls, bb, inputs, attr):
+        import numpy as np
+        from onnx import helper
+
+        q, k, v, mask, past_k, past_v, nonpad = (inputs[i] for i in range(7))
+        mode = attr.get("qk_matmul_output_mode", 0)
+        wants_qk = attr["tvm_custom"]["num_outputs"] > 3
+        if nonpad is not None or (wants_qk and mode not in (0, 3)):
+            raise UserError(f"node '{_node(attr)}': Attention with nonpad_kv_seqlen or "
+                            f"qk_matmul_output_mode={mode} is not lowered")
+
+        def shape(x) -> list[int]:
+            dims = bb.normalize(x).ty.shape.values
+            if not all(isinstance(d, tvm.tirx.IntImm) for d in dims):
+                raise UserError(f"node '{_node(attr)}': Attention is lowered with static shapes only")
+            return [int(d) for d in dims]
+
+        rank = len(shape(q))
+        batch = shape(q)[0]
+
+        def heads(x, n):  # [batch, seq, n * size] -> [batch, n, seq, size]
+            if rank == 4:
+                return x
+            _, seq, hidden = shape(x)
+            return relax.op.permute_dims(relax.op.reshape(x, [batch, seq, n, hidden // n]), [0, 2, 1, 3])
+
+        q = heads(q, attr.get("q_num_heads"))
+        k, v = heads(k, attr.get("kv_num_heads")), heads(v, attr.get("kv_num_heads"))
+        if past_k is not None:
+            k, v = relax.op.concat([past_k, k], axis=2), relax.op.concat([past_v, v], axis=2)
+        present_k, present_v = k, v
+        (_, q_heads, q_len, size), (_, kv_heads, kv_len, _) = shape(q), shape(k)
+        if q_heads != kv_heads:
+            k, v = relax.op.repeat(k, q_heads // kv_heads, axis=1), relax.op.repeat(v, q_heads // kv_heads, axis=1)
+        dtype = str(bb.normalize(q).ty.dtype)
+
+        def const(value, like=dtype):
+            return relax.const(value, like)
+
+        root_scale = const(float(np.sqrt(attr.get("scale", 1 / np.sqrt(size)))))
+        scores = relax.op.matmul(relax.op.multiply(q, root_scale),
+                                 relax.op.multiply(relax.op.permute_dims(k, [0, 1, 3, 2]), root_scale))
+        softcap = attr.get("softcap", 0.0)
+        if softcap > 0:
+            scores = relax.op.multiply(relax.op.tanh(relax.op.divide(scores, const(softcap))), const(softcap))
+        qk = scores
+        # Which keys each query sees, as booleans: a fully masked row is found without comparing
+        # floats to -inf (the compiled code does not keep such comparisons).
+        allowed = None
+        if mask is not None:
+            mask_shape = shape(mask)
+            boolean = str(bb.normalize(mask).ty.dtype) == "bool"
+            if mask_shape[-1] < kv_len:  # keys past the mask's end are masked out
+                pad = relax.op.full(mask_shape[:-1] + [kv_len - mask_shape[-1]],
+                                    relax.const(False if boolean else -np.inf, "bool" if boolean else dtype))
+                mask = relax.op.concat([mask, pad], axis=-1)
+            if boolean:
+                allowed = mask
+            else:
+                scores = relax.op.add(scores, mask)
+        if attr.get("is_causal", 0):
+            offset = kv_len - q_len if past_k is not None else 0
+            causal = relax.const(np.arange(kv_len)[None, :] <= np.arange(q_len)[:, None] + offset)
+            allowed = causal if allowed is None else relax.op.logical_and(allowed, causal)
+        precision = attr.get("softmax_precision")
+        if precision:
+            scores = relax.op.astype(scores, helper.tensor_dtype_to_np_dtype(precision).name)
+        if allowed is None:
+            weights = relax.op.nn.softmax(scores, axis=-1)
+        else:  # a fully masked row gets weights 0, as onnx's reference has it, not softmax's NaN
+            scores = relax.op.where(allowed, scores, relax.const(-np.inf, str(bb.normalize(scores).ty.dtype)))
+            none = relax.op.equal(relax.op.sum(relax.op.astype(allowed, "int32"), axis=-1, keepdims=True),
+                                  relax.const(0, "int32"))
+            zero = relax.op.zeros_like(scores)
+            weights = relax.op.where(none, zero, relax.op.nn.softmax(relax.op.where(none, zero, scores), axis=-1))
+        weights = relax.op.astype(weights, dtype)
+        y = relax.op.matmul(weights, v)
+        if rank == 3:
+            y = relax.op.reshape(relax.op.permute_dims(y, [0, 2, 1, 3]), [batch, q_len, q_heads * size])
+        outputs = [y, present_k, present_v, weights if mode == 3 else qk]
+        return relax.Tuple(outputs[:attr["tvm_custom"]["num_outputs"]])
 
 
 @converter("Dropout")
