@@ -341,9 +341,11 @@ class Attention(OnnxOpConverter):
         q, k, v, mask, past_k, past_v, nonpad = (inputs[i] for i in range(7))
         mode = attr.get("qk_matmul_output_mode", 0)
         wants_qk = attr["tvm_custom"]["num_outputs"] > 3
-        if nonpad is not None or (wants_qk and mode not in (0, 3)):
-            raise UserError(f"node '{_node(attr)}': Attention with nonpad_kv_seqlen or "
-                            f"qk_matmul_output_mode={mode} is not lowered")
+        if nonpad is not None:
+            raise UserError(f"node '{_node(attr)}': Attention with nonpad_kv_seqlen is not lowered")
+        if wants_qk and mode not in (0, 3):
+            raise UserError(f"node '{_node(attr)}': Attention's qk_matmul_output in mode {mode} is not "
+                            "lowered (modes 0 and 3 are)")
 
         def shape(x) -> list[int]:
             dims = bb.normalize(x).ty.shape.values
