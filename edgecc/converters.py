@@ -359,6 +359,8 @@ class Attention(OnnxOpConverter):
         def heads(x, n):  # [batch, seq, n * size] -> [batch, n, seq, size]
             if rank == 4:
                 return x
+            if n is None:
+                raise UserError(f"node '{_node(attr)}': 3D Attention needs q_num_heads and kv_num_heads")
             _, seq, hidden = shape(x)
             return relax.op.permute_dims(relax.op.reshape(x, [batch, seq, n, hidden // n]), [0, 2, 1, 3])
 
@@ -372,8 +374,8 @@ class Attention(OnnxOpConverter):
             k, v = relax.op.repeat(k, q_heads // kv_heads, axis=1), relax.op.repeat(v, q_heads // kv_heads, axis=1)
         dtype = str(bb.normalize(q).ty.dtype)
 
-        def const(value, like=dtype):
-            return relax.const(value, like)
+        def const(value):
+            return relax.const(value, dtype)
 
         root_scale = const(float(np.sqrt(attr.get("scale", 1 / np.sqrt(size)))))
         scores = relax.op.matmul(relax.op.multiply(q, root_scale),
