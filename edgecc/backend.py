@@ -63,7 +63,7 @@ def unfused_dim_readers(mod):
         if not isinstance(func, tvm.tirx.PrimFunc):
             continue
         buffers = [p.ty for p in func.params if isinstance(p.ty, tvm.tirx.BufferType)]
-        in_shapes = {v for buf in buffers for d in buf.shape for v in tvm.tirx.analysis.undefined_vars(d)}
+        in_shapes = {v for buf in buffers for dim in buf.shape for v in tvm.tirx.analysis.undefined_vars(dim)}
         if any(isinstance(p.ty, tvm.ir.PrimType) and p not in in_shapes for p in func.params):
             mod[gv] = func.with_attr("op_pattern", opaque)
     return mod

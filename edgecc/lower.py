@@ -1,8 +1,9 @@
 """Lowering the optimized ONNX model to a TVM Relax IRModule.
 
 TVM's ONNX frontend does the bulk of the work. edgecc adds converters for ops it lacks
-(registered with `@converter`), and checks every node before any long work starts, so an
-op nobody can lower fails at once with its op type, node name and a hint.
+(registered with `@converter`), computes the shape arithmetic of symbolic dims while importing
+and gives an LM's inputs one set of dims (edgecc.shape_values), and checks every node before any
+long work starts, so an op nobody can lower fails at once with its op type, node name and a hint.
 """
 
 from __future__ import annotations
