@@ -8,6 +8,7 @@ human-readable `report.md`.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -19,10 +20,14 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from edgecc import weights
 from edgecc.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the closed file set and manifest.sha256
 MANIFEST = "manifest.json"
+MANIFEST_DIGEST = "manifest.sha256"  # sha256 of manifest.json's bytes, checked before anything else
+STAGING_MARKER = ".edgecc-staging"  # in a staging directory: the pid of the process writing it
+MAX_MANIFEST_BYTES = 64 << 20
 _REQUIRED = {"format_version": int, "target": dict, "pipeline": str, "inputs": list,
              "outputs": list, "files": dict, "build": dict}
 
@@ -35,38 +40,130 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-@contextlib.contextmanager
-def staged_output(out_dir: Path, force: bool) -> Iterator[Path]:
-    """A temp dir beside `out_dir` that becomes `out_dir` only if the block succeeds."""
+def is_artifact(path: Path) -> bool:
+    return (path / MANIFEST).is_file() and (path / MANIFEST_DIGEST).is_file()
+
+
+def check_replaceable(out_dir: Path, force: bool, protect: tuple[Path, ...] = ()) -> None:
+    """Refuse an output directory edgecc may not write: one that exists without `force`, and with
+    `force` anything but an edgecc artifact or an empty directory, or a directory holding one of
+    `protect` (the source model) or the working directory. edgecc deletes only what it wrote."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise UserError(f"{out_dir}: output directory exists (use --force to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would make the artifact private to its builder
+    if out_dir.exists() or out_dir.is_symlink():
+        if not force:
+            raise UserError(f"{out_dir}: output directory exists (use --force to replace it)")
+        if out_dir.is_symlink() or not out_dir.is_dir():
+            raise UserError(f"{out_dir}: exists and is not a directory; --force replaces only an "
+                            "edgecc artifact or an empty directory")
+        if not is_artifact(out_dir) and any(out_dir.iterdir()):
+            raise UserError(f"{out_dir}: not an edgecc artifact and not empty; --force replaces only "
+                            "an artifact or an empty directory")
+    resolved = out_dir.resolve()
+    for kept in (*protect, Path.cwd()):
+        kept = Path(kept).resolve()
+        if kept == resolved or resolved in kept.parents:
+            raise UserError(f"{out_dir}: would replace a directory holding {kept}; choose another -o")
+    parent = resolved.parent
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"{out_dir}: {parent} is not a directory")
+
+
+def _pid_alive(pid: int) -> bool:
     try:
-        yield tmp
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            os.rename(out_dir, old / "x")
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_staging(parent: Path, name: str) -> None:
+    """Staging directories of `name` whose writer died (kill -9, power loss): only those that
+    carry edgecc's marker with a dead pid."""
+    for stale in parent.glob(f".{name}.*"):
+        marker = stale / STAGING_MARKER
+        try:
+            pid = int(marker.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_output(out_dir: Path, force: bool, protect: tuple[Path, ...] = ()) -> Iterator[Path]:
+    """A temp dir beside `out_dir` that becomes `out_dir` only if the block succeeds.
+
+    A lock beside `out_dir` makes a second writer of the same place fail at once instead of
+    silently replacing the first one's artifact."""
+    out_dir = Path(out_dir)
+    check_replaceable(out_dir, force, protect)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(out_dir.parent / f".{out_dir.name}.lock", "w")
+    except OSError as e:
+        raise UserError(f"{out_dir}: cannot write there: {e.strerror}") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{out_dir}: another edgecc process is writing this output") from None
+        check_replaceable(out_dir, force, protect)  # as it is now that we hold the lock
+        _remove_stale_staging(out_dir.parent, out_dir.name)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        try:
+            (tmp / STAGING_MARKER).write_text(f"{os.getpid()}\n")
+            tmp.chmod(0o755)  # mkdtemp's 0700 would make the artifact private to its builder
+            yield tmp
+            (tmp / STAGING_MARKER).unlink()
+            if out_dir.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+                (old / STAGING_MARKER).write_text(f"{os.getpid()}\n")
+                os.rename(out_dir, old / "x")
+                os.rename(tmp, out_dir)
+                shutil.rmtree(old)
+            else:
+                os.rename(tmp, out_dir)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        (out_dir.parent / f".{out_dir.name}.lock").unlink(missing_ok=True)
 
 
 def write_manifest(stage: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Hash every file in the staged dir into the manifest and write it."""
+    """Hash every file in the staged dir into the manifest, write it and its digest."""
     manifest = dict(manifest, format_version=FORMAT_VERSION)
     manifest["files"] = {
         p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        for p in sorted(stage.iterdir()) if p.is_file() and p.name != MANIFEST
+        for p in sorted(stage.iterdir())
+        if p.is_file() and p.name not in (MANIFEST, MANIFEST_DIGEST, STAGING_MARKER)
     }
-    (stage / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    data = (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode()
+    (stage / MANIFEST).write_bytes(data)
+    (stage / MANIFEST_DIGEST).write_text(hashlib.sha256(data).hexdigest() + "\n")
     return manifest
+
+
+def _plain_name(name: Any) -> bool:
+    """A file name inside the artifact's own directory: no separators, no parent, no hidden file."""
+    return (isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..")
+            and not name.startswith(".") and "\\" not in name and "\0" not in name)
+
+
+def _referenced_files(manifest: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Every file name the manifest makes edgecc open: (where it is named, the name)."""
+    build, lm = manifest["build"], manifest.get("lm")
+    refs = [("build.library", build.get("library"))]
+    if "weights" in build:
+        weights = build["weights"]
+        refs.append(("build.weights.file", weights.get("file") if isinstance(weights, dict) else None))
+    if isinstance(lm, dict) and "tokenizer" in lm:
+        refs.append(("lm.tokenizer", lm["tokenizer"]))
+    edgetpu = manifest.get("edgetpu")
+    if isinstance(edgetpu, dict) and edgetpu.get("host_model"):
+        refs.append(("edgetpu.host_model", edgetpu["host_model"]))
+    return refs
 
 
 class Artifact:
@@ -80,14 +177,27 @@ class Artifact:
 
     @classmethod
     def load(cls, path: str | os.PathLike, check_hashes: bool = True) -> "Artifact":
+        """An artifact, validated before any of its files is opened: the manifest against its
+        digest, every file it names a plain name inside the directory, listed and (unless
+        `check_hashes` is False, for an artifact this process has just written) hashed."""
         path = Path(path)
         mpath = path / MANIFEST
         if not mpath.is_file():
             raise UserError(f"{path}: not an edgecc artifact (no {MANIFEST})")
+        if mpath.stat().st_size > MAX_MANIFEST_BYTES:
+            raise UserError(f"{mpath}: corrupt manifest: larger than {MAX_MANIFEST_BYTES >> 20} MiB")
+        data = mpath.read_bytes()
         try:
-            manifest = json.loads(mpath.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{mpath}: corrupt manifest: {e}") from None
+            digest = (path / MANIFEST_DIGEST).read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            raise UserError(f"{path}: no readable {MANIFEST_DIGEST}; an artifact of an older edgecc "
+                            "or a damaged one: recompile the model") from None
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise UserError(f"{mpath}: does not match {MANIFEST_DIGEST} (edited or damaged)")
+        try:
+            manifest = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise UserError(f"{mpath}: corrupt manifest: {str(e) or type(e).__name__}") from None
         if not isinstance(manifest, dict):
             raise UserError(f"{mpath}: corrupt manifest: not a JSON object")
         for key, typ in _REQUIRED.items():
@@ -96,13 +206,22 @@ class Artifact:
         if manifest["format_version"] != FORMAT_VERSION:
             raise UserError(f"{mpath}: artifact format {manifest['format_version']} is not supported "
                             f"by this edgecc (format {FORMAT_VERSION}); recompile the model")
-        if check_hashes:
-            for name, info in manifest["files"].items():
-                f = path / name
-                if not f.is_file():
-                    raise UserError(f"{path}: file '{name}' listed in the manifest is missing")
-                if sha256_file(f) != info.get("sha256"):
-                    raise UserError(f"{path}: file '{name}' does not match its sha256 in the manifest")
+        files = manifest["files"]
+        for name, info in files.items():
+            if not _plain_name(name) or not isinstance(info, dict):
+                raise UserError(f"{mpath}: files entry {name!r} is not a plain file name in the artifact")
+            f = path / name
+            if f.is_symlink() or not f.is_file():
+                raise UserError(f"{path}: file '{name}' listed in the manifest is missing or not a "
+                                "regular file")
+            if check_hashes and sha256_file(f) != info.get("sha256"):
+                raise UserError(f"{path}: file '{name}' does not match its sha256 in the manifest")
+        for where, name in _referenced_files(manifest):
+            if not isinstance(name, str) or name not in files:
+                raise UserError(f"{mpath}: {where} {name!r} is not a file the manifest lists and hashes")
+        if "weights" in manifest["build"]:
+            stored = manifest["build"]["weights"]
+            weights.check(stored.get("tensors"), (path / stored["file"]).stat().st_size, str(mpath))
         return cls(path, manifest)
 
     @property
@@ -140,8 +259,6 @@ class Artifact:
         from tvm.runtime.vm import VirtualMachine
 
         if self._vm is None:
-            from edgecc import weights
-
             build = self.manifest["build"]
             lib = tvm.runtime.load_module(str(self.path / build["library"]))
             self._vm = VirtualMachine(lib, tvm.cpu())

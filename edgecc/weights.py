@@ -14,8 +14,11 @@ tvm is imported inside the functions that need it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from edgecc.errors import UserError
 
 FILE = "weights.bin"
 MIN_BYTES = 4096  # smaller constants (shapes, scalars, small tables) stay in the library
@@ -69,6 +72,28 @@ def write(path: Path, arrays: list[np.ndarray]) -> list[dict]:
                             "bytes": data.nbytes})
             offset += data.nbytes
     return entries
+
+
+# What write() stores; a manifest naming anything else (object, void) is refused.
+DTYPES = {"float32", "float16", "float64", "int8", "uint8", "int16", "uint16", "int32",
+          "uint32", "int64", "uint64", "bool"}
+
+
+def check(entries: Any, size: int, where: str) -> None:
+    """Manifest entries that stay inside a file of `size` bytes, with stored dtypes and shapes
+    that match their byte counts; a one-line UserError otherwise."""
+    if not isinstance(entries, list):
+        raise UserError(f"{where}: weights.tensors is not a list")
+    for i, e in enumerate(entries):
+        ok = (isinstance(e, dict) and e.get("dtype") in DTYPES and isinstance(e.get("shape"), list)
+              and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in e["shape"])
+              and all(isinstance(e.get(k), int) and not isinstance(e.get(k), bool) and e[k] >= 0
+                      for k in ("offset", "bytes")))
+        if not ok:
+            raise UserError(f"{where}: weights tensor {i} has no valid dtype, shape, offset and bytes")
+        if int(np.prod(e["shape"], dtype=object)) * np.dtype(e["dtype"]).itemsize != e["bytes"] or e["offset"] + e["bytes"] > size:
+            raise UserError(f"{where}: weights tensor {i} ({e['dtype']} {e['shape']} at offset "
+                            f"{e['offset']}) does not fit its bytes or the {size}-byte file")
 
 
 def load(path: Path, entries: list[dict]) -> list:
