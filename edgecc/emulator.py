@@ -86,9 +86,13 @@ def find(cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
 
 
 def clean(cache_dir: str | os.PathLike | None = None) -> None:
+    """Remove the emulator cache: only a directory that setup made (it holds the stamp)."""
     root = Path(cache_dir) if cache_dir is not None else default_dir()
-    if root.exists():
-        shutil.rmtree(root)
+    if not root.exists() and not root.is_symlink():
+        return
+    if root.is_symlink() or not root.is_dir() or not (root / STAMP).is_file():
+        raise UserError(f"{root}: not an edgecc emulator cache (no {STAMP}); not removed")
+    shutil.rmtree(root)
 
 
 def setup(cache_dir: str | os.PathLike | None = None,

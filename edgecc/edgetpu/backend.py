@@ -29,7 +29,7 @@ import onnx
 import onnx.utils
 
 from edgecc import compiler
-from edgecc.artifact import Artifact, staged_output, write_manifest
+from edgecc.artifact import Artifact, check_replaceable, staged_output, write_manifest
 from edgecc.edgetpu import predict, runtime, tflite
 from edgecc.edgetpu.report import render
 from edgecc.errors import UserError, VerificationError
@@ -107,8 +107,7 @@ def compile_tflite(
     out_dir = Path(output) if output is not None else Path("build") / target.name
 
     def checks(_t: TargetDesc) -> None:
-        if out_dir.exists() and not force:
-            raise UserError(f"{out_dir}: output directory exists (use --force to replace it)")
+        check_replaceable(out_dir, force, protect=(Path(model),))
 
     opt = compiler.run_pipeline(
         model,
@@ -144,7 +143,7 @@ def compile_tflite(
         f"{prediction['mac_coverage']:.1%} of MACs ({predict.LABEL})"
     )
 
-    with staged_output(out_dir, force) as stage_dir:
+    with staged_output(out_dir, force, protect=(Path(model),)) as stage_dir:
         (stage_dir / runtime.TFLITE).write_bytes(exported.flatbuffer)
         save_model(opt.optimized, stage_dir / compiler.OPT_MODEL)
         if host_outputs:
