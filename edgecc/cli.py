@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -104,11 +105,27 @@ def cmd_run(a: argparse.Namespace) -> int:
     for name, value in outputs.items():
         print(f"{name}: {value.dtype} {list(value.shape)} mean={value.mean():.6g} std={value.std():.6g}")
     if a.output:
-        out = Path(a.output)
-        tmp = out.with_name(out.name + ".tmp.npz")
-        np.savez(tmp, **outputs)
-        tmp.replace(out)
+        _write_npz(Path(a.output), outputs)
     return 0
+
+
+def _write_npz(out: Path, arrays: dict) -> None:
+    """`arrays` into `out` through a temporary file beside it: nothing half-written, nothing left."""
+    if out.is_dir():
+        raise UserError(f"--output {out}: is a directory")
+    if not out.parent.is_dir():
+        raise UserError(f"--output {out}: {out.parent} is not a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".npz")
+    except OSError as e:
+        raise UserError(f"--output {out}: cannot write there: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:

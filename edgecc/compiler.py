@@ -21,7 +21,7 @@ import onnx_ir as ir
 
 from edgecc import lm_signature, lower, report, tuning
 from edgecc.calibration import load_calibration
-from edgecc.artifact import Artifact, staged_output, write_manifest
+from edgecc.artifact import Artifact, check_replaceable, staged_output, write_manifest
 from edgecc.backend import LIBRARY_NAME, build, require_tool
 from edgecc.errors import UserError, VerificationError
 from edgecc.ir import load_model, save_model, to_proto
@@ -200,8 +200,7 @@ def compile(
     def checks(tdesc: TargetDesc) -> None:
         nonlocal out_dir
         out_dir = out_dir if out_dir is not None else Path("build") / tdesc.name
-        if out_dir.exists() and not force:
-            raise UserError(f"{out_dir}: output directory exists (use --force to replace it)")
+        check_replaceable(out_dir, force, protect=(Path(model),))
         require_tool(tdesc, "cc")  # a missing cross toolchain must fail before the long work
         runner_info["runner"], runner_info["why_not"] = _runner_for(tdesc)
         runner_info["records"] = tuning.records_for(tdesc, tuning_logs, tuning_store, log)
@@ -218,7 +217,7 @@ def compile(
     def stage(name: str, start: float) -> None:
         timings[name] = round(time.perf_counter() - start, 3)
 
-    with staged_output(out_dir, force) as stage_dir:
+    with staged_output(out_dir, force, protect=(Path(model),)) as stage_dir:
         lm = _lm_facts(source_proto, Path(model), stage_dir)
         t = time.perf_counter()
         log(f"building for {tdesc.name} ({tdesc.device_kind}, host {tdesc.host_arch()})")
