@@ -131,7 +131,10 @@ def cmd_export(a: argparse.Namespace) -> int:
     """Writes the store (or one target's records) to one portable .jsonl or .jsonl.gz file."""
     store = _store(a)
     fingerprint = _fingerprint_of(a.target, store)
-    n = store.export(a.output, fingerprint)
+    try:
+        n = store.export(a.output, fingerprint)
+    except OSError as e:
+        raise UserError(f"{a.output}: cannot write there: {e.strerror}") from None
     if not n:
         raise UserError(f"no tuning records to export in {store.root}")
     print(f"wrote {n} records to {a.output}")

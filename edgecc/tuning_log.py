@@ -265,6 +265,9 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, Record | None, str | Non
             cut = " (truncated line)" if not raw.endswith(b"\n") else ""
             yield lineno, None, f"not valid JSON{cut}: {e.msg} at column {e.colno}"
             continue
+        except RecursionError:
+            yield lineno, None, "JSON nested too deeply"
+            continue
         try:
             record = validate(obj)
         except InvalidRecord as e:
@@ -432,8 +435,10 @@ class Store:
                                                                          else self.fingerprints())}
 
     def export(self, path: str | Path, fingerprint: str | None = None) -> int:
-        """Writes the store (or one fingerprint) to one portable file, gzip if it ends in .gz."""
-        return write_records(path, self.records(fingerprint))
+        """Writes the store (or one fingerprint) to one portable file, gzip if it ends in .gz;
+        with no records nothing is written (an existing file is left as it was)."""
+        records = self.records(fingerprint)
+        return write_records(path, records) if records else 0
 
 
 def top_k(records: Iterable[Record], k: int) -> list[Record]:
@@ -494,6 +499,8 @@ def import_file(path: str | Path, store: Store, *, fingerprint: str | None = Non
             result.skipped.append(f"{path}:{lineno}: {reason}")
         elif record.release != tvm_release(tvm_version):
             result.skipped.append(f"{path}:{lineno}: {compatible(record, record.fingerprint, tvm_version)[1]}")
+        elif (problem := module_problem(record)) is not None:
+            result.skipped.append(f"{path}:{lineno}: {problem}")
         else:
             valid.append((lineno, record))
         result.valid += record is not None
@@ -571,20 +578,38 @@ def to_ms_database(records: Iterable[Record], log: Callable[[str], None] | None 
 
     db = ms.database.MemoryDatabase()
     workloads: dict[str, Any] = {}
+    warn = log or (lambda m: warnings.warn(m, TuningLogWarning, stacklevel=3))
     for r in records:
         if not r.ok:
             continue
         if r.mod not in workloads:
+            problem = module_problem(r)
+            if problem is not None:  # a poisoned record must not break every compile for its target
+                warn(f"task {r.task}: record skipped: {problem}")
+                continue
             workload = db.commit_workload(tvm.ir.load_json(r.mod))
             shash = str(workload.as_json()[0])
             if shash != r.shash:
                 msg = (f"task {r.task}: recorded hash {r.shash} but this TVM hashes the workload to {shash}; "
                        "MetaSchedule will match it by the module, not the recorded hash")
-                (log or (lambda m: warnings.warn(m, TuningLogWarning, stacklevel=3)))(msg)
+                warn(msg)
             workloads[r.mod] = workload
         db.commit_tuning_record(ms.database.TuningRecord.from_json(
             [r.trace, list(r.run_secs), r.target, r.args_info], workloads[r.mod]))
     return db
+
+
+def module_problem(record: Record) -> str | None:
+    """Why a record's workload does not deserialize to a TVM IRModule, or None when it does."""
+    import tvm
+
+    try:
+        mod = tvm.ir.load_json(record.mod)
+    except Exception as e:  # TVM raises its own error types for every malformed graph
+        return f"workload module does not deserialize ({type(e).__name__})"
+    if not isinstance(mod, tvm.IRModule):
+        return f"workload is a {type(mod).__name__}, not an IRModule"
+    return None
 
 
 def _task_name(mod) -> str:

@@ -22,13 +22,24 @@ from edgecc.errors import UserError
 
 FP_PI, FP_HOST = "ab12ab12ab12ab12", "cd34cd34cd34cd34"
 TVM = tl.installed_tvm_version()
+# Well-formed JSON that is no TVM module: what a poisoned record carries.
+NOT_A_MODULE = '{"root_index": 0, "nodes": []}'
+
+
+def _empty_module() -> str:
+    import tvm
+
+    return tvm.ir.save_json(tvm.IRModule())
+
+
+EMPTY_MODULE = _empty_module()
 
 
 def record(**over) -> dict:
     """A valid record as a JSON object; keyword arguments replace fields."""
     obj = {
         "format": tl.FORMAT, "task": "fused_matmul_add",
-        "workload": {"shash": "1234567890", "mod": '{"root_index": 0, "nodes": []}'},
+        "workload": {"shash": "1234567890", "mod": EMPTY_MODULE},
         "trace": [[["GetSBlock", [], ["C", "main"], ["b0"]]], []],
         "args_info": [["TENSOR", "float32", [64, 64]]],
         "run_secs": [1e-3], "error": None,
@@ -282,6 +293,27 @@ def test_import_skips_other_tvm_releases_and_bad_lines_with_reasons(tmp_path):
     assert result.skipped[0].startswith(f"{path}:1: measured with TVM 0.26.0")
     assert result.skipped[1].startswith(f"{path}:2: not valid JSON")
     assert [r.tvm_version for r in store.records()] == [TVM]
+
+
+def test_a_poisoned_workload_is_skipped_on_import_and_never_fatal_at_compile(tmp_path):
+    poisoned = record(workload={"shash": "77", "mod": NOT_A_MODULE})
+    path = write_lines(tmp_path / "in.jsonl", [json.dumps(poisoned) + "\n", json.dumps(record()) + "\n"])
+    store = tl.Store(tmp_path / "store")
+    result = tl.import_file(path, store, fingerprint=FP_PI, tvm_version=TVM)
+    assert result.imported == 1 and result.valid == 2
+    assert result.skipped == [f"{path}:1: workload module does not deserialize (ValueError)"]
+    # Already in a store (written by an older edgecc): skipped with a warning when compiling.
+    messages = []
+    db = tl.to_ms_database([tl.validate(poisoned)], log=messages.append)
+    assert len(db) == 0 and messages == ["task fused_matmul_add: record skipped: workload module does "
+                                         "not deserialize (ValueError)"]
+
+
+def test_deeply_nested_json_is_a_skipped_line(tmp_path):
+    path = write_lines(tmp_path / "in.jsonl", ["[" * 100000 + "]" * 100000 + "\n", json.dumps(record()) + "\n"])
+    result = tl.import_file(path, tl.Store(tmp_path / "store"), fingerprint=FP_PI, tvm_version=TVM)
+    assert result.imported == 1
+    assert result.skipped == [f"{path}:1: JSON nested too deeply"]
 
 
 # ------------------------------------------------------------------------------------------- edgecc logs
