@@ -317,9 +317,10 @@ def _constant(value, params):
 
 @converter("Attention")
 class Attention(OnnxOpConverter):
-    """ONNX's Attention (opset 23/24): scaled dot-product attention over 3D or 4D Q, K, V, with
-    grouped KV heads, a boolean or additive mask, bottom-right causal masking, softcap and a KV
-    cache (past in, present out), as onnx's reference computes it (fully masked rows are 0).
+    """ONNX's Attention (opset 23-25): scaled dot-product attention over 3D or 4D Q, K, V, with
+    grouped KV heads, a boolean or additive mask, bottom-right causal masking, a local window,
+    softcap and a KV cache (past in, present out), as onnx's reference computes it (fully masked
+    rows are 0).
 
     TVM's importer ignores domains and its Attention converter is ORT's contrib
     com.microsoft.Attention, whose `num_heads` attribute is required: such a node goes there.
@@ -398,10 +399,18 @@ class Attention(OnnxOpConverter):
                 allowed = mask
             else:
                 scores = relax.op.add(scores, mask)
+        # Query i sits at position i + offset among the keys (offset: the past's length).
+        distance = np.arange(q_len)[:, None] + (shape(past_k)[2] if past_k is not None else 0) - np.arange(kv_len)
+        window = np.full(distance.shape, True)
         if attr.get("is_causal", 0):
-            offset = kv_len - q_len if past_k is not None else 0
-            causal = relax.const(np.arange(kv_len)[None, :] <= np.arange(q_len)[:, None] + offset)
-            allowed = causal if allowed is None else relax.op.logical_and(allowed, causal)
+            window &= distance >= 0
+        left, right = attr.get("left_window_size", -1), attr.get("right_window_size", -1)
+        if left >= 0:
+            window &= distance <= left
+        if right >= 0:
+            window &= -distance <= right
+        if not window.all():
+            allowed = relax.const(window) if allowed is None else relax.op.logical_and(allowed, relax.const(window))
         precision = attr.get("softmax_precision")
         if precision:
             scores = relax.op.astype(scores, helper.tensor_dtype_to_np_dtype(precision).name)
@@ -416,7 +425,7 @@ class Attention(OnnxOpConverter):
         weights = relax.op.astype(weights, dtype)
         y = relax.op.matmul(weights, v)
         if rank == 3:
-            y = relax.op.reshape(relax.op.permute_dims(y, [0, 2, 1, 3]), [batch, q_len, q_heads * size])
+            y = relax.op.reshape(relax.op.permute_dims(y, [0, 2, 1, 3]), [batch, q_len, q_heads * shape(v)[3]])
         outputs = [y, present_k, present_v, weights if mode == 3 else qk]
         return relax.Tuple(outputs[:attr["tvm_custom"]["num_outputs"]])
 
@@ -653,6 +662,23 @@ class MaxPool(onnx_frontend.MaxPool):
     Indices are used."""
 
     computed_outputs = (0,)
+
+
+@converter("SpaceToDepth")
+class SpaceToDepth(OnnxOpConverter):
+    """SpaceToDepth, with its mode CRD (column, row, depth: each channel's blocks stay together),
+    which TVM's converter ignores; DCR (the default) goes to TVM's."""
+
+    computed_outputs = (0,)
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        if attr.get("mode", b"DCR") != b"CRD":
+            return onnx_frontend.SpaceToDepth.get_converter(13)(bb, inputs, attr, params)
+        x, b = inputs[0], attr["blocksize"]
+        n, c, h, w = bb.normalize(x).ty.shape.values
+        blocks = relax.op.reshape(x, [n, c, h // b, b, w // b, b])
+        return relax.op.reshape(relax.op.permute_dims(blocks, [0, 1, 3, 5, 2, 4]), [n, c * b * b, h // b, w // b])
 
 
 # Inputs that TVM's converters take only as constants: a value computed or fed at run time is
