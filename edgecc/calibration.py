@@ -7,6 +7,9 @@ floats otherwise): enough to find scales, though real data gives better ones.
 
 from __future__ import annotations
 
+import math
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,17 +20,36 @@ from edgecc.errors import UserError
 from edgecc.verify import graph_inputs, ort_session, random_inputs
 
 SYNTHETIC_BATCHES = 8
+MAX_NPZ_BYTES = 16 << 30  # inputs beyond this are a mistake on a device-sized workflow
 
 
 def read_npz(path: str | Path) -> dict[str, np.ndarray]:
-    """Named arrays from an .npz file (never pickles), with one-line errors naming the file."""
+    """Named arrays from an .npz file (never pickles), with one-line errors naming the file.
+
+    Every member's header is checked against the bytes the member holds before any array is
+    allocated: a corrupt or hostile header could otherwise ask for terabytes."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     try:
+        total = 0
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                with zf.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(f, max_header_size=10000)
+                need = math.prod(shape) * dtype.itemsize
+                if dtype.hasobject or need > info.file_size:
+                    raise ValueError(f"member '{info.filename}' declares {dtype} {list(shape)} "
+                                     f"({need} bytes) but holds {info.file_size} bytes")
+                total += need
+        if total > MAX_NPZ_BYTES:
+            raise ValueError(f"arrays of {total} bytes exceed edgecc's limit of {MAX_NPZ_BYTES}")
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise UserError(f"{path}: not a readable .npz file: {e}") from None
 
 

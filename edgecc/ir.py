@@ -26,6 +26,8 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise UserError(f"{path}: no such file")
     if path.is_dir():
         raise UserError(f"{path}: is a directory, expected an .onnx file")
+    if not path.is_file():  # a device or a pipe (/dev/zero) would be read without end
+        raise UserError(f"{path}: not a regular file, expected an .onnx file")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError) as e:

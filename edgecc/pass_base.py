@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import importlib
 import importlib.metadata
+import math
 import pkgutil
 from typing import Any, ClassVar
 
@@ -44,6 +45,8 @@ class Option:
                 value: Any = text.lower() in ("true", "1")
             else:
                 value = self.type(text)
+            if isinstance(value, float) and not math.isfinite(value):  # nan slips past any range
+                raise ValueError
         except ValueError:
             raise UserError(
                 f"{where}: option '{self.name}' expects {self.kind or self.type.__name__}, got '{text}'"

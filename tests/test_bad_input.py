@@ -154,3 +154,49 @@ def test_example_into_an_unwritable_place(tmp_path, name):
     r = run_cli("example", name, "-o", blocker / "sub" / "m.onnx")
     assert r.returncode == 2 and "cannot create its directory" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 2  # description + error
+
+
+def _npz_variants(tmp_path):
+    """A good .npz cut short, one with a flipped data byte (bad CRC), one whose header claims 4 TiB."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    good = io.BytesIO()
+    np.savez(good, x=np.ones((2, 4), np.float32))
+    data = good.getvalue()
+    flipped = bytearray(data)
+    flipped[data.find(b"\x93NUMPY") + 100] ^= 0xFF
+    header = np.lib.format.header_data_from_array_1_0(np.ones(1, np.float32))
+    header["shape"] = (1 << 40,)
+    huge = io.BytesIO()
+    with zipfile.ZipFile(huge, "w") as z, z.open("x.npy", "w") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(b"\0" * 16)
+    out = {}
+    for name, blob in (("truncated", data[: len(data) // 2]), ("crc", bytes(flipped)), ("huge", huge.getvalue())):
+        out[name] = tmp_path / f"{name}.npz"
+        out[name].write_bytes(blob)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["truncated", "crc", "huge"])
+def test_corrupt_npz_is_one_line_and_allocates_nothing(tmp_path, kind):
+    from edgecc.calibration import read_npz
+    from edgecc.errors import UserError
+
+    path = _npz_variants(tmp_path)[kind]
+    with pytest.raises(UserError, match=f"{kind}.npz: not a readable .npz file") as e:
+        read_npz(path)
+    assert "\n" not in str(e.value)
+
+
+def test_a_device_file_is_not_read_as_a_model(tmp_path):
+    _assert_user_error(run_cli("compile", "/dev/zero", "--target", "host", "-o", tmp_path / "out"),
+                       "/dev/zero: not a regular file")
+
+
+def test_nan_option_values_are_refused(good_model, tmp_path):
+    _assert_user_error(run_cli("compile", good_model, "--pipeline", "block-sparsity{sparsity=nan}",
+                               "-o", tmp_path / "out"), "option 'sparsity' expects")
