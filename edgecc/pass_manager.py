@@ -8,6 +8,7 @@ printing the IR after chosen passes, and verification against ONNX Runtime after
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 from typing import Any, Callable, TextIO
@@ -55,8 +56,30 @@ class PrintIRAfter(Instrument):
 
     def after_pass(self, p: Pass, model: ir.Model, report: PassReport) -> None:
         if "all" in self.names or p.name in self.names:
-            text = onnx.printer.to_text(ir.to_proto(model).graph)
+            text = onnx.printer.to_text(_without_weights(ir.to_proto(model).graph))
             print(f"// ----- IR after {report.pipeline_entry} -----\n{text}", file=self.stream)
+
+
+# Initializers up to this many elements (shapes, axes, scalars) are printed; larger ones elided.
+PRINTED_ELEMENTS = 16
+
+
+def _without_weights(graph: onnx.GraphProto) -> onnx.GraphProto:
+    """The graph with its large initializers shown as typed graph inputs: the text gives each
+    weight's type and shape, not megabytes of numbers (a 2 MB model printed 6.5 MB a pass)."""
+    elided = [t for t in graph.initializer if math.prod(t.dims) > PRINTED_ELEMENTS]
+    if not elided:
+        return graph
+    listed = {i.name for i in graph.input}
+    out = onnx.GraphProto(name=graph.name, doc_string=graph.doc_string)
+    out.node.extend(graph.node)
+    out.input.extend(graph.input)
+    out.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                     for t in elided if t.name not in listed)
+    out.output.extend(graph.output)
+    out.value_info.extend(graph.value_info)
+    out.initializer.extend(t for t in graph.initializer if math.prod(t.dims) <= PRINTED_ELEMENTS)
+    return out
 
 
 class VerifyEachPass(Instrument):

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import onnx_ir as ir
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from edgecc.errors import EdgeccError, VerificationError
 from edgecc.pass_base import Pass, PassContext, PassResult, register_pass
@@ -88,6 +89,21 @@ def test_print_ir_after_selected_passes():
         _model(), PassContext())
     text = stream.getvalue()
     assert text.count("IR after") == 1 and "IR after test-perturb" in text and "Mul" in text
+
+
+def test_print_ir_after_shows_weights_by_type_not_value():
+    w = numpy_helper.from_array(np.arange(64, dtype=np.float32).reshape(8, 8), "w")
+    axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("ReduceSum", ["h", "axes"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, axes])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    stream = io.StringIO()
+    PassManager("test-perturb", instruments=(PrintIRAfter({"all"}, stream),)).run(model, PassContext())
+    text = stream.getvalue()
+    assert "float[8,8] w" in text and "63" not in text  # the weight's type, none of its values
+    assert "int64[1] axes =  {1}" in text  # small constants stay readable
 
 
 def test_a_crashing_pass_is_named():
