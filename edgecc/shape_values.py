@@ -317,7 +317,10 @@ def _evaluate(values: ShapeValues, op: str, inputs, attr) -> Value | None:
     if op == "Concat":
         return Value(np.concatenate([a.elements for a in args], axis=attr["axis"]), first.dtype)
     if op in ("Unsqueeze", "Squeeze"):
-        axes = args[1].constant.tolist() if len(args) > 1 else list(attr.get("axes", []))
+        given = args[1].constant if len(args) > 1 and args[1] is not None else np.array(attr.get("axes", []))
+        if given is None:
+            return None
+        axes = given.tolist()
         if op == "Unsqueeze":
             rank = first.elements.ndim + len(axes)
             return Value(np.expand_dims(first.elements, tuple(sorted(a % rank for a in axes))), first.dtype)
