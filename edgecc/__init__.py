@@ -1,13 +1,24 @@
-"""edgecc: an optimizing compiler for ONNX models on edge hardware."""
+"""edgecc: an optimizing compiler for ONNX models on edge hardware.
 
-from edgecc.artifact import Artifact
-from edgecc.compiler import compile
-from edgecc.errors import EdgeccError, UserError, VerificationError
-from edgecc.pass_base import Option, Pass, PassContext, PassResult, register_pass
-from edgecc.pass_manager import PassManager
-from edgecc.pipeline import parse_pipeline
+The public names are imported on first use: `edgecc --help` and `edgecc passes` must not pay for
+ONNX, ONNX Runtime and TVM before they are needed.
+"""
 
-__all__ = [
-    "Artifact", "EdgeccError", "Option", "Pass", "PassContext", "PassManager", "PassResult",
-    "UserError", "VerificationError", "compile", "parse_pipeline", "register_pass",
-]
+import importlib
+
+_PUBLIC = {
+    "Artifact": "edgecc.artifact", "compile": "edgecc.compiler", "EdgeccError": "edgecc.errors",
+    "UserError": "edgecc.errors", "VerificationError": "edgecc.errors", "Option": "edgecc.pass_base",
+    "Pass": "edgecc.pass_base", "PassContext": "edgecc.pass_base", "PassResult": "edgecc.pass_base",
+    "register_pass": "edgecc.pass_base", "PassManager": "edgecc.pass_manager",
+    "parse_pipeline": "edgecc.pipeline",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'edgecc' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value

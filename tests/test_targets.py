@@ -7,7 +7,7 @@ import platform
 import pytest
 
 from edgecc.errors import UserError
-from edgecc.target import list_targets, load_target
+from edgecc.target import builtin_target_files, list_targets, load_target
 from tests.conftest import run_cli
 
 GOOD_BOARD = """
@@ -30,6 +30,12 @@ cc = "aarch64-linux-gnu-gcc"
 def test_builtin_targets():
     names = {t.name for t in list_targets()}
     assert {"host", "rpi4", "rpi5", "jetson-orin-nano"} <= names
+
+
+def test_every_builtin_target_is_a_valid_tvm_target():
+    """`edgecc targets` lists built-ins without importing TVM; this is where they are checked."""
+    for name in builtin_target_files():
+        load_target(name)  # raises a UserError naming the file for a target TVM rejects
 
 
 def test_builtin_targets_resolve_to_tvm_targets():
