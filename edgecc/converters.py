@@ -3,6 +3,8 @@ converter computes an output wrongly, or fails where a one-line refusal naming t
 
 from __future__ import annotations
 
+from typing import Callable
+
 import tvm
 from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend
@@ -681,6 +683,42 @@ class SpaceToDepth(OnnxOpConverter):
         return relax.op.reshape(relax.op.permute_dims(blocks, [0, 1, 3, 5, 2, 4]), [n, c * b * b, h // b, w // b])
 
 
+def _refusing(op: str, unsupported: Callable) -> type:
+    """TVM's converter for `op`, refusing by name the nodes where `unsupported(inputs, attr)` names
+    a form it cannot lower."""
+    base = onnx_frontend._get_convert_map()[op]
+
+    class Checked(base):
+        computed_outputs = range(1 << 16)  # every output: TVM's converter computes them all
+
+        @classmethod
+        def get_converter(cls, opset):
+            convert = base.get_converter(opset)
+
+            def checked(bb, inputs, attr, params):
+                form = unsupported(inputs, attr)
+                if form:
+                    raise UserError(f"node '{_node(attr)}': {op} {form} is not lowered (TVM 0.27 "
+                                    "has no conversion for it)")
+                return convert(bb, inputs, attr, params)
+
+            return checked
+
+    Checked.__name__ = Checked.__qualname__ = op
+    return Checked
+
+
+def _blocked(inputs, attr) -> str | None:
+    return "with block_size (blocked quantization)" if attr.get("block_size", 0) else None
+
+
+for _op, _unsupported in {
+    "QuantizeLinear": _blocked, "DequantizeLinear": _blocked,
+    "OptionalHasElement": lambda inputs, attr: None if inputs[0] is not None else "without an input",
+}.items():
+    converter(_op)(_refusing(_op, _unsupported))
+
+
 # Inputs that TVM's converters take only as constants: a value computed or fed at run time is
 # refused here, naming the node and the input, rather than failing inside the importer.
 _REDUCTIONS = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
@@ -688,7 +726,7 @@ _REDUCTIONS = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd"
 CONSTANT_OPERANDS: dict[str, dict[int, str]] = {
     **{op: {1: "axes"} for op in _REDUCTIONS},
     "TopK": {1: "k"}, "CumSum": {1: "axis"}, "Split": {1: "split"}, "Pad": {1: "pads", 3: "axes"},
-    "OneHot": {1: "depth", 2: "values"}, "AffineGrid": {1: "size"},
+    "OneHot": {1: "depth", 2: "values"}, "AffineGrid": {1: "size"}, "MaxUnpool": {2: "output_shape"},
 }
 # Inputs that TVM's converters also take computed from shapes (a Resize to Shape(x) * 2): only a
 # graph input there is refused.

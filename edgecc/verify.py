@@ -91,9 +91,9 @@ def _spec(vi: onnx.ValueInfoProto, model: onnx.ModelProto) -> TensorSpec:
     users = ", ".join(f"{n.op_type} node '{n.name}'" if n.name else f"{n.op_type} node"
                       for n in model.graph.node if vi.name in n.input or vi.name in n.output)
     if not vi.type.HasField("tensor_type"):
-        raise UserError(f"'{vi.name}' ({users or 'unused'}) is a "
-                        f"{vi.type.WhichOneof('value').removesuffix('_type')}, not a tensor: edgecc "
-                        "compiles tensor graphs")
+        kind = vi.type.WhichOneof("value").removesuffix("_type")
+        raise UserError(f"'{vi.name}' ({users or 'unused'}) is {'an' if kind[0] in 'aeiou' else 'a'} "
+                        f"{kind}, not a tensor: edgecc compiles tensor graphs")
     tt = vi.type.tensor_type
     if tt.elem_type in UNCOMPILABLE_TYPES and users:  # an unused one is never made
         raise UserError(f"'{vi.name}' ({users}) is a tensor of "
