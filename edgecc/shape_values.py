@@ -127,12 +127,12 @@ class ShapeValues:
             return None
         if expr in self._known:
             return self._known[expr]
-        if isinstance(expr, tvm.ir.GenericConst):
+        if isinstance(expr, tvm.ir.GenericConst):  # weights are not read: dtype and size first
+            size = math.prod(int(d) for d in expr.ty.shape.values)
+            if not str(expr.ty.dtype).startswith(("int", "uint", "bool")) or size > _MAX_ELEMENTS:
+                return None
             array = expr.value.numpy()
-            if array.dtype.kind in "iub" and array.size <= _MAX_ELEMENTS:
-                dtype = str(array.dtype)
-                return Value(_elements(array.ravel().tolist(), dtype, array.shape), dtype)
-            return None
+            return Value(_elements(array.ravel().tolist(), str(array.dtype), array.shape), str(array.dtype))
         if isinstance(expr, relax.ShapeExpr):
             return Value(_elements(list(expr.values), "int64"), "int64")
         if tvm.ir.is_prim_expr(expr):  # a dim, as TVM's Gather of a ShapeExpr returns it
