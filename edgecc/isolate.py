@@ -11,6 +11,7 @@ from __future__ import annotations
 import faulthandler
 import multiprocessing
 import signal
+import threading
 from typing import Any
 
 from edgecc.errors import EdgeccError
@@ -22,10 +23,19 @@ class ModuleCrash(EdgeccError):
 
 def _child(artifact, feeds: dict[str, Any], conn) -> None:
     faulthandler.disable()  # the parent reports a crash; an inherited handler would dump a traceback
-    try:
-        conn.send(("ok", artifact.run(feeds)))
-    except BaseException as e:  # the parent re-raises it; nothing may escape a forked child
-        conn.send(("raised", e))
+
+    def run() -> None:
+        try:
+            conn.send(("ok", artifact.run(feeds)))
+        except BaseException as e:  # the parent re-raises it; nothing may escape a forked child
+            conn.send(("raised", e))
+
+    # TVM's thread pool is per calling thread. The one the fork copied belongs to a parent that
+    # may have run parallel kernels: it counts on worker threads the child does not have, and a
+    # parallel kernel launched from it spins forever. A new thread starts a pool of its own.
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
 
 
 def run_isolated(artifact, feeds: dict[str, Any], timeout: float = 600.0) -> dict[str, Any]:

@@ -116,3 +116,18 @@ def test_scalar_inputs_and_layernorm_statistics_verify(tmp_path):
     art = edgecc.compile(ln, "host", tmp_path / "ln", verify=True)
     assert art.manifest["verification"]["ok"]
     assert art.manifest["verification"]["inputs_drawn"] == {"x": "normal(0, 1)", "s": "normal(0, 1)"}
+
+
+def test_the_isolated_run_follows_parallel_kernels_run_in_the_parent(tmp_path):
+    """A forked child inherits the parent's TVM thread pool without its worker threads; run on
+    that pool, the parallel dense kernel of a matmul with symbolic rows would spin forever."""
+    weight = onnx.numpy_helper.from_array(np.ones((256, 256), np.float32), "w")
+    f = onnx.TensorProto.FLOAT
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", f, ["n", 256])],
+                              [helper.make_tensor_value_info("y", f, ["n", 256])], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "mm.onnx")
+    art = edgecc.compile(tmp_path / "mm.onnx", "host", tmp_path / "mm", verify=False)
+    x = np.ones((64, 256), np.float32)
+    expected = art.run({"x": x})["y"]
+    assert (run_isolated(art, {"x": x}, timeout=120)["y"] == expected).all()
