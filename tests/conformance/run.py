@@ -67,13 +67,14 @@ def mismatch(expected: list, got: list, rtol: float, atol: float) -> str:
         if g.shape != r.shape:
             return f"output {i}: shape {g.shape}, expected {r.shape}"
         if r.dtype.kind in "OSU":
-            ok = np.array_equal(r, g)
-        else:  # bfloat16 compares through float32, at edgecc's tolerance for its dtype, as float16 does
-            rf, gf = (a.astype(np.float32) if a.dtype.kind == "V" else a for a in (r, g))
-            atol_, rtol_ = TOLERANCES.get(r.dtype, (atol, rtol)) if r.dtype.itemsize == 2 else (atol, rtol)
-            ok = np.allclose(gf, rf, rtol=rtol_, atol=atol_, equal_nan=True)
-        if not ok:
-            return f"output {i}: values differ beyond rtol={rtol_:g}, atol={atol_:g}"
+            if not np.array_equal(r, g):
+                return f"output {i}: strings differ"
+            continue
+        # float16 and bfloat16 at edgecc's tolerance for their dtype; bfloat16 compares through float32
+        out_atol, out_rtol = TOLERANCES.get(r.dtype, (atol, rtol)) if r.dtype.itemsize == 2 else (atol, rtol)
+        rf, gf = (a.astype(np.float32) if a.dtype.kind == "V" else a for a in (r, g))
+        if not np.allclose(gf, rf, rtol=out_rtol, atol=out_atol, equal_nan=True):
+            return f"output {i}: values differ beyond rtol={out_rtol:g}, atol={out_atol:g}"
     return ""
 
 
