@@ -99,36 +99,42 @@ def staged_output(out_dir: Path, force: bool, protect: tuple[Path, ...] = ()) ->
     silently replacing the first one's artifact."""
     out_dir = Path(out_dir)
     check_replaceable(out_dir, force, protect)
+    lock_path = out_dir.parent / f".{out_dir.name}.lock"
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(out_dir.parent / f".{out_dir.name}.lock", "w")
+        lock = open(lock_path, "a")
     except OSError as e:
         raise UserError(f"{out_dir}: cannot write there: {e.strerror}") from None
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            # A writer that finished unlinks the lock file: a lock on that old file guards nothing.
+            if os.fstat(lock.fileno()).st_ino != os.stat(lock_path).st_ino:
+                raise BlockingIOError
+        except (BlockingIOError, FileNotFoundError):
             raise UserError(f"{out_dir}: another edgecc process is writing this output") from None
-        check_replaceable(out_dir, force, protect)  # as it is now that we hold the lock
-        _remove_stale_staging(out_dir.parent, out_dir.name)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
         try:
-            (tmp / STAGING_MARKER).write_text(f"{os.getpid()}\n")
-            tmp.chmod(0o755)  # mkdtemp's 0700 would make the artifact private to its builder
-            yield tmp
-            (tmp / STAGING_MARKER).unlink()
-            if out_dir.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-                (old / STAGING_MARKER).write_text(f"{os.getpid()}\n")
-                os.rename(out_dir, old / "x")
-                os.rename(tmp, out_dir)
-                shutil.rmtree(old)
-            else:
-                os.rename(tmp, out_dir)
+            check_replaceable(out_dir, force, protect)  # as it is now that we hold the lock
+            _remove_stale_staging(out_dir.parent, out_dir.name)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+            try:
+                (tmp / STAGING_MARKER).write_text(f"{os.getpid()}\n")
+                tmp.chmod(0o755)  # mkdtemp's 0700 would make the artifact private to its builder
+                yield tmp
+                (tmp / STAGING_MARKER).unlink()
+                if out_dir.exists():
+                    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+                    (old / STAGING_MARKER).write_text(f"{os.getpid()}\n")
+                    os.rename(out_dir, old / "x")
+                    os.rename(tmp, out_dir)
+                    shutil.rmtree(old)
+                else:
+                    os.rename(tmp, out_dir)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
         finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-        (out_dir.parent / f".{out_dir.name}.lock").unlink(missing_ok=True)
+            lock_path.unlink(missing_ok=True)
 
 
 def write_manifest(stage: Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -149,6 +155,49 @@ def _plain_name(name: Any) -> bool:
     """A file name inside the artifact's own directory: no separators, no parent, no hidden file."""
     return (isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..")
             and not name.startswith(".") and "\\" not in name and "\0" not in name)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_shape(manifest: dict[str, Any], mpath: Path) -> None:
+    """The parts of a manifest edgecc reads, typed as it reads them: a one-line error for the
+    first that is not, before anything is used."""
+    def bad(where: str, what: str) -> UserError:
+        return UserError(f"{mpath}: {where} is not {what}")
+
+    for side in ("inputs", "outputs"):
+        for i, spec in enumerate(manifest[side]):
+            where = f"{side}[{i}]"
+            if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+                raise bad(where, "an object with a name")
+            try:
+                dtype = np.dtype(spec.get("dtype"))
+            except TypeError:
+                raise bad(f"{where}.dtype", "a numpy dtype name") from None
+            if dtype.hasobject or not isinstance(spec.get("dtype"), str):
+                raise bad(f"{where}.dtype", "a numpy dtype name")
+            shape = spec.get("shape")
+            if not isinstance(shape, list) or not all(
+                    (_is_int(d) and d >= 0) or isinstance(d, str) or d is None for d in shape):
+                raise bad(f"{where}.shape", "a list of sizes, dim names or nulls")
+    target = manifest["target"]
+    for key in ("name", "device_kind", "host_arch"):
+        if not isinstance(target.get(key), str):
+            raise bad(f"target.{key}", "a string")
+    if not _is_int(target.get("num_cores")) or target["num_cores"] < 1:
+        raise bad("target.num_cores", "a positive integer")
+    build = manifest["build"]
+    if "weights" in build and not (isinstance(build["weights"], dict)
+                                   and isinstance(build["weights"].get("file"), str)):
+        raise bad("build.weights", "an object naming its file")
+    for key in ("runtime",):
+        if key in build and not isinstance(build[key], str):
+            raise bad(f"build.{key}", "a string")
+    for key in ("lm", "edgetpu"):
+        if key in manifest and not isinstance(manifest[key], dict):
+            raise bad(key, "an object")
 
 
 def _referenced_files(manifest: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -206,6 +255,7 @@ class Artifact:
         if manifest["format_version"] != FORMAT_VERSION:
             raise UserError(f"{mpath}: artifact format {manifest['format_version']} is not supported "
                             f"by this edgecc (format {FORMAT_VERSION}); recompile the model")
+        _check_shape(manifest, mpath)
         files = manifest["files"]
         for name, info in files.items():
             if not _plain_name(name) or not isinstance(info, dict):

@@ -6,6 +6,7 @@ raises a UserError that names the file.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -40,11 +41,39 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         onnx.checker.check_model(str(path), full_check=False)
     except onnx.checker.ValidationError as e:
         raise UserError(f"{path}: fails the ONNX checker: {_first_line(e)}") from None
+    _check_opsets(proto, path)
+    _check_dims(proto, path)
+    try:  # types and shapes that contradict an op's schema would otherwise fail deep inside TVM
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as e:
+        raise UserError(f"{path}: fails ONNX shape inference: {_first_line(e)}") from None
     try:
         model = ir.load(str(path))
     except Exception as e:
         raise UserError(f"{path}: cannot be loaded: {_first_line(e)}") from None
     return infer_shapes(model)
+
+
+# The largest tensor a graph's fixed dims may describe: 2^32 elements (16 GiB of float32).
+MAX_ELEMENTS = 1 << 32
+
+
+def _check_opsets(proto: onnx.ModelProto, path: Path) -> None:
+    newest = onnx.defs.onnx_opset_version()
+    for opset in proto.opset_import:
+        if opset.domain in ("", "ai.onnx") and not 1 <= opset.version <= newest:
+            raise UserError(f"{path}: imports ONNX opset {opset.version}; this edgecc's ONNX knows "
+                            f"opsets 1 to {newest}")
+
+
+def _check_dims(proto: onnx.ModelProto, path: Path) -> None:
+    """Graph inputs and outputs with negative dims, or fixed dims too large to allocate."""
+    for vi in (*proto.graph.input, *proto.graph.output):
+        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim if d.HasField("dim_value")]
+        if any(d < 0 for d in dims):
+            raise UserError(f"{path}: '{vi.name}' has a negative dimension {dims}")
+        if math.prod(dims) > MAX_ELEMENTS:
+            raise UserError(f"{path}: '{vi.name}' has fixed dims {dims}: more than 2^32 elements")
 
 
 def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
