@@ -282,12 +282,20 @@ def ort_session(model: onnx.ModelProto, optimize: bool = False, threads: int = 0
     )
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
-    if model.ByteSize() < 1_800_000_000:
-        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    with tempfile.TemporaryDirectory() as d:  # over protobuf's 2 GB limit: go through a file
-        path = os.path.join(d, "model.onnx")
-        onnx.save(model, path, save_as_external_data=True, location="model.onnx.data")
-        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    try:
+        if model.ByteSize() < 1_800_000_000:
+            return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        with tempfile.TemporaryDirectory() as d:  # over protobuf's 2 GB limit: go through a file
+            path = os.path.join(d, "model.onnx")
+            onnx.save(model, path, save_as_external_data=True, location="model.onnx.data")
+            return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.NotImplemented,
+            ort.capi.onnxruntime_pybind11_state.InvalidGraph) as e:
+        # The reference cannot run the model (an op version ORT dropped, an invalid graph): the model's
+        # problem, and nothing edgecc builds could be checked against it.
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"ONNX Runtime, the reference edgecc verifies against, cannot load the model: "
+                        f"{detail[-300:]}") from None
 
 
 def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], optimize: bool = False) -> dict:
