@@ -1,5 +1,5 @@
 # The two commands a fresh machine needs: `make demo` and `make test`.
-.PHONY: setup demo test
+.PHONY: setup demo test test-long
 
 setup:
 	@scripts/setup.sh
@@ -15,3 +15,8 @@ demo: setup
 test: setup
 	.venv/bin/edgecc emulator setup >/dev/null || echo "aarch64 emulator unavailable: emulation tests will skip" >&2
 	.venv/bin/python -m pytest -q
+
+# The long tiers CI runs after `make test`: every transformers architecture x exporter, the ONNX
+# backend node tests, and five thousand more fuzz cases.
+test-long: setup
+	.venv/bin/python -m pytest -q -m "models or conformance or fuzz"
