@@ -666,6 +666,38 @@ class MaxPool(onnx_frontend.MaxPool):
     computed_outputs = (0,)
 
 
+def _elu(bb, x, alpha: float):
+    """x where x > 0, else alpha * (exp(x) - 1), in x's dtype."""
+    dtype = bb.normalize(x).ty.dtype
+    alpha, one, zero = (relax.const(v, dtype) for v in (alpha, 1.0, 0.0))
+    negative = relax.op.multiply(alpha, relax.op.subtract(relax.op.exp(x), one))
+    return relax.op.where(relax.op.greater(x, zero), x, negative)
+
+
+@converter("Elu")
+class Elu(OnnxOpConverter):
+    """Elu in its input's dtype (TVM's converter mixes in float32 constants: float16 fails)."""
+
+    computed_outputs = (0,)
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        return _elu(bb, inputs[0], attr.get("alpha", 1.0))
+
+
+@converter("Celu")
+class Celu(OnnxOpConverter):
+    """Celu: alpha * Elu(x / alpha), which TVM's importer lacks."""
+
+    computed_outputs = (0,)
+
+    @classmethod
+    def _impl_v12(cls, bb, inputs, attr, params):
+        x, alpha = inputs[0], attr.get("alpha", 1.0)
+        scale = relax.const(alpha, bb.normalize(x).ty.dtype)
+        return relax.op.multiply(scale, _elu(bb, relax.op.divide(x, scale), 1.0))
+
+
 @converter("SpaceToDepth")
 class SpaceToDepth(OnnxOpConverter):
     """SpaceToDepth, with its mode CRD (column, row, depth: each channel's blocks stay together),
