@@ -11,6 +11,7 @@ from tvm.relax.frontend.onnx import onnx_frontend
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
 from edgecc.errors import UserError
+from edgecc import lower
 from edgecc.lower import converter
 from edgecc.verify import UNCOMPILABLE_TYPES
 
@@ -799,3 +800,39 @@ for _op, _operands in CONSTANT_OPERANDS.items():
     converter(_op)(_constant_operands(_op, _operands, computed_ok=False))
 for _op, _operands in GIVEN_OPERANDS.items():
     converter(_op)(_constant_operands(_op, _operands, computed_ok=True))
+
+
+def _infinite_identity(op: str, infinity: float) -> type:
+    """`op` (ReduceMax, ReduceMin) with a row of infinities reducing to that infinity.
+
+    TVM reduces max from the dtype's lowest finite value (min from the highest), so a row of all
+    -inf came back as -3.4e38: `Equal(ReduceMax(bias), -inf)`, how attention finds its fully
+    masked rows, was silently false and those rows became NaN. Where every reduced element is the
+    infinity, the result is set back to it."""
+    base = lower.registered(op)
+    indicator_min = onnx_frontend._get_convert_map()["ReduceMin"]
+
+    class Exact(base):
+        @classmethod
+        def get_converter(cls, opset):
+            convert, reduce_min = base.get_converter(opset), indicator_min.get_converter(opset)
+
+            def exact(bb, inputs, attr, params):
+                out = convert(bb, inputs, attr, params)
+                x = inputs[0]
+                dtype = str(x.ty.dtype) if isinstance(x.ty, relax.TensorType) else ""
+                if not dtype.startswith(("float", "bfloat")):
+                    return out
+                inf = relax.const(infinity, dtype)
+                is_inf = bb.normalize(relax.op.astype(relax.op.equal(x, inf), dtype))
+                all_inf = reduce_min(bb, [is_inf, *inputs[1:]], attr, params)
+                return relax.op.where(relax.op.equal(all_inf, relax.const(1, dtype)), inf, out)
+
+            return exact
+
+    Exact.__name__ = Exact.__qualname__ = op
+    return Exact
+
+
+converter("ReduceMax")(_infinite_identity("ReduceMax", float("-inf")))
+converter("ReduceMin")(_infinite_identity("ReduceMin", float("inf")))

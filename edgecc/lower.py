@@ -31,6 +31,11 @@ _HINTS = {
 }
 
 
+def registered(op_type: str, domain: str = "") -> type:
+    """The converter edgecc has registered for an op, for a converter that builds on it."""
+    return _CONVERTERS[(domain, op_type)]
+
+
 def converter(op_type: str, domain: str = "") -> Callable[[type], type]:
     """Register an edgecc converter for an op TVM's importer lacks."""
 
