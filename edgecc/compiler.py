@@ -349,11 +349,17 @@ def _verify(artifact: Artifact, runner: Callable, source: onnx.ModelProto, optim
     feeds = random_inputs(source, ctx.seed, ctx.dim_values)
     shapes = {k: list(v.shape) for k, v in feeds.items()}
     described = _describe_shapes(shapes)
+    fp32 = run_ort(source, feeds)  # first: inputs the model itself cannot take are the user's to fix
     try:
         got = runner(artifact, feeds)
     except ModuleCrash as e:
         raise VerificationError(f"{e} while verifying on inputs {described}") from None
-    fp32 = run_ort(source, feeds)
+    except UserError:
+        raise
+    except Exception as e:  # the module raised where ONNX Runtime ran (a shape check, a kernel)
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise VerificationError(f"compiled module failed on inputs {described} where ONNX Runtime ran: "
+                                f"{type(e).__name__}: {detail[:300]}") from None
     extra = {}
     if lossy:
         reference = run_ort(with_int8_activations(optimized), feeds)

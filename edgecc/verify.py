@@ -299,9 +299,19 @@ def ort_session(model: onnx.ModelProto, optimize: bool = False, threads: int = 0
 
 
 def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], optimize: bool = False) -> dict:
+    """The model's outputs in ONNX Runtime; inputs it rejects (sizes its shapes cannot take) are
+    a one-line UserError naming their shapes."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
     sess = ort_session(model, optimize)
     names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feeds)))
+    try:
+        return dict(zip(names, sess.run(names, feeds)))
+    except (ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.RuntimeException) as e:
+        shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feeds.items())
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"ONNX Runtime cannot run the model on inputs {shapes} (give the sizes of its "
+                        f"symbolic dims with --dim): {detail[-300:]}") from None
 
 
 def with_int8_activations(model: onnx.ModelProto) -> onnx.ModelProto:
