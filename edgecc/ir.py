@@ -43,10 +43,6 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise UserError(f"{path}: fails the ONNX checker: {_first_line(e)}") from None
     _check_opsets(proto, path)
     _check_dims(proto, path)
-    try:  # types and shapes that contradict an op's schema would otherwise fail deep inside TVM
-        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
-    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as e:
-        raise UserError(f"{path}: fails ONNX shape inference: {_first_line(e)}") from None
     try:
         model = ir.load(str(path))
     except Exception as e:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import io
+import re
 import warnings
 from typing import Callable
 
@@ -108,12 +110,40 @@ def _patched_frontend():
     convert_map = {**orig_map(), **{op: cls for (_, op), cls in _CONVERTERS.items()}}
     values = ShapeValues()  # shape arithmetic first, then the op's own converter
     convert_map.update({op: values.wrap(op, convert_map.get(op)) for op in WRAPPED_OPS})
+    convert_map = {op: _named_failures(op, cls) if isinstance(cls, type) else cls
+                   for op, cls in convert_map.items()}
     onnx_frontend._get_convert_map = lambda: convert_map
     relax.op.take = functools.partial(orig_take, mode="clip")
     try:
         yield
     finally:
         onnx_frontend._get_convert_map, relax.op.take = orig_map, orig_take
+
+
+def _named_failures(op: str, cls: type) -> type:
+    """`cls` with any failure of its conversion turned into a one-line refusal naming the node and
+    the op: a form of the op TVM's converter cannot take (an attribute, a dtype, a run-time operand)
+    is the model's limit here, not a crash."""
+    class Named(cls):
+        @classmethod
+        def get_converter(cls_, opset):
+            convert = cls.get_converter(opset)
+
+            def named(bb, inputs, attr, params):
+                try:
+                    return convert(bb, inputs, attr, params)
+                except EdgeccError:
+                    raise
+                except Exception as e:  # TVM's converters raise every kind of error
+                    text = str(e).strip().splitlines()
+                    node = attr.get("tvm_custom", {}).get("name") or "<unnamed>"
+                    raise UserError(f"node '{node}': op {op} cannot be lowered to TVM: {type(e).__name__}: "
+                                    f"{text[-1][:300] if text else ''}") from e
+
+            return named
+
+    Named.__name__ = Named.__qualname__ = op
+    return Named
 
 
 def _route_to_kernels(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -172,10 +202,16 @@ def to_relax(model: onnx.ModelProto):
     with _patched_frontend(), warnings.catch_warnings():
         # Inputs are passed by position; the importer's renaming of "past.0.key" is not news.
         warnings.filterwarnings("ignore", message="Renaming name")
+        printed = io.StringIO()  # the importer prints the op and inputs of a node it failed on
         try:
-            return from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
+            with contextlib.redirect_stdout(printed):
+                return from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
         except UserError:
             raise
         except Exception as e:
-            raise EdgeccError(f"TVM's ONNX importer failed: {type(e).__name__}: "
-                            f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}") from e
+            text = str(e).strip().splitlines()
+            detail = f"{type(e).__name__}: {text[-1][:300] if text else ''}"
+            failed = re.search(r"Error converting operator (\S+),", printed.getvalue())
+            if failed:  # the node's operands contradict what the op takes (a dtype, a shape)
+                raise UserError(f"op {failed.group(1)} cannot be lowered to TVM: {detail}") from e
+            raise EdgeccError(f"TVM's ONNX importer failed: {detail}") from e
