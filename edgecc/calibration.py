@@ -49,7 +49,8 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
             raise ValueError(f"arrays of {total} bytes exceed edgecc's limit of {MAX_NPZ_BYTES}")
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except (ValueError, OSError, EOFError, NotImplementedError, zipfile.BadZipFile, zlib.error) as e:
+    except (ValueError, OSError, EOFError, RuntimeError, NotImplementedError, zipfile.BadZipFile,
+            zlib.error) as e:  # RuntimeError: an encrypted member
         raise UserError(f"{path}: not a readable .npz file: {e}") from None
 
 

@@ -63,8 +63,13 @@ def _check_opsets(proto: onnx.ModelProto, path: Path) -> None:
 
 
 def _check_dims(proto: onnx.ModelProto, path: Path) -> None:
-    """Graph inputs and outputs with negative dims, or fixed dims too large to allocate."""
+    """Graph inputs and outputs without a valid element type, with negative dims, or with fixed
+    dims too large to allocate."""
     for vi in (*proto.graph.input, *proto.graph.output):
+        kind = vi.type.WhichOneof("value")
+        if kind == "tensor_type" and vi.type.tensor_type.elem_type not in onnx.helper.get_all_tensor_dtypes():
+            raise UserError(f"{path}: '{vi.name}' has no valid element type "
+                            f"({vi.type.tensor_type.elem_type})")
         dims = [d.dim_value for d in vi.type.tensor_type.shape.dim if d.HasField("dim_value")]
         if any(d < 0 for d in dims):
             raise UserError(f"{path}: '{vi.name}' has a negative dimension {dims}")
