@@ -144,7 +144,8 @@ def of_model(model: onnx.ModelProto, where: str) -> LMSignature:
     """The signature of an ONNX model, its graph deciding what names cannot; else NotAnLM."""
     inits = {i.name for i in model.graph.initializer}
     inputs = [_spec(vi) for vi in model.graph.input if vi.name not in inits]
-    outputs = [_spec(vi) for vi in model.graph.output]
+    # calibration adds untyped outputs for activations it reads: neither logits nor a cache
+    outputs = [_spec(vi) for vi in model.graph.output if vi.type.tensor_type.elem_type]
     return recognize(inputs, outputs, where, model.graph)
 
 
