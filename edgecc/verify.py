@@ -196,7 +196,8 @@ def random_inputs(
     attention masks as a tokenizer makes them (see _padding_mask); `position_ids` [batch, seq] the
     positions after a KV cache of the mask's length minus seq. Of a causal LM (lm_signature),
     whatever its inputs and dims are called: batch 1, seq 5, past 3 where not pinned, the mask
-    over past + seq tokens, positions past .. past + seq - 1."""
+    over past + seq tokens, positions past .. past + seq - 1, and the cache the model makes of
+    `past` random tokens."""
     rng = np.random.default_rng(seed)
     lm = lm_signature.find(model)
     if lm is not None:
@@ -225,6 +226,10 @@ def random_inputs(
             positions = feeds[lm.positions.name]
             feeds[lm.positions.name] = np.broadcast_to(np.arange(past, past + seq),
                                                        positions.shape).astype(positions.dtype)
+        if past:
+            ids = next(spec for spec in graph_inputs(model) if spec.name == lm.ids.name)
+            feeds.update(_prefilled_cache(model, lm, past, feeds[lm.ids.name].shape[0],
+                                          _integer_range(ids, ranges), rng))
         return feeds
     positions = feeds.get("position_ids")
     if positions is not None and positions.ndim == 2:
@@ -233,6 +238,22 @@ def random_inputs(
         feeds["position_ids"] = np.broadcast_to(np.arange(past, past + positions.shape[1]),
                                                 positions.shape).astype(positions.dtype)
     return feeds
+
+
+def _prefilled_cache(model: onnx.ModelProto, lm, past: int, batch: int, id_range: tuple[int, int],
+                     rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The KV cache the model itself makes of `past` random tokens, run in ONNX Runtime: what a
+    decoding step really reads. N(0,1) keys and values are nothing a model produces; through a
+    quantized SmolLM2 they gave logits a relative RMS error of 1.3 from fp32 where real text
+    decodes the same tokens."""
+    prefill = {lm.ids.name: rng.integers(*id_range, (batch, past)).astype(lm.ids.dtype),
+               **{e.past: e.empty(batch) for e in lm.cache}}
+    if lm.mask:
+        prefill[lm.mask.name] = np.ones((batch, past), lm.mask.dtype)
+    if lm.positions:
+        prefill[lm.positions.name] = np.broadcast_to(np.arange(past), (batch, past)).astype(lm.positions.dtype)
+    outputs = run_ort(model, prefill)
+    return {e.past: outputs[e.present] for e in lm.cache}
 
 
 def _integer_range(spec: TensorSpec, ranges: dict[str, tuple[int, int]]) -> tuple[int, int]:
