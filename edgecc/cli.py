@@ -282,8 +282,8 @@ def cmd_example(a: argparse.Namespace) -> int:
     if not a.print_path:
         _log(f"{a.name}: {examples.EXAMPLES[a.name]}")
     if a.name in examples.CACHED and not a.output:
-        if not examples.is_cached(a.name) and not a.print_path:
-            _log(f"{a.name}: first use, exporting it into the example cache (about a minute)")
+        if not examples.is_cached(a.name):  # on stderr: --print-path keeps stdout to the path
+            _log(f"{a.name}: first use, exporting it into the example cache (1-4 minutes)")
         path = examples.cached(a.name)
     else:
         path = examples.build_example(a.name, a.output or f"examples/{a.name}.onnx", exporter=a.exporter,
@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("artifact")
     r.add_argument("--inputs", help=".npz of named inputs (default: seeded random inputs)")
     r.add_argument("--output", help="write outputs to this .npz")
-    r.add_argument("--threads", type=int, help="runtime threads (default: the target's core count)")
+    r.add_argument("--threads", type=_positive_int, help="runtime threads (default: the target's core count)")
     r.add_argument("--dim", action="append", metavar="NAME=N", help="symbolic dim size for random inputs")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--emulate", action="store_true",
@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt-ids", metavar="ID,ID,...", help="token ids (models without a tokenizer)")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--print-ids", action="store_true", help="print token ids, not text")
-    g.add_argument("--threads", type=int, help="runtime threads (default: the target's core count)")
+    g.add_argument("--threads", type=_positive_int, help="runtime threads (default: the target's core count)")
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="ONNX Runtime vs edgecc pipelines on a causal LM: latency, tokens/s, "
@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tuning-log", action="append", metavar="PATH", help="tuning records for the compiles")
     b.add_argument("--json", metavar="OUT.json")
     b.add_argument("--plot", metavar="OUT.png")
-    b.add_argument("--threads", type=int, default=2, help="threads for every engine (default 2)")
+    b.add_argument("--threads", type=_positive_int, default=2, help="threads for every engine (default 2)")
     b.add_argument("--prompt-lengths", default="32,128")
     b.add_argument("--past", type=int, default=128, help="KV-cache length before the timed decode steps")
     b.add_argument("--decode-steps", type=int, default=32)
@@ -416,6 +416,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     logs_cli.add_parser(sub)
     return p
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: a count of 1 or more (argparse reports the error in one line, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got '{text}'")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -289,6 +289,10 @@ def _lm_facts(source: onnx.ModelProto, model_path: Path, stage_dir: Path) -> dic
             lm["tokenizer"] = TOKENIZER
     if "tokenizer" in lm:
         tokenizer = model_path.parent / lm["tokenizer"]
+        # Metadata is data from the model's author: it may name a file beside the model, no other.
+        if not isinstance(lm["tokenizer"], str) or tokenizer.resolve().parent != model_path.resolve().parent:
+            raise UserError(f"{model_path}: its metadata names tokenizer {lm['tokenizer']!r}, which is not "
+                            "a file in the model's directory")
         if not tokenizer.is_file():
             raise UserError(f"{model_path}: its metadata names tokenizer '{lm['tokenizer']}', "
                             f"which is not beside it ({tokenizer})")

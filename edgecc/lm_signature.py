@@ -169,8 +169,8 @@ def metadata(model: onnx.ModelProto, where: str) -> dict:
     try:
         return {p.key.removeprefix("edgecc.lm."): json.loads(p.value) for p in model.metadata_props
                 if p.key.startswith("edgecc.lm.")}
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where}: metadata edgecc.lm.* is not JSON: {e}") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise UserError(f"{where}: metadata edgecc.lm.* is not JSON: {str(e) or type(e).__name__}") from None
 
 
 def find(model: onnx.ModelProto) -> LMSignature | None:

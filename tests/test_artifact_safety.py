@@ -213,3 +213,13 @@ def test_logs_export_with_nothing_to_export_keeps_the_file(tmp_path, capsys):
     code, err = _cli(capsys, "logs", "export", out, "--store", tmp_path / "empty-store")
     assert code == 2 and "no tuning records" in err
     assert out.read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize("name", ["../../../../etc/passwd", "/etc/passwd"])
+def test_a_tokenizer_named_by_metadata_must_lie_beside_the_model(tmp_path, capsys, name):
+    model = onnx.load(_model(tmp_path / "m.onnx"))
+    helper.set_model_props(model, {"edgecc.lm.tokenizer": json.dumps(name)})
+    onnx.save(model, tmp_path / "m.onnx")
+    code, err = _cli(capsys, "compile", tmp_path / "m.onnx", "--target", "host", "-o", tmp_path / "out")
+    assert code == 2 and "not a file in the model's directory" in err
+    assert not (tmp_path / "out").exists()
