@@ -90,13 +90,13 @@ def export_model(model, exporter: str, path: str | Path) -> Path:
         dyn = torch.export.Dim.DYNAMIC
         shapes = {"input_ids": {0: dyn, 1: dyn}, "attention_mask": {0: dyn, 1: dyn},
                   "past_key_values": [({0: dyn, 2: dyn}, {0: dyn, 2: dyn}) for _ in range(layers)]}
-        torch.onnx.export(WithCache(), (ids, mask, cache), str(path), dynamo=True, dynamic_shapes=shapes,
+        torch.onnx.export(WithCache().eval(), (ids, mask, cache), str(path), dynamo=True, dynamic_shapes=shapes,
                           input_names=inputs, output_names=outputs, external_data=False, verbose=False)
     elif exporter == "torchscript":
         axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
                 "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
                 **{n: {0: "batch_size", 2: "past_sequence_length"} for n in kv_names}}
-        torch.onnx.export(WithCache(), (ids, mask, cache), str(path), dynamo=False, input_names=inputs,
+        torch.onnx.export(WithCache().eval(), (ids, mask, cache), str(path), dynamo=False, input_names=inputs,
                           output_names=outputs, dynamic_axes=axes, opset_version=17)
     else:
         raise ValueError(f"exporter {exporter!r} is not one of {EXPORTERS}")

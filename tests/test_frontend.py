@@ -9,12 +9,14 @@ a prefill longer than the sliding window and decode steps against ONNX Runtime.
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import onnx
 import pytest
 
 import edgecc
-from edgecc import lower
+from edgecc import bench, examples, generate, lm_signature, lower
 from edgecc.errors import UserError
 from edgecc.verify import ort_session
 from tests import hf_models
@@ -205,3 +207,30 @@ def test_hf_model_matches_onnx_runtime(hf_model, arch, exporter, tmp_path):
             assert got[name].shape == expected[name].shape, (name, past, seq)
             error = np.abs(got[name] - expected[name]).max() / np.abs(expected[name]).max()
             assert error <= 1e-3, f"{name} at past {past}, seq {seq}: relative error {error:.2e}"
+
+
+TEXT = "A user's model, benched on a byte tokenizer: perplexity needs text, any text will do. " * 6
+
+
+@pytest.mark.parametrize("arch, exporter", list(_matrix()))
+def test_hf_model_generates_and_benches(hf_model, arch, exporter, tmp_path):
+    """What a user does next, with no hints: compile (verification on: LM-aware inputs), generate
+    the same greedy tokens as ONNX Runtime on the export past the sliding window, and bench fp32
+    against int4 (every configuration measured)."""
+    path = shutil.copy(hf_model(arch, exporter), tmp_path / "model.onnx")
+    examples._byte_tokenizer().save(str(tmp_path / "tokenizer.json"))  # the vocab is 256 bytes
+    artifact = edgecc.compile(path, target="host", output=tmp_path / "art")
+    prompt = list(range(40, 52))  # 12 tokens: longer than the sliding window of 8
+    want = generate.greedy(generate.ort_step(str(path)), lm_signature.of_file(path), prompt, 8).tokens
+    sig = lm_signature.of_manifest(artifact.manifest, str(artifact.path))
+    got = generate.greedy(lambda feeds: artifact.run(feeds, as_numpy=False), sig, prompt, 8).tokens
+    assert got == want
+    (tmp_path / "text.txt").write_text(TEXT)
+    settings = bench.Settings(pipelines="fp32;int4", prompt_lengths=(8,), past=8, decode_steps=2, repeats=1,
+                              windows=1, window_tokens=32, text=str(tmp_path / "text.txt"))
+    result = bench.run(path, settings, tmp_path / "bench")
+    names = [c["name"] for c in result["configs"]]
+    assert {"ort fp32", "edgecc fp32", "edgecc int4"} <= set(names)
+    for config in result["configs"]:
+        assert "error" not in config, config
+        assert config["decode"]["tokens_per_s"] > 0 and config["accuracy"]["perplexity"] > 1
