@@ -200,3 +200,28 @@ def test_a_device_file_is_not_read_as_a_model(tmp_path):
 def test_nan_option_values_are_refused(good_model, tmp_path):
     _assert_user_error(run_cli("compile", good_model, "--pipeline", "block-sparsity{sparsity=nan}",
                                "-o", tmp_path / "out"), "option 'sparsity' expects")
+
+
+def _with(model_text: str, edit) -> onnx.ModelProto:
+    model = parse_model(model_text)
+    edit(model)
+    return model
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda m: m.opset_import[0].__setattr__("version", 99), "imports ONNX opset 99"),
+    (lambda m: m.graph.input[0].type.tensor_type.shape.dim[1].__setattr__("dim_value", 1 << 62),
+     "more than 2^32 elements"),
+    (lambda m: m.graph.input[0].type.tensor_type.shape.dim[1].__setattr__("dim_value", -4), "negative dimension"),
+])
+def test_models_no_engine_could_hold(tmp_path, edit, fragment):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(_with(MLP_TEXT, edit).SerializeToString())
+    _assert_user_error(run_cli("compile", path, "--target", "host", "-o", tmp_path / "out"), fragment,
+                       out=tmp_path / "out")
+
+
+def test_threads_must_be_positive(good_model, tmp_path):
+    res = run_cli("run", tmp_path, "--threads", "-3")
+    assert res.returncode == 2 and "--threads: expected a whole number of 1 or more" in res.stderr
+
