@@ -17,6 +17,7 @@ import pytest
 
 import edgecc
 from edgecc import emulator
+from edgecc.artifact import write_manifest
 from edgecc.errors import EdgeccError, UserError
 from edgecc.verify import compare, random_inputs, run_ort
 
@@ -49,11 +50,11 @@ def rpi4_artifact(example_path, tmp_path_factory):
 
 
 def _copy_with(art, dest, section: str, **changes):
-    """A copy of an artifact with manifest[section] changed (the manifest is not in its hashes)."""
+    """A copy of an artifact with manifest[section] changed, written as edgecc writes manifests."""
     shutil.copytree(art, dest)
     manifest = json.loads((dest / "manifest.json").read_text())
     manifest[section].update(changes)
-    (dest / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(dest, manifest)
     return dest
 
 
