@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tempfile
@@ -31,6 +32,9 @@ TOLERANCES = {
 # with the output's RMS (logits of RMS 9 carry 9x the rounding of unit-scale values). A wrong
 # kernel, layout or rewrite is off by orders of magnitude more.
 ACROSS_ENGINES = 10.0
+
+# The largest input random_inputs draws (1 GiB of float32): a larger --dim is a mistake, not a test.
+MAX_RANDOM_ELEMENTS = 1 << 28
 
 # Size given to a symbolic dim that the user did not pin, per dim name heuristics.
 DEFAULT_DIM = 8
@@ -206,6 +210,9 @@ def random_inputs(
     feeds = {}
     for spec in graph_inputs(model):
         shape = spec.concrete(dim_values or {})
+        if math.prod(shape) > MAX_RANDOM_ELEMENTS:
+            raise UserError(f"input '{spec.name}': shape {list(shape)} is too large to draw verification "
+                            f"data for (over 2^28 elements); give smaller sizes with --dim")
         if "mask" in spec.name.lower() and len(shape) == 2:
             feeds[spec.name] = _padding_mask(rng, shape).astype(spec.dtype)
         elif _kind(spec.dtype) == "f":

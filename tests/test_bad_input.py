@@ -225,3 +225,8 @@ def test_threads_must_be_positive(good_model, tmp_path):
     res = run_cli("run", tmp_path, "--threads", "-3")
     assert res.returncode == 2 and "--threads: expected a whole number of 1 or more" in res.stderr
 
+
+
+def test_a_huge_dim_for_verification_is_one_line(good_model, tmp_path):
+    _assert_user_error(run_cli("compile", good_model, "--target", "host", "-o", tmp_path / "out",
+                               "--dim", f"N={1 << 62}"), "too large to draw verification data", out=tmp_path / "out")
