@@ -20,7 +20,7 @@ from edgecc import artifact, cli, emulator
 from edgecc.errors import UserError
 
 
-def _model(path):
+def matmul_relu_model(path):
     """x [N, 32] @ W [32, 32] then Relu: W is 4 KiB, so the artifact stores it in weights.bin."""
     w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((32, 32)).astype(np.float32), "w")
     graph = helper.make_graph(
@@ -34,7 +34,7 @@ def _model(path):
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("safety")
-    model = _model(root / "m.onnx")
+    model = matmul_relu_model(root / "m.onnx")
     edgecc.compile(model, target="host", output=root / "art", pipeline="simplify")
     return model, root / "art"
 
@@ -137,7 +137,7 @@ def test_force_replaces_only_an_artifact_or_an_empty_directory(built, tmp_path, 
 def test_force_never_replaces_the_source_models_directory(tmp_path, capsys, monkeypatch):
     proj = tmp_path / "proj"
     proj.mkdir()
-    model = _model(proj / "m.onnx")
+    model = matmul_relu_model(proj / "m.onnx")
     # Even if the directory looks like an artifact, it holds the source model.
     (proj / artifact.MANIFEST).write_text("{}")
     (proj / artifact.MANIFEST_DIGEST).write_text("0")
@@ -217,7 +217,7 @@ def test_logs_export_with_nothing_to_export_keeps_the_file(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["../../../../etc/passwd", "/etc/passwd"])
 def test_a_tokenizer_named_by_metadata_must_lie_beside_the_model(tmp_path, capsys, name):
-    model = onnx.load(_model(tmp_path / "m.onnx"))
+    model = onnx.load(matmul_relu_model(tmp_path / "m.onnx"))
     helper.set_model_props(model, {"edgecc.lm.tokenizer": json.dumps(name)})
     onnx.save(model, tmp_path / "m.onnx")
     code, err = _cli(capsys, "compile", tmp_path / "m.onnx", "--target", "host", "-o", tmp_path / "out")

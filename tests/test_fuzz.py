@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 
 import edgecc
 from edgecc import artifact, cli
+from tests.test_artifact_safety import matmul_relu_model
 from tests.test_tuning_log import record
 
 FUZZ_CASES = 1000
@@ -40,21 +41,11 @@ HOSTILE_STRINGS = ["../evil.so", "/etc/passwd", "..", ".", "", "a/b", "\0", "x" 
 HOSTILE_NUMBERS = [-1, 0, 1 << 62, 2 ** 64, -(2 ** 63), 1e308, float("nan"), True, None, "7", [], {}]
 
 
-def _tiny_model(path: Path) -> Path:
-    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((32, 32)).astype(np.float32), "w")
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32])], [w])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def seeds(tmp_path_factory):
     """What the mutations start from: a model, its artifact, a good inputs .npz, a good record file."""
     root = tmp_path_factory.mktemp("fuzz-seeds")
-    model = _tiny_model(root / "m.onnx")
+    model = matmul_relu_model(root / "m.onnx")
     edgecc.compile(model, target="host", output=root / "art", pipeline="simplify")
     buf = io.BytesIO()
     np.savez(buf, x=np.ones((2, 32), np.float32))
