@@ -1,5 +1,5 @@
-"""edgecc's converters: ONNX Runtime contrib ops that TVM 0.27's importer lacks, and ops whose TVM
-converter computes an output wrongly, or fails where a one-line refusal naming the node is due."""
+"""Standard ONNX ops: ones TVM 0.27's importer lacks, ones whose TVM converter computes an output
+wrongly, and forms it fails on, where a one-line refusal naming the node is due."""
 
 from __future__ import annotations
 
@@ -10,244 +10,12 @@ from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-from edgecc.errors import UserError
 from edgecc import lower
+from edgecc.converters.common import axes_from, constant, node_name
+from edgecc.errors import UserError
 from edgecc.lower import converter
 from edgecc.verify import UNCOMPILABLE_TYPES
 
-
-def _axes(data, axis: int) -> list[int]:
-    ndim = len(data.ty.shape)
-    axis = axis + ndim if axis < 0 else axis
-    return list(range(axis, ndim))
-
-
-@converter("SimplifiedLayerNormalization", domain="com.microsoft")
-@converter("SimplifiedLayerNormalization")  # ORT also accepts it in the default domain
-class SimplifiedLayerNormalization(OnnxOpConverter):
-    """RMSNorm: x / sqrt(mean(x^2) + eps) * scale (ORT's contrib op, used by Llama exports)."""
-
-    computed_outputs = (0,)
-
-    @classmethod
-    def _impl_v1(cls, bb, inputs, attr, params):
-        data, scale = inputs[0], inputs[1]
-        out = relax.op.nn.rms_norm(data, scale, _axes(data, attr.get("axis", -1)),
-                                   attr.get("epsilon", 1e-5))
-        return relax.Tuple([out, relax.const(0, "float32")])
-
-
-@converter("SkipSimplifiedLayerNormalization", domain="com.microsoft")
-class SkipSimplifiedLayerNormalization(OnnxOpConverter):
-    """RMSNorm of (input + skip [+ bias]); the fourth output is that sum (the residual)."""
-
-    computed_outputs = (0, 3)
-
-    @classmethod
-    def _impl_v1(cls, bb, inputs, attr, params):
-        data, skip, scale = inputs[0], inputs[1], inputs[2]
-        total = relax.op.add(data, skip)
-        if len(inputs) > 3 and inputs[3] is not None:
-            total = relax.op.add(total, inputs[3])
-        out = relax.op.nn.rms_norm(total, scale, _axes(total, -1), attr.get("epsilon", 1e-5))
-        placeholder = relax.const(0, "float32")
-        return relax.Tuple([out, placeholder, placeholder, total])
-
-
-def _int8_matmul(bb, x, w, tile: int):
-    """x int8 [..., K] @ constant int8 w [K, N] -> int32 with edgecc's int8 kernel."""
-    from edgecc.kernels.int8 import emit_int8_matmul, over_rows, pack_int8
-
-    weight = w.value.numpy()
-    K, N = weight.shape
-    packed = relax.const(pack_int8(weight, tile))
-    return over_rows(bb, x, K, N, lambda rows: emit_int8_matmul(bb, rows, packed, tile, K, N))
-
-
-def _int8_operands(inputs) -> bool:
-    x, w = inputs[0], inputs[1]
-    return (isinstance(w, tvm.ir.Constant) and len(w.ty.shape) == 2 and str(w.ty.dtype) == "int8"
-            and str(x.ty.dtype) == "int8" and not any(z is not None for z in inputs[2:]))
-
-
-@converter("MatMulInteger")
-class MatMulInteger(OnnxOpConverter):
-    """int8 x int8 -> int32 with the operands kept int8.
-
-    TVM's own converter widens both operands to int32 before the matmul, and constant folding
-    then stores int8 weights as int32: four bytes a weight. A constant int8 weight without zero
-    points (what quantize-int8 emits) goes to edgecc's int8 kernel in ONNX's [K, N] layout;
-    other forms keep TVM's conversion.
-    """
-
-    computed_outputs = (0,)
-
-    @classmethod
-    def _impl_v10(cls, bb, inputs, attr, params):
-        if _int8_operands(inputs):
-            return _int8_matmul(bb, inputs[0], inputs[1], tile=0)
-        return onnx_frontend.MatMulInteger._impl_v10(bb, inputs, attr, params)
-
-
-@converter("MatMulInt8", domain="edgecc")
-class MatMulInt8(OnnxOpConverter):
-    """A MatMulInteger that pack-weights gave a layout: the weight is stored in panels of `tile`."""
-
-    computed_outputs = (0,)
-
-    @classmethod
-    def _impl_v1(cls, bb, inputs, attr, params):
-        if not _int8_operands(inputs):
-            raise ValueError("packed MatMulInteger needs int8 x constant int8 [K, N], no zero points")
-        return _int8_matmul(bb, inputs[0], inputs[1], tile=attr["tile"])
-
-
-def _nbits_operands(inputs, attr):
-    """MatMulNBits' constants in the int4 kernels' terms: packed bytes [N, K/2] (two k per byte),
-    scales [K/block, N], zero points [K/block, N] (uint8 levels, float32, or None: symmetric)."""
-    import numpy as np
-
-    K, N, bits, block = attr["K"], attr["N"], attr.get("bits", 4), attr["block_size"]
-    b, scales = inputs[1], inputs[2]
-    zero_points = inputs[3] if len(inputs) > 3 else None
-    extra = [i for i in inputs[4:] if i is not None]
-    if bits != 4 or extra or not all(isinstance(v, tvm.ir.Constant) for v in (b, scales)):
-        raise ValueError("edgecc lowers MatMulNBits with bits=4, constant B and scales, "
-                         "and no g_idx or bias inputs")
-    blocks = K // block
-    packed = b.value.numpy().reshape(N, K // 2)
-    kernel_scales = np.ascontiguousarray(scales.value.numpy().reshape(N, blocks).T)
-    if zero_points is None:
-        return packed, kernel_scales, None
-    given = zero_points.value.numpy() if isinstance(zero_points, tvm.ir.Constant) else None
-    if given is None or given.dtype not in (np.uint8, np.float32):
-        raise ValueError("edgecc lowers MatMulNBits zero points only as constants, packed "
-                         "uint8 or float32")
-    if given.dtype == np.float32:
-        return packed, kernel_scales, np.ascontiguousarray(given.reshape(N, blocks).T)
-    nibbles = given.reshape(N, -1)
-    both = np.stack([nibbles & 15, nibbles >> 4], axis=-1).reshape(N, -1)[:, :blocks]
-    return packed, kernel_scales, np.ascontiguousarray(both.T).astype(np.uint8)
-
-
-@converter("MatMulNBits", domain="com.microsoft")
-class MatMulNBits(OnnxOpConverter):
-    """int4 MatMulNBits (what quantize-int4 emits) -> edgecc's fused dequantize-matmul kernel.
-
-    B's bytes are already the kernel's packed layout ([N, K/2], two k per byte); scales and
-    zero points are reordered from ORT's N-major order to the kernel's [K/block, N]. The module
-    keeps the nibbles: nothing is dequantized ahead of time.
-    """
-
-    computed_outputs = (0,)
-
-    @classmethod
-    def _impl_v1(cls, bb, inputs, attr, params):
-        from edgecc.kernels.int4 import emit_int4_linear
-        from edgecc.kernels.int8 import over_rows
-
-        K, N, block = attr["K"], attr["N"], attr["block_size"]
-        packed, scales, zeros = (v if v is None else relax.const(v) for v in _nbits_operands(inputs, attr))
-        return over_rows(bb, inputs[0], K, N,
-                         lambda rows: emit_int4_linear(bb, rows, packed, scales, zeros, block, K, N))
-
-
-@converter("MatMulNBitsDot", domain="edgecc")
-class MatMulNBitsDot(OnnxOpConverter):
-    """A MatMulNBits with accuracy_level 4 that pack-weights gave the int4 x int8 dot-product
-    kernel of an instruction set (`isa`)."""
-
-    computed_outputs = (0,)
-
-    @classmethod
-    def _impl_v1(cls, bb, inputs, attr, params):
-        import numpy as np
-
-        from edgecc.kernels import int4_dot
-        from edgecc.kernels.int4 import unpack_int4
-        from edgecc.kernels.int8 import over_rows
-
-        K, N, block = attr["K"], attr["N"], attr["block_size"]
-        isa = attr["isa"].decode() if isinstance(attr["isa"], bytes) else attr["isa"]
-        packed, scales, zeros = _nbits_operands(inputs, attr)
-        levels = unpack_int4(packed, K, N, signed=False)
-        if zeros is None:  # symmetric: offset-binary nibbles, zero point 8
-            zeros = np.full_like(scales, 8)
-        return over_rows(bb, inputs[0], K, N,
-                         lambda rows: int4_dot.emit(bb, rows, levels, scales, zeros.astype(np.float32), block,
-                                                    isa))
-
-
-@converter("BlockSparseMatMul", domain="edgecc")
-class BlockSparseMatMul(OnnxOpConverter):
-    """x @ W with W's zero blocks dropped: BSR storage and edgecc's block-sparse kernel.
-
-    Only the lowering produces this op, from MatMuls the block-sparsity pass marked; W arrives
-    as the pruned dense constant and leaves as its nonzero blocks.
-    """
-
-    computed_outputs = (0,)
-
-    @classmethod
-    def _impl_v1(cls, bb, inputs, attr, params):
-        from edgecc.kernels.bsr import emit_bsr_matmul, to_bsr
-
-        x, w = inputs
-        if not isinstance(w, tvm.ir.Constant):
-            raise ValueError("BlockSparseMatMul needs a constant weight")
-        weight = w.value.numpy()
-        block = (attr["block_rows"], attr["block_cols"])
-        data, indices, indptr = to_bsr(weight, block)
-        K, N = weight.shape
-        return emit_bsr_matmul(bb, x, relax.const(data), relax.const(indices), relax.const(indptr),
-                               K, N, block)
-
-
-def _gelu(x, approximate: str):
-    """GELU as elementwise Relax ops, so FastMathTransform (edgecc.backend.prepare) can swap erf
-    and tanh for TVM's vectorizable approximations: relax's fused gelu op calls libm's scalar
-    erff per element, 22x slower (0.57 vs 0.026 ms for 32x1024 here) and the heaviest kernel of a
-    tuned transformer block."""
-    def c(v: float):
-        return relax.const(v, x.ty.dtype)
-
-    if approximate == "tanh":
-        inner = relax.op.multiply(c(0.7978845608028654),
-                                  relax.op.add(x, relax.op.multiply(c(0.044715), relax.op.power(x, c(3.0)))))
-        return relax.op.multiply(relax.op.multiply(c(0.5), x), relax.op.add(c(1.0), relax.op.tanh(inner)))
-    if approximate != "none":
-        raise ValueError(f"Gelu approximate='{approximate}' is not 'none' or 'tanh'")
-    erf = relax.op.erf(relax.op.multiply(x, c(0.7071067811865476)))
-    return relax.op.multiply(relax.op.multiply(c(0.5), x), relax.op.add(c(1.0), erf))
-
-
-@converter("Gelu", domain="com.microsoft")
-@converter("Gelu")
-class Gelu(OnnxOpConverter):
-    """ONNX Gelu (opset 20, erf or tanh form) and ORT's contrib Gelu (erf form)."""
-
-    computed_outputs = (0,)
-
-    @classmethod
-    def _impl_v1(cls, bb, inputs, attr, params):
-        return _gelu(inputs[0], "none")
-
-    @classmethod
-    def _impl_v20(cls, bb, inputs, attr, params):
-        approximate = attr.get("approximate", b"none")
-        return _gelu(inputs[0], approximate.decode() if isinstance(approximate, bytes) else approximate)
-
-
-@converter("FastGelu", domain="com.microsoft")
-class FastGelu(OnnxOpConverter):
-    """ORT's contrib FastGelu: the tanh form, with an optional bias added first."""
-
-    computed_outputs = (0,)
-
-    @classmethod
-    def _impl_v1(cls, bb, inputs, attr, params):
-        x = inputs[0] if len(inputs) < 2 or inputs[1] is None else bb.normalize(relax.op.add(*inputs[:2]))
-        return _gelu(x, "tanh")
 
 
 @converter("Range")
@@ -267,7 +35,7 @@ class Range(OnnxOpConverter):
     def _impl_v12(cls, bb, inputs, attr, params):
         bounds, dtypes = [], set()
         for value in inputs:
-            value = onnx_frontend.get_constant(value, params)
+            value = onnx_frontend.getconstant(value, params)
             if isinstance(value, tvm.ir.GenericConst) and value.value.numpy().size == 1:
                 number = value.value.numpy()
                 bounds.append(int(number.item()) if number.dtype.kind in "iu" else None)
@@ -300,7 +68,7 @@ class LayerNormalization(OnnxOpConverter):
         if attr["tvm_custom"]["num_outputs"] == 1:
             return y
         stash = helper.tensor_dtype_to_np_dtype(attr.get("stash_type", 1)).name
-        axes = _axes(inputs[0], attr.get("axis", -1))
+        axes = axes_from(inputs[0], attr.get("axis", -1))
         x = relax.op.astype(inputs[0], stash)
         mean = relax.op.mean(x, axes, keepdims=True)
         var = relax.op.mean(relax.op.square(relax.op.subtract(x, mean)), axes, keepdims=True)
@@ -308,14 +76,6 @@ class LayerNormalization(OnnxOpConverter):
         return relax.Tuple([y, mean, inv_std])
 
 
-def _node(attr) -> str:
-    return attr["tvm_custom"]["name"] or "<unnamed>"
-
-
-def _constant(value, params):
-    """The value of a constant input as a numpy array; None when it is not a constant."""
-    value = onnx_frontend.get_constant(value, params)
-    return value.value.numpy() if isinstance(value, tvm.ir.GenericConst) else None
 
 
 @converter("Attention")
@@ -346,15 +106,15 @@ class Attention(OnnxOpConverter):
         mode = attr.get("qk_matmul_output_mode", 0)
         wants_qk = attr["tvm_custom"]["num_outputs"] > 3
         if nonpad is not None:
-            raise UserError(f"node '{_node(attr)}': Attention with nonpad_kv_seqlen is not lowered")
+            raise UserError(f"node '{node_name(attr)}': Attention with nonpad_kv_seqlen is not lowered")
         if wants_qk and mode not in (0, 3):
-            raise UserError(f"node '{_node(attr)}': Attention's qk_matmul_output in mode {mode} is not "
+            raise UserError(f"node '{node_name(attr)}': Attention's qk_matmul_output in mode {mode} is not "
                             "lowered (modes 0 and 3 are)")
 
         def shape(x) -> list[int]:
             dims = bb.normalize(x).ty.shape.values
             if not all(isinstance(d, tvm.tirx.IntImm) for d in dims):
-                raise UserError(f"node '{_node(attr)}': Attention is lowered with static shapes only")
+                raise UserError(f"node '{node_name(attr)}': Attention is lowered with static shapes only")
             return [int(d) for d in dims]
 
         rank = len(shape(q))
@@ -364,7 +124,7 @@ class Attention(OnnxOpConverter):
             if rank == 4:
                 return x
             if n is None:
-                raise UserError(f"node '{_node(attr)}': 3D Attention needs q_num_heads and kv_num_heads")
+                raise UserError(f"node '{node_name(attr)}': 3D Attention needs q_num_heads and kv_num_heads")
             _, seq, hidden = shape(x)
             return relax.op.permute_dims(relax.op.reshape(x, [batch, seq, n, hidden // n]), [0, 2, 1, 3])
 
@@ -441,9 +201,9 @@ class Dropout(OnnxOpConverter):
 
     @classmethod
     def _impl_v12(cls, bb, inputs, attr, params):
-        training = inputs[2] if inputs[2] is None else _constant(inputs[2], params)
+        training = inputs[2] if inputs[2] is None else constant(inputs[2], params)
         if inputs[2] is not None and (training is None or training.any()):
-            raise UserError(f"node '{_node(attr)}': Dropout in training mode (random masks) is not "
+            raise UserError(f"node '{node_name(attr)}': Dropout in training mode (random masks) is not "
                             "compiled; edgecc compiles inference graphs")
         if attr["tvm_custom"]["num_outputs"] == 1:
             return inputs[0]
@@ -463,7 +223,7 @@ class Cast(OnnxOpConverter):
 
         if attr["to"] in UNCOMPILABLE_TYPES:
             to = helper.tensor_dtype_to_string(attr["to"]).removeprefix("TensorProto.")
-            raise UserError(f"node '{_node(attr)}': Cast to {to}, which TVM 0.27 cannot compile")
+            raise UserError(f"node '{node_name(attr)}': Cast to {to}, which TVM 0.27 cannot compile")
         return onnx_frontend.Cast._impl_v13(bb, inputs, attr, params)
 
 
@@ -477,7 +237,7 @@ class BatchNormalization(OnnxOpConverter):
     @classmethod
     def _impl_v15(cls, bb, inputs, attr, params):
         if attr.get("training_mode", 0):
-            raise UserError(f"node '{_node(attr)}': BatchNormalization with training_mode=1 is not "
+            raise UserError(f"node '{node_name(attr)}': BatchNormalization with training_mode=1 is not "
                             "compiled; edgecc compiles inference graphs")
         return onnx_frontend.BatchNormalization._impl_v15(bb, inputs, attr, params)
 
@@ -500,7 +260,7 @@ class Constant(OnnxOpConverter):
                 return relax.const(np.array(attr[key], dtype), dtype)
         value = attr.get("value")
         if not isinstance(value, TensorProto) or value.data_type == TensorProto.STRING:
-            raise UserError(f"node '{_node(attr)}': a Constant of strings or a sparse Constant, which "
+            raise UserError(f"node '{node_name(attr)}': a Constant of strings or a sparse Constant, which "
                             "edgecc does not compile")
         return onnx_frontend.Constant._impl_v13(bb, inputs, attr, params)
 
@@ -564,7 +324,7 @@ class ConvTranspose(OnnxOpConverter):
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
         if "output_shape" in attr:
-            raise UserError(f"node '{_node(attr)}': ConvTranspose with output_shape is not lowered "
+            raise UserError(f"node '{node_name(attr)}': ConvTranspose with output_shape is not lowered "
                             "(TVM's converter ignores it); give pads and output_padding instead")
         return onnx_frontend.ConvTranspose._impl_v1(bb, inputs, attr, params)
 
@@ -581,11 +341,11 @@ class RMSNormalization(OnnxOpConverter):
         from onnx import helper
 
         data, scale = inputs[0], inputs[1]
-        if _axes(data, attr.get("axis", -1))[0] != 0:
+        if axes_from(data, attr.get("axis", -1))[0] != 0:
             return onnx_frontend.RMSNormalization._impl_v23(bb, inputs, attr, params)
         stash = helper.tensor_dtype_to_np_dtype(attr.get("stash_type", 1)).name
         x = relax.op.astype(data, stash)
-        mean_square = relax.op.mean(relax.op.square(x), _axes(data, 0), keepdims=True)
+        mean_square = relax.op.mean(relax.op.square(x), axes_from(data, 0), keepdims=True)
         scaled = relax.op.multiply(relax.op.multiply(x, relax.op.rsqrt(relax.op.add(
             mean_square, relax.const(attr.get("epsilon", 1e-5), stash)))), relax.op.astype(scale, stash))
         return relax.op.astype(scaled, data.ty.dtype)
@@ -620,7 +380,7 @@ class Mod(OnnxOpConverter):
     @classmethod
     def _impl_v10(cls, bb, inputs, attr, params):
         if "float" in str(inputs[0].ty.dtype) and not attr.get("fmod", 0):
-            raise UserError(f"node '{_node(attr)}': Mod of floats needs fmod=1 (ONNX spec)")
+            raise UserError(f"node '{node_name(attr)}': Mod of floats needs fmod=1 (ONNX spec)")
         return onnx_frontend.Mod._impl_v10(bb, inputs, attr, params)
 
 
@@ -632,7 +392,7 @@ class NonMaxSuppression(OnnxOpConverter):
 
     @classmethod
     def _impl_v10(cls, bb, inputs, attr, params):
-        raise UserError(f"node '{_node(attr)}': op NonMaxSuppression cannot be lowered to TVM "
+        raise UserError(f"node '{node_name(attr)}': op NonMaxSuppression cannot be lowered to TVM "
                         "(TVM 0.27's converter selects no boxes); run it on the host after the model")
 
 
@@ -645,7 +405,7 @@ class RoiAlign(OnnxOpConverter):
     @classmethod
     def _check(cls, attr):
         if attr.get("mode", b"avg") != b"avg":
-            raise UserError(f"node '{_node(attr)}': RoiAlign with mode 'max' is not lowered "
+            raise UserError(f"node '{node_name(attr)}': RoiAlign with mode 'max' is not lowered "
                             "(TVM's differs from ONNX's)")
 
     @classmethod
@@ -731,7 +491,7 @@ def _refusing(op: str, unsupported: Callable) -> type:
             def checked(bb, inputs, attr, params):
                 form = unsupported(inputs, attr)
                 if form:
-                    raise UserError(f"node '{_node(attr)}': {op} {form} is not lowered (TVM 0.27 "
+                    raise UserError(f"node '{node_name(attr)}': {op} {form} is not lowered (TVM 0.27 "
                                     "has no conversion for it)")
                 return convert(bb, inputs, attr, params)
 
@@ -779,13 +539,13 @@ def _constant_operands(op: str, operands: dict[int, str], computed_ok: bool) -> 
             def checked(bb, inputs, attr, params):
                 for i, what in operands.items():
                     value = inputs[i]
-                    if value is None or _constant(value, params) is not None:
+                    if value is None or constant(value, params) is not None:
                         continue
                     given = isinstance(value, relax.Var) and not isinstance(value, relax.DataflowVar)
                     if not given and computed_ok:
                         continue
                     source = f"graph input '{value.name}'" if given else "a value computed at run time"
-                    raise UserError(f"node '{_node(attr)}': {op}'s {what} (input {i}) is {source}; "
+                    raise UserError(f"node '{node_name(attr)}': {op}'s {what} (input {i}) is {source}; "
                                     f"edgecc compiles {op} only with constant {what} (make it an "
                                     "initializer)")
                 return convert(bb, inputs, attr, params)
