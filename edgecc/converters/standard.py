@@ -14,8 +14,6 @@ from edgecc import lower
 from edgecc.converters.common import axes_from, constant, node_name
 from edgecc.errors import UserError
 from edgecc.lower import converter
-from edgecc.verify import UNCOMPILABLE_TYPES
-
 
 
 @converter("Range")
@@ -76,123 +74,6 @@ class LayerNormalization(OnnxOpConverter):
         return relax.Tuple([y, mean, inv_std])
 
 
-
-
-@converter("Attention")
-class Attention(OnnxOpConverter):
-    """ONNX's Attention (opset 23-25): scaled dot-product attention over 3D or 4D Q, K, V, with
-    grouped KV heads, a boolean or additive mask, bottom-right causal masking, a local window,
-    softcap and a KV cache (past in, present out), as onnx's reference computes it (fully masked
-    rows are 0).
-
-    TVM's importer ignores domains and its Attention converter is ORT's contrib
-    com.microsoft.Attention, whose `num_heads` attribute is required: such a node goes there.
-    """
-
-    computed_outputs = (0, 1, 2, 3)
-
-    @classmethod
-    def _impl_v1(cls, bb, inputs, attr, params):
-        if "num_heads" in attr:
-            return onnx_frontend.Attention.get_converter(1)(bb, inputs, attr, params)
-        return cls._standard(bb, inputs, attr)
-
-    @classmethod
-    def _standard(cls, bb, inputs, attr):
-        import numpy as np
-        from onnx import helper
-
-        q, k, v, mask, past_k, past_v, nonpad = (inputs[i] for i in range(7))
-        mode = attr.get("qk_matmul_output_mode", 0)
-        wants_qk = attr["tvm_custom"]["num_outputs"] > 3
-        if nonpad is not None:
-            raise UserError(f"node '{node_name(attr)}': Attention with nonpad_kv_seqlen is not lowered")
-        if wants_qk and mode not in (0, 3):
-            raise UserError(f"node '{node_name(attr)}': Attention's qk_matmul_output in mode {mode} is not "
-                            "lowered (modes 0 and 3 are)")
-
-        def shape(x) -> list[int]:
-            dims = bb.normalize(x).ty.shape.values
-            if not all(isinstance(d, tvm.tirx.IntImm) for d in dims):
-                raise UserError(f"node '{node_name(attr)}': Attention is lowered with static shapes only")
-            return [int(d) for d in dims]
-
-        rank = len(shape(q))
-        batch = shape(q)[0]
-
-        def heads(x, n):  # [batch, seq, n * size] -> [batch, n, seq, size]
-            if rank == 4:
-                return x
-            if n is None:
-                raise UserError(f"node '{node_name(attr)}': 3D Attention needs q_num_heads and kv_num_heads")
-            _, seq, hidden = shape(x)
-            return relax.op.permute_dims(relax.op.reshape(x, [batch, seq, n, hidden // n]), [0, 2, 1, 3])
-
-        q = heads(q, attr.get("q_num_heads"))
-        k, v = heads(k, attr.get("kv_num_heads")), heads(v, attr.get("kv_num_heads"))
-        if past_k is not None:
-            k, v = relax.op.concat([past_k, k], axis=2), relax.op.concat([past_v, v], axis=2)
-        present_k, present_v = k, v
-        (_, q_heads, q_len, size), (_, kv_heads, kv_len, _) = shape(q), shape(k)
-        if q_heads != kv_heads:
-            k, v = relax.op.repeat(k, q_heads // kv_heads, axis=1), relax.op.repeat(v, q_heads // kv_heads, axis=1)
-        dtype = str(bb.normalize(q).ty.dtype)
-
-        def const(value):
-            return relax.const(value, dtype)
-
-        root_scale = const(float(np.sqrt(attr.get("scale", 1 / np.sqrt(size)))))
-        scores = relax.op.matmul(relax.op.multiply(q, root_scale),
-                                 relax.op.multiply(relax.op.permute_dims(k, [0, 1, 3, 2]), root_scale))
-        softcap = attr.get("softcap", 0.0)
-        if softcap > 0:
-            scores = relax.op.multiply(relax.op.tanh(relax.op.divide(scores, const(softcap))), const(softcap))
-        qk = scores
-        # Which keys each query sees, as booleans: a fully masked row is found without comparing
-        # floats to -inf (the compiled code does not keep such comparisons).
-        allowed = None
-        if mask is not None:
-            mask_shape = shape(mask)
-            boolean = str(bb.normalize(mask).ty.dtype) == "bool"
-            if mask_shape[-1] < kv_len:  # keys past the mask's end are masked out
-                pad = relax.op.full(mask_shape[:-1] + [kv_len - mask_shape[-1]],
-                                    relax.const(False if boolean else -np.inf, "bool" if boolean else dtype))
-                mask = relax.op.concat([mask, pad], axis=-1)
-            if boolean:
-                allowed = mask
-            else:
-                scores = relax.op.add(scores, mask)
-        # Query i sits at position i + offset among the keys (offset: the past's length).
-        distance = np.arange(q_len)[:, None] + (shape(past_k)[2] if past_k is not None else 0) - np.arange(kv_len)
-        window = np.full(distance.shape, True)
-        if attr.get("is_causal", 0):
-            window &= distance >= 0
-        left, right = attr.get("left_window_size", -1), attr.get("right_window_size", -1)
-        if left >= 0:
-            window &= distance <= left
-        if right >= 0:
-            window &= -distance <= right
-        if not window.all():
-            allowed = relax.const(window) if allowed is None else relax.op.logical_and(allowed, relax.const(window))
-        precision = attr.get("softmax_precision")
-        if precision:
-            scores = relax.op.astype(scores, helper.tensor_dtype_to_np_dtype(precision).name)
-        if allowed is None:
-            weights = relax.op.nn.softmax(scores, axis=-1)
-        else:  # a fully masked row gets weights 0, as onnx's reference has it, not softmax's NaN
-            scores = relax.op.where(allowed, scores, relax.const(-np.inf, str(bb.normalize(scores).ty.dtype)))
-            none = relax.op.equal(relax.op.sum(relax.op.astype(allowed, "int32"), axis=-1, keepdims=True),
-                                  relax.const(0, "int32"))
-            zero = relax.op.zeros_like(scores)
-            weights = relax.op.where(none, zero, relax.op.nn.softmax(relax.op.where(none, zero, scores), axis=-1))
-        weights = relax.op.astype(weights, dtype)
-        y = relax.op.matmul(weights, v)
-        if rank == 3:
-            y = relax.op.reshape(relax.op.permute_dims(y, [0, 2, 1, 3]), [batch, q_len, q_heads * shape(v)[3]])
-        outputs = [y, present_k, present_v, weights if mode == 3 else qk]
-        return relax.Tuple(outputs[:attr["tvm_custom"]["num_outputs"]])
-
-
 @converter("Dropout")
 class Dropout(OnnxOpConverter):
     """Inference Dropout: Y = X and a mask of ones, as bool (TVM's mask is float32)."""
@@ -208,23 +89,6 @@ class Dropout(OnnxOpConverter):
         if attr["tvm_custom"]["num_outputs"] == 1:
             return inputs[0]
         return relax.Tuple([inputs[0], relax.op.ones_like(inputs[0], "bool")])
-
-
-@converter("Cast")
-class Cast(OnnxOpConverter):
-    """TVM's Cast, except to the element types TVM cannot compile (float8, float4, int4, int2),
-    where TVM fails inside code generation or when it copies the tensor."""
-
-    computed_outputs = (0,)
-
-    @classmethod
-    def _impl_v13(cls, bb, inputs, attr, params):
-        from onnx import helper
-
-        if attr["to"] in UNCOMPILABLE_TYPES:
-            to = helper.tensor_dtype_to_string(attr["to"]).removeprefix("TensorProto.")
-            raise UserError(f"node '{node_name(attr)}': Cast to {to}, which TVM 0.27 cannot compile")
-        return onnx_frontend.Cast._impl_v13(bb, inputs, attr, params)
 
 
 @converter("BatchNormalization")
