@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from edgecc import weights
+from edgecc import fixed_inputs, weights
 from edgecc.errors import UserError
 
 FORMAT_VERSION = 2  # 2: the closed file set and manifest.sha256
@@ -195,9 +195,16 @@ def _check_shape(manifest: dict[str, Any], mpath: Path) -> None:
     for key in ("runtime",):
         if key in build and not isinstance(build[key], str):
             raise bad(f"build.{key}", "a string")
-    for key in ("lm", "edgetpu"):
+    for key in ("lm", "edgetpu", "constants"):
         if key in manifest and not isinstance(manifest[key], dict):
             raise bad(key, "an object")
+    for name, fixed in manifest.get("constants", {}).items():
+        where = f"constants.{name}"
+        if not (isinstance(fixed, dict) and isinstance(fixed.get("dtype"), str)
+                and isinstance(fixed.get("shape"), list) and all(_is_int(d) and d >= 0 for d in fixed["shape"])
+                and isinstance(fixed.get("value"), list)
+                and all(isinstance(v, (int, float)) for v in fixed["value"])):
+            raise bad(where, "an object with a dtype, a static shape and a list of numbers")
 
 
 def _referenced_files(manifest: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -321,8 +328,11 @@ class Artifact:
         """The feeds in the module's input order, checked against the manifest: numpy arrays
         (made contiguous), or TVM tensors a previous `run(..., as_numpy=False)` returned."""
         names = [i["name"] for i in self.inputs]
+        fixed = self.manifest.get("constants", {})
+        for name in fixed.keys() & feeds.keys():  # ORT's feeds work unchanged, if they agree
+            fixed_inputs.check(fixed, name, feeds[name])
         missing = [n for n in names if n not in feeds]
-        extra = [n for n in feeds if n not in names]
+        extra = [n for n in feeds if n not in names and n not in fixed]
         if missing or extra:
             raise UserError(f"inputs do not match the model: missing {missing}, unexpected {extra} "
                             f"(expected {names})")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgecc import fixed_inputs
 from edgecc.errors import EdgeccError, UserError, VerificationError
 
 
@@ -38,7 +39,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
         a.model, a.target, a.output, a.pipeline, force=a.force, verify=not a.no_verify,
         verify_each_pass=a.verify, print_ir_after=tuple(a.print_ir_after or ()),
         dim_values=_parse_dims(a.dim or []), calibration=a.calibration, explain=a.explain, seed=a.seed,
-        shapes=_parse_dims(a.shape or [], "--shape"), tuning_logs=tuple(a.tuning_log or ()),
+        shapes=_parse_dims(a.shape or [], "--shape"), constants=fixed_inputs.parse(a.const),
+        tuning_logs=tuple(a.tuning_log or ()),
         tuning_store=False if a.no_tuning_store else a.tuning_store,
         log=(lambda _m: None) if a.quiet else _log,
     )
@@ -58,7 +60,7 @@ def cmd_tune(a: argparse.Namespace) -> int:
     summary = tune(
         a.model, a.target, a.pipeline, trials=a.trials, max_trials_per_task=a.max_trials_per_task,
         store=a.tuning_store, rpc_tracker=a.rpc_tracker, rpc_key=a.rpc_key,
-        shapes=_parse_dims(a.shape or [], "--shape"),
+        shapes=_parse_dims(a.shape or [], "--shape"), constants=fixed_inputs.parse(a.const),
         calibration=a.calibration, seed=a.seed, log=_log,
     )
     for name, ms in sorted(summary["best_ms"].items(), key=lambda kv: -kv[1]):
@@ -318,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--shape", action="append", metavar="NAME=N",
                    help="fix a symbolic dim: static kernels (what tuning records are for); the "
                         "artifact then takes only that size")
+    c.add_argument("--const", action="append", metavar="NAME=V,V,...",
+                   help="fix a graph input to these values (axes, k, sizes, pads a converter needs "
+                        "constant); the artifact then refuses any other value for it")
     c.add_argument("--tuning-log", action="append", metavar="PATH",
                    help="tuning records to use (JSON lines, .gz allowed; only those for this target apply)")
     c.add_argument("--tuning-store", metavar="DIR", help="local tuning-record store (default "
@@ -339,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "~/.cache/edgecc/tuning)")
     tu.add_argument("--shape", action="append", metavar="NAME=N",
                     help="size of each symbolic dim (tuning needs static shapes; compile with the same)")
+    tu.add_argument("--const", action="append", metavar="NAME=V,V,...",
+                    help="fix a graph input to these values, as compile does")
     tu.add_argument("--calibration", metavar="DATA.npz", help="inputs for passes that calibrate")
     tu.add_argument("--seed", type=int, default=0)
     tu.set_defaults(func=cmd_tune)

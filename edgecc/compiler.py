@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from edgecc import lm_signature, lower, report, tuning
+from edgecc import fixed_inputs, lm_signature, lower, report, tuning
 from edgecc.calibration import load_calibration
 from edgecc.artifact import Artifact, check_replaceable, staged_output, write_manifest
 from edgecc.backend import LIBRARY_NAME, build, require_tool
@@ -60,6 +60,7 @@ class Optimized:
     reports: list
     mod: Any  # the Relax IRModule; None until lowered (never, for a target that is not TVM's)
     timings: dict[str, float]
+    constants: dict[str, dict]  # graph inputs fixed with --const, as the manifest records them
 
 
 def run_pipeline(
@@ -74,13 +75,15 @@ def run_pipeline(
     explain: bool = False,
     seed: int = 0,
     shapes: dict[str, int] | None = None,
+    constants: dict[str, Any] | None = None,
     log: Callable[[str], None] = lambda _msg: None,
     before_load: Callable[[TargetDesc], None] = lambda _t: None,
 ) -> Optimized:
     """Load a model and run the pipeline (the target's by default); `optimize` then lowers it.
 
-    `before_load` runs once the target and pipeline are known to be valid, before the long work:
-    the place for a caller's own up-front checks.
+    `constants` fixes graph inputs to values (edgecc.fixed_inputs): the model is compiled, and
+    verified, as if they were initializers. `before_load` runs once the target and pipeline are
+    known to be valid, before the long work: the place for a caller's own up-front checks.
     """
     timings: dict[str, float] = {}
 
@@ -106,8 +109,7 @@ def run_pipeline(
     # Verification must feed the sizes the module is specialized to.
     ctx = PassContext(target=tdesc, seed=seed, explain=explain, dim_values={**(dim_values or {}), **shapes})
 
-    source = load_model(model)
-    source_proto = to_proto(source)
+    source_proto, fixed = fixed_inputs.fix(to_proto(load_model(model)), constants or {}, str(model))
     symbolic = {d for spec in graph_inputs(source_proto) for d in spec.shape if isinstance(d, str)}
     unknown = sorted(set(shapes) - symbolic)
     if unknown:
@@ -125,7 +127,7 @@ def run_pipeline(
         for miss in r.stats.get("near_misses", []):
             log(f"{r.name}: near miss: {miss}")
     return Optimized(tdesc, pipe, ctx, source_proto, optimized, to_proto(optimized), pass_reports, None,
-                     timings)
+                     timings, fixed)
 
 
 def optimize(
@@ -176,6 +178,7 @@ def compile(
     tuning_logs: tuple[str | os.PathLike, ...] = (),
     tuning_store: str | os.PathLike | None | bool = None,
     shapes: dict[str, int] | None = None,
+    constants: dict[str, Any] | None = None,
     log: Callable[[str], None] = lambda _msg: None,
 ) -> Artifact:
     """Compile an ONNX file for a target into an artifact directory and return it loaded.
@@ -193,7 +196,7 @@ def compile(
         return compile_tflite(model, tdesc, output, pipeline, force=force, verify=verify,
                               verify_each_pass=verify_each_pass, print_ir_after=print_ir_after,
                               dim_values=dim_values, calibration=calibration, explain=explain, seed=seed,
-                              shapes=shapes, log=log)
+                              shapes=shapes, constants=constants, log=log)
     out_dir = Path(output) if output is not None else None
     runner_info: dict[str, Any] = {}
 
@@ -207,7 +210,7 @@ def compile(
 
     opt = optimize(model, tdesc, pipeline, verify_each_pass=verify_each_pass, print_ir_after=print_ir_after,
                    dim_values=dim_values, calibration=calibration, explain=explain, seed=seed,
-                   shapes=shapes, log=log, before_load=checks)
+                   shapes=shapes, constants=constants, log=log, before_load=checks)
     tdesc, pipe, ctx, timings = opt.target, opt.pipeline, opt.ctx, opt.timings
     source_proto, optimized, opt_proto, pass_reports, mod = opt.source, opt.optimized, opt.proto, opt.reports, opt.mod
     runner, why_not = runner_info["runner"], runner_info["why_not"]
@@ -272,6 +275,7 @@ def manifest_head(opt: Optimized, model, inputs: list[TensorSpec], outputs: list
         "pipeline_given": str(opt.pipeline),
         "inputs": [s.to_json() for s in inputs],
         "outputs": [s.to_json() for s in outputs],
+        **({"constants": opt.constants} if opt.constants else {}),
         "passes": [r.to_json() for r in opt.reports],
     }
 

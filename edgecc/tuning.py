@@ -213,6 +213,7 @@ def tune(
     rpc_tracker: str | None = None,
     rpc_key: str | None = None,
     shapes: dict[str, int] | None = None,
+    constants: dict | None = None,
     calibration: str | os.PathLike | None = None,
     seed: int = 0,
     log: Callable[[str], None] = lambda _m: None,
@@ -241,8 +242,8 @@ def tune(
         if rpc is not None:
             rpc["workers"] = _board_count(rpc["host"], rpc["port"], rpc["key"])
 
-    opt = optimize(model, target, pipeline, shapes=shapes, calibration=calibration, seed=seed,
-                   log=log, before_load=checks)
+    opt = optimize(model, target, pipeline, shapes=shapes, constants=constants, calibration=calibration,
+                   seed=seed, log=log, before_load=checks)
     tdesc = opt.target
     free = sorted({d for spec in graph_inputs(opt.source) for d in spec.shape
                    if isinstance(d, str) and d not in (shapes or {})})

@@ -33,7 +33,7 @@ class Range(OnnxOpConverter):
     def _impl_v12(cls, bb, inputs, attr, params):
         bounds, dtypes = [], set()
         for value in inputs:
-            value = onnx_frontend.getconstant(value, params)
+            value = onnx_frontend.get_constant(value, params)
             if isinstance(value, tvm.ir.GenericConst) and value.value.numpy().size == 1:
                 number = value.value.numpy()
                 bounds.append(int(number.item()) if number.dtype.kind in "iu" else None)
@@ -237,15 +237,28 @@ class Pow(OnnxOpConverter):
 
 @converter("Mod")
 class Mod(OnnxOpConverter):
-    """TVM's Mod; a float Mod with fmod=0 is refused, as the ONNX spec has it (fmod must be 1)."""
+    """TVM's Mod, except a float Mod with fmod=0: Python's modulo, whose sign follows the divisor.
+
+    TVM's floor_mod computes a - floor(a / b) * b, which is NaN for a finite a and an infinite b
+    (ONNX: a where the signs agree, else b). Built instead on fmod, as numpy's np.mod is: a
+    remainder of the dividend's sign moves by one divisor, and a zero takes the divisor's sign.
+    """
 
     computed_outputs = (0,)
 
     @classmethod
     def _impl_v10(cls, bb, inputs, attr, params):
-        if "float" in str(inputs[0].ty.dtype) and not attr.get("fmod", 0):
-            raise UserError(f"node '{node_name(attr)}': Mod of floats needs fmod=1 (ONNX spec)")
-        return onnx_frontend.Mod._impl_v10(bb, inputs, attr, params)
+        a, b = inputs[0], inputs[1]
+        dtype = str(a.ty.dtype)
+        if "float" not in dtype or attr.get("fmod", 0):
+            return onnx_frontend.Mod._impl_v10(bb, inputs, attr, params)
+        zero = relax.const(0, dtype)
+        rem = bb.normalize(relax.op.mod(a, b))
+        moved = relax.op.logical_and(relax.op.not_equal(rem, zero),
+                                     relax.op.not_equal(relax.op.less(rem, zero), relax.op.less(b, zero)))
+        signed_zero = relax.op.where(relax.op.less(b, zero), relax.const(-0.0, dtype), zero)
+        return relax.op.where(moved, relax.op.add(rem, b),
+                              relax.op.where(relax.op.equal(rem, zero), signed_zero, rem))
 
 
 @converter("NonMaxSuppression")
@@ -409,9 +422,10 @@ def _constant_operands(op: str, operands: dict[int, str], computed_ok: bool) -> 
                     if not given and computed_ok:
                         continue
                     source = f"graph input '{value.name}'" if given else "a value computed at run time"
+                    fix = f"--const {value.name}=VALUES or " if given else ""
                     raise UserError(f"node '{node_name(attr)}': {op}'s {what} (input {i}) is {source}; "
-                                    f"edgecc compiles {op} only with constant {what} (make it an "
-                                    "initializer)")
+                                    f"edgecc compiles {op} only with constant {what} (fix it with "
+                                    f"{fix}make it an initializer)")
                 return convert(bb, inputs, attr, params)
 
             return checked

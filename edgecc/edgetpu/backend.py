@@ -102,6 +102,7 @@ def compile_tflite(
     explain: bool,
     seed: int,
     shapes,
+    constants,
     log: Callable[[str], None],
 ) -> Artifact:
     out_dir = Path(output) if output is not None else Path("build") / target.name
@@ -120,6 +121,7 @@ def compile_tflite(
         explain=explain,
         seed=seed,
         shapes=shapes,
+        constants=constants,
         log=log,
         before_load=checks,
     )
