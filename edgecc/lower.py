@@ -28,8 +28,6 @@ _HINTS = {
     "MatMulNBits": "int4 weights are lowered by edgecc's quantize-int4 pass and kernels",
     "Loop": "unroll the loop at export time (trace with fixed trip count)",
     "Scan": "unroll the scan at export time",
-    "LSTM": "export with the recurrence unrolled",
-    "GRU": "export with the recurrence unrolled",
 }
 
 
