@@ -255,7 +255,7 @@ class Mod(OnnxOpConverter):
         zero = relax.const(0, dtype)
         rem = bb.normalize(relax.op.mod(a, b))
         moved = relax.op.logical_and(relax.op.not_equal(rem, zero),
-                                     relax.op.not_equal(relax.op.less(rem, zero), relax.op.less(b, zero)))
+                                     relax.op.logical_xor(relax.op.less(rem, zero), relax.op.less(b, zero)))
         signed_zero = relax.op.where(relax.op.less(b, zero), relax.const(-0.0, dtype), zero)
         return relax.op.where(moved, relax.op.add(rem, b),
                               relax.op.where(relax.op.equal(rem, zero), signed_zero, rem))
