@@ -69,3 +69,40 @@ def test_recurrence_over_a_long_sequence_with_lengths_and_states(tmp_path, op, a
         expected = {n: v.transpose(batch_first[n]) for n, v in expected.items()}
     result = compare(expected, _compiled(tmp_path, model(layout)).run(feeds))
     assert result.ok, result.detail
+
+
+def test_qlinear_matmul_rounds_half_to_even(tmp_path):
+    """Requantization rounds halves to even before adding the zero point (the spec's order; ONNX's
+    reference adds it first): products of 0.5 * odd numbers, an odd zero point."""
+    feeds = {"a": np.array([[1, 3, 5, -1, -3, -5, 7]], np.int8).T, "a_scale": np.array([0.5], np.float32),
+             "a_zero": np.array([0], np.int8), "b": np.array([[1, -1]], np.int8),
+             "b_scale": np.array([1.0], np.float32), "b_zero": np.array([0], np.int8),
+             "y_scale": np.array([1.0], np.float32), "y_zero": np.array([1], np.int8)}
+    graph = helper.make_graph(
+        [helper.make_node("QLinearMatMul", list(feeds), ["y"])], "qmatmul",
+        [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for n, v in feeds.items()],
+        [helper.make_tensor_value_info("y", TensorProto.INT8, [7, 2])])
+    model = _model(graph, opset=21)
+    got = _compiled(tmp_path, model).run(feeds)["y"]
+    np.testing.assert_array_equal(got, run_ort(model, feeds)["y"])
+
+
+def test_qlinear_conv_per_channel_with_bias_groups_strides_and_same_padding(tmp_path):
+    """QLinearConv with a per-output-channel weight scale, an int32 bias, two groups, strides and
+    SAME_UPPER padding (padded with x's zero point, i.e. zero once it is subtracted)."""
+    rng = np.random.default_rng(1)
+    feeds = {"x": rng.integers(0, 256, (1, 4, 9, 8), dtype=np.uint8), "x_scale": np.float32(0.02),
+             "x_zero": np.uint8(120), "w": rng.integers(-128, 128, (6, 2, 3, 3), dtype=np.int8),
+             "w_scale": rng.uniform(0.01, 0.05, 6).astype(np.float32), "w_zero": np.zeros(6, np.int8),
+             "y_scale": np.float32(0.5), "y_zero": np.uint8(100),
+             "bias": rng.integers(-2000, 2000, 6).astype(np.int32)}
+    names = list(feeds)
+    graph = helper.make_graph(
+        [helper.make_node("QLinearConv", names, ["y"], group=2, strides=[2, 2], auto_pad="SAME_UPPER")], "qconv",
+        [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(np.asarray(v).dtype), np.shape(v))
+         for n, v in feeds.items()],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, 6, 5, 4])])
+    model = _model(graph, opset=10)
+    feeds = {n: np.asarray(v) for n, v in feeds.items()}
+    got = _compiled(tmp_path, model).run(feeds)["y"]
+    np.testing.assert_array_equal(got, run_ort(model, feeds)["y"])
