@@ -106,3 +106,75 @@ def test_qlinear_conv_per_channel_with_bias_groups_strides_and_same_padding(tmp_
     feeds = {n: np.asarray(v) for n, v in feeds.items()}
     got = _compiled(tmp_path, model).run(feeds)["y"]
     np.testing.assert_array_equal(got, run_ort(model, feeds)["y"])
+
+
+def test_det_pivots_rows_and_gives_zero_for_singular_matrices(tmp_path):
+    """Det of 5x5 matrices (the node cases have 2x2 only): random ones, one whose first column
+    starts with 0 (a row swap, which negates), one with two equal rows (singular: a zero pivot)."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 3, 5, 5)).astype(np.float32)
+    x[0, 1, 0, 0] = 0.0
+    x[1, 2, 3] = x[1, 2, 1]
+    graph = helper.make_graph([helper.make_node("Det", ["x"], ["y"])], "det",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, x.shape[:2])])
+    model = _model(graph)
+    result = compare(run_ort(model, {"x": x}), _compiled(tmp_path, model).run({"x": x}))
+    assert result.ok, result.detail
+
+
+def test_l1_normalization_of_negative_values_and_a_zero_row(tmp_path):
+    """LpNormalization with p=1 sums magnitudes (the node cases hold no negative value); a row of
+    zeros normalizes to zeros."""
+    x = np.random.default_rng(3).standard_normal((3, 4, 5)).astype(np.float32)
+    x[1, :, 2] = 0.0
+    graph = helper.make_graph([helper.make_node("LpNormalization", ["x"], ["y"], axis=1, p=1)], "lp",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, x.shape)])
+    model = _model(graph)
+    result = compare(run_ort(model, {"x": x}), _compiled(tmp_path, model).run({"x": x}))
+    assert result.ok, result.detail
+
+
+def test_cumprod_with_a_constant_axis_reversed_and_exclusive(tmp_path):
+    """CumProd with its axis an initializer (the node cases feed it as a graph input), reversed
+    and exclusive along a middle axis of a 3-D tensor."""
+    x = np.random.default_rng(4).uniform(0.5, 1.5, (2, 4, 3)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("CumProd", ["x", "axis"], ["y"], exclusive=1, reverse=1)], "cumprod",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, x.shape)],
+                              [onnx.numpy_helper.from_array(np.array(-2, np.int64), "axis")])
+    model = _model(graph, opset=26)
+    result = compare(run_ort(model, {"x": x}), _compiled(tmp_path, model).run({"x": x}))
+    assert result.ok, result.detail
+
+
+@pytest.mark.parametrize("op, state, attrs", [
+    ("Adagrad", ["H"], {"decay_factor": 0.1, "norm_coefficient": 0.01, "epsilon": 1e-5}),
+    ("Adam", ["V", "H"], {"alpha": 0.8, "beta": 0.9, "norm_coefficient": 0.01, "norm_coefficient_post": 0.02}),
+    ("Momentum", ["V"], {"alpha": 0.9, "beta": 0.5, "norm_coefficient": 0.01, "mode": "standard"}),
+    ("Momentum", ["V"], {"alpha": 0.9, "beta": 0.5, "norm_coefficient": 0.01, "mode": "nesterov"}),
+])
+def test_optimizers_after_the_first_update(tmp_path, op, state, attrs):
+    """Two tensors updated at T=3, where Adagrad's decay, Adam's bias correction and Momentum's
+    beta apply (the node cases have T=0 only). ONNX Runtime has no kernels for these ops, so the
+    reference is ONNX's own evaluator."""
+    from onnx.reference import ReferenceEvaluator
+
+    rng = np.random.default_rng(5)
+    shapes = {"1": [3, 4], "2": [5]}
+    names = [f"{k}{i}" for k in ["X", "G", *state] for i in shapes]
+    feeds = {"R": np.array(0.1, np.float32), "T": np.array(3, np.int64)}
+    feeds.update({n: rng.uniform(0.1, 1.0, shapes[n[-1]]).astype(np.float32) for n in names})
+    outputs = [f"{n}_new" for n in names if not n.startswith("G")]
+    node = helper.make_node(op, list(feeds), outputs, domain="ai.onnx.preview.training", **attrs)
+    graph = helper.make_graph(
+        [node], op, [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+                     for n, v in feeds.items()],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, shapes[n[-5]]) for n in outputs])
+    model = helper.make_model(graph, ir_version=10, opset_imports=[
+        helper.make_opsetid("", 22), helper.make_opsetid("ai.onnx.preview.training", 1)])
+    onnx.checker.check_model(model, full_check=True)
+    expected = dict(zip(outputs, ReferenceEvaluator(model).run(None, feeds)))
+    result = compare(expected, _compiled(tmp_path, model).run(feeds))
+    assert result.ok, result.detail
