@@ -196,7 +196,12 @@ def to_relax(model: onnx.ModelProto):
 
     check_supported(model)
     model = _route_to_kernels(model)
-    shapes = lm_input_shapes(model)
+    shapes = lm_input_shapes(model) or {}
+    for spec in model.graph.input:  # the importer reads a dim of 0 as unknown: an empty input stays empty
+        dims = spec.type.tensor_type.shape.dim
+        if spec.name not in shapes and dims and all(d.HasField("dim_value") for d in dims) \
+                and 0 in [d.dim_value for d in dims]:
+            shapes[spec.name] = [d.dim_value for d in dims]
     with _patched_frontend(), warnings.catch_warnings():
         # Inputs are passed by position; the importer's renaming of "past.0.key" is not news.
         warnings.filterwarnings("ignore", message="Renaming name")

@@ -246,8 +246,11 @@ class _Wrapped:
             if value is None:
                 computed = x is not None and not isinstance(x, tvm.ir.GenericConst)
                 if computed and i in operands and self.op_type in _NEEDS_SHAPE:
+                    from edgecc.converters.common import graph_inputs_feeding
+
                     given = isinstance(x, relax.Var) and not isinstance(x, relax.DataflowVar)
-                    fix = f" (fix it with --const {x.name}=VALUES)" if given else ""
+                    sources = [x.name] if given else graph_inputs_feeding(bb, x)
+                    fix = f" (fix it with {' '.join(f'--const {n}=VALUES' for n in sources)})" if sources else ""
                     raise UserError(f"node '{node}': {self.op_type} input {i} ({_NEEDS_SHAPE[self.op_type]}) "
                                     "depends on tensor data, not only on shapes; edgecc needs it constant "
                                     f"or computed from the symbolic dims{fix}")

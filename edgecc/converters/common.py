@@ -22,3 +22,71 @@ def constant(value, params):
     """The value of a constant input as a numpy array; None when it is not a constant."""
     value = onnx_frontend.get_constant(value, params)
     return value.value.numpy() if isinstance(value, tvm.ir.GenericConst) else None
+
+
+def graph_inputs_feeding(bb, expr) -> list[str]:
+    """The integer graph inputs whose values a value computed in the function being built
+    depends on, by name (an input whose shape alone is read, through shape_of, is not one)."""
+    from tvm import relax
+
+    seen, names, todo = set(), set(), [expr]
+    while todo:
+        for var in relax.analysis.free_vars(todo.pop()):
+            if var.name in seen:
+                continue
+            seen.add(var.name)
+            if not isinstance(var, relax.DataflowVar):
+                if isinstance(var.ty, relax.TensorType) and str(var.ty.dtype).startswith(("int", "uint")):
+                    names.add(var.name)
+                continue
+            bound = bb.lookup_binding(var)
+            if bound is not None and not (isinstance(bound, relax.Call) and getattr(bound.op, "name", "")
+                                          == "relax.shape_of"):
+                todo.append(bound)
+    return sorted(names)
+
+
+def constant_operands(op: str, operands: dict[int, str], computed_ok: bool = False) -> type:
+    """TVM's converter for `op`, with the inputs `operands` names ({index: what}) required to be
+    constants: one fed or computed at run time is refused in one line naming the node, the input
+    and, where it comes from graph inputs, the --const that fixes them (edgecc.fixed_inputs).
+    With `computed_ok`, a value computed from shapes passes (TVM's converter takes it)."""
+    base = onnx_frontend._get_convert_map()[op]
+
+    class Checked(base):
+        computed_outputs = range(1 << 16)  # every output: TVM's converter computes them all
+
+        @classmethod
+        def get_converter(cls, opset):
+            convert = base.get_converter(opset)
+
+            def checked(bb, inputs, attr, params):
+                check_constant_operands(op, operands, computed_ok, bb, inputs, attr, params)
+                return convert(bb, inputs, attr, params)
+
+            return checked
+
+    Checked.__name__ = Checked.__qualname__ = op
+    return Checked
+
+
+def check_constant_operands(op: str, operands: dict[int, str], computed_ok: bool, bb, inputs, attr,
+                            params) -> None:
+    """Refuse, as `constant_operands` says, the node whose `operands` are not constants."""
+    from tvm import relax
+
+    from edgecc.errors import UserError
+
+    for i, what in operands.items():
+        value = inputs[i] if i < len(inputs) else None
+        if value is None or constant(value, params) is not None:
+            continue
+        given = isinstance(value, relax.Var) and not isinstance(value, relax.DataflowVar)
+        if not given and computed_ok:
+            continue
+        sources = [value.name] if given else graph_inputs_feeding(bb, value)
+        source = f"graph input '{value.name}'" if given else "a value computed at run time"
+        fix = "".join(f"--const {name}=VALUES " for name in sources)
+        raise UserError(f"node '{node_name(attr)}': {op}'s {what} (input {i}) is {source}; edgecc "
+                        f"compiles {op} only with constant {what} (fix it with {fix}or make it an "
+                        "initializer)")

@@ -10,8 +10,7 @@ from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-from edgecc import lower
-from edgecc.converters.common import axes_from, constant, node_name
+from edgecc.converters.common import axes_from, constant, constant_operands, node_name
 from edgecc.errors import UserError
 from edgecc.lower import converter
 
@@ -390,87 +389,13 @@ for _op, _unsupported in {
 
 
 # Inputs that TVM's converters take only as constants: a value computed or fed at run time is
-# refused here, naming the node and the input, rather than failing inside the importer.
-_REDUCTIONS = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
-               "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
+# refused, naming the node and the input, rather than failing inside the importer. (Reductions,
+# TopK, Split, OneHot and Resize check theirs in modules of their own.)
 CONSTANT_OPERANDS: dict[str, dict[int, str]] = {
-    **{op: {1: "axes"} for op in _REDUCTIONS},
-    "TopK": {1: "k"}, "CumSum": {1: "axis"}, "Split": {1: "split"}, "Pad": {1: "pads", 3: "axes"},
-    "OneHot": {1: "depth", 2: "values"}, "AffineGrid": {1: "size"}, "MaxUnpool": {2: "output_shape"},
+    "CumSum": {1: "axis"}, "Pad": {1: "pads", 2: "constant_value", 3: "axes"}, "AffineGrid": {1: "size"},
+    "MaxUnpool": {2: "output_shape"},
 }
-# Inputs that TVM's converters also take computed from shapes (a Resize to Shape(x) * 2): only a
-# graph input there is refused.
-GIVEN_OPERANDS: dict[str, dict[int, str]] = {"Resize": {1: "roi", 2: "scales", 3: "sizes"}, "Upsample": {1: "scales"}}
-
-
-def _constant_operands(op: str, operands: dict[int, str], computed_ok: bool) -> type:
-    base = onnx_frontend._get_convert_map()[op]
-
-    class Checked(base):
-        computed_outputs = range(1 << 16)  # every output: TVM's converter computes them all
-
-        @classmethod
-        def get_converter(cls, opset):
-            convert = base.get_converter(opset)
-
-            def checked(bb, inputs, attr, params):
-                for i, what in operands.items():
-                    value = inputs[i]
-                    if value is None or constant(value, params) is not None:
-                        continue
-                    given = isinstance(value, relax.Var) and not isinstance(value, relax.DataflowVar)
-                    if not given and computed_ok:
-                        continue
-                    source = f"graph input '{value.name}'" if given else "a value computed at run time"
-                    fix = f"--const {value.name}=VALUES or " if given else ""
-                    raise UserError(f"node '{node_name(attr)}': {op}'s {what} (input {i}) is {source}; "
-                                    f"edgecc compiles {op} only with constant {what} (fix it with "
-                                    f"{fix}make it an initializer)")
-                return convert(bb, inputs, attr, params)
-
-            return checked
-
-    Checked.__name__ = Checked.__qualname__ = op
-    return Checked
-
-
 for _op, _operands in CONSTANT_OPERANDS.items():
-    converter(_op)(_constant_operands(_op, _operands, computed_ok=False))
-for _op, _operands in GIVEN_OPERANDS.items():
-    converter(_op)(_constant_operands(_op, _operands, computed_ok=True))
-
-
-def _infinite_identity(op: str, infinity: float) -> type:
-    """`op` (ReduceMax, ReduceMin) with a row of infinities reducing to that infinity.
-
-    TVM reduces max from the dtype's lowest finite value (min from the highest), so a row of all
-    -inf came back as -3.4e38: `Equal(ReduceMax(bias), -inf)`, how attention finds its fully
-    masked rows, was silently false and those rows became NaN. Where every reduced element is the
-    infinity, the result is set back to it."""
-    base = lower.registered(op)
-    indicator_min = onnx_frontend._get_convert_map()["ReduceMin"]
-
-    class Exact(base):
-        @classmethod
-        def get_converter(cls, opset):
-            convert, reduce_min = base.get_converter(opset), indicator_min.get_converter(opset)
-
-            def exact(bb, inputs, attr, params):
-                out = convert(bb, inputs, attr, params)
-                x = inputs[0]
-                dtype = str(x.ty.dtype) if isinstance(x.ty, relax.TensorType) else ""
-                if not dtype.startswith(("float", "bfloat")):
-                    return out
-                inf = relax.const(infinity, dtype)
-                is_inf = bb.normalize(relax.op.astype(relax.op.equal(x, inf), dtype))
-                all_inf = reduce_min(bb, [is_inf, *inputs[1:]], attr, params)
-                return relax.op.where(relax.op.equal(all_inf, relax.const(1, dtype)), inf, out)
-
-            return exact
-
-    Exact.__name__ = Exact.__qualname__ = op
-    return Exact
-
-
-converter("ReduceMax")(_infinite_identity("ReduceMax", float("-inf")))
-converter("ReduceMin")(_infinite_identity("ReduceMin", float("inf")))
+    converter(_op)(constant_operands(_op, _operands))
+# TVM's Upsample also takes scales computed from shapes: only a graph input is refused.
+converter("Upsample")(constant_operands("Upsample", {1: "scales"}, computed_ok=True))
