@@ -26,8 +26,6 @@ _CONVERTERS: dict[tuple[str, str], type] = {}
 # What to suggest when an op has no converter.
 _HINTS = {
     "MatMulNBits": "int4 weights are lowered by edgecc's quantize-int4 pass and kernels",
-    "Loop": "unroll the loop at export time (trace with fixed trip count)",
-    "Scan": "unroll the scan at export time",
 }
 
 
