@@ -190,10 +190,11 @@ def to_relax(model: onnx.ModelProto):
     """The Relax IRModule of a checked ONNX model; weights become constants of the module."""
     from tvm.relax.frontend.onnx import from_onnx
 
+    from edgecc.converters.narrow_types import TYPES_ATTR, to_storage
     from edgecc.shape_values import lm_input_shapes
 
     check_supported(model)
-    model = _route_to_kernels(model)
+    model = to_storage(_route_to_kernels(model))  # float8, int4, ... as the uint8 codes TVM can hold
     shapes = lm_input_shapes(model) or {}
     for spec in model.graph.input:  # the importer reads a dim of 0 as unknown: an empty input stays empty
         dims = spec.type.tensor_type.shape.dim
@@ -203,6 +204,7 @@ def to_relax(model: onnx.ModelProto):
     with _patched_frontend(), warnings.catch_warnings():
         # Inputs are passed by position; the importer's renaming of "past.0.key" is not news.
         warnings.filterwarnings("ignore", message="Renaming name")
+        warnings.filterwarnings("ignore", message=f"Unrecognized attribute: {TYPES_ATTR}")  # ONNX's checker
         printed = io.StringIO()  # the importer prints the op and inputs of a node it failed on
         try:
             with contextlib.redirect_stdout(printed):

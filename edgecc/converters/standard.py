@@ -377,12 +377,7 @@ def _refusing(op: str, unsupported: Callable) -> type:
     return Checked
 
 
-def _blocked(inputs, attr) -> str | None:
-    return "with block_size (blocked quantization)" if attr.get("block_size", 0) else None
-
-
 for _op, _unsupported in {
-    "QuantizeLinear": _blocked, "DequantizeLinear": _blocked,
     "OptionalHasElement": lambda inputs, attr: None if inputs[0] is not None else "without an input",
 }.items():
     converter(_op)(_refusing(_op, _unsupported))
