@@ -48,9 +48,13 @@ class Simplify(Pass):
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         before = _signature(model)
         used_onnxsim = self.opts["onnxsim"] and _weight_bytes(model) < PROTO_LIMIT
+        engine, onnxsim_failure = "onnxscript.optimizer", None
         if used_onnxsim:
-            model = _onnxsim(model)
-        else:
+            try:
+                model, engine = _onnxsim(model), "onnxsim"
+            except Exception as e:  # onnxsim rejects some valid graphs; the folder below still works
+                onnxsim_failure = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+        if engine != "onnxsim":
             onnxscript.optimizer.optimize(model, num_iterations=2)
         # Folded weights come back as Constant nodes; weights belong in initializers.
         for p in (LiftConstantsToInitializersPass(size_limit=16), IdentityEliminationPass(),
@@ -64,7 +68,8 @@ class Simplify(Pass):
             stats={
                 "nodes_removed": len(before[0]) - len(after[0]),
                 "initializers": len(after[1]),
-                "engine": "onnxsim" if used_onnxsim else "onnxscript.optimizer",
+                "engine": engine,
+                **({"onnxsim_failed": onnxsim_failure} if onnxsim_failure else {}),
             },
         )
 
@@ -72,7 +77,8 @@ class Simplify(Pass):
 def _onnxsim(model: ir.Model) -> ir.Model:
     import onnxsim
 
-    proto = ir.to_proto(model)
+    # onnxsim needs the nodes in order; ONNX Runtime sorts an unsorted graph itself.
+    proto = ir.to_proto(TopologicalSortPass()(model).model)
     # check_n=0: the pass manager's --verify is the one numeric check, on edgecc's own inputs.
     # Operator fusion is the 'fuse' pass's job, so onnxsim's MatMul+Add->Gemm rewrites stay off.
     simplified, _ = onnxsim.simplify(proto, check_n=0, perform_optimization=True,

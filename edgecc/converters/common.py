@@ -35,13 +35,11 @@ def graph_inputs_feeding(bb, expr) -> list[str]:
             if var.name in seen:
                 continue
             seen.add(var.name)
-            if not isinstance(var, relax.DataflowVar):
+            bound = bb.lookup_binding(var)
+            if bound is None:  # a parameter of the function: a graph input
                 if isinstance(var.ty, relax.TensorType) and str(var.ty.dtype).startswith(("int", "uint")):
                     names.add(var.name)
-                continue
-            bound = bb.lookup_binding(var)
-            if bound is not None and not (isinstance(bound, relax.Call) and getattr(bound.op, "name", "")
-                                          == "relax.shape_of"):
+            elif not (isinstance(bound, relax.Call) and getattr(bound.op, "name", "") == "relax.shape_of"):
                 todo.append(bound)
     return sorted(names)
 

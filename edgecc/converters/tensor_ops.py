@@ -128,3 +128,21 @@ class Resize(OnnxOpConverter):
             raise UserError(f"node '{node_name(attr)}': Resize {form} is not lowered (TVM 0.27 computes it "
                             "differently from the ONNX spec)")
         return onnx_frontend.Resize._impl_v18(bb, inputs, attr, params)
+
+
+@converter("Unsqueeze")
+class Unsqueeze(OnnxOpConverter):
+    """TVM's Unsqueeze, with a scalar axes input (as ONNX Runtime takes it) read as one axis."""
+
+    computed_outputs = (0,)
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        return onnx_frontend.Unsqueeze._impl_v1(bb, inputs, attr, params)
+
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        axes = constant(inputs[1], params)
+        if axes is not None and axes.ndim == 0:
+            inputs = [inputs[0], relax.const(axes.reshape(1))]
+        return onnx_frontend.Unsqueeze._impl_v13(bb, inputs, attr, params)
