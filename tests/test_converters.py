@@ -178,3 +178,22 @@ def test_optimizers_after_the_first_update(tmp_path, op, state, attrs):
     expected = dict(zip(outputs, ReferenceEvaluator(model).run(None, feeds)))
     result = compare(expected, _compiled(tmp_path, model).run(feeds))
     assert result.ok, result.detail
+
+
+def test_deform_conv_groups_strides_dilations_and_offsets_past_the_border(tmp_path):
+    """DeformConv with two groups, two offset groups, strides, dilations, pads, mask and bias, its
+    offsets large enough that samples fall partly or wholly outside the image (zero there)."""
+    rng = np.random.default_rng(2)
+    feeds = {"X": rng.standard_normal((2, 4, 7, 6)), "W": rng.standard_normal((6, 2, 3, 2)),
+             "offset": 3 * rng.standard_normal((2, 2 * 2 * 6, 3, 3)), "B": rng.standard_normal(6),
+             "mask": rng.uniform(size=(2, 2 * 6, 3, 3))}
+    feeds = {n: v.astype(np.float32) for n, v in feeds.items()}
+    node = helper.make_node("DeformConv", list(feeds), ["Y"], group=2, offset_group=2, strides=[2, 2],
+                            dilations=[2, 1], pads=[1, 0, 1, 1])
+    graph = helper.make_graph(
+        [node], "deform",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, v.shape) for n, v in feeds.items()],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, 6, 3, 3])])
+    model = _model(graph, opset=19)
+    result = compare(run_ort(model, feeds), _compiled(tmp_path, model).run(feeds))
+    assert result.ok, result.detail
