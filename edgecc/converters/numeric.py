@@ -8,7 +8,7 @@ from tvm import DataType, relax, te, tirx
 from tvm.relax.frontend.onnx import onnx_frontend
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-from edgecc.converters.common import constant, node_name
+from edgecc.converters.common import check_constant_operands, constant, node_name
 from edgecc.errors import UserError
 from edgecc.lower import converter
 
@@ -21,14 +21,8 @@ class CumProd(OnnxOpConverter):
 
     @classmethod
     def _impl_v26(cls, bb, inputs, attr, params):
-        axis = constant(inputs[1], params)
-        if axis is None:
-            value = inputs[1]
-            given = isinstance(value, relax.Var) and not isinstance(value, relax.DataflowVar)
-            source = f"graph input '{value.name}'" if given else "a value computed at run time"
-            raise UserError(f"node '{node_name(attr)}': CumProd's axis (input 1) is {source}; edgecc "
-                            "compiles CumProd only with constant axis (make it an initializer)")
-        axis = int(axis.item())
+        check_constant_operands("CumProd", {1: "axis"}, False, bb, inputs, attr, params)
+        axis = int(constant(inputs[1], params).item())
         data, reverse = inputs[0], attr.get("reverse", 0)
         if reverse:
             data = relax.op.flip(data, axis)
