@@ -65,9 +65,12 @@ def _feeding_inputs(bb, expr) -> list[str]:
 
 
 def _not_constant(bb, attr, what: str, value) -> UserError:
-    fix = "".join(f"--const {name}=VALUES " for name in _feeding_inputs(bb, value))
+    names = _feeding_inputs(bb, value)
+    # with no graph input behind it, the value is computed from constants the simplifier left
+    fix = "".join(f"--const {name}=VALUES " for name in names) + "or make it an initializer" if names \
+        else "it is computed from constants that were not folded"
     return UserError(f"node '{node_name(attr)}': Loop with its {what} computed at run time is not lowered "
-                     f"(it is unrolled); fix it with {fix}or make it an initializer")
+                     f"(it is unrolled); {'fix it with ' if names else ''}{fix}")
 
 
 class _Unrolled(OnnxOpConverter):
