@@ -225,7 +225,7 @@ def _referenced_files(manifest: dict[str, Any]) -> list[tuple[str, Any]]:
 
 # ml_dtypes' one-byte types, which TVM cannot hold: the module holds their codes in uint8
 # (edgecc.converters.narrow_types).
-_CODED = {np.dtype(t) for t in (
+CODED_DTYPES = {np.dtype(t) for t in (
     ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e4m3fnuz, ml_dtypes.float8_e5m2, ml_dtypes.float8_e5m2fnuz,
     ml_dtypes.float8_e8m0fnu, ml_dtypes.float4_e2m1fn, ml_dtypes.int4, ml_dtypes.uint4, ml_dtypes.int2,
     ml_dtypes.uint2)}
@@ -234,7 +234,7 @@ _CODED = {np.dtype(t) for t in (
 def _stored(dtype: Any) -> np.dtype:
     """The dtype the compiled module holds `dtype` in."""
     dtype = np.dtype(dtype)
-    return np.dtype(np.uint8) if dtype in _CODED else dtype
+    return np.dtype(np.uint8) if dtype in CODED_DTYPES else dtype
 
 
 class Artifact:

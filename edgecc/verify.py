@@ -14,6 +14,7 @@ import onnx
 from onnx import helper
 
 from edgecc import lm_signature
+from edgecc.artifact import CODED_DTYPES
 from edgecc.errors import UserError
 
 # Tolerances by output dtype: (absolute, relative). Integers must match exactly.
@@ -338,17 +339,29 @@ def ort_session(model: onnx.ModelProto, optimize: bool = False, threads: int = 0
 def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], optimize: bool = False) -> dict:
     """The model's outputs in ONNX Runtime; inputs it rejects (sizes its shapes cannot take) are
     a one-line UserError naming their shapes."""
+    import onnxruntime as ort
     from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
     sess = ort_session(model, optimize)
     names = [o.name for o in sess.get_outputs()]
+    # ORT's Python API takes and gives float8, int4, ... only as their codes (uint8)
+    coded = {k: ort.OrtValue.ortvalue_from_numpy_with_onnx_type(v.view(np.uint8),
+                                                                helper.np_dtype_to_tensor_dtype(v.dtype))
+             for k, v in feeds.items() if np.asarray(v).dtype in CODED_DTYPES}
+    coded_types = {helper.np_dtype_to_tensor_dtype(d) for d in CODED_DTYPES}
+    coded_outputs = {o.name: helper.tensor_dtype_to_np_dtype(o.type.tensor_type.elem_type)
+                     for o in model.graph.output if o.type.tensor_type.elem_type in coded_types}
     try:
-        return dict(zip(names, sess.run(names, feeds)))
+        outputs = sess.run(names, {**feeds, **coded})
     except (ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.RuntimeException) as e:
         shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feeds.items())
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"ONNX Runtime cannot run the model on inputs {shapes} (give the sizes of its "
                         f"symbolic dims with --dim): {detail[-300:]}") from None
+    except RuntimeError as e:  # its Python API returns no float8 but E4M3FN, no int4, no float4
+        raise UserError(f"ONNX Runtime, the reference edgecc verifies against, cannot return the model's "
+                        f"outputs: {str(e).strip()[:300]}; compile without verification") from None
+    return {n: o.view(coded_outputs[n]) if n in coded_outputs else o for n, o in zip(names, outputs)}
 
 
 def with_int8_activations(model: onnx.ModelProto) -> onnx.ModelProto:

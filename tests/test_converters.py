@@ -197,3 +197,84 @@ def test_deform_conv_groups_strides_dilations_and_offsets_past_the_border(tmp_pa
     model = _model(graph, opset=19)
     result = compare(run_ort(model, feeds), _compiled(tmp_path, model).run(feeds))
     assert result.ok, result.detail
+
+
+def test_float8_and_int4_inputs_and_outputs_take_and_give_ml_dtypes_arrays(tmp_path):
+    """Graph inputs and outputs of float8, float4 and int4: the artifact takes and returns numpy
+    arrays of those dtypes, bit for bit as ONNX's reference casts them (saturating and not)."""
+    import ml_dtypes
+    from onnx.reference import ReferenceEvaluator
+
+    T = TensorProto
+    nodes = [helper.make_node("Cast", ["x"], ["to_e4m3"], to=T.FLOAT8E4M3FN),
+             helper.make_node("Cast", ["x"], ["to_e5m2"], to=T.FLOAT8E5M2, saturate=0),
+             helper.make_node("Cast", ["x"], ["to_e2m1"], to=T.FLOAT4E2M1),
+             helper.make_node("Cast", ["x"], ["to_int4"], to=T.INT4),
+             helper.make_node("Cast", ["e4m3"], ["from_e4m3"], to=T.FLOAT16),
+             helper.make_node("Cast", ["int4"], ["from_int4"], to=T.FLOAT)]
+    ins = {"x": T.FLOAT, "e4m3": T.FLOAT8E4M3FN, "int4": T.INT4}
+    outs = {"to_e4m3": T.FLOAT8E4M3FN, "to_e5m2": T.FLOAT8E5M2, "to_e2m1": T.FLOAT4E2M1, "to_int4": T.INT4,
+            "from_e4m3": T.FLOAT16, "from_int4": T.FLOAT}
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(k, t, [4, 64]) for k, t in ins.items()],
+                              [helper.make_tensor_value_info(k, t, [4, 64]) for k, t in outs.items()])
+    model = _model(graph, opset=23)
+    art = _compiled(tmp_path, model)
+    assert [o["dtype"] for o in art.outputs] == ["float8_e4m3fn", "float8_e5m2", "float4_e2m1fn", "int4",
+                                                  "float16", "float32"]
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((4, 64)) * np.float32(2.0) ** rng.integers(-12, 18, (4, 64))).astype(np.float32)
+    x[0, :4] = [np.nan, np.inf, -np.inf, -0.0]
+    feeds = {"x": x, "e4m3": rng.integers(0, 256, (4, 64), np.uint8).view(ml_dtypes.float8_e4m3fn),
+             "int4": rng.integers(-8, 8, (4, 64)).astype(ml_dtypes.int4)}
+    got = art.run(feeds)
+    for name, ref in zip(outs, ReferenceEvaluator(model).run(None, feeds)):
+        assert got[name].dtype == ref.dtype, name
+        if ref.itemsize == 1:  # the codes, NaNs and signs of zero included
+            assert np.array_equal(got[name].view(np.uint8), ref.view(np.uint8)), name
+        else:
+            assert np.array_equal(got[name], ref, equal_nan=True), name
+
+
+def test_blocked_int4_weights_dequantized_as_onnx_runtime_does(tmp_path):
+    """ONNX Runtime's int4 QDQ weight format: int4 initializers and zero points, blocked along K
+    with a last block cut short, into a MatMul; compiled with verification against ORT."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(1)
+    k, n, block = 20, 8, 8  # blocks of 8, 8 and 4 rows
+    weights = rng.integers(-8, 8, (k, n)).astype(ml_dtypes.int4)
+    zero_points = rng.integers(-2, 3, (3, n)).astype(ml_dtypes.int4)
+    scales = rng.uniform(0.01, 0.1, (3, n)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["w", "scale", "zp"], ["w_float"], axis=0, block_size=block),
+         helper.make_node("MatMul", ["x", "w_float"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])],
+        [onnx.numpy_helper.from_array(weights, "w"), onnx.numpy_helper.from_array(scales, "scale"),
+         onnx.numpy_helper.from_array(zero_points, "zp")])
+    model = _model(graph, opset=21)
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path)
+    art = edgecc.compile(path, "host", tmp_path / "art")
+    assert art.manifest["verification"]["ok"], art.manifest["verification"]
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    result = compare(run_ort(model, {"x": x}), art.run({"x": x}))
+    assert result.ok, result.detail
+
+
+def test_float8_graph_input_is_verified_against_onnx_runtime(tmp_path):
+    """Verification draws float8 inputs and runs ONNX Runtime on them (as codes, which is all its
+    Python API takes and, of float8, gives only E4M3FN), and compares the outputs within one step."""
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["q", "scale"], ["x"]),
+         helper.make_node("QuantizeLinear", ["x", "scale2", "zp"], ["y"])], "g",
+        [helper.make_tensor_value_info("q", TensorProto.FLOAT8E4M3FN, [2, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT8E4M3FN, [2, 16])],
+        [onnx.numpy_helper.from_array(np.array(0.5, np.float32), "scale"),
+         onnx.numpy_helper.from_array(np.array(0.25, np.float32), "scale2"),
+         helper.make_tensor("zp", TensorProto.FLOAT8E4M3FN, [], [0.0])])
+    path = tmp_path / "model.onnx"
+    onnx.save(_model(graph, opset=21), path)
+    art = edgecc.compile(path, "host", tmp_path / "art")
+    assert art.manifest["verification"]["ok"], art.manifest["verification"]
+    assert art.inputs[0]["dtype"] == art.outputs[0]["dtype"] == "float8_e4m3fn"
