@@ -39,9 +39,9 @@ from edgecc.errors import EdgeccError, UserError
 # float zero points, each block's min and max exactly on levels 0 and 15; activations rounded to
 # int8 per block (accuracy_level 4), which CPUs with int8 dot products multiply without widening.
 PRESETS = {
-    "fp32": "simplify,fuse,fuse-siblings",
-    "int8": "simplify,fuse,fuse-siblings,quantize-int8{smoothquant=0.5},pack-weights",
-    "int4": "simplify,fuse,fuse-siblings,quantize-int4{block=32,symmetric=false,zero_points=float,"
+    "fp32": "simplify,group-kv-heads,fuse,fuse-siblings",
+    "int8": "simplify,group-kv-heads,fuse,fuse-siblings,quantize-int8{smoothquant=0.5},pack-weights",
+    "int4": "simplify,group-kv-heads,fuse,fuse-siblings,quantize-int4{block=32,symmetric=false,zero_points=float,"
             "skip_outputs=true,accuracy_level=4},quantize-int8,pack-weights",
 }
 DEVIL = Path("/usr/share/dictd/devil.dict.dz")  # Debian's dict-devil: The Devil's Dictionary
