@@ -22,15 +22,20 @@ class Range(OnnxOpConverter):
     `torch.arange(x.shape[1])` exports as Range(0, Gather(Shape(x), 1), 1). TVM's converter gives
     the result a fresh length variable, so positions of length `seq` no longer broadcast with
     tensors of length `seq` and every shape after them is lost. When start, limit and delta are
-    integer constants or shape expressions, relax's arange states the length itself; anything
-    else goes to TVM's converter.
+    integer constants or shape expressions, relax's arange states the length itself.
+
+    Bounds read from tensor data (a window function's size input) give a length known only at
+    run time. TVM's converter binds that length with a match_cast that nothing reads, and FuseOps
+    may then hoist a fused kernel of that length above the match_cast (the build fails with
+    "range_len_0 has not been computed"); here the positions are read through a tuple holding the
+    matched shape, so every kernel of that length depends on it.
     """
 
     computed_outputs = (0,)
 
     @classmethod
     def _impl_v12(cls, bb, inputs, attr, params):
-        bounds, dtypes = [], set()
+        bounds, dtypes, from_data = [], set(), False
         for value in inputs:
             value = onnx_frontend.get_constant(value, params)
             if isinstance(value, tvm.ir.GenericConst) and value.value.numpy().size == 1:
@@ -43,10 +48,36 @@ class Range(OnnxOpConverter):
                 dtypes.add(dtype)
             else:
                 bounds.append(None)
+                from_data = True
         start, limit, delta = bounds
         if None not in bounds and isinstance(delta, int) and delta > 0 and len(dtypes) == 1:
             return relax.op.arange(start, limit, delta, dtypes.pop())
-        return onnx_frontend.Range._impl_v12(bb, inputs, attr, params)
+        if not from_data:
+            return onnx_frontend.Range._impl_v12(bb, inputs, attr, params)
+        return cls._from_data(bb, inputs, attr, params)
+
+    @classmethod
+    def _from_data(cls, bb, inputs, attr, params):
+        """Range(start, limit, delta) = start + delta * [0, n), n = max(ceil((limit - start) / delta), 0),
+        counted in float64 for float bounds as TVM's converter does."""
+        dtype = str(bb.normalize(inputs[0]).ty.dtype)
+        if any(tvm.ir.is_prim_expr(onnx_frontend.get_constant(v, params)) for v in inputs):
+            raise UserError(f"node '{node_name(attr)}': Range with bounds from both tensor data and shapes "
+                            "is not lowered")
+        start, limit, delta = (relax.op.reshape(v, ()) for v in inputs)
+        if dtype.startswith("float"):
+            wide = [relax.op.astype(v, "float64") for v in (relax.op.subtract(limit, start), delta)]
+            count = relax.op.astype(relax.op.ceil(relax.op.divide(*wide)), "int64")
+        else:
+            start_, limit_, delta_ = (relax.op.astype(v, "int64") for v in (start, limit, delta))
+            count = relax.op.negative(relax.op.floor_divide(relax.op.subtract(start_, limit_), delta_))
+        count = relax.op.reshape(relax.op.maximum(count, relax.const(0, "int64")), (1,))
+        count = bb.match_cast(bb.normalize(count), relax.TensorType([1], "int64"))
+        length = tvm.tirx.Var("range_len", "int64")
+        shape = bb.match_cast(bb.emit(relax.op.tensor_to_shape(count)), relax.ShapeType([length]))
+        positions = bb.emit(relax.op.arange(0, length, 1, "int64"))
+        positions = bb.emit(relax.TupleGetItem(bb.emit(relax.Tuple([shape, positions])), 1))
+        return relax.op.add(relax.op.multiply(relax.op.astype(positions, dtype), delta), start)
 
 
 @converter("LayerNormalization")
