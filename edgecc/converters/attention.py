@@ -16,8 +16,9 @@ from edgecc.lower import converter
 class Attention(OnnxOpConverter):
     """ONNX's Attention (opset 23-25): scaled dot-product attention over 3D or 4D Q, K, V, with
     grouped KV heads, a boolean or additive mask, bottom-right causal masking, a local window,
-    softcap and a KV cache (past in, present out), as onnx's reference computes it (fully masked
-    rows are 0).
+    softcap, a KV cache (past in, present out) or an external cache whose valid lengths per batch
+    row are nonpad_kv_seqlen, and the QK product in any of its four modes (raw, softcapped, with
+    the mask, softmaxed), as onnx's reference computes it (fully masked rows are 0).
 
     TVM's importer ignores domains and its Attention converter is ORT's contrib
     com.microsoft.Attention, whose `num_heads` attribute is required: such a node goes there.
@@ -39,11 +40,12 @@ class Attention(OnnxOpConverter):
         q, k, v, mask, past_k, past_v, nonpad = (inputs[i] for i in range(7))
         mode = attr.get("qk_matmul_output_mode", 0)
         wants_qk = attr["tvm_custom"]["num_outputs"] > 3
-        if nonpad is not None:
-            raise UserError(f"node '{node_name(attr)}': Attention with nonpad_kv_seqlen is not lowered")
-        if wants_qk and mode not in (0, 3):
+        if nonpad is not None and past_k is not None:
+            raise UserError(f"node '{node_name(attr)}': Attention with both nonpad_kv_seqlen and past_key "
+                            "is not lowered (the spec allows one cache at a time)")
+        if wants_qk and mode not in (0, 1, 2, 3):
             raise UserError(f"node '{node_name(attr)}': Attention's qk_matmul_output in mode {mode} is not "
-                            "lowered (modes 0 and 3 are)")
+                            "lowered (modes 0 to 3 are)")
 
         def shape(x) -> list[int]:
             dims = bb.normalize(x).ty.shape.values
@@ -81,7 +83,7 @@ class Attention(OnnxOpConverter):
         softcap = attr.get("softcap", 0.0)
         if softcap > 0:
             scores = relax.op.multiply(relax.op.tanh(relax.op.divide(scores, const(softcap))), const(softcap))
-        qk = scores
+        qk = scores  # modes 0 and 1: the product, softcapped where there is a softcap
         # Which keys each query sees, as booleans: a fully masked row is found without comparing
         # floats to -inf (the compiled code does not keep such comparisons).
         allowed = None
@@ -89,32 +91,57 @@ class Attention(OnnxOpConverter):
             mask_shape = shape(mask)
             boolean = str(bb.normalize(mask).ty.dtype) == "bool"
             if mask_shape[-1] < kv_len:  # keys past the mask's end are masked out
-                pad = relax.op.full(mask_shape[:-1] + [kv_len - mask_shape[-1]],
-                                    relax.const(False if boolean else -np.inf, "bool" if boolean else dtype))
-                mask = relax.op.concat([mask, pad], axis=-1)
+                # a float32 constant cast to the mask's dtype: TVM 0.27 cannot legalize a float full
+                pad = np.full(mask_shape[:-1] + [kv_len - mask_shape[-1]], False if boolean else -np.inf,
+                              "bool" if boolean else "float32")
+                mask = relax.op.concat([mask, relax.op.astype(relax.const(pad), str(bb.normalize(mask).ty.dtype))],
+                                       axis=-1)
             if boolean:
                 allowed = mask
             else:
                 scores = relax.op.add(scores, mask)
-        # Query i sits at position i + offset among the keys (offset: the past's length).
-        distance = np.arange(q_len)[:, None] + (shape(past_k)[2] if past_k is not None else 0) - np.arange(kv_len)
-        window = np.full(distance.shape, True)
-        if attr.get("is_causal", 0):
-            window &= distance >= 0
+        # Query i sits at position i + offset among the keys: offset is the past's length, or with
+        # an external cache, per batch row, its valid length less the queries'.
         left, right = attr.get("left_window_size", -1), attr.get("right_window_size", -1)
-        if left >= 0:
-            window &= distance <= left
-        if right >= 0:
-            window &= -distance <= right
-        if not window.all():
-            allowed = relax.const(window) if allowed is None else relax.op.logical_and(allowed, relax.const(window))
+        causal = attr.get("is_causal", 0)
+        if nonpad is None:
+            offset = shape(past_k)[2] if past_k is not None else 0
+            distance = np.arange(q_len)[:, None] + offset - np.arange(kv_len)
+            window = np.full(distance.shape, True)
+            if causal:
+                window &= distance >= 0
+            if left >= 0:
+                window &= distance <= left
+            if right >= 0:
+                window &= -distance <= right
+            window = None if window.all() else relax.const(window)
+        else:  # [batch, 1, q_len, kv_len]: the keys past a row's valid length are padding
+            valid = relax.op.reshape(relax.op.astype(nonpad, "int64"), [batch, 1, 1, 1])
+            distance = np.arange(q_len)[:, None] - q_len - np.arange(kv_len)
+            distance = relax.op.add(relax.const(distance, "int64"), valid)
+            window = relax.op.less(relax.const(np.arange(kv_len), "int64"), valid)
+
+            def within(compare, bound):
+                return relax.op.logical_and(window, compare(distance, relax.const(bound, "int64")))
+
+            if causal:
+                window = within(relax.op.greater_equal, 0)
+            if left >= 0:
+                window = within(relax.op.less_equal, left)
+            if right >= 0:
+                window = within(relax.op.greater_equal, -right)
+        if window is not None:
+            allowed = window if allowed is None else relax.op.logical_and(allowed, window)
+        if allowed is not None:
+            scores = relax.op.where(allowed, scores, const(-np.inf))
+        if mode == 2:  # the product with the mask and the masked keys' -inf
+            qk = scores
         precision = attr.get("softmax_precision")
         if precision:
             scores = relax.op.astype(scores, helper.tensor_dtype_to_np_dtype(precision).name)
         if allowed is None:
             weights = relax.op.nn.softmax(scores, axis=-1)
         else:  # a fully masked row gets weights 0, as onnx's reference has it, not softmax's NaN
-            scores = relax.op.where(allowed, scores, relax.const(-np.inf, str(bb.normalize(scores).ty.dtype)))
             none = relax.op.equal(relax.op.sum(relax.op.astype(allowed, "int32"), axis=-1, keepdims=True),
                                   relax.const(0, "int32"))
             zero = relax.op.zeros_like(scores)
