@@ -278,3 +278,58 @@ def test_float8_graph_input_is_verified_against_onnx_runtime(tmp_path):
     art = edgecc.compile(path, "host", tmp_path / "art")
     assert art.manifest["verification"]["ok"], art.manifest["verification"]
     assert art.inputs[0]["dtype"] == art.outputs[0]["dtype"] == "float8_e4m3fn"
+
+
+@pytest.mark.parametrize("channels, length, onesided, inverse", [
+    (1, 8, 0, 0), (1, 14, 1, 0), (1, 7, 1, 0), (2, 14, 0, 1), (2, 7, 0, 0),
+])
+def test_dft_cuts_or_pads_the_signal_to_dft_length(tmp_path, channels, length, onesided, inverse):
+    """A dft_length shorter or longer than the signal (which the node cases never give): the
+    signal is cut or zero-padded to it, real or complex, one-sided or inverse, along axis 1."""
+    x = np.random.default_rng(1).standard_normal((2, 10, 3, channels)).astype(np.float32)
+    bins = length // 2 + 1 if onesided else length
+    graph = helper.make_graph(
+        [helper.make_node("DFT", ["x", "n", "axis"], ["y"], onesided=onesided, inverse=inverse)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, bins, 3, 2])],
+        [onnx.numpy_helper.from_array(np.array(length, np.int64), "n"),
+         onnx.numpy_helper.from_array(np.array(1, np.int64), "axis")])
+    model = _model(graph, opset=20)
+    result = compare(run_ort(model, {"x": x}), _compiled(tmp_path, model).run({"x": x}))
+    assert result.ok, result.detail
+
+
+def test_attention_external_cache_with_a_window_on_both_sides(tmp_path):
+    """nonpad_kv_seqlen without causal masking: each batch row's queries sit at its own valid
+    length less the queries', a window reaches one key back and one ahead of them, and keys past
+    the valid length are padding; grouped KV heads."""
+    rng = np.random.default_rng(2)
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ([3, 4, 2, 8], [3, 2, 6, 8], [3, 2, 6, 8]))
+    feeds = {"q": q, "k": k, "v": v, "nonpad": np.array([6, 3, 4], np.int64)}
+    graph = helper.make_graph(
+        [helper.make_node("Attention", ["q", "k", "v", "", "", "", "nonpad"], ["y"],
+                          left_window_size=1, right_window_size=1)], "g",
+        [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+         for n, a in feeds.items()],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4, 2, 8])])
+    model = _model(graph, opset=25)
+    result = compare(run_ort(model, feeds), _compiled(tmp_path, model).run(feeds))
+    assert result.ok, result.detail
+
+
+def test_tensor_scatter_on_the_second_axis_wraps_around_in_circular_mode(tmp_path):
+    """TensorScatter along axis 1 of a 4D cache (the node cases write along -2), each batch row
+    from its own index, the circular one past the cache's end back to its start."""
+    rng = np.random.default_rng(3)
+    feeds = {"past": rng.standard_normal((2, 5, 3, 4)).astype(np.float32),
+             "update": rng.standard_normal((2, 3, 3, 4)).astype(np.float32),
+             "at": np.array([4, 1], np.int64)}
+    graph = helper.make_graph(
+        [helper.make_node("TensorScatter", ["past", "update", "at"], ["present"], axis=1,
+                          mode="circular")], "g",
+        [helper.make_tensor_value_info(n, TensorProto.INT64 if n == "at" else TensorProto.FLOAT, a.shape)
+         for n, a in feeds.items()],
+        [helper.make_tensor_value_info("present", TensorProto.FLOAT, [2, 5, 3, 4])])
+    model = _model(graph, opset=24)
+    result = compare(run_ort(model, feeds), _compiled(tmp_path, model).run(feeds))
+    assert result.ok, result.detail
