@@ -111,6 +111,7 @@ def run_pipeline(
 
     source_proto, fixed = fixed_inputs.fix(to_proto(load_model(model)), constants or {}, str(model))
     symbolic = {d for spec in graph_inputs(source_proto) for d in spec.shape if isinstance(d, str)}
+    graph_outputs(source_proto)  # an output edgecc cannot compile (a sequence) is refused up front
     unknown = sorted(set(shapes) - symbolic)
     if unknown:
         raise UserError(f"--shape {unknown[0]}: {model} has no symbolic dim of that name "
