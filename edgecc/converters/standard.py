@@ -60,10 +60,10 @@ class Range(OnnxOpConverter):
     def _from_data(cls, bb, inputs, attr, params):
         """Range(start, limit, delta) = start + delta * [0, n), n = max(ceil((limit - start) / delta), 0),
         counted in float64 for float bounds as TVM's converter does."""
-        dtype = str(bb.normalize(inputs[0]).ty.dtype)
         if any(tvm.ir.is_prim_expr(onnx_frontend.get_constant(v, params)) for v in inputs):
             raise UserError(f"node '{node_name(attr)}': Range with bounds from both tensor data and shapes "
                             "is not lowered")
+        dtype = str(bb.normalize(inputs[0]).ty.dtype)
         start, limit, delta = (relax.op.reshape(v, ()) for v in inputs)
         if dtype.startswith("float"):
             wide = [relax.op.astype(v, "float64") for v in (relax.op.subtract(limit, start), delta)]
