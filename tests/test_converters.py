@@ -333,3 +333,22 @@ def test_tensor_scatter_on_the_second_axis_wraps_around_in_circular_mode(tmp_pat
     model = _model(graph, opset=24)
     result = compare(run_ort(model, feeds), _compiled(tmp_path, model).run(feeds))
     assert result.ok, result.detail
+
+
+def test_range_of_integer_bounds_fed_at_run_time_counting_down(tmp_path):
+    """Range whose bounds are graph inputs, its length known only at run time: integer bounds
+    counting down by a constant step, down to an empty range (the node cases' such Ranges, in the
+    window functions' expanded forms, are float), then used with a value computed beside it."""
+    graph = helper.make_graph(
+        [helper.make_node("Sub", ["start", "limit"], ["span"]),
+         helper.make_node("Range", ["start", "limit", "delta"], ["r"]),
+         helper.make_node("Mul", ["r", "span"], ["y"])], "g",
+        [helper.make_tensor_value_info(n, TensorProto.INT64, []) for n in ("start", "limit")],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, ["n"])],
+        [onnx.numpy_helper.from_array(np.array(-3, np.int64), "delta")])
+    model = _model(graph, opset=11)
+    art = _compiled(tmp_path, model)
+    for start, limit in ((10, -1), (4, 4), (7, 0)):
+        feeds = {"start": np.array(start, np.int64), "limit": np.array(limit, np.int64)}
+        result = compare(run_ort(model, feeds), art.run(feeds))
+        assert result.ok, (start, limit, result.detail)
