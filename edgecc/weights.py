@@ -41,7 +41,7 @@ def lift(mod, min_bytes: int = MIN_BYTES):
                 return const
             if const not in params:
                 value = const.value.numpy()
-                if value.nbytes < min_bytes:
+                if value.nbytes < min_bytes and value.size:  # TVM cannot load back an empty one it saved
                     return const
                 var = relax.Var(f"weight{len(params)}", relax.TensorType(value.shape, str(value.dtype)))
                 params[const] = (var, value)
@@ -101,9 +101,13 @@ def load(path: Path, entries: list[dict]) -> list:
     first use and shared with the page cache; nothing writes to them."""
     import tvm
 
-    mapped = np.memmap(path, dtype=np.uint8, mode="c")
+    # An empty file (every weight empty) cannot be mapped, and an empty view has no aligned address.
+    mapped = np.memmap(path, dtype=np.uint8, mode="c") if path.stat().st_size else None
     tensors = []
     for e in entries:
+        if not e["bytes"]:
+            tensors.append(tvm.runtime.tensor(np.zeros(e["shape"], e["dtype"])))
+            continue
         view = mapped[e["offset"]:e["offset"] + e["bytes"]].view(e["dtype"]).reshape(e["shape"])
         tensors.append(tvm.runtime.from_dlpack(view))
     return tensors
