@@ -56,6 +56,7 @@ class Split(OnnxOpConverter):
 
     @staticmethod
     def _slices(x, sizes: list[int], axis: int):
+        axis = axis + len(x.ty.shape) if axis < 0 else axis  # TVM's slice kernel takes no negative axis
         ends = np.cumsum(sizes).tolist()
         return relax.Tuple([relax.op.strided_slice(x, [axis], [end - size], [end])
                             for size, end in zip(sizes, ends)])
