@@ -352,3 +352,18 @@ def test_range_of_integer_bounds_fed_at_run_time_counting_down(tmp_path):
         feeds = {"start": np.array(start, np.int64), "limit": np.array(limit, np.int64)}
         result = compare(run_ort(model, feeds), art.run(feeds))
         assert result.ok, (start, limit, result.detail)
+
+
+def test_split_by_sizes_on_the_last_axis_with_an_empty_part(tmp_path):
+    """Split by constant sizes along axis -1 (as fuse-siblings emits it) with a part of size 0."""
+    x = np.random.default_rng(4).standard_normal((2, 3, 7)).astype(np.float32)
+    sizes = helper.make_tensor("sizes", TensorProto.INT64, [3], [4, 0, 3])
+    graph = helper.make_graph([helper.make_node("Split", ["x", "sizes"], ["a", "b", "c"], axis=-1)], "split",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3, k])
+                               for n, k in (("a", 4), ("b", 0), ("c", 3))], [sizes])
+    model = _model(graph)
+    got = _compiled(tmp_path, model).run({"x": x})
+    assert [got[n].shape for n in "abc"] == [(2, 3, 4), (2, 3, 0), (2, 3, 3)]
+    result = compare(run_ort(model, {"x": x}), got)
+    assert result.ok, result.detail
