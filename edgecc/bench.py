@@ -325,7 +325,7 @@ def _run(model: Path, settings: Settings, work: Path, log: Callable[[str], None]
         rate = c["decode"]["tokens_per_s"]
         if bandwidth:
             bound_s = (c["weight_bytes_per_token"] + kv_bytes) / (bandwidth * 1e9)
-            c["roofline_fraction"] = round(bound_s * rate, 3)
+            c["roofline_fraction"] = float(f"{bound_s * rate:.3g}")  # a tiny model's is tiny, not 0
         if ort_rate:
             c["decode_speedup_vs_ort_fp32"] = round(rate / ort_rate, 2)
     return {

@@ -60,9 +60,9 @@ def test_host_artifact_matches_ort_at_several_shapes(host_artifacts, example_pat
 def test_manifest_records_what_reproduces_the_build(host_artifacts):
     art = host_artifacts("tiny-lm")
     m = art.manifest
-    assert m["pipeline"] == "simplify{onnxsim=true},fuse{layernorm=true,gelu=true,matmul_bias=true}" or \
-        m["pipeline"].startswith("simplify{onnxsim=true},fuse{")
-    assert [p["name"] for p in m["passes"]] == ["simplify", "fuse", "fuse-siblings"]
+    assert m["pipeline"] == ("simplify{onnxsim=true},group-kv-heads,fuse{layernorm=true,gelu=true,matmul_bias=true},"
+                             "fuse-siblings{min_weights=0}")
+    assert [p["name"] for p in m["passes"]] == ["simplify", "group-kv-heads", "fuse", "fuse-siblings"]
     assert all(p["seconds"] >= 0 and "stats" in p for p in m["passes"])
     assert m["versions"]["apache-tvm"] == "0.27.0.post1"
     assert m["target"]["name"] == "host" and len(m["target"]["fingerprint"]) == 16
