@@ -39,9 +39,14 @@ def _int_attr(node: ir.Node, name: str, default=None):
 
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None or value.is_graph_input():
+    """An initializer's value or a Constant node's (simplify leaves scalars as Constant nodes)."""
+    if value is None or value.is_graph_input():
         return None
-    return value.const_value.numpy()
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    node = value.producer()
+    tensor = node.attributes.get("value") if node is not None and node.op_type == "Constant" else None
+    return None if tensor is None else tensor.value.numpy()
 
 
 def _repeat(node: ir.Node) -> tuple[ir.Value, int] | None:
@@ -55,19 +60,44 @@ def _repeat(node: ir.Node) -> tuple[ir.Value, int] | None:
     axes = _const(unsqueeze.inputs[1]) if len(unsqueeze.inputs) > 1 else _int_attr(unsqueeze, "axes")
     x = unsqueeze.inputs[0]
     xd, ed = _dims(x), _dims(node.outputs[0])
-    if axes is None or np.asarray(axes).tolist() not in ([2], 2) or None in (xd, ed) or len(xd) != 4:
+    if axes is None or np.asarray(axes).tolist() not in ([2], 2) or xd is None or len(xd) != 4 \
+            or not isinstance(xd[1], int):
         return None
+    if ed is None or not isinstance(ed[2], int):  # TorchScript's target shape is computed at run
+        # time, and shape inference names its dims afresh: the Reshape merging kv and r says r
+        users = [n for n in node.outputs[0].consumers() if n.op_type != "Shape"]
+        merged = _dims(users[0].outputs[0]) if len(users) == 1 and users[0].op_type == "Reshape" else None
+        if merged is None or len(merged) != 4 or merged[::2] != xd[::2] or merged[3] != xd[3] \
+                or not isinstance(merged[1], int) or merged[1] % xd[1]:
+            return None
+        ed = [xd[0], xd[1], merged[1] // xd[1], *xd[2:]]
     r = ed[2]
-    if not isinstance(r, int) or r < 2 or ed[:2] + ed[3:] != xd or not isinstance(xd[1], int):
+    if not isinstance(r, int) or r < 2 or ed[:2] + ed[3:] != xd:
         return None
     return x, r
 
 
-def _to_matmul(value: ir.Value) -> tuple[ir.Node, bool, list] | None:
+def _dim(value: ir.Value, axis: int):
+    """Dim `axis` of `value`, looked up through Transposes and scalings where shape inference
+    lost it (TorchScript's queries: [unk, unk, q, d] after a Transpose of [b, q, h, d])."""
+    while True:
+        dim = _dims(value)[axis] if _dims(value) is not None else None
+        node = value.producer()
+        if isinstance(dim, int) or node is None:
+            return dim
+        if node.op_type == "Transpose":
+            axis = list(_int_attr(node, "perm", None) or [])[axis]
+        elif node.op_type not in ("Mul", "Div") or _const(node.inputs[1]) is None or _const(node.inputs[1]).size != 1:
+            return dim
+        value = node.inputs[0]
+
+
+def _to_matmul(value: ir.Value, x: ir.Value, r: int) -> tuple[ir.Node, bool, list] | None:
     """From a repeat [b, kv, r, s, d] to the MatMul reading it as [b, kv * r, ...], its second
     operand: that MatMul, whether (s, d) were swapped on the way, and the scalar (op, constant)
     steps to apply."""
-    b, kv, r, *trailing = _dims(value)
+    b, kv, s, d = _dims(x)
+    trailing = [s, d]
     leads = ([b, kv, r], [b, kv * r])  # the dims before (s, d) a Reshape may leave, or all merged
     swapped, scalars = False, []
     while True:
@@ -78,7 +108,7 @@ def _to_matmul(value: ir.Value) -> tuple[ir.Node, bool, list] | None:
         node = users[0]
         dims = _dims(value)
         if node.op_type == "MatMul" and len(node.inputs) == 2 and node.inputs[1] is value:
-            return (node, swapped, scalars) if dims[:-2] == leads[1] else None
+            return (node, swapped, scalars) if dims is not None and dims[:-2] == leads[1] else None
         out = _dims(node.outputs[0])
         if out is None:
             return None
@@ -114,45 +144,56 @@ class GroupKVHeads(Pass):
         rewritten = 0
         for node in list(model.graph):
             found = _repeat(node)
-            if found is None:
+            path = found and _to_matmul(node.outputs[0], *found)
+            if not path:
                 continue
-            x, r = found
-            path = _to_matmul(node.outputs[0])
-            if path is None:
+            (x, r), (matmul, swapped, scalars) = found, path
+            a, heads = matmul.inputs[0], _dims(x)[1] * r
+            a_heads, out_dims = _dims(a) and _dim(a, 1), _dims(matmul.outputs[0])
+            if _dims(a) is None or len(_dims(a)) != 4 or out_dims is None or out_dims[1] != heads \
+                    or (a_heads != heads if isinstance(a_heads, int) else a.dtype is None):
                 continue
-            matmul, swapped, scalars = path
-            a, out = matmul.inputs[0], matmul.outputs[0]
-            ad, od = _dims(a), _dims(out)
-            if ad is None or od is None or len(ad) != 4 or ad[1] != _dims(x)[1] * r:
-                continue
-            prefix = matmul.name or out.name
-            kv, heads = _dims(x)[1], ad[1]
-            steps: list[ir.Node] = []
-
-            def emit(op: str, inputs, **attrs) -> ir.Value:
-                n = ir.Node("", op, inputs, attributes=[ir.AttrInt64s(k, v) for k, v in attrs.items()],
-                            name=f"{prefix}_grouped_{len(steps)}")
-                steps.append(n)
-                return n.outputs[0]
-
-            b = x
-            if swapped:
-                b = emit("Transpose", [b], perm=[0, 1, 3, 2])
-            for op, c in scalars:
-                b = emit(op, [b, c])
-            rows = ir.Value(name=f"{prefix}_grouped_rows", const_value=ir.tensor(np.array([0, kv, -1, 0], np.int64)))
-            back = ir.Value(name=f"{prefix}_grouped_heads", const_value=ir.tensor(np.array([0, heads, -1, 0], np.int64)))
-            for value in (rows, back):
-                model.graph.register_initializer(value)
-            grouped = emit("MatMul", [emit("Reshape", [a, rows]), b])
-            result = emit("Reshape", [grouped, back])
-            model.graph.insert_before(matmul, steps)
-            result.shape, result.dtype = out.shape, out.dtype
-            name = out.name
-            ir.convenience.replace_all_uses_with(out, result, replace_graph_outputs=True)
-            model.graph.remove(matmul, safe=True)
-            result.name = name
+            _rewrite(model, matmul, x, r, swapped, scalars, known_heads=isinstance(a_heads, int))
             rewritten += 1
         if rewritten:
             RemoveUnusedNodesPass()(model)  # the repeats and their layout steps, now unused
         return PassResult(model, rewritten > 0, {"matmuls": rewritten})
+
+
+def _rewrite(model: ir.Model, matmul: ir.Node, x: ir.Value, r: int, swapped: bool, scalars: list,
+             known_heads: bool) -> None:
+    """MatMul(A, repeat(X)) -> Reshape(MatMul(Reshape(A, [b, kv, r*q, k]), X'), [b, kv*r, q, n]), X'
+    being X with the path's transpose and scalings."""
+    prefix = matmul.name or matmul.outputs[0].name
+    kv = _dims(x)[1]
+    steps: list[ir.Node] = []
+
+    def emit(op: str, inputs, **attrs) -> ir.Value:
+        n = ir.Node("", op, inputs, attributes=[ir.AttrInt64s(k, v) for k, v in attrs.items()],
+                    name=f"{prefix}_grouped_{len(steps)}")
+        steps.append(n)
+        return n.outputs[0]
+
+    def constant(name: str, array: np.ndarray) -> ir.Value:
+        value = ir.Value(name=f"{prefix}_grouped_{name}", const_value=ir.tensor(array))
+        model.graph.register_initializer(value)
+        return value
+
+    b = x
+    if swapped:
+        b = emit("Transpose", [b], perm=[0, 1, 3, 2])
+    for op, c in scalars:
+        b = emit(op, [b, c])
+    a = matmul.inputs[0]
+    if not known_heads:
+        # Unknown to shape inference, and a 1 would broadcast: adding zeros of [1, heads, 1, 1]
+        # makes it kv * r either way (TVM's Expand wants static dims).
+        a = emit("Add", [a, constant("zeros", np.zeros((1, kv * r, 1, 1), a.dtype.numpy()))])
+    grouped = emit("MatMul", [emit("Reshape", [a, constant("rows", np.array([0, kv, -1, 0], np.int64))]), b])
+    result = emit("Reshape", [grouped, constant("heads", np.array([0, kv * r, -1, 0], np.int64))])
+    model.graph.insert_before(matmul, steps)
+    out = matmul.outputs[0]
+    result.shape, result.dtype, name = out.shape, out.dtype, out.name
+    ir.convenience.replace_all_uses_with(out, result, replace_graph_outputs=True)
+    model.graph.remove(matmul, safe=True)
+    result.name = name
