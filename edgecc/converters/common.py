@@ -24,9 +24,10 @@ def constant(value, params):
     return value.value.numpy() if isinstance(value, tvm.ir.GenericConst) else None
 
 
-def graph_inputs_feeding(bb, expr) -> list[str]:
-    """The integer graph inputs whose values a value computed in the function being built
-    depends on, by name (an input whose shape alone is read, through shape_of, is not one)."""
+def graph_inputs_feeding(bb, expr, integers_only: bool = True) -> list[str]:
+    """The graph inputs (integer ones, unless `integers_only` is off) whose values a value computed
+    in the function being built depends on, by name (an input whose shape alone is read, through
+    shape_of, is not one)."""
     from tvm import relax
 
     seen, names, todo = set(), set(), [expr]
@@ -37,7 +38,8 @@ def graph_inputs_feeding(bb, expr) -> list[str]:
             seen.add(var.name)
             bound = bb.lookup_binding(var)
             if bound is None:  # a parameter of the function: a graph input
-                if isinstance(var.ty, relax.TensorType) and str(var.ty.dtype).startswith(("int", "uint")):
+                if not integers_only or (isinstance(var.ty, relax.TensorType)
+                                         and str(var.ty.dtype).startswith(("int", "uint"))):
                     names.add(var.name)
             elif not (isinstance(bound, relax.Call) and getattr(bound.op, "name", "") == "relax.shape_of"):
                 todo.append(bound)

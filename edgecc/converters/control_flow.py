@@ -19,12 +19,12 @@ from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter, onnx_input
 
-from edgecc.converters.common import constant, node_name
+from edgecc.converters.common import constant, graph_inputs_feeding, node_name
 from edgecc.errors import UserError
 from edgecc.lower import converter
 
 
-def _run_body(bb, graph, bound: dict, params, opset: int) -> list:
+def run_body(bb, graph, bound: dict, params, opset: int) -> list:
     """The body's outputs for one iteration, with its inputs bound to `bound` ({name: value})."""
     scope = {**params[0], **{name: bb.normalize(value) for name, value in bound.items()}}
     weights = params[1]
@@ -48,24 +48,8 @@ def _run_body(bb, graph, bound: dict, params, opset: int) -> list:
     return [scope[o.name] for o in graph.output]
 
 
-def _feeding_inputs(bb, expr) -> list[str]:
-    """The graph inputs a value computed in the function being built depends on, by name."""
-    names, seen, todo = set(), set(), [expr]
-    while todo:
-        for var in relax.analysis.free_vars(todo.pop()):
-            if var in seen:
-                continue
-            seen.add(var)
-            bound = bb.lookup_binding(var) if isinstance(var, relax.DataflowVar) else None
-            if bound is not None:
-                todo.append(bound)
-            elif not isinstance(var, relax.DataflowVar):
-                names.add(var.name)
-    return sorted(names)
-
-
 def _not_constant(bb, attr, what: str, value) -> UserError:
-    names = _feeding_inputs(bb, value)
+    names = graph_inputs_feeding(bb, value, integers_only=False)
     # with no graph input behind it, the value is computed from constants the simplifier left
     fix = "".join(f"--const {name}=VALUES " for name in names) + "or make it an initializer" if names \
         else "it is computed from constants that were not folded"
@@ -108,7 +92,7 @@ class Loop(_Unrolled):
                     break
             names = [v.name for v in body.input]
             values = [relax.const(np.int64(i)), cond if cond is not None else relax.const(True)] + carried
-            out = _run_body(bb, body, dict(zip(names, values)), params, opset)
+            out = run_body(bb, body, dict(zip(names, values)), params, opset)
             cond, carried = out[0], out[1:1 + len(carried)]
             for scan, value in zip(scans, out[1 + len(carried):]):
                 scan.append(value)
@@ -164,7 +148,7 @@ class Scan(_Unrolled):
         for t in range(length):
             elements = [relax.op.squeeze(relax.op.strided_slice(v, [a], [i], [i + 1]), [a])
                         for v, a, d in zip(scanned, in_axes, in_directions) for i in [length - 1 - t if d else t]]
-            out = _run_body(bb, body, dict(zip(names, states + elements)), params, opset)
+            out = run_body(bb, body, dict(zip(names, states + elements)), params, opset)
             states = out[:len(states)]
             for scan, value in zip(scans, out[len(states):]):
                 scan.append(bb.normalize(value))

@@ -10,7 +10,7 @@ from tvm import relax
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
 from edgecc.converters.common import node_name
-from edgecc.converters.control_flow import _run_body
+from edgecc.converters.control_flow import run_body
 from edgecc.errors import UserError
 from edgecc.lower import converter
 
@@ -59,5 +59,5 @@ class FlexAttention(OnnxOpConverter):
             raise UserError(f"node '{node_name(attr)}': FlexAttention's {name} of {len(graph.input)} inputs "
                             f"and {len(graph.output)} outputs is not lowered (one of each is)")
         dtype = str(bb.normalize(x).ty.dtype)
-        out = _run_body(bb, graph, {graph.input[0].name: x}, params, opset)[0]
+        out = run_body(bb, graph, {graph.input[0].name: x}, params, opset)[0]
         return relax.op.astype(out, dtype)  # the reference reads the mod's output in that dtype
