@@ -129,7 +129,7 @@ def graph_outputs(model: onnx.ModelProto) -> list[TensorSpec]:
 
 
 # Operands that a model's user gives and random data cannot stand in for (axes, shapes, sizes): a
-# graph input there must be given (an initializer), or verification is off.
+# graph input there must be given (--const, an initializer), or verification is off.
 _GIVEN_OPERANDS: dict[str, dict[int, str]] = {
     **{op: {1: "axes"} for op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
                                   "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare", "Squeeze",
@@ -167,8 +167,8 @@ def integer_ranges(model: onnx.ModelProto, dim_values: dict[str, int] | None = N
         for i, what in _GIVEN_OPERANDS.get(node.op_type, {}).items():
             if args[i] in inputs:
                 raise UserError(f"input '{args[i]}' is the {what} of {node.op_type} node '{node.name}': "
-                                "random data cannot stand in for it; make it an initializer, or compile "
-                                "without verification")
+                                f"random data cannot stand in for it; fix it with --const {args[i]}=VALUES, "
+                                "make it an initializer, or compile without verification")
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         data = shapes.get(args[0]) or []
         if node.op_type in ("Gather", "GatherElements"):
