@@ -46,11 +46,9 @@ def graph_inputs_feeding(bb, expr, integers_only: bool = True) -> list[str]:
     return sorted(names)
 
 
-def constant_operands(op: str, operands: dict[int, str], computed_ok: bool = False) -> type:
-    """TVM's converter for `op`, with the inputs `operands` names ({index: what}) required to be
-    constants: one fed or computed at run time is refused in one line naming the node, the input
-    and, where it comes from graph inputs, the --const that fixes them (edgecc.fixed_inputs).
-    With `computed_ok`, a value computed from shapes passes (TVM's converter takes it)."""
+def checked(op: str, check) -> type:
+    """TVM's converter for `op`, with `check(bb, inputs, attr, params)` run first: it raises a
+    UserError naming the node for a form the converter cannot lower."""
     base = onnx_frontend._get_convert_map()[op]
 
     class Checked(base):
@@ -60,14 +58,23 @@ def constant_operands(op: str, operands: dict[int, str], computed_ok: bool = Fal
         def get_converter(cls, opset):
             convert = base.get_converter(opset)
 
-            def checked(bb, inputs, attr, params):
-                check_constant_operands(op, operands, computed_ok, bb, inputs, attr, params)
+            def checked_convert(bb, inputs, attr, params):
+                check(bb, inputs, attr, params)
                 return convert(bb, inputs, attr, params)
 
-            return checked
+            return checked_convert
 
     Checked.__name__ = Checked.__qualname__ = op
     return Checked
+
+
+def constant_operands(op: str, operands: dict[int, str], computed_ok: bool = False) -> type:
+    """TVM's converter for `op`, with the inputs `operands` names ({index: what}) required to be
+    constants: one fed or computed at run time is refused in one line naming the node, the input
+    and, where it comes from graph inputs, the --const that fixes them (edgecc.fixed_inputs).
+    With `computed_ok`, a value computed from shapes passes (TVM's converter takes it)."""
+    return checked(op, lambda bb, inputs, attr, params: check_constant_operands(
+        op, operands, computed_ok, bb, inputs, attr, params))
 
 
 def check_constant_operands(op: str, operands: dict[int, str], computed_ok: bool, bb, inputs, attr,

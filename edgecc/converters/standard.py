@@ -10,7 +10,7 @@ from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-from edgecc.converters.common import axes_from, constant, constant_operands, node_name
+from edgecc.converters.common import axes_from, checked, constant, constant_operands, node_name
 from edgecc.errors import UserError
 from edgecc.lower import converter
 
@@ -386,32 +386,17 @@ class SpaceToDepth(OnnxOpConverter):
 def _refusing(op: str, unsupported: Callable) -> type:
     """TVM's converter for `op`, refusing by name the nodes where `unsupported(inputs, attr)` names
     a form it cannot lower."""
-    base = onnx_frontend._get_convert_map()[op]
+    def check(bb, inputs, attr, params):
+        form = unsupported(inputs, attr)
+        if form:
+            raise UserError(f"node '{node_name(attr)}': {op} {form} is not lowered (TVM 0.27 has no "
+                            "conversion for it)")
 
-    class Checked(base):
-        computed_outputs = range(1 << 16)  # every output: TVM's converter computes them all
-
-        @classmethod
-        def get_converter(cls, opset):
-            convert = base.get_converter(opset)
-
-            def checked(bb, inputs, attr, params):
-                form = unsupported(inputs, attr)
-                if form:
-                    raise UserError(f"node '{node_name(attr)}': {op} {form} is not lowered (TVM 0.27 "
-                                    "has no conversion for it)")
-                return convert(bb, inputs, attr, params)
-
-            return checked
-
-    Checked.__name__ = Checked.__qualname__ = op
-    return Checked
+    return checked(op, check)
 
 
-for _op, _unsupported in {
-    "OptionalHasElement": lambda inputs, attr: None if inputs[0] is not None else "without an input",
-}.items():
-    converter(_op)(_refusing(_op, _unsupported))
+converter("OptionalHasElement")(_refusing(
+    "OptionalHasElement", lambda inputs, attr: None if inputs[0] is not None else "without an input"))
 
 
 # Inputs that TVM's converters take only as constants: a value computed or fed at run time is
