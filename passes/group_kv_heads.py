@@ -22,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from edgecc.ir import constant_array
 from edgecc.pass_base import Pass, PassContext, PassResult, register_pass
 
 
@@ -38,17 +39,6 @@ def _int_attr(node: ir.Node, name: str, default=None):
     return default if attr is None else attr.value
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    """An initializer's value or a Constant node's (simplify leaves scalars as Constant nodes)."""
-    if value is None or value.is_graph_input():
-        return None
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    node = value.producer()
-    tensor = node.attributes.get("value") if node is not None and node.op_type == "Constant" else None
-    return None if tensor is None else tensor.value.numpy()
-
-
 def _repeat(node: ir.Node) -> tuple[ir.Value, int] | None:
     """(X, r) when `node` is Expand(Unsqueeze(X, 2)) repeating X [b, kv, s, d] r times into
     [b, kv, r, s, d] (the Reshape merging kv and r may be folded into later ones)."""
@@ -57,7 +47,7 @@ def _repeat(node: ir.Node) -> tuple[ir.Value, int] | None:
     unsqueeze = node.inputs[0].producer()
     if unsqueeze is None or unsqueeze.op_type != "Unsqueeze" or unsqueeze.inputs[0] is None:
         return None
-    axes = _const(unsqueeze.inputs[1]) if len(unsqueeze.inputs) > 1 else _int_attr(unsqueeze, "axes")
+    axes = constant_array(unsqueeze.inputs[1]) if len(unsqueeze.inputs) > 1 else _int_attr(unsqueeze, "axes")
     x = unsqueeze.inputs[0]
     xd, ed = _dims(x), _dims(node.outputs[0])
     if axes is None or np.asarray(axes).tolist() not in ([2], 2) or xd is None or len(xd) != 4 \
@@ -87,7 +77,7 @@ def _dim(value: ir.Value, axis: int):
             return dim
         if node.op_type == "Transpose":
             axis = list(_int_attr(node, "perm", None) or [])[axis]
-        elif node.op_type not in ("Mul", "Div") or _const(node.inputs[1]) is None or _const(node.inputs[1]).size != 1:
+        elif node.op_type not in ("Mul", "Div") or constant_array(node.inputs[1]) is None or constant_array(node.inputs[1]).size != 1:
             return dim
         value = node.inputs[0]
 
@@ -124,7 +114,7 @@ def _to_matmul(value: ir.Value, x: ir.Value, r: int) -> tuple[ir.Node, bool, lis
                 return None
         elif node.op_type in ("Mul", "Div") and out == dims:
             other = [v for v in node.inputs if v is not value]
-            c = _const(other[0]) if len(other) == 1 else None
+            c = constant_array(other[0]) if len(other) == 1 else None
             if c is None or c.size != 1 or (node.op_type == "Div" and node.inputs[0] is not value):
                 return None
             scalars.append((node.op_type, other[0]))

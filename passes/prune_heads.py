@@ -43,7 +43,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from edgecc.calibration import activation_samples
 from edgecc.errors import UserError
-from edgecc.ir import infer_shapes
+from edgecc.ir import constant_array, infer_shapes
 from edgecc.pass_base import Option, Pass, PassContext, PassResult, register_pass
 
 # Ops that carry Q, K, V (or the attention output) between a projection and a MatMul.
@@ -82,28 +82,9 @@ def parse_heads(text: str) -> dict[int, set[int]]:
 # Constants and shape computations
 
 
-def _const_array(value: ir.Value | None) -> np.ndarray | None:
-    """The constant behind `value` (initializer or Constant node), unless a caller can override it."""
-    if value is None or value.is_graph_input():
-        return None
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    node = value.producer()
-    if node is None or node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
-        return None
-    attr = next(iter(node.attributes.values()), None)
-    if attr is None:
-        return None
-    if attr.name == "value":
-        return attr.value.numpy()
-    if attr.name in ("value_int", "value_ints", "value_float", "value_floats"):
-        return np.array(attr.value)
-    return None
-
-
 def _weight(value: ir.Value | None) -> np.ndarray | None:
     """A constant 2-D float weight."""
-    w = _const_array(value)
+    w = constant_array(value)
     return w if w is not None and w.ndim == 2 and w.dtype.kind == "f" else None
 
 
@@ -123,7 +104,7 @@ def _axes(node: ir.Node) -> list[int] | None:
 def _static(value: ir.Value | None, depth: int = 0) -> np.ndarray | None:
     """The value of a small (shape) tensor when it is fixed: computed from constants and static
     dims alone. None when it depends on run-time sizes or on ops this evaluator does not know."""
-    fixed = _const_array(value)
+    fixed = constant_array(value)
     if fixed is not None or value is None:
         return fixed
     node = value.producer()
@@ -292,7 +273,7 @@ def _check_broadcast(value: ir.Value, rank: int, u: int, what: str) -> None:
 def _data_input(node: ir.Node) -> ir.Value:
     """The input that carries the heads (for Mul: the one that is not a constant)."""
     a, b = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None
-    if node.op_type == "Mul" and _const_array(b) is None and _const_array(a) is not None:
+    if node.op_type == "Mul" and constant_array(b) is None and constant_array(a) is not None:
         return b
     return node.inputs[0]
 
@@ -459,7 +440,7 @@ def _linear(value: ir.Value) -> Linear | None:
         if _weight(node.inputs[1]) is None or node.attributes.get_int("transA", 0):
             return None
         has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
-        if has_bias and _const_array(node.inputs[2]) is None:
+        if has_bias and constant_array(node.inputs[2]) is None:
             return None
         out_axis = 0 if node.attributes.get_int("transB", 0) else 1
         return Linear(value, node, out_axis, node if has_bias else None, 2, reshape,
@@ -468,7 +449,7 @@ def _linear(value: ir.Value) -> Linear | None:
         for i in (0, 1):
             mm = node.inputs[i].producer()
             if (mm is not None and mm.op_type == "MatMul" and _weight(mm.inputs[1]) is not None
-                    and _const_array(node.inputs[1 - i]) is not None):
+                    and constant_array(node.inputs[1 - i]) is not None):
                 return Linear(value, mm, 1, node, 1 - i, None, [mm, node])
         return None
     if node.op_type == "MatMul" and _weight(node.inputs[1]) is not None:
@@ -641,7 +622,7 @@ def _score_path(value: ir.Value, depth: int = 0) -> list[ir.Node] | None:
     if node is None or depth > MAX_SCORE_OPS:
         return None
     if node.op_type == "MatMul":
-        return [node] if all(_const_array(v) is None for v in node.inputs) else None
+        return [node] if all(constant_array(v) is None for v in node.inputs) else None
     if node.op_type not in SCORE_OPS:
         return None
     found = [p for v in node.inputs if v is not None and (p := _score_path(v, depth + 1)) is not None]
@@ -769,7 +750,7 @@ def _check_projections(parts: list[Part], values: dict) -> tuple[list[Linear], l
         if sum(w for _, w in spans) != linear.width:
             raise Rejected(f"Q, K and V do not use all {linear.width} columns of their projection")
         if linear.bias_node is not None:
-            bias = _const_array(linear.bias_node.inputs[linear.bias_input])
+            bias = constant_array(linear.bias_node.inputs[linear.bias_input])
             if bias.ndim and bias.shape[-1] not in (1, linear.width):
                 raise Rejected(f"the bias of '{_name(linear.matmul)}' has shape {list(bias.shape)}")
         if linear.reshape is not None:
@@ -870,7 +851,7 @@ class _Rewriter:
 
     def slice_input(self, node: ir.Node, index: int, keep: list[int], axis: int) -> None:
         value = node.inputs[index]
-        array = np.ascontiguousarray(np.take(_const_array(value), keep, axis=axis))
+        array = np.ascontiguousarray(np.take(constant_array(value), keep, axis=axis))
         node.replace_input_with(index, self.constant(array, f"{value.name}.pruned"))
 
     def set_element(self, node: ir.Node, index: int, element: int, new: int) -> None:
@@ -921,7 +902,7 @@ def _prune(block: Block, removed: set[int], rw: _Rewriter, opset: int) -> None:
         width = linear.width
         rw.slice_input(linear.matmul, 1, cols, linear.out_axis)
         if linear.bias_node is not None:
-            bias = _const_array(linear.bias_node.inputs[linear.bias_input])
+            bias = constant_array(linear.bias_node.inputs[linear.bias_input])
             if bias.ndim and bias.shape[-1] == width:
                 rw.slice_input(linear.bias_node, linear.bias_input, cols, bias.ndim - 1)
         if linear.reshape is not None:
