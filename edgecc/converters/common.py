@@ -78,15 +78,19 @@ def constant_operands(op: str, operands: dict[int, str], computed_ok: bool = Fal
 
 
 def check_constant_operands(op: str, operands: dict[int, str], computed_ok: bool, bb, inputs, attr,
-                            params) -> None:
-    """Refuse, as `constant_operands` says, the node whose `operands` are not constants."""
+                            params) -> list:
+    """Refuse, as `constant_operands` says, the node whose `operands` are not constants; else their
+    values in the order `operands` names them (None where absent, or computed and `computed_ok`)."""
     from tvm import relax
 
     from edgecc.errors import UserError
 
+    values = []
     for i, what in operands.items():
         value = inputs[i] if i < len(inputs) else None
-        if value is None or constant(value, params) is not None:
+        known = None if value is None else constant(value, params)
+        values.append(known)
+        if value is None or known is not None:
             continue
         given = isinstance(value, relax.Var) and not isinstance(value, relax.DataflowVar)
         if not given and computed_ok:
@@ -97,3 +101,4 @@ def check_constant_operands(op: str, operands: dict[int, str], computed_ok: bool
         raise UserError(f"node '{node_name(attr)}': {op}'s {what} (input {i}) is {source}; edgecc "
                         f"compiles {op} only with constant {what} (fix it with {fix}or make it an "
                         "initializer)")
+    return values

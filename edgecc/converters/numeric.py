@@ -8,7 +8,7 @@ from tvm import DataType, relax, te, tirx
 from tvm.relax.frontend.onnx import onnx_frontend
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-from edgecc.converters.common import check_constant_operands, constant, node_name
+from edgecc.converters.common import check_constant_operands, node_name
 from edgecc.errors import UserError
 from edgecc.lower import converter
 
@@ -21,8 +21,7 @@ class CumProd(OnnxOpConverter):
 
     @classmethod
     def _impl_v26(cls, bb, inputs, attr, params):
-        check_constant_operands("CumProd", {1: "axis"}, False, bb, inputs, attr, params)
-        axis = int(constant(inputs[1], params).item())
+        axis = int(check_constant_operands("CumProd", {1: "axis"}, False, bb, inputs, attr, params)[0].item())
         data, reverse = inputs[0], attr.get("reverse", 0)
         if reverse:
             data = relax.op.flip(data, axis)

@@ -13,16 +13,9 @@ from onnx import helper
 from tvm import relax
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-from edgecc.converters.common import check_constant_operands, constant, node_name
+from edgecc.converters.common import check_constant_operands, node_name
 from edgecc.errors import UserError
 from edgecc.lower import converter
-
-
-def constant_operands(op: str, operands: dict[int, str], bb, inputs, attr, params) -> list:
-    """The values (None where absent) of the inputs `operands` names ({index: what}), which must be
-    constants: one fed or computed at run time is refused in one line naming the --const to fix it."""
-    check_constant_operands(op, operands, False, bb, inputs, attr, params)
-    return [None if i >= len(inputs) or inputs[i] is None else constant(inputs[i], params) for i in operands]
 
 
 def _output_dtype(attr) -> np.dtype:
@@ -37,7 +30,7 @@ class _Window(OnnxOpConverter):
 
     @classmethod
     def _impl_v17(cls, bb, inputs, attr, params):
-        size = int(constant_operands(cls.__name__, {0: "size"}, bb, inputs, attr, params)[0])
+        size = int(check_constant_operands(cls.__name__, {0: "size"}, False, bb, inputs, attr, params)[0])
         dtype = _output_dtype(attr)
         return relax.const(cls.window(size, attr.get("periodic", 1) == 1, dtype).astype(dtype))
 
@@ -80,8 +73,8 @@ class MelWeightMatrix(OnnxOpConverter):
     @classmethod
     def _impl_v17(cls, bb, inputs, attr, params):
         names = ("num_mel_bins", "dft_length", "sample_rate", "lower_edge_hertz", "upper_edge_hertz")
-        bins, length, rate, low, high = constant_operands("MelWeightMatrix", dict(enumerate(names)), bb,
-                                                          inputs, attr, params)
+        bins, length, rate, low, high = check_constant_operands("MelWeightMatrix", dict(enumerate(names)), False,
+                                                                bb, inputs, attr, params)
         bins, length = int(bins), int(length)
         edges = np.arange(0, bins + 2)
         low_mel, high_mel = (2595 * np.log1p(hertz / 700) / np.log(10) for hertz in (low, high))
@@ -160,7 +153,7 @@ class DFT(OnnxOpConverter):
     def _transform(cls, bb, inputs, attr, params, axis):
         x = inputs[0]
         rank = len(bb.normalize(x).ty.shape)
-        length = constant_operands("DFT", {1: "dft_length"}, bb, inputs, attr, params)[0]
+        length = check_constant_operands("DFT", {1: "dft_length"}, False, bb, inputs, attr, params)[0]
         axis = int(axis) + rank if int(axis) < 0 else int(axis)
         if not 0 <= axis < rank - 1:
             raise UserError(f"node '{node_name(attr)}': DFT axis {axis} is not a signal axis of a "
@@ -174,7 +167,7 @@ class DFT(OnnxOpConverter):
 
     @classmethod
     def _impl_v20(cls, bb, inputs, attr, params):
-        axis = constant_operands("DFT", {2: "axis"}, bb, inputs, attr, params)[0]
+        axis = check_constant_operands("DFT", {2: "axis"}, False, bb, inputs, attr, params)[0]
         return cls._transform(bb, inputs, attr, params, -2 if axis is None else axis)
 
 
@@ -189,7 +182,7 @@ class STFT(OnnxOpConverter):
     def _impl_v17(cls, bb, inputs, attr, params):
         signal, window = inputs[0], inputs[2]
         operands = {1: "frame_step", 3: "frame_length"}
-        step, length = constant_operands("STFT", operands, bb, inputs, attr, params)
+        step, length = check_constant_operands("STFT", operands, False, bb, inputs, attr, params)
         step = int(step)
         _, samples, _ = (int(d) for d in bb.normalize(signal).ty.shape.values)
         width = int(bb.normalize(window).ty.shape.values[0]) if window is not None else None

@@ -48,8 +48,7 @@ class Split(OnnxOpConverter):
 
     @classmethod
     def _impl_v13(cls, bb, inputs, attr, params):
-        check_constant_operands("Split", {1: "split"}, False, bb, inputs, attr, params)
-        sizes = constant(inputs[1], params) if len(inputs) > 1 and inputs[1] is not None else None
+        sizes = check_constant_operands("Split", {1: "split"}, False, bb, inputs, attr, params)[0]
         if sizes is None or sizes.ndim == 0:
             return onnx_frontend.Split._impl_v13(bb, inputs, attr, params)
         return cls._slices(inputs[0], sizes.tolist(), attr.get("axis", 0))
@@ -71,9 +70,8 @@ class OneHot(OnnxOpConverter):
 
     @classmethod
     def _impl_v9(cls, bb, inputs, attr, params):
-        check_constant_operands("OneHot", {1: "depth"}, False, bb, inputs, attr, params)
+        depth = int(check_constant_operands("OneHot", {1: "depth"}, False, bb, inputs, attr, params)[0].item())
         indices, values = inputs[0], inputs[2]
-        depth = int(constant(inputs[1], params).item())
         rank = len(indices.ty.shape) + 1
         axis = attr.get("axis", -1)
         axis = axis + rank if axis < 0 else axis
@@ -106,7 +104,8 @@ class Resize(OnnxOpConverter):
 
     @classmethod
     def _checked(cls, bb, inputs, attr, params):
-        check_constant_operands("Resize", {1: "roi", 2: "scales", 3: "sizes"}, True, bb, inputs, attr, params)
+        _, scales, sizes = check_constant_operands("Resize", {1: "roi", 2: "scales", 3: "sizes"}, True, bb, inputs,
+                                                   attr, params)
         mode = attr.get("coordinate_transformation_mode", b"half_pixel").decode()
         form = next((what for what, unsupported in (
             ("with antialias", attr.get("antialias", 0)),
@@ -116,8 +115,6 @@ class Resize(OnnxOpConverter):
             ("with axes", attr.get("axes") is not None),
         ) if unsupported), None)
         dims = [getattr(d, "value", None) for d in inputs[0].ty.shape.values]
-        scales = constant(inputs[2], params) if len(inputs) > 2 and inputs[2] is not None else None
-        sizes = constant(inputs[3], params) if len(inputs) > 3 and inputs[3] is not None else None
         if scales is not None and scales.size and None not in dims:
             exact = [d * s for d, s in zip(dims, scales.tolist())]
             if any(abs(e - round(e)) > 1e-6 for e in exact):
