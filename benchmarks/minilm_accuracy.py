@@ -58,7 +58,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgecc.bench_worker import mean_pool  # sentence-transformers' pooling, as `edgecc bench` computes it
+from edgecc.benchmark.bench_worker import mean_pool  # sentence-transformers' pooling, as `edgecc bench` computes it
 
 DICT_FILE = Path("/usr/share/dictd/devil.dict.dz")
 PIPELINES = {

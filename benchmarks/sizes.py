@@ -22,7 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 import edgecc
-from edgecc.examples import build_example
+from edgecc.models.examples import build_example
 
 PIPELINES = {
     "fp32": "simplify,fuse",

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/smollm2.py [--pipelines "fp32;int8;int4"] [--out benchmarks/results/smollm2.json]
 
 Runs `edgecc example smollm2` (exported once into the example cache), then the bench harness
-(edgecc/bench.py: each configuration in its own process, 2 threads, prefill p50/p90 at 32 and 128
+(edgecc/benchmark/bench.py: each configuration in its own process, 2 threads, prefill p50/p90 at 32 and 128
 tokens, decode tokens/s after a 128-token cache, perplexity on 8 x 256 tokens of The Devil's
 Dictionary, peak RSS, sizes, roofline against the bandwidth measured first; timings taken in 3
 round-robin rounds, the median reported). Then the fp32
@@ -19,8 +19,10 @@ import json
 import sys
 from pathlib import Path
 
-from edgecc import bench, examples, generate, lm_signature
-from edgecc.artifact import Artifact
+from edgecc.benchmark import bench
+from edgecc.models import examples
+from edgecc.lm import generate, lm_signature
+from edgecc.runtime.artifact import Artifact
 
 PROMPT = "The Devil's Dictionary defines a bore as"
 

@@ -38,9 +38,9 @@ import numpy as np
 import onnxruntime as ort
 
 import edgecc
-from edgecc import tuning, tuning_log
-from edgecc.examples import build_example
-from edgecc.verify import random_inputs
+from edgecc.autotune import tuning, tuning_log
+from edgecc.models.examples import build_example
+from edgecc.core.verify import random_inputs
 
 THREADS = 2
 SEQ = 32

@@ -7,11 +7,11 @@ ONNX, ONNX Runtime and TVM before they are needed.
 import importlib
 
 _PUBLIC = {
-    "Artifact": "edgecc.artifact", "compile": "edgecc.compiler", "EdgeccError": "edgecc.errors",
-    "UserError": "edgecc.errors", "VerificationError": "edgecc.errors", "Option": "edgecc.pass_base",
-    "Pass": "edgecc.pass_base", "PassContext": "edgecc.pass_base", "PassResult": "edgecc.pass_base",
-    "register_pass": "edgecc.pass_base", "PassManager": "edgecc.pass_manager",
-    "parse_pipeline": "edgecc.pipeline",
+    "Artifact": "edgecc.runtime.artifact", "compile": "edgecc.compiler", "EdgeccError": "edgecc.errors",
+    "UserError": "edgecc.errors", "VerificationError": "edgecc.errors", "Option": "edgecc.core.pass_base",
+    "Pass": "edgecc.core.pass_base", "PassContext": "edgecc.core.pass_base", "PassResult": "edgecc.core.pass_base",
+    "register_pass": "edgecc.core.pass_base", "PassManager": "edgecc.core.pass_manager",
+    "parse_pipeline": "edgecc.core.pipeline",
 }
 __all__ = sorted(_PUBLIC)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecc import fixed_inputs
+from edgecc.core import fixed_inputs
 from edgecc.errors import EdgeccError, UserError, VerificationError
 
 
@@ -55,7 +55,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
 
 
 def cmd_tune(a: argparse.Namespace) -> int:
-    from edgecc.tuning import tune
+    from edgecc.autotune.tuning import tune
 
     summary = tune(
         a.model, a.target, a.pipeline, trials=a.trials, max_trials_per_task=a.max_trials_per_task,
@@ -75,29 +75,29 @@ def cmd_tune(a: argparse.Namespace) -> int:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from edgecc.artifact import Artifact
+    from edgecc.runtime.artifact import Artifact
 
     art = Artifact.load(a.artifact)
     if a.inputs:
-        from edgecc.calibration import read_npz
+        from edgecc.core.calibration import read_npz
 
         feeds = read_npz(a.inputs)
     else:
         import onnx
 
-        from edgecc.verify import random_inputs
+        from edgecc.core.verify import random_inputs
 
         model = onnx.load(str(art.path / "model.opt.onnx"))
         feeds = random_inputs(model, a.seed, _parse_dims(a.dim or []))
         _log(f"no --inputs: seeded random inputs {({k: list(v.shape) for k, v in feeds.items()})}")
     start = time.perf_counter()
     if a.emulate:
-        from edgecc import emulator
+        from edgecc.runtime import emulator
 
         outputs = emulator.run_artifact(art.path, feeds, threads=a.threads)
         _log("ran under qemu-user emulation: its timings say nothing about the device, none shown")
     elif art.manifest["build"].get("runtime") == "litert":
-        from edgecc.edgetpu.runtime import run_artifact
+        from edgecc.runtime.litert import run_artifact
 
         outputs = run_artifact(art, feeds)
         _log("ran model.tflite in LiteRT's interpreter on this CPU (not on an Edge TPU): no timing shown")
@@ -131,8 +131,8 @@ def _write_npz(out: Path, arrays: dict) -> None:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from edgecc import lm_signature
-    from edgecc.generate import greedy, ort_step
+    from edgecc.lm import lm_signature
+    from edgecc.lm.generate import greedy, ort_step
 
     path = Path(a.artifact)
     exported = path.suffix == ".onnx" and not path.is_dir()  # the exported model, in ONNX Runtime
@@ -142,7 +142,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         tokenizer_path = path.parent / lm.get("tokenizer", "tokenizer.json")
         has_tokenizer = tokenizer_path.is_file()
     else:
-        from edgecc.artifact import Artifact
+        from edgecc.runtime.artifact import Artifact
 
         art = Artifact.load(a.artifact)
         sig, lm = lm_signature.of_manifest(art.manifest, str(art.path)), art.manifest.get("lm", {})
@@ -203,7 +203,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
-    from edgecc import bench
+    from edgecc.benchmark import bench
 
     lengths = []
     for item in a.prompt_lengths.split(","):
@@ -239,7 +239,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def cmd_emulator(a: argparse.Namespace) -> int:
-    from edgecc import emulator
+    from edgecc.runtime import emulator
 
     if a.action == "setup":
         path = emulator.setup(a.dir, progress=_log)
@@ -255,7 +255,7 @@ def cmd_emulator(a: argparse.Namespace) -> int:
 
 
 def cmd_passes(a: argparse.Namespace) -> int:
-    from edgecc.pass_base import registered_passes
+    from edgecc.core.pass_base import registered_passes
 
     for name, cls in registered_passes().items():
         print(f"{name}: {cls.description}")
@@ -269,7 +269,7 @@ def cmd_passes(a: argparse.Namespace) -> int:
 
 
 def cmd_targets(a: argparse.Namespace) -> int:
-    from edgecc.target import list_targets, load_target
+    from edgecc.core.target import list_targets, load_target
 
     targets = list_targets() + [load_target(p) for p in a.files]
     for t in targets:
@@ -279,7 +279,7 @@ def cmd_targets(a: argparse.Namespace) -> int:
 
 
 def cmd_example(a: argparse.Namespace) -> int:
-    from edgecc import examples
+    from edgecc.models import examples
 
     if not a.print_path:
         _log(f"{a.name}: {examples.EXAMPLES[a.name]}")
@@ -295,7 +295,7 @@ def cmd_example(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edgecc.examples import EXAMPLES
+    from edgecc.models.examples import EXAMPLES
 
     p = argparse.ArgumentParser(prog="edgecc", description="Compile ONNX models for edge hardware.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -419,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=cmd_example)
 
-    from edgecc import logs_cli
+    from edgecc.autotune import logs_cli
 
     logs_cli.add_parser(sub)
     return p

@@ -19,18 +19,22 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from edgecc import fixed_inputs, lm_signature, lower, report, tuning
-from edgecc.calibration import load_calibration
-from edgecc.artifact import Artifact, check_replaceable, staged_output, write_manifest
-from edgecc.backend import LIBRARY_NAME, build, require_tool
+from edgecc.core import fixed_inputs
+from edgecc.lm import lm_signature
+from edgecc.frontend import lower
+from edgecc.backends import tvm_report as report
+from edgecc.autotune import tuning
+from edgecc.core.calibration import load_calibration
+from edgecc.runtime.artifact import Artifact, check_replaceable, staged_output, write_manifest
+from edgecc.backends.tvm_common import LIBRARY_NAME, build, require_tool
 from edgecc.errors import UserError, VerificationError
-from edgecc.ir import load_model, save_model, to_proto
-from edgecc.isolate import ModuleCrash, run_isolated
-from edgecc.pass_base import Pass, PassContext, unknown_message
-from edgecc.pass_manager import Instrument, PassManager, PrintIRAfter, VerifyEachPass
-from edgecc.pipeline import Pipeline, parse_pipeline
-from edgecc.target import TargetDesc, load_target
-from edgecc.verify import (TensorSpec, compare, cosine, graph_inputs, graph_outputs, input_rules,
+from edgecc.core.ir import load_model, save_model, to_proto
+from edgecc.runtime.isolate import ModuleCrash, run_isolated
+from edgecc.core.pass_base import Pass, PassContext, unknown_message
+from edgecc.core.pass_manager import Instrument, PassManager, PrintIRAfter, VerifyEachPass
+from edgecc.core.pipeline import Pipeline, parse_pipeline
+from edgecc.core.target import TargetDesc, load_target
+from edgecc.core.verify import (TensorSpec, compare, cosine, graph_inputs, graph_outputs, input_rules,
                            random_inputs, relative_error, relative_rmse, run_ort, with_int8_activations)
 
 OPT_MODEL = "model.opt.onnx"
@@ -81,7 +85,7 @@ def run_pipeline(
 ) -> Optimized:
     """Load a model and run the pipeline (the target's by default); `optimize` then lowers it.
 
-    `constants` fixes graph inputs to values (edgecc.fixed_inputs): the model is compiled, and
+    `constants` fixes graph inputs to values (edgecc.core.fixed_inputs): the model is compiled, and
     verified, as if they were initializers. `before_load` runs once the target and pipeline are
     known to be valid, before the long work: the place for a caller's own up-front checks.
     """
@@ -189,7 +193,7 @@ def compile(
     """
     tdesc = target if isinstance(target, TargetDesc) else load_target(target)
     if not tdesc.lowers_to_tvm:  # the target says how it is built; edgecc never asks its name
-        from edgecc.edgetpu.backend import compile_tflite
+        from edgecc.backends.edgetpu.backend import compile_tflite
 
         if tuning_logs:
             raise UserError(f"--tuning-log: target '{tdesc.name}' is not built by TVM; "
@@ -330,7 +334,7 @@ def _runner_for(target: TargetDesc) -> tuple[Callable | None, str]:
         return run_isolated, ""  # a crash in the module must not end edgecc
     if target.device_kind != "llvm" or target.host_arch() != "aarch64":
         return None, f"{target.device_kind} code for {target.host_arch()} needs the device"
-    from edgecc import emulator
+    from edgecc.runtime import emulator
 
     state = emulator.status()
     if not state["ok"]:

@@ -51,7 +51,7 @@ def route_symbolic_matmuls(mod, target):
     import tvm
     from tvm import relax, tirx
 
-    from edgecc.backend import rewrite_functions
+    from edgecc.backends.tvm_common import rewrite_functions
 
     tile = panel_width(target)
     routed = 0

@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from edgecc.errors import UserError
 from edgecc.kernels.bsr import choose_kernel, magnitude_block_prune
-from edgecc.pass_base import Option, Pass, PassContext, PassResult, register_pass
+from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
 
 KERNEL_KEY = "edgecc.kernel"
 BLOCK_KEY = "edgecc.block"

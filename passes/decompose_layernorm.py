@@ -18,8 +18,8 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript.rewriter import pattern
 
-from edgecc.ir import infer_shapes
-from edgecc.pass_base import Pass, PassContext, PassResult, register_pass
+from edgecc.core.ir import infer_shapes
+from edgecc.core.pass_base import Pass, PassContext, PassResult, register_pass
 
 REDUCE_AXES_INPUT_OPSET = 18  # ReduceMean takes its axes as an input from opset 18 on
 

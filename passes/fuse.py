@@ -25,8 +25,8 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.common._matmul_add_to_gemm import MatMulAddToGemm
 from onnxscript.rewriter.rules.fusion._layer_norm import LayerNormBiasFusion, LayerNormFusion
 
-from edgecc.ir import infer_shapes
-from edgecc.pass_base import Option, Pass, PassContext, PassResult, register_pass
+from edgecc.core.ir import infer_shapes
+from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
 
 LAYERNORM_OPSET = 17  # the first opset with LayerNormalization
 GELU_OPSET = 20  # the first opset with Gelu in the default domain

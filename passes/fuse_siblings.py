@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from edgecc.pass_base import Option, Pass, PassContext, PassResult, register_pass
+from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
 
 
 def _weight(node: ir.Node) -> np.ndarray | None:

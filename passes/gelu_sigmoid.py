@@ -14,8 +14,8 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript.rewriter import pattern
 
-from edgecc.ir import infer_shapes
-from edgecc.pass_base import Pass, PassContext, PassResult, register_pass
+from edgecc.core.ir import infer_shapes
+from edgecc.core.pass_base import Pass, PassContext, PassResult, register_pass
 
 SIGMOID_SCALE = 1.702
 

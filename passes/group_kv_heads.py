@@ -22,8 +22,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from edgecc.ir import constant_array
-from edgecc.pass_base import Pass, PassContext, PassResult, register_pass
+from edgecc.core.ir import constant_array
+from edgecc.core.pass_base import Pass, PassContext, PassResult, register_pass
 
 
 def _dims(value: ir.Value) -> list | None:

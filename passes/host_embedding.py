@@ -18,8 +18,8 @@ from collections import Counter
 import onnx_ir as ir
 
 from edgecc.errors import UserError
-from edgecc.ir import infer_shapes
-from edgecc.pass_base import Pass, PassContext, PassResult, register_pass
+from edgecc.core.ir import infer_shapes
+from edgecc.core.pass_base import Pass, PassContext, PassResult, register_pass
 
 HOST_OUTPUTS_KEY = "edgecc.host_outputs"
 

@@ -26,9 +26,9 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript.rewriter import pattern
 
-from edgecc.ir import infer_shapes
-from edgecc.pass_base import Option, Pass, PassContext, PassResult, register_pass
-from edgecc.verify import ort_session, random_inputs
+from edgecc.core.ir import infer_shapes
+from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
+from edgecc.core.verify import ort_session, random_inputs
 
 SYNTHETIC_SAMPLES = 8  # seeded random inputs when no --calibration is given (as the backend does)
 EPS_MARGIN = 1e4  # p^2 * variance stays this many times above LayerNorm's epsilon

@@ -22,8 +22,8 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript.rewriter import pattern
 
-from edgecc.ir import infer_shapes
-from edgecc.pass_base import Pass, PassContext, PassResult, register_pass
+from edgecc.core.ir import infer_shapes
+from edgecc.core.pass_base import Pass, PassContext, PassResult, register_pass
 
 
 def _i64(values: list[int]):

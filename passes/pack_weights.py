@@ -24,8 +24,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from edgecc.ir import infer_shapes
-from edgecc.pass_base import Option, Pass, PassContext, PassResult, register_pass
+from edgecc.core.ir import infer_shapes
+from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
 
 KERNEL_KEY = "edgecc.kernel"
 TILE_KEY = "edgecc.tile"

@@ -41,10 +41,10 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from edgecc.calibration import activation_samples
+from edgecc.core.calibration import activation_samples
 from edgecc.errors import UserError
-from edgecc.ir import constant_array, infer_shapes
-from edgecc.pass_base import Option, Pass, PassContext, PassResult, register_pass
+from edgecc.core.ir import constant_array, infer_shapes
+from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
 
 # Ops that carry Q, K, V (or the attention output) between a projection and a MatMul.
 CHAIN_OPS = ("Transpose", "Reshape", "Unsqueeze", "Squeeze", "Expand", "Tile", "Mul", "Div", "Cast",

@@ -27,10 +27,10 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript.rewriter import pattern
 
-from edgecc.calibration import activation_samples
-from edgecc.ir import infer_shapes
+from edgecc.core.calibration import activation_samples
+from edgecc.core.ir import infer_shapes
 from edgecc.kernels.int4 import dequantize_blockwise, pack_int4, quantize_blockwise
-from edgecc.pass_base import Option, Pass, PassContext, PassResult, register_pass
+from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
 
 MS_DOMAIN = "com.microsoft"
 AWQ_GRID = np.linspace(0.0, 1.0, 11)

@@ -22,9 +22,9 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript.rewriter import pattern
 
-from edgecc.calibration import activation_ranges
-from edgecc.ir import infer_shapes
-from edgecc.pass_base import Option, Pass, PassContext, PassResult, register_pass
+from edgecc.core.calibration import activation_ranges
+from edgecc.core.ir import infer_shapes
+from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
 
 QMAX = 127
 REDUCE_AXES_INPUT_OPSET = 18  # ReduceMax takes its axes as an input from opset 18 on

@@ -18,8 +18,8 @@ from onnx_ir.passes.common import (
     TopologicalSortPass,
 )
 
-from edgecc.ir import PROTO_LIMIT, infer_shapes
-from edgecc.pass_base import Option, Pass, PassContext, PassResult, register_pass
+from edgecc.core.ir import PROTO_LIMIT, infer_shapes
+from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
 
 
 _FUSIONS_LEFT_TO_FUSE = ("fuse_matmul_add_bias_into_gemm", "fuse_matmul_add_bias_into_gemm_batched")

@@ -8,7 +8,7 @@ import sys
 import onnx
 import pytest
 
-from edgecc.examples import build_example
+from edgecc.models.examples import build_example
 
 
 @pytest.fixture(scope="session")

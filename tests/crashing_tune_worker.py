@@ -1,4 +1,4 @@
-"""A stand-in for edgecc.tune_worker that dies the way TVM can: a segfault inside a task."""
+"""A stand-in for edgecc.autotune.tune_worker that dies the way TVM can: a segfault inside a task."""
 
 import os
 import signal

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgecc.examples import import_transformers
+from edgecc.models.examples import import_transformers
 
 # Small enough to export in seconds; large enough for GQA (4 query heads on 2 KV heads), q/k norms
 # and a sliding window shorter than the prompts the tests use.

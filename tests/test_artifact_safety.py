@@ -16,7 +16,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import edgecc
-from edgecc import artifact, cli, emulator
+from edgecc.runtime import artifact, emulator
+from edgecc import cli
 from edgecc.errors import UserError
 
 

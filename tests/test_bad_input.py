@@ -183,7 +183,7 @@ def _npz_variants(tmp_path):
 
 @pytest.mark.parametrize("kind", ["truncated", "crc", "huge"])
 def test_corrupt_npz_is_one_line_and_allocates_nothing(tmp_path, kind):
-    from edgecc.calibration import read_npz
+    from edgecc.core.calibration import read_npz
     from edgecc.errors import UserError
 
     path = _npz_variants(tmp_path)[kind]

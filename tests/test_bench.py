@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from edgecc import bench
+from edgecc.benchmark import bench
 from tests.conftest import run_cli
 
 TEXT = ("The devil's dictionary defines a bore as a person who talks when you wish him to listen. "
@@ -79,7 +79,7 @@ def test_a_token_reads_one_row_of_the_embedding(example_path):
 
 def test_kv_bytes_are_what_the_cache_holds(result, example_path):
     """The KV bytes of the roofline are what the model returns as its cache after `past` tokens."""
-    from edgecc import generate, lm_signature
+    from edgecc.lm import generate, lm_signature
 
     path = example_path("tiny-llama")
     sig = lm_signature.of_file(path)
@@ -130,7 +130,7 @@ def _tiny_encoder(path):
     [batch, 16] -> last_hidden_state, with the padding mask applied to the attention scores."""
     import torch
 
-    from edgecc.examples import _byte_tokenizer
+    from edgecc.models.examples import _byte_tokenizer
 
     class Encoder(torch.nn.Module):
         def __init__(self):

@@ -10,10 +10,10 @@ import onnx
 import pytest
 
 import edgecc
-from edgecc import emulator
-from edgecc.artifact import Artifact, sha256_file
+from edgecc.runtime import emulator
+from edgecc.runtime.artifact import Artifact, sha256_file
 from edgecc.errors import UserError
-from edgecc.verify import compare, random_inputs, run_ort
+from edgecc.core.verify import compare, random_inputs, run_ort
 from tests.conftest import run_cli
 
 EM_AARCH64 = 183
@@ -152,10 +152,10 @@ def test_rpi4_cross_compile_is_an_aarch64_library(example_path, tmp_path):
 
 
 def test_jetson_artifact_embeds_compiled_device_code(example_path, tmp_path):
-    pytest.importorskip("edgecc.cuda")
+    pytest.importorskip("edgecc.backends.tvm_cuda")
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc is not installed: the Jetson backend needs it to build device code")
-    from edgecc.cuda import embedded_device_code
+    from edgecc.backends.tvm_cuda import embedded_device_code
 
     art = edgecc.compile(example_path("tiny-lm"), "jetson-orin-nano", tmp_path / "jetson")
     lib = art.path / "model.so"

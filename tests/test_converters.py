@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import edgecc
-from edgecc.verify import compare, run_ort
+from edgecc.core.verify import compare, run_ort
 
 
 def _model(graph, opset=22):

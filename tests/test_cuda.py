@@ -11,7 +11,7 @@ import tvm
 from onnx import TensorProto, helper, numpy_helper
 from tvm.relax.frontend.onnx import from_onnx
 
-from edgecc.cuda import build_cuda, embedded_device_code
+from edgecc.backends.tvm_cuda import build_cuda, embedded_device_code
 from edgecc.errors import UserError
 
 CROSS_CC = "aarch64-linux-gnu-gcc"

@@ -14,10 +14,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import edgecc
-from edgecc.artifact import Artifact
-from edgecc.edgetpu import predict
+from edgecc.runtime.artifact import Artifact
+from edgecc.backends.edgetpu import predict
 from edgecc.errors import UserError, VerificationError
-from edgecc.target import load_target
+from edgecc.core.target import load_target
 from tests import edgetpu_models
 from tests.conftest import run_cli
 
@@ -92,7 +92,7 @@ def test_malformed_edgetpu_table_names_file_and_key(tmp_path, mutate, fragment):
 
 
 def test_tuning_a_tflite_target_is_a_clear_error(built):
-    from edgecc.tuning import tune
+    from edgecc.autotune.tuning import tune
 
     path, _, _ = built("mlp")
     with pytest.raises(UserError, match="backend 'tflite': it is not lowered to TVM"):
@@ -183,7 +183,7 @@ def test_run_cli_runs_the_artifact_in_litert(built, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "y: float32 [1, 10]" in res.stdout and "LiteRT" in res.stderr
     with np.load(tmp_path / "out.npz") as z:
-        from edgecc.verify import run_ort
+        from edgecc.core.verify import run_ort
 
         ref = run_ort(onnx.load(str(art.path / "model.opt.onnx")), {"x": x})["y"]
         assert np.corrcoef(z["y"].ravel(), ref.ravel())[0, 1] > 0.99
@@ -233,7 +233,7 @@ def test_embedding_lookup_is_left_to_the_host(tmp_path):
     assert facts["host_model"] == "host.onnx" and facts["host_outputs"] == ["emb"]
     assert [s["name"] for s in facts["tflite_inputs"]] == ["emb"]
     assert "Host part" in (art.path / "report.md").read_text()
-    from edgecc.edgetpu.runtime import run_artifact
+    from edgecc.runtime.litert import run_artifact
 
     out = run_artifact(art, {"ids": np.array([[1, 2, 3, 4, 5, 6]], np.int64)})
     assert out["y"].shape == (1, 6, 8) and art.manifest["edgetpu"]["prediction"]["mac_coverage"] == 1.0

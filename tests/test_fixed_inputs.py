@@ -1,4 +1,4 @@
-"""`--const`: graph inputs fixed to values at compile time (edgecc.fixed_inputs)."""
+"""`--const`: graph inputs fixed to values at compile time (edgecc.core.fixed_inputs)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The front end: shape arithmetic on symbolic dims (edgecc.shape_values), LM dims made one, and the
+"""The front end: shape arithmetic on symbolic dims (edgecc.frontend.shape_values), LM dims made one, and the
 models users bring: transformers LMs of eight architectures from both torch exporters.
 
 Tiny hand-written graphs hold each form of shape arithmetic torch exports emit; each is lowered
@@ -16,9 +16,12 @@ import onnx
 import pytest
 
 import edgecc
-from edgecc import bench, examples, generate, lm_signature, lower
+from edgecc.benchmark import bench
+from edgecc.models import examples
+from edgecc.lm import generate, lm_signature
+from edgecc.frontend import lower
 from edgecc.errors import UserError
-from edgecc.verify import ort_session
+from edgecc.core.verify import ort_session
 from tests import hf_models
 from tests.conftest import parse_model
 

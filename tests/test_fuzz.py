@@ -27,7 +27,8 @@ import pytest
 from onnx import helper
 
 import edgecc
-from edgecc import artifact, cli
+from edgecc.runtime import artifact
+from edgecc import cli
 from tests.test_artifact_safety import matmul_relu_model
 from tests.test_tuning_log import record
 

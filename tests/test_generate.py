@@ -9,9 +9,10 @@ import onnx
 import pytest
 
 import edgecc
-from edgecc import generate, llama, lm_signature
-from edgecc.examples import TINY_LLAMA
-from edgecc.verify import dim_expr, graph_inputs, random_inputs
+from edgecc.lm import generate, lm_signature
+from edgecc.models import llama
+from edgecc.models.examples import TINY_LLAMA
+from edgecc.core.verify import dim_expr, graph_inputs, random_inputs
 from tests.conftest import run_cli
 
 PROMPT = [5, 17, 99, 3, 250, 42, 7]
@@ -148,7 +149,7 @@ def test_fast_math_leaves_unknown_shapes_exact():
     import tvm
     from tvm.script import relax as R
 
-    from edgecc.backend import fast_math
+    from edgecc.backends.tvm_common import fast_math
 
     @R.function
     def main(x: R.Tensor(ndim=2, dtype="float32"), y: R.Tensor((4, 8), "float32")):

@@ -8,9 +8,9 @@ import numpy as np
 import onnx
 import pytest
 
-from edgecc import generate, lm_signature
-from edgecc.bench_worker import main as bench_worker
-from edgecc.verify import graph_inputs, graph_outputs, random_inputs, run_ort
+from edgecc.lm import generate, lm_signature
+from edgecc.benchmark.bench_worker import main as bench_worker
+from edgecc.core.verify import graph_inputs, graph_outputs, random_inputs, run_ort
 from tests.conftest import run_cli
 from tests.hf_models import ARCHITECTURES
 

@@ -12,8 +12,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgecc.errors import EdgeccError, VerificationError
-from edgecc.pass_base import Pass, PassContext, PassResult, register_pass
-from edgecc.pass_manager import PassManager, PrintIRAfter, VerifyEachPass
+from edgecc.core.pass_base import Pass, PassContext, PassResult, register_pass
+from edgecc.core.pass_manager import PassManager, PrintIRAfter, VerifyEachPass
 from tests.conftest import parse_model, run_cli
 
 MODEL = """

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from edgecc.errors import UserError
-from edgecc.pass_base import Option, Pass, PassResult, register_pass, registered_passes
-from edgecc.pipeline import parse_pipeline
+from edgecc.core.pass_base import Option, Pass, PassResult, register_pass, registered_passes
+from edgecc.core.pipeline import parse_pipeline
 
 
 @register_pass

@@ -7,7 +7,7 @@ import platform
 import pytest
 
 from edgecc.errors import UserError
-from edgecc.target import builtin_target_files, list_targets, load_target
+from edgecc.core.target import builtin_target_files, list_targets, load_target
 from tests.conftest import run_cli
 
 GOOD_BOARD = """

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 import edgecc
-from edgecc import tuning, tuning_log
+from edgecc.autotune import tuning, tuning_log
 from edgecc.errors import EdgeccError, UserError
-from edgecc.target import load_target
-from edgecc.verify import random_inputs, run_ort
+from edgecc.core.target import load_target
+from edgecc.core.verify import random_inputs, run_ort
 from tests.conftest import run_cli
 
 SHAPES = {"batch": 1}

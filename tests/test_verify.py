@@ -8,8 +8,8 @@ from onnx import helper
 
 import edgecc
 from edgecc.errors import UserError
-from edgecc.isolate import ModuleCrash, run_isolated
-from edgecc.verify import graph_inputs, random_inputs, relative_error, relative_rmse
+from edgecc.runtime.isolate import ModuleCrash, run_isolated
+from edgecc.core.verify import graph_inputs, random_inputs, relative_error, relative_rmse
 
 
 def _model_with_inputs(*inputs) -> onnx.ModelProto:

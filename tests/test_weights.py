@@ -4,7 +4,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from edgecc import weights
+from edgecc.runtime import weights
 
 
 def _module(w: np.ndarray):

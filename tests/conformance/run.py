@@ -13,12 +13,12 @@ data that older onnx wheels shipped as onnx/backend/test/data/node. Per case:
     retried, as a user would; such passes are counted as "pass with --const" too.
 Outputs are compared as the onnx backend runner does: same dtype, allclose with the case's
 rtol and atol (1e-3 and 1e-7 for node cases), NaNs equal; float16 and bfloat16 outputs at
-edgecc's tolerances for those dtypes (edgecc.verify.TOLERANCES: 1e-2, 2e-2), since 1e-3 is
+edgecc's tolerances for those dtypes (edgecc.core.verify.TOLERANCES: 1e-2, 2e-2), since 1e-3 is
 about one float16 rounding.
 
 The cases run in a few long-lived worker processes (TVM is imported once per worker); a worker
 that dies takes only its current case with it and is replaced. The compiled module runs in a
-forked child of the worker (edgecc.isolate), so a module crash costs no worker.
+forked child of the worker (edgecc.runtime.isolate), so a module crash costs no worker.
 --update writes expected.json beside this file (with --cases, updates those cases' entries).
 """
 
@@ -58,7 +58,7 @@ def mismatch(expected: list, got: list, rtol: float, atol: float) -> str:
     """Why `got` is not the case's `expected` outputs (positional), or "" when it is."""
     import numpy as np
 
-    from edgecc.verify import TOLERANCES
+    from edgecc.core.verify import TOLERANCES
 
     if len(got) != len(expected):
         return f"{len(got)} outputs, expected {len(expected)}"
@@ -103,7 +103,7 @@ def _edgecc(model, inputs, outputs, rtol, atol) -> tuple[str, str]:
 
     import edgecc
     from edgecc.errors import UserError
-    from edgecc.isolate import ModuleCrash, run_isolated
+    from edgecc.runtime.isolate import ModuleCrash, run_isolated
 
     ops = {n.op_type for n in _nodes(model.graph)}
     feeds = dict(zip((i.name for i in model.graph.input), inputs))

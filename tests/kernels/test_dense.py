@@ -6,9 +6,9 @@ import tvm
 from tvm import relax, tirx
 from tvm.support import cc
 
-from edgecc.backend import prepare, schedule_kernels
+from edgecc.backends.tvm_common import prepare, schedule_kernels
 from edgecc.kernels.dense import KERNEL_ATTR, reference, route_symbolic_matmuls
-from edgecc.target import load_target
+from edgecc.core.target import load_target
 from tests.kernels.targets import CROSS_CC, EM_AARCH64, HOST, e_machine, needs_cross_cc
 
 

@@ -20,7 +20,7 @@ from edgecc.kernels.int4 import (
 from tvm import relax, tirx
 from tvm.support import cc
 
-from edgecc import emulator
+from edgecc.runtime import emulator
 from edgecc.errors import UserError
 from tests.kernels.targets import (
     CROSS_CC,

@@ -10,7 +10,7 @@ import tvm_ffi
 from tvm import relax
 from tvm.support import cc
 
-from edgecc import emulator
+from edgecc.runtime import emulator
 from edgecc.kernels.int8 import build_module, pack_int8, panel_width, reference, unpack_int8
 from tests.kernels.targets import (
     CROSS_CC,

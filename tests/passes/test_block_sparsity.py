@@ -11,10 +11,10 @@ from onnx import numpy_helper
 
 import edgecc
 from edgecc.errors import UserError
-from edgecc.pass_base import PassContext
+from edgecc.core.pass_base import PassContext
 from edgecc.passes.block_sparsity import BlockSparsity
-from edgecc.target import load_target
-from edgecc.verify import compare, random_inputs, run_ort
+from edgecc.core.target import load_target
+from edgecc.core.verify import compare, random_inputs, run_ort
 from tests.passes.linear_models import linear_model
 
 

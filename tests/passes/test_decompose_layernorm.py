@@ -8,8 +8,8 @@ import numpy as np
 import onnx_ir as ir
 from edgecc.passes.decompose_layernorm import DecomposeLayerNorm
 
-from edgecc.pass_base import PassContext
-from edgecc.verify import random_inputs, run_ort
+from edgecc.core.pass_base import PassContext
+from edgecc.core.verify import random_inputs, run_ort
 from tests.conftest import parse_model
 
 

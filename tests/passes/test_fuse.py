@@ -18,9 +18,9 @@ import onnx.version_converter
 import onnx_ir as ir
 import pytest
 
-from edgecc.pass_base import PassContext, get_pass
+from edgecc.core.pass_base import PassContext, get_pass
 from edgecc.passes.fuse import Fuse
-from edgecc.verify import compare, random_inputs, run_ort
+from edgecc.core.verify import compare, random_inputs, run_ort
 from tests.conftest import parse_model
 
 DIMS = {"B": 2, "S": 3, "batch": 2, "seq": 5}

@@ -10,9 +10,9 @@ import onnx_ir as ir
 from onnx import helper, numpy_helper
 
 import edgecc
-from edgecc.pass_base import PassContext
+from edgecc.core.pass_base import PassContext
 from edgecc.passes.fuse_siblings import FuseSiblings
-from edgecc.verify import random_inputs, run_ort
+from edgecc.core.verify import random_inputs, run_ort
 
 
 def _model(widths=(8, 4, 4), same_input=True, weight_as_input=False) -> onnx.ModelProto:

@@ -8,8 +8,8 @@ import numpy as np
 import onnx_ir as ir
 from edgecc.passes.gelu_sigmoid import SIGMOID_SCALE, GeluSigmoid
 
-from edgecc.pass_base import PassContext
-from edgecc.verify import relative_rmse, run_ort
+from edgecc.core.pass_base import PassContext
+from edgecc.core.verify import relative_rmse, run_ort
 from tests.conftest import parse_model
 
 ONNX_GELU = """

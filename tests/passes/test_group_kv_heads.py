@@ -13,9 +13,9 @@ import pytest
 from onnx import helper, numpy_helper
 
 import edgecc
-from edgecc.pass_base import PassContext
+from edgecc.core.pass_base import PassContext
 from edgecc.passes.group_kv_heads import GroupKVHeads
-from edgecc.verify import random_inputs, run_ort
+from edgecc.core.verify import random_inputs, run_ort
 
 B, KV, REP, Q, S, D = 2, 2, 3, 4, 6, 8
 H = KV * REP

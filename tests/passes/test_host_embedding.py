@@ -11,8 +11,8 @@ from edgecc.passes.host_embedding import HOST_OUTPUTS_KEY, HostEmbedding
 from onnx import TensorProto, helper, numpy_helper
 
 from edgecc.errors import UserError
-from edgecc.pass_base import PassContext
-from edgecc.verify import random_inputs, run_ort
+from edgecc.core.pass_base import PassContext
+from edgecc.core.verify import random_inputs, run_ort
 
 
 def _model(shifted_is_output: bool = False):

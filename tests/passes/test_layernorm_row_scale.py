@@ -8,8 +8,8 @@ import numpy as np
 import onnx_ir as ir
 from edgecc.passes.layernorm_row_scale import LayerNormRowScale
 
-from edgecc.pass_base import PassContext
-from edgecc.verify import run_ort
+from edgecc.core.pass_base import PassContext
+from edgecc.core.verify import run_ort
 from tests.conftest import parse_model
 
 OUTLIER_ROW = 2

@@ -9,8 +9,8 @@ import onnx_ir as ir
 from edgecc.passes.linear_to_conv import LinearToConv
 from onnx import TensorProto, helper, numpy_helper
 
-from edgecc.pass_base import PassContext
-from edgecc.verify import random_inputs, run_ort
+from edgecc.core.pass_base import PassContext
+from edgecc.core.verify import random_inputs, run_ort
 
 K, N = 16, 24
 

@@ -10,12 +10,12 @@ from onnx import helper, numpy_helper
 
 import edgecc
 from edgecc.errors import UserError
-from edgecc.pass_base import PassContext
-from edgecc.pass_manager import PassManager
+from edgecc.core.pass_base import PassContext
+from edgecc.core.pass_manager import PassManager
 from edgecc.passes.pack_weights import KERNEL_KEY, TILE_KEY, PackWeights
-from edgecc.pipeline import parse_pipeline
-from edgecc.target import load_target
-from edgecc.verify import random_inputs, run_ort
+from edgecc.core.pipeline import parse_pipeline
+from edgecc.core.target import load_target
+from edgecc.core.verify import random_inputs, run_ort
 from tests.passes.linear_models import linear_model
 
 

@@ -20,11 +20,11 @@ from torch import nn
 
 import edgecc
 from edgecc.errors import UserError
-from edgecc.examples import _modules
-from edgecc.pass_base import PassContext
-from edgecc.pass_manager import PassManager
-from edgecc.pipeline import parse_pipeline
-from edgecc.verify import compare, random_inputs, run_ort
+from edgecc.models.examples import _modules
+from edgecc.core.pass_base import PassContext
+from edgecc.core.pass_manager import PassManager
+from edgecc.core.pipeline import parse_pipeline
+from edgecc.core.verify import compare, random_inputs, run_ort
 from tests.conftest import parse_model
 
 D, HEADS, DH = 128, 4, 32  # the tiny-lm example

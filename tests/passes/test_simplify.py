@@ -7,8 +7,8 @@ from collections import Counter
 import onnx_ir as ir
 import pytest
 
-from edgecc.pass_base import PassContext
-from edgecc.verify import compare, random_inputs, run_ort
+from edgecc.core.pass_base import PassContext
+from edgecc.core.verify import compare, random_inputs, run_ort
 from edgecc.passes.simplify import Simplify
 from tests.conftest import parse_model
 

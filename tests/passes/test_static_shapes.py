@@ -8,8 +8,8 @@ import pytest
 from edgecc.passes.static_shapes import StaticShapes
 
 from edgecc.errors import UserError
-from edgecc.pass_base import PassContext
-from edgecc.verify import random_inputs, run_ort
+from edgecc.core.pass_base import PassContext
+from edgecc.core.verify import random_inputs, run_ort
 from tests.conftest import parse_model
 
 MODEL = """

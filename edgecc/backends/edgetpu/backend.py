@@ -1,0 +1,269 @@
+"""`edgecc compile --target coral-edgetpu`: pipeline, calibration, int8 TFLite, prediction, verification.
+
+One straight line of named stages, like the TVM flow in edgecc.compiler, written into a staged
+directory that becomes the artifact only when every stage (verification included) passed:
+
+1. the target's pipeline (static shapes, legalizations) through the pass manager;
+2. the host cut recorded by `host-embedding`: its nodes become `host.onnx` (ONNX Runtime), the
+   rest is the device part whose inputs are the cut's tensors;
+3. calibration: the batch-1 samples of `--calibration` (arrays stacked along the batch dim), or,
+   without it, SYNTHETIC_SAMPLES seeded random batches with a warning (what quantize-int8's static
+   mode does): scales from random inputs are a guess, and the manifest says which was used;
+4. `model.tflite` (edgecc.backends.edgetpu.tflite), its predicted mapping (`edgetpu_predict.json`,
+   `edgetpu_compiler.log`) and, when edgetpu_compiler is installed, its real one beside it;
+5. verification: the artifact run as `edgecc run` runs it (LiteRT) on the calibration inputs
+   against ONNX Runtime fp32 on the source model, within the target's cosine and relative RMS
+   error bounds.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnx.utils
+
+from edgecc import compiler
+from edgecc.runtime.artifact import Artifact, check_replaceable, staged_output, write_manifest
+from edgecc.backends.edgetpu import predict, tflite
+from edgecc.runtime import litert as runtime
+from edgecc.backends.edgetpu.report import render
+from edgecc.errors import UserError, VerificationError
+from edgecc.core.ir import save_model
+from edgecc.passes.host_embedding import HOST_OUTPUTS_KEY, host_nodes
+from edgecc.core.target import TargetDesc
+from edgecc.core.verify import cosine, graph_inputs, graph_outputs, random_inputs, ort_session, relative_rmse
+
+SYNTHETIC_SAMPLES = 8
+PREDICT_JSON = "edgetpu_predict.json"
+PREDICT_LOG = "edgetpu_compiler.log"
+COMPILER_LOG = "edgetpu_compiler.actual.log"
+
+
+def _samples(
+    opt: onnx.ModelProto, data: dict[str, np.ndarray] | None, seed: int, log: Callable[[str], None]
+) -> tuple[list[dict], str]:
+    """Batch-1 feeds for calibration and verification, and where they came from."""
+    specs = graph_inputs(opt)
+    if data is None:
+        log(
+            f"warning: no --calibration: int8 scales come from {SYNTHETIC_SAMPLES} seeded random batches; "
+            "give real inputs for real accuracy"
+        )
+        return [random_inputs(opt, seed + i) for i in range(SYNTHETIC_SAMPLES)], "synthetic"
+    counts = {len(data[s.name]) for s in specs}
+    if len(counts) != 1:
+        raise UserError(
+            f"--calibration: inputs hold different numbers of samples along dim 0: {sorted(counts)}"
+        )
+    samples = [{s.name: data[s.name][i : i + 1] for s in specs} for i in range(counts.pop())]
+    for s in specs:
+        if tuple(samples[0][s.name].shape) != tuple(s.shape):
+            raise UserError(
+                f"--calibration: '{s.name}' samples have shape {list(samples[0][s.name].shape)}, "
+                f"the compiled model takes {list(s.shape)}"
+            )
+    return samples, "calibration data"
+
+
+def _host_split(opt) -> tuple[set[int], list[str]]:
+    """Indices of the host nodes and the names of the tensors the device part reads from them."""
+    if HOST_OUTPUTS_KEY not in opt.optimized.metadata_props:
+        ints = [s for s in graph_inputs(opt.proto) if s.dtype.kind in "iub"]
+        if ints:
+            raise UserError(
+                f"input '{ints[0].name}' is {ints[0].dtype}: the Edge TPU computes int8 activations "
+                "only; add host-embedding to the pipeline to leave lookups to the host"
+            )
+        return set(), []
+    host = set(host_nodes(opt.optimized.graph))
+    return (
+        {i for i, n in enumerate(opt.optimized.graph) if n in host},
+        json.loads(opt.optimized.metadata_props[HOST_OUTPUTS_KEY]),
+    )
+
+
+def compile_tflite(
+    model,
+    target: TargetDesc,
+    output,
+    pipeline: str | None,
+    *,
+    force: bool,
+    verify: bool,
+    verify_each_pass: bool,
+    print_ir_after: tuple[str, ...],
+    dim_values,
+    calibration,
+    explain: bool,
+    seed: int,
+    shapes,
+    constants,
+    log: Callable[[str], None],
+) -> Artifact:
+    out_dir = Path(output) if output is not None else Path("build") / target.name
+
+    def checks(_t: TargetDesc) -> None:
+        check_replaceable(out_dir, force, protect=(Path(model),))
+
+    opt = compiler.run_pipeline(
+        model,
+        target,
+        pipeline,
+        verify_each_pass=verify_each_pass,
+        print_ir_after=print_ir_after,
+        dim_values=dim_values,
+        calibration=calibration,
+        explain=explain,
+        seed=seed,
+        shapes=shapes,
+        constants=constants,
+        log=log,
+        before_load=checks,
+    )
+    timings = opt.timings
+
+    def stage(name: str, start: float) -> None:
+        timings[name] = round(time.perf_counter() - start, 3)
+
+    t = time.perf_counter()
+    samples, origin = _samples(opt.proto, opt.ctx.calibration, seed, log)
+    skip, host_outputs = _host_split(opt)
+    device_inputs = host_outputs + [s.name for s in graph_inputs(opt.proto) if s.dtype.kind == "f"]
+    ranges = tflite.calibrate(opt.proto, samples)
+    stage("calibrate", t)
+    t = time.perf_counter()
+    exported = tflite.export(opt.proto, ranges, skip, device_inputs)
+    stage("export", t)
+    prediction = predict.predict(exported.flatbuffer, target.edgetpu)
+    log(
+        f"predicted: {prediction['ops_on_edgetpu']} of {prediction['ops_total']} ops on the Edge TPU, "
+        f"{prediction['mac_coverage']:.1%} of MACs ({predict.LABEL})"
+    )
+
+    with staged_output(out_dir, force, protect=(Path(model),)) as stage_dir:
+        (stage_dir / runtime.TFLITE).write_bytes(exported.flatbuffer)
+        save_model(opt.optimized, stage_dir / compiler.OPT_MODEL)
+        if host_outputs:
+            ints = [s.name for s in graph_inputs(opt.proto) if s.dtype.kind in "iub"]
+            onnx.save(
+                onnx.utils.Extractor(opt.proto).extract_model(ints, host_outputs),
+                stage_dir / runtime.HOST_MODEL,
+            )
+        (stage_dir / PREDICT_JSON).write_text(json.dumps(prediction, indent=2) + "\n")
+        (stage_dir / PREDICT_LOG).write_text(predict.render_log(prediction, runtime.TFLITE))
+        compiled = _run_compiler(target, stage_dir, prediction, log)
+        inputs, outputs = graph_inputs(opt.proto), graph_outputs(opt.proto)
+        manifest = {
+            **compiler.manifest_head(opt, model, inputs, outputs, "ai-edge-litert"),
+            "build": {
+                "format": "tflite",
+                "library": runtime.TFLITE,
+                "runtime": "litert",
+                "ops": prediction["ops_total"],
+                "tflite_bytes": len(exported.flatbuffer),
+            },
+            "edgetpu": {
+                "tflite_inputs": exported.inputs,
+                "tflite_outputs": exported.outputs,
+                "host_model": runtime.HOST_MODEL if host_outputs else None,
+                "host_outputs": host_outputs,
+                "calibration": {"source": origin, "samples": len(samples)},
+                "prediction": {
+                    k: prediction[k]
+                    for k in (
+                        "label",
+                        "compiler_version",
+                        "ops_total",
+                        "ops_on_edgetpu",
+                        "ops_on_cpu",
+                        "macs_total",
+                        "macs_on_edgetpu",
+                        "mac_coverage",
+                        "segment_ends_at",
+                        "table",
+                    )
+                },
+                "compiler": compiled,
+            },
+            "timings_s": timings,
+        }
+        write_manifest(stage_dir, manifest)
+        verification = {"skipped": "disabled (--no-verify)"}
+        if verify:
+            t = time.perf_counter()
+            verification = _verify(
+                Artifact.load(stage_dir), opt.source, samples, origin, target.edgetpu["verify"]
+            )
+            stage("verify", t)
+            log(
+                f"verified in LiteRT against ONNX Runtime fp32: cosine {verification['cosine_vs_fp32']:.5f}, "
+                f"relative RMS error {verification['relative_rmse_vs_fp32']:.4f}"
+            )
+        manifest["verification"] = verification
+        manifest = write_manifest(stage_dir, manifest)
+        (stage_dir / "report.md").write_text(render(manifest))
+        write_manifest(stage_dir, manifest)
+    return Artifact.load(out_dir)
+
+
+def _run_compiler(target: TargetDesc, stage_dir: Path, prediction: dict, log) -> dict | None:
+    """edgetpu_compiler's own mapping, when it is installed, and where the prediction differed."""
+    exe = target.toolchain.get("edgetpu_compiler", "edgetpu_compiler")
+    with tempfile.TemporaryDirectory() as tmp:
+        result = predict.run_compiler(exe, stage_dir / runtime.TFLITE, Path(tmp))
+        if result is None:
+            return None
+        if result.get("compiled_model"):
+            (stage_dir / "model_edgetpu.tflite").write_bytes(
+                (Path(tmp) / result["compiled_model"]).read_bytes()
+            )
+            result["compiled_model"] = "model_edgetpu.tflite"
+    (stage_dir / COMPILER_LOG).write_text(result.pop("log"))
+    result["log"] = COMPILER_LOG
+    if "table" in result:
+        result["differences"] = predict.differences(prediction["table"], result["table"])
+        log(
+            f"edgetpu_compiler: {result['ops_on_edgetpu']} ops on the Edge TPU; "
+            f"{len(result['differences'])} rows differ from the prediction"
+        )
+    else:
+        log(f"edgetpu_compiler failed: {result['error']}")
+    return result
+
+
+def _verify(
+    artifact: Artifact, source: onnx.ModelProto, samples: list[dict], origin: str, bounds: dict
+) -> dict:
+    got: dict[str, list] = {}
+    ref: dict[str, list] = {}
+    run, reference = runtime.runner(artifact), ort_session(source)
+    names = [o.name for o in reference.get_outputs()]
+    for feeds in samples:
+        for name, value in run(feeds).items():
+            got.setdefault(name, []).append(value)
+        for name, value in zip(names, reference.run(names, feeds)):
+            ref.setdefault(name, []).append(value)
+    got_all = {k: np.concatenate(v) for k, v in got.items()}
+    ref_all = {k: np.concatenate(v) for k, v in ref.items()}
+    cos, rmse = cosine(ref_all, got_all), relative_rmse(ref_all, got_all)
+    result = {
+        "reference": "onnxruntime fp32 (source model)",
+        "runner": "ai-edge-litert Interpreter (CPU)",
+        "inputs": f"{len(samples)} {origin} samples",
+        "cosine_vs_fp32": cos,
+        "relative_rmse_vs_fp32": rmse,
+        "min_cosine": bounds["min_cosine"],
+        "max_relative_rmse": bounds["max_relative_rmse"],
+    }
+    if cos < bounds["min_cosine"] or rmse > bounds["max_relative_rmse"]:
+        raise VerificationError(
+            f"the int8 TFLite model is too far from fp32 on the {origin}: cosine {cos:.4f} (at least "
+            f"{bounds['min_cosine']}), relative RMS error {rmse:.4f} (at most {bounds['max_relative_rmse']})"
+        )
+    return result

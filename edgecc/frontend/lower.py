@@ -1,0 +1,220 @@
+"""Lowering the optimized ONNX model to a TVM Relax IRModule.
+
+TVM's ONNX frontend does the bulk of the work. edgecc adds converters for ops it lacks
+(registered with `@converter`), computes the shape arithmetic of symbolic dims while importing
+and gives an LM's inputs one set of dims (edgecc.frontend.shape_values), and checks every node before any
+long work starts, so an op nobody can lower fails at once with its op type, node name and a hint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import io
+import re
+import warnings
+from typing import Callable
+
+import onnx
+
+from edgecc.errors import EdgeccError, UserError
+
+# (domain, op_type) -> OnnxOpConverter subclass
+_CONVERTERS: dict[tuple[str, str], type] = {}
+
+# What to suggest when an op has no converter.
+_HINTS = {
+    "MatMulNBits": "int4 weights are lowered by edgecc's quantize-int4 pass and kernels",
+}
+
+
+def registered(op_type: str, domain: str = "") -> type:
+    """The converter edgecc has registered for an op, for a converter that builds on it."""
+    return _CONVERTERS[(domain, op_type)]
+
+
+def converter(op_type: str, domain: str = "") -> Callable[[type], type]:
+    """Register an edgecc converter for an op TVM's importer lacks."""
+
+    def wrap(cls: type) -> type:
+        _CONVERTERS[(domain, op_type)] = cls
+        return cls
+
+    return wrap
+
+
+def _tvm_convert_map() -> dict:
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    return onnx_frontend._get_convert_map()
+
+
+def check_supported(model: onnx.ModelProto) -> None:
+    """Fail before any long work when a node has no converter."""
+    import edgecc.frontend.converters  # noqa: F401  (registers edgecc's converters)
+
+    import_ops = set(_tvm_convert_map()) | {"If", "Constant"}
+    consumed = {o.name for o in model.graph.output}
+    for _, node in _all_nodes(model.graph):
+        consumed.update(node.input)
+    for graph, node in _all_nodes(model.graph):
+        domain = "" if node.domain in ("", "ai.onnx") else node.domain
+        cls = _CONVERTERS.get((domain, node.op_type))
+        if cls is not None:
+            # Outputs an edgecc converter does not compute must not be read by anyone.
+            for i, name in enumerate(node.output):
+                if name and name in consumed and i not in cls.computed_outputs:
+                    raise UserError(f"node '{node.name}': output {i} ('{name}') of {node.op_type} "
+                                    "is used, but edgecc's converter computes only outputs "
+                                    f"{list(cls.computed_outputs)}")
+            continue
+        if node.op_type in import_ops:
+            continue
+        qualified = f"{domain}.{node.op_type}" if domain else node.op_type
+        hint = _HINTS.get(node.op_type, "register a converter with "
+                                         f"@edgecc.frontend.lower.converter('{node.op_type}', domain='{domain}')")
+        where = f" in subgraph '{graph.name}'" if graph is not model.graph else ""
+        raise UserError(f"node '{node.name or '<unnamed>'}'{where}: op {qualified} cannot be lowered "
+                        f"to TVM (no converter); hint: {hint}")
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield graph, node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g)
+            for g in attr.graphs:
+                yield from _all_nodes(g)
+
+
+@contextlib.contextmanager
+def _patched_frontend():
+    """edgecc's converters in the importer's map, shape arithmetic computed on symbolic dims
+    (edgecc.frontend.shape_values), and Gather lowered with in-bounds indexing.
+
+    The importer normalizes negative Gather indices itself; its default `take(mode="fast")`
+    is undefined behaviour out of bounds and logs a warning per Gather, so clip instead.
+    """
+    from tvm import relax
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    from edgecc.frontend.shape_values import WRAPPED_OPS, ShapeValues
+
+    orig_map, orig_take = onnx_frontend._get_convert_map, relax.op.take
+    convert_map = {**orig_map(), **{op: cls for (_, op), cls in _CONVERTERS.items()}}
+    values = ShapeValues()  # shape arithmetic first, then the op's own converter
+    convert_map.update({op: values.wrap(op, convert_map.get(op)) for op in WRAPPED_OPS})
+    convert_map = {op: _named_failures(op, cls) if isinstance(cls, type) else cls
+                   for op, cls in convert_map.items()}
+    onnx_frontend._get_convert_map = lambda: convert_map
+    relax.op.take = functools.partial(orig_take, mode="clip")
+    try:
+        yield
+    finally:
+        onnx_frontend._get_convert_map, relax.op.take = orig_map, orig_take
+
+
+def _named_failures(op: str, cls: type) -> type:
+    """`cls` with any failure of its conversion turned into a one-line refusal naming the node and
+    the op: a form of the op TVM's converter cannot take (an attribute, a dtype, a run-time operand)
+    is the model's limit here, not a crash."""
+    class Named(cls):
+        @classmethod
+        def get_converter(cls_, opset):
+            convert = cls.get_converter(opset)
+
+            def named(bb, inputs, attr, params):
+                try:
+                    return convert(bb, inputs, attr, params)
+                except EdgeccError:
+                    raise
+                except Exception as e:  # TVM's converters raise every kind of error
+                    text = str(e).strip().splitlines()
+                    node = attr.get("tvm_custom", {}).get("name") or "<unnamed>"
+                    raise UserError(f"node '{node}': op {op} cannot be lowered to TVM: {type(e).__name__}: "
+                                    f"{text[-1][:300] if text else ''}") from e
+
+            return named
+
+    Named.__name__ = Named.__qualname__ = op
+    return Named
+
+
+def _route_to_kernels(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Nodes a pass marked for an edgecc kernel become that kernel's op, for the importer only.
+
+    The optimized ONNX keeps standard ops (ORT runs it as the reference); here a MatMul, or a
+    Gemm's product, marked `edgecc.kernel = bsr` becomes edgecc's BlockSparseMatMul, a
+    MatMulInteger marked `edgecc.kernel = int8` (by pack-weights) edgecc's MatMulInt8, and a
+    MatMulNBits marked `int4_dot` edgecc's MatMulNBitsDot (same inputs and attributes, plus the
+    instruction set pack-weights chose).
+    """
+    def kernel(node):
+        return {p.key: p.value for p in node.metadata_props}.get("edgecc.kernel")
+
+    if not any(kernel(n) in ("bsr", "int8", "int4_dot") for n in model.graph.node):
+        return model
+    model = copy.deepcopy(model)
+    nodes = []
+    for node in model.graph.node:
+        props = {p.key: p.value for p in node.metadata_props}
+        if kernel(node) == "int8":
+            nodes.append(onnx.helper.make_node("MatMulInt8", node.input, node.output, name=node.name,
+                                               domain="edgecc", tile=int(props["edgecc.tile"])))
+            continue
+        if kernel(node) == "int4_dot":
+            routed = copy.deepcopy(node)
+            routed.op_type, routed.domain = "MatMulNBitsDot", "edgecc"
+            routed.attribute.append(onnx.helper.make_attribute("isa", props["edgecc.isa"]))
+            nodes.append(routed)
+            continue
+        if kernel(node) != "bsr":
+            nodes.append(node)
+            continue
+        rows, cols = (int(v) for v in props["edgecc.block"].split("x"))
+        product = node.output[0] if node.op_type == "MatMul" else node.output[0] + "_bsr"
+        nodes.append(onnx.helper.make_node("BlockSparseMatMul", node.input[:2], [product], name=node.name,
+                                           domain="edgecc", block_rows=rows, block_cols=cols))
+        if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+            nodes.append(onnx.helper.make_node("Add", [product, node.input[2]], [node.output[0]],
+                                               name=node.name + "_bias"))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.opset_import.append(onnx.helper.make_opsetid("edgecc", 1))
+    return model
+
+
+def to_relax(model: onnx.ModelProto):
+    """The Relax IRModule of a checked ONNX model; weights become constants of the module."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from edgecc.frontend.converters.narrow_types import TYPES_ATTR, to_storage
+    from edgecc.frontend.shape_values import lm_input_shapes
+
+    check_supported(model)
+    model = to_storage(_route_to_kernels(model))  # float8, int4, ... as the uint8 codes TVM can hold
+    shapes = lm_input_shapes(model) or {}
+    for spec in model.graph.input:  # the importer reads a dim of 0 as unknown: an empty input stays empty
+        dims = spec.type.tensor_type.shape.dim
+        if spec.name not in shapes and dims and all(d.HasField("dim_value") for d in dims) \
+                and 0 in [d.dim_value for d in dims]:
+            shapes[spec.name] = [d.dim_value for d in dims]
+    with _patched_frontend(), warnings.catch_warnings():
+        # Inputs are passed by position; the importer's renaming of "past.0.key" is not news.
+        warnings.filterwarnings("ignore", message="Renaming name")
+        warnings.filterwarnings("ignore", message=f"Unrecognized attribute: {TYPES_ATTR}")  # ONNX's checker
+        printed = io.StringIO()  # the importer prints the op and inputs of a node it failed on
+        try:
+            with contextlib.redirect_stdout(printed):
+                return from_onnx(model, shape_dict=shapes, keep_params_in_input=False)
+        except UserError:
+            raise
+        except Exception as e:
+            text = str(e).strip().splitlines()
+            detail = f"{type(e).__name__}: {text[-1][:300] if text else ''}"
+            failed = re.search(r"Error converting operator (\S+),", printed.getvalue())
+            if failed:  # the node's operands contradict what the op takes (a dtype, a shape)
+                raise UserError(f"op {failed.group(1)} cannot be lowered to TVM: {detail}") from e
+            raise EdgeccError(f"TVM's ONNX importer failed: {detail}") from e
