@@ -29,10 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.hf_mode
 
 from edgecc.benchmark import bench  # noqa: E402
 from edgecc.models import examples
-from edgecc.lm import generate, lm_signature
+from edgecc.core import lm_signature
+from edgecc.lm import generate
 from edgecc.benchmark.bench_worker import decode_tokens_per_s  # noqa: E402
 from edgecc.compiler import compile as compile_model  # noqa: E402
-from edgecc.autotune.tuning_log import host_device  # noqa: E402
+from edgecc.core.tuning_log import host_device  # noqa: E402
 from tests import hf_models  # noqa: E402
 
 THREADS = 2

@@ -25,11 +25,11 @@ import numpy as np
 
 from edgecc.benchmark import bench
 from edgecc.models import examples
-from edgecc.lm import lm_signature
+from edgecc.core import lm_signature
 from edgecc.benchmark.bench_worker import decode_tokens_per_s
 from edgecc.compiler import compile as compile_model
 from edgecc.lm.generate import ort_step
-from edgecc.autotune.tuning_log import host_device
+from edgecc.core.tuning_log import host_device
 
 THREADS = 2
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from edgecc.benchmark import bench
 from edgecc.models import examples
-from edgecc.lm import generate, lm_signature
+from edgecc.core import lm_signature
+from edgecc.lm import generate
 from edgecc.runtime.artifact import Artifact
 
 PROMPT = "The Devil's Dictionary defines a bore as"

@@ -131,7 +131,7 @@ def _write_npz(out: Path, arrays: dict) -> None:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from edgecc.lm import lm_signature
+    from edgecc.core import lm_signature
     from edgecc.lm.generate import greedy, ort_step
 
     path = Path(a.artifact)

@@ -20,7 +20,7 @@ import onnx
 import onnx_ir as ir
 
 from edgecc.core import fixed_inputs
-from edgecc.lm import lm_signature
+from edgecc.core import lm_signature
 from edgecc.frontend import lower
 from edgecc.backends import tvm_report as report
 from edgecc.autotune import tuning

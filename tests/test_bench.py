@@ -79,7 +79,8 @@ def test_a_token_reads_one_row_of_the_embedding(example_path):
 
 def test_kv_bytes_are_what_the_cache_holds(result, example_path):
     """The KV bytes of the roofline are what the model returns as its cache after `past` tokens."""
-    from edgecc.lm import generate, lm_signature
+    from edgecc.core import lm_signature
+    from edgecc.lm import generate
 
     path = example_path("tiny-llama")
     sig = lm_signature.of_file(path)

@@ -18,7 +18,8 @@ import pytest
 import edgecc
 from edgecc.benchmark import bench
 from edgecc.models import examples
-from edgecc.lm import generate, lm_signature
+from edgecc.core import lm_signature
+from edgecc.lm import generate
 from edgecc.frontend import lower
 from edgecc.errors import UserError
 from edgecc.core.verify import ort_session

@@ -9,7 +9,8 @@ import onnx
 import pytest
 
 import edgecc
-from edgecc.lm import generate, lm_signature
+from edgecc.core import lm_signature
+from edgecc.lm import generate
 from edgecc.models import llama
 from edgecc.models.examples import TINY_LLAMA
 from edgecc.core.verify import dim_expr, graph_inputs, random_inputs

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import edgecc
-from edgecc.autotune import tuning, tuning_log
+from edgecc.autotune import tuning
+from edgecc.core import tuning_log
 from edgecc.errors import EdgeccError, UserError
 from edgecc.core.target import load_target
 from edgecc.core.verify import random_inputs, run_ort

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from edgecc.autotune import logs_cli
-from edgecc.autotune import tuning_log as tl
+from edgecc.core import tuning_log as tl
 from edgecc.errors import UserError
 
 FP_PI, FP_HOST = "ab12ab12ab12ab12", "cd34cd34cd34cd34"
@@ -180,7 +180,7 @@ def test_two_processes_appending_at_once_lose_no_record(tmp_path):
     store, go = tmp_path / "store", tmp_path / "go"
     script = textwrap.dedent(f"""
         import json, os, sys, time
-        from edgecc.autotune import tuning_log as tl
+        from edgecc.core import tuning_log as tl
         obj = json.loads(sys.argv[1])
         store = tl.Store({str(store)!r})
         while not os.path.exists({str(go)!r}):

@@ -7,7 +7,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from edgecc.autotune import tuning_log as tl
+from edgecc.core import tuning_log as tl
 from edgecc.errors import UserError
 
 

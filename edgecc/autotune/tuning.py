@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from edgecc.autotune import tuning_log
+from edgecc.core import tuning_log
 from edgecc.errors import EdgeccError, UserError
 from edgecc.core.target import TargetDesc
 from edgecc.core.verify import graph_inputs

@@ -106,7 +106,7 @@ def apply_records(mod, tgt, records) -> tuple[Any, list[str]]:
     import tvm
     from tvm import relax
 
-    from edgecc.autotune.tuning_log import to_ms_database
+    from edgecc.core.tuning_log import to_ms_database
 
     if not records:
         return mod, []

@@ -204,9 +204,9 @@ def run(model: str | os.PathLike, settings: Settings, out_dir: str | os.PathLike
 def _run(model: Path, settings: Settings, work: Path, log: Callable[[str], None]) -> dict:
     from edgecc.compiler import compile as compile_model
     from edgecc.core.ir import load_model, to_proto
-    from edgecc.lm.lm_signature import NotAnLM, of_model
+    from edgecc.core.lm_signature import NotAnLM, of_model
     from edgecc.core.target import load_target
-    from edgecc.autotune.tuning_log import host_device
+    from edgecc.core.tuning_log import host_device
     from edgecc.core.verify import graph_inputs
 
     pipelines = parse_pipelines(settings.pipelines)

@@ -3,7 +3,7 @@
     python -m edgecc.benchmark.bench_worker SPEC.json OUT.json
 
 SPEC: {"kind": "ort" | "edgecc", "path": model .onnx or artifact dir, "threads": n, "vocab": n,
-       "signature": the LM's signature (edgecc.lm.lm_signature, JSON; the same for every configuration),
+       "signature": the LM's signature (edgecc.core.lm_signature, JSON; the same for every configuration),
        "prompt_lengths": [...], "past": n, "decode_steps": n, "repeats": n, "seed": n,
        "windows": [[token ids], ...]}  (windows: perplexity text, may be empty)
 OUT: latencies, decode tokens/s, perplexity, peak RSS. Timing is skipped with "time": false
@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from edgecc.lm.generate import logits, ort_step, step_feeds
-from edgecc.lm.lm_signature import LMSignature
+from edgecc.core.lm_signature import LMSignature
 
 
 def _engine(spec: dict):

@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from edgecc.lm import lm_signature
-from edgecc.runtime.artifact import CODED_DTYPES
+from edgecc.core import lm_signature
+from edgecc.core.dtypes import CODED_DTYPES
 from edgecc.errors import UserError
 
 # Tolerances by output dtype: (absolute, relative). Integers must match exactly.

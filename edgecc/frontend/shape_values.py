@@ -27,7 +27,7 @@ import onnx
 import tvm
 from tvm import relax, tirx
 
-from edgecc.lm import lm_signature
+from edgecc.core import lm_signature
 from edgecc.errors import UserError
 
 # Above this many elements an integer constant is data, not a shape.

@@ -1,4 +1,4 @@
-"""Greedy decoding with a causal LM that takes its KV cache as inputs (edgecc.lm.lm_signature says which).
+"""Greedy decoding with a causal LM that takes its KV cache as inputs (edgecc.core.lm_signature says which).
 
 One step function serves prefill (the whole prompt, empty cache) and decode (one token, the cache
 the previous step returned); it can be a compiled artifact or ONNX Runtime on the exported model,
@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgecc.errors import UserError
-from edgecc.lm.lm_signature import LMSignature
+from edgecc.core.lm_signature import LMSignature
 
 # Outputs may stay in the engine's own tensors (Artifact.run(as_numpy=False)); `logits` reads one.
 Step = Callable[[dict[str, Any]], dict[str, Any]]

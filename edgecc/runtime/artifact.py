@@ -18,10 +18,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-import ml_dtypes  # numpy then knows the names float8_e4m3fn, int4, ...
 import numpy as np
 
 from edgecc.core import fixed_inputs
+from edgecc.core.dtypes import stored
 from edgecc.runtime import weights
 from edgecc.errors import UserError
 
@@ -224,20 +224,6 @@ def _referenced_files(manifest: dict[str, Any]) -> list[tuple[str, Any]]:
     return refs
 
 
-# ml_dtypes' one-byte types, which TVM cannot hold: the module holds their codes in uint8
-# (edgecc.frontend.converters.narrow_types).
-CODED_DTYPES = {np.dtype(t) for t in (
-    ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e4m3fnuz, ml_dtypes.float8_e5m2, ml_dtypes.float8_e5m2fnuz,
-    ml_dtypes.float8_e8m0fnu, ml_dtypes.float4_e2m1fn, ml_dtypes.int4, ml_dtypes.uint4, ml_dtypes.int2,
-    ml_dtypes.uint2)}
-
-
-def _stored(dtype: Any) -> np.dtype:
-    """The dtype the compiled module holds `dtype` in."""
-    dtype = np.dtype(dtype)
-    return np.dtype(np.uint8) if dtype in CODED_DTYPES else dtype
-
-
 class Artifact:
     """A compiled model on disk. `Artifact.load(dir).run({name: array})` runs it on this host."""
 
@@ -358,14 +344,14 @@ class Artifact:
             # A TVM tensor stays one; asarray keeps a scalar 0-d (ascontiguousarray makes it [1]).
             a = a if hasattr(a, "numpy") else np.asarray(a, order="C")
             dtype, shape = str(a.dtype), tuple(a.shape)
-            expected = str(_stored(spec["dtype"])) if hasattr(a, "numpy") else spec["dtype"]
+            expected = str(stored(spec["dtype"])) if hasattr(a, "numpy") else spec["dtype"]
             if dtype != expected:
                 raise UserError(f"input '{spec['name']}': dtype {dtype}, expected {expected}")
             if len(shape) != len(spec["shape"]) or any(
                 isinstance(d, int) and d != s for d, s in zip(spec["shape"], shape)
             ):
                 raise UserError(f"input '{spec['name']}': shape {list(shape)}, expected {spec['shape']}")
-            arrays.append(a if hasattr(a, "numpy") else a.view(_stored(a.dtype)))
+            arrays.append(a if hasattr(a, "numpy") else a.view(stored(a.dtype)))
         return arrays
 
     def run(self, feeds: dict[str, Any], threads: int | None = None,
@@ -387,7 +373,7 @@ class Artifact:
         if not as_numpy:
             return dict(zip(names, values))
         arrays = [v.numpy() for v in values]
-        return {o["name"]: a.view(o["dtype"]) if _stored(o["dtype"]) != np.dtype(o["dtype"]) else a
+        return {o["name"]: a.view(o["dtype"]) if stored(o["dtype"]) != np.dtype(o["dtype"]) else a
                 for o, a in zip(self.outputs, arrays)}
 
 
