@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -13,10 +14,13 @@ import edgecc
 from edgecc.runtime import emulator
 from edgecc.runtime.artifact import Artifact, sha256_file
 from edgecc.errors import UserError
+from edgecc.core.pipeline import parse_pipeline
+from edgecc.core.target import load_target
 from edgecc.core.verify import compare, random_inputs, run_ort
 from tests.conftest import run_cli
 
 EM_AARCH64 = 183
+GOLDEN_PIPELINES = Path(__file__).parent / "golden" / "default_pipelines.json"
 
 
 def elf_machine(path) -> int:
@@ -60,9 +64,13 @@ def test_host_artifact_matches_ort_at_several_shapes(host_artifacts, example_pat
 def test_manifest_records_what_reproduces_the_build(host_artifacts):
     art = host_artifacts("tiny-lm")
     m = art.manifest
-    assert m["pipeline"] == ("simplify{onnxsim=true},group-kv-heads,fuse{layernorm=true,gelu=true,matmul_bias=true},"
-                             "fuse-siblings{min_weights=0}")
-    assert [p["name"] for p in m["passes"]] == ["simplify", "group-kv-heads", "fuse", "fuse-siblings"]
+    # What ran is the host's default pipeline with every option spelled out: the string the golden
+    # pins (tests/test_default_pipelines.py), which parses back to the same pipeline.
+    assert m["pipeline_given"] == load_target("host").default_pipeline
+    assert m["pipeline"] == json.loads(GOLDEN_PIPELINES.read_text())["host"]
+    ran = parse_pipeline(m["pipeline"])
+    assert str(ran.resolved()) == m["pipeline"]
+    assert [p["name"] for p in m["passes"]] == [spec.name for spec in ran.passes]
     assert all(p["seconds"] >= 0 and "stats" in p for p in m["passes"])
     assert m["versions"]["apache-tvm"] == "0.27.0.post1"
     assert m["target"]["name"] == "host" and len(m["target"]["fingerprint"]) == 16
