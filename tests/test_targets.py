@@ -57,9 +57,39 @@ def test_host_is_resolved_not_generic():
     assert host.runs_here() and host.host_arch() == platform.machine()
 
 
-def test_cross_targets_do_not_run_here():
-    assert not load_target("rpi4").runs_here() or platform.machine() == "aarch64"
-    assert not load_target("jetson-orin-nano").runs_here()
+def test_builtin_targets_run_here_only_on_their_own_cpu():
+    on_aarch64 = platform.machine() == "aarch64"
+    assert load_target("rpi4").runs_here() == on_aarch64  # a Cortex-A72 library is native on aarch64
+    assert load_target("rpi5").runs_here() == on_aarch64
+    assert not load_target("jetson-orin-nano").runs_here()  # CUDA device code, on any host
+    assert not load_target("coral-edgetpu").runs_here()
+
+
+@pytest.mark.parametrize("same_arch", [True, False])
+def test_a_cpu_target_runs_here_exactly_when_its_arch_is_this_hosts(tmp_path, same_arch):
+    """On every host: a board of this host's architecture runs here, a board of the other does not."""
+    boards = {"aarch64": ("aarch64-linux-gnu", "cortex-a55"), "x86_64": ("x86_64-linux-gnu", "skylake")}
+    if same_arch and platform.machine() not in boards:
+        pytest.skip(f"no board description for a {platform.machine()} host")
+    arch = platform.machine() if same_arch else next(a for a in boards if a != platform.machine())
+    triple, mcpu = boards[arch]
+    f = tmp_path / "board.toml"
+    f.write_text(f"""
+name = "board"
+description = "A {arch} board"
+default_pipeline = "simplify"
+
+[tvm]
+kind = "llvm"
+mtriple = "{triple}"
+mcpu = "{mcpu}"
+
+[toolchain]
+cc = "gcc"
+""")
+    board = load_target(str(f))
+    assert board.host_arch() == arch
+    assert board.runs_here() == same_arch
 
 
 def test_fingerprints_differ_per_target_and_are_stable():
