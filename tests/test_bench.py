@@ -63,18 +63,49 @@ def test_sizes_and_bytes_per_token(result, example_path):
     assert int8["weight_bytes_per_token"] < 0.4 * fp32["weight_bytes_per_token"]
 
 
-def test_a_token_reads_one_row_of_the_embedding(example_path):
-    """A larger vocabulary's embedding table costs a decoded token nothing more; any other weight
-    costs all its bytes."""
-    model = onnx.load(str(example_path("tiny-llama")))
-    base = bench.weight_bytes_per_token(model)
-    table = next(i for i in model.graph.initializer if i.name == next(
-        n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[1] == "ids"))
-    rows = onnx.numpy_helper.to_array(table)
-    table.CopyFrom(onnx.numpy_helper.from_array(np.concatenate([rows, rows]), table.name))
-    assert bench.weight_bytes_per_token(model) == base
-    model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((8, 8), np.float32), "unused"))
-    assert bench.weight_bytes_per_token(model) == base + 8 * 8 * 4
+def _lm_head_model(vocab: int) -> onnx.ModelProto:
+    """ids -> an embedding of `vocab` rows of 8 float32, a float32 linear layer (8x16 and a bias
+    of 16), an int8 16x16 weight with a float32 scale, and a 50x16 float32 table tied between a
+    second embedding and the output head."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.ones(shape, dtype), name) for name, shape, dtype in (
+        ("emb", (vocab, 8), np.float32), ("w", (8, 16), np.float32), ("b", (16,), np.float32),
+        ("w8", (16, 16), np.int8), ("scale", (), np.float32), ("tied", (50, 16), np.float32))]
+    nodes = [
+        helper.make_node("Gather", ["emb", "ids"], ["h"]),
+        helper.make_node("MatMul", ["h", "w"], ["hw"]),
+        helper.make_node("Add", ["hw", "b"], ["lin"]),
+        helper.make_node("DequantizeLinear", ["w8", "scale"], ["w8f"]),
+        helper.make_node("MatMul", ["lin", "w8f"], ["q"]),
+        helper.make_node("Gather", ["tied", "ids"], ["e2"]),
+        helper.make_node("Add", ["q", "e2"], ["x"]),
+        helper.make_node("Transpose", ["tied"], ["head"]),
+        helper.make_node("MatMul", ["x", "head"], ["logits"]),
+    ]
+    graph = helper.make_graph(nodes, "lm", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["seq"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["seq", 50])],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+# What _lm_head_model's decoded token reads, counted tensor by tensor: one 8-float32 row of the
+# embedding, all of w (8*16 float32), b (16 float32), w8 (16*16 int8) and scale (one float32),
+# and all of the tied table (50*16 float32), which the head reads whole.
+TOKEN_BYTES = 8 * 4 + 8 * 16 * 4 + 16 * 4 + 16 * 16 * 1 + 4 + 50 * 16 * 4
+
+
+def test_a_token_reads_one_row_of_the_embedding_and_every_other_weight_whole(tmp_path):
+    assert bench.weight_bytes_per_token(_lm_head_model(vocab=100)) == TOKEN_BYTES
+    assert bench.weight_bytes_per_token(_lm_head_model(vocab=5000)) == TOKEN_BYTES  # vocabulary is free
+    # Weights stored outside the model, not loaded, count the same.
+    onnx.save_model(_lm_head_model(vocab=100), tmp_path / "m.onnx", save_as_external_data=True,
+                    location="m.bin", size_threshold=0)
+    external = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    assert all(i.data_location == onnx.TensorProto.EXTERNAL for i in external.graph.initializer)
+    assert bench.weight_bytes_per_token(external) == TOKEN_BYTES
 
 
 def test_kv_bytes_are_what_the_cache_holds(result, example_path):
