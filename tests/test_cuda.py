@@ -1,6 +1,8 @@
-"""Ahead-of-time CUDA builds for a Jetson Orin Nano (sm_87, aarch64 host) without a GPU."""
+"""Ahead-of-time CUDA builds for a Jetson Orin Nano (sm_87, aarch64 host) without a GPU; one test,
+marked gpu, runs an artifact on this machine's own GPU."""
 
 import os
+import platform
 import shutil
 import struct
 
@@ -10,8 +12,11 @@ import pytest
 import tvm
 from onnx import TensorProto, helper, numpy_helper
 from tvm.relax.frontend.onnx import from_onnx
+from tvm.runtime.vm import VirtualMachine
 
+import edgecc
 from edgecc.backends.tvm_cuda import build_cuda, embedded_device_code
+from edgecc.core.verify import compare, random_inputs, run_ort
 from edgecc.errors import UserError
 
 CROSS_CC = "aarch64-linux-gnu-gcc"
@@ -133,3 +138,55 @@ def test_arch_unsupported_by_nvcc_is_a_user_error(relax_mod, tmp_path):
     # Fermi (sm_20) left the CUDA toolkit in 9.0; CUDA 13 also dropped sm_53 (Jetson Nano).
     with pytest.raises(UserError, match="cannot build sm_20"):
         build_cuda(relax_mod, _target("sm_20"), str(tmp_path / "x.so"), CROSS_CC)
+
+
+# Needs a CUDA GPU, nvcc and a TVM whose runtime loads CUDA modules; skips where any is missing.
+# The default run deselects it; on such a machine:
+#   .venv/bin/python -m pytest -q -m gpu tests/test_cuda.py
+@pytest.mark.gpu
+def test_artifact_for_this_gpu_runs_on_it_and_matches_onnxruntime(tmp_path):
+    """The Jetson's target description with this GPU's own arch and limits, and host code for this
+    CPU: the artifact's embedded cubin is for that arch, loads without a compiler and runs on the
+    device, and its outputs match ONNX Runtime's."""
+    dev = tvm.cuda(0)
+    if not dev.exist:
+        pytest.skip("no CUDA device here (or this TVM's runtime has no CUDA support)")
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not installed: CUDA artifacts embed a cubin it builds")
+    arch = "sm_" + dev.compute_version.replace(".", "")
+    target = tmp_path / "this-gpu.toml"
+    target.write_text(f"""
+name = "this-gpu"
+description = "This machine's CUDA GPU ({arch}), host code for its {platform.machine()} CPU"
+default_pipeline = "simplify,group-kv-heads,fuse,fuse-siblings"
+
+[tvm]
+kind = "cuda"
+arch = "{arch}"
+max_num_threads = {dev.max_threads_per_block}
+max_threads_per_block = {dev.max_threads_per_block}
+max_shared_memory_per_block = {dev.max_shared_memory_per_block}
+thread_warp_size = {dev.warp_size}
+
+[tvm.host]
+kind = "llvm"
+mtriple = "{platform.machine()}-linux-gnu"
+
+[toolchain]
+cc = "g++"
+nvcc = "nvcc"
+""")
+    model = _tiny_model()
+    onnx.save(model, tmp_path / "tiny.onnx")
+    # edgecc verifies only artifacts that run on a CPU; this test runs the module itself.
+    art = edgecc.compile(tmp_path / "tiny.onnx", str(target), tmp_path / "art", verify=False)
+    lib = str(art.path / art.manifest["build"]["library"])
+    assert art.manifest["build"]["device_code"] == "cubin"
+    images = embedded_device_code(lib)  # machine code for this GPU only, no source to JIT
+    assert images and all(i["kind"] == "cubin" and i["arch"] == arch for i in images)
+
+    vm = VirtualMachine(tvm.runtime.load_module(lib), dev)
+    feeds = random_inputs(model, seed=0)
+    got = vm["main"](*[tvm.runtime.tensor(feeds[i.name], device=dev) for i in model.graph.input])
+    result = compare(run_ort(model, feeds), {"y": got.numpy()}, across_engines=True)
+    assert result.ok, result.detail
