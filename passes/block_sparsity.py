@@ -20,6 +20,7 @@ import onnx_ir as ir
 from edgecc.errors import UserError
 from edgecc.kernels.bsr import choose_kernel, magnitude_block_prune
 from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
+from edgecc.core.pass_helpers import constant_array, constant_matrix, gemm_refusal
 
 KERNEL_KEY = "edgecc.kernel"
 BLOCK_KEY = "edgecc.block"
@@ -36,18 +37,17 @@ def parse_block(text: str) -> tuple[int, int]:
 def _candidate(node: ir.Node) -> tuple[ir.Value, np.ndarray, str] | tuple[None, None, str]:
     """(weight value, W [K, N], "") for a prunable node, or (None, None, why not)."""
     if node.op_type == "Gemm":
-        attrs = node.attributes
-        if attrs.get_int("transA", 0) or attrs.get_int("transB", 0):
-            return None, None, "Gemm with transposed operands"
-        if attrs.get_float("alpha", 1.0) != 1.0:
-            return None, None, "Gemm with alpha != 1"
+        if refusal := gemm_refusal(node):
+            return None, None, refusal
+        if node.attributes.get_int("transB", 0):
+            return None, None, "Gemm with transB"
     elif node.op_type != "MatMul":
         return None, None, "not a matmul"
     value = node.inputs[1]
-    if value is None or value.const_value is None or value.is_graph_input():
+    if constant_array(value) is None or value.const_value is None:  # pruned in place: an initializer
         return None, None, "weight is not a constant initializer"
-    w = value.const_value.numpy()
-    if w.ndim != 2 or w.dtype != np.float32:
+    w = constant_matrix(value)
+    if w is None:
         return None, None, "weight is not 2-D float32"
     return value, w, ""
 

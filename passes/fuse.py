@@ -27,6 +27,8 @@ from onnxscript.rewriter.rules.fusion._layer_norm import LayerNormBiasFusion, La
 
 from edgecc.core.ir import infer_shapes
 from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
+from edgecc.core.pass_helpers import constant_array, node_name
+from edgecc.core.static_values import node_axes
 
 LAYERNORM_OPSET = 17  # the first opset with LayerNormalization
 GELU_OPSET = 20  # the first opset with Gelu in the default domain
@@ -63,33 +65,16 @@ def _const(name: str):
     )
 
 
-def _constant(value: ir.Value | None) -> ir.TensorProtocol | None:
-    """The value's tensor if it is a constant. An initializer that is also a graph input can be
-    overridden by the caller, so it is not one."""
-    if value is None or value.is_graph_input():
-        return None
-    return value.const_value
-
-
 def _check_constants(found: dict[str, ir.Value], expected: dict[str, float]) -> pattern.MatchResult:
     result = pattern.MatchResult()
     for name, value in found.items():
-        tensor = _constant(value)
-        if tensor is None:
+        array = constant_array(value)
+        if array is None:
             return result.fail(f"{name} '{value.name}' is a graph input, not a constant", value)
-        got = tensor.numpy().item()
+        got = array.item()
         if not math.isclose(got, expected[name], rel_tol=CONSTANT_RTOL):
             return result.fail(f"{name} is {got:.7g}, expected {expected[name]:.7g}", value)
     return result
-
-
-def _reduced_axes(node: ir.Node) -> list[int] | None:
-    """The axes a ReduceMean reduces: an attribute before opset 18, the second input from 18."""
-    if len(node.inputs) > 1 and node.inputs[1] is not None:
-        axes = _constant(node.inputs[1])
-        return None if axes is None else axes.numpy().reshape(-1).tolist()
-    attr = node.attributes.get("axes")
-    return None if attr is None else list(attr.as_ints())
 
 
 class LayerNormDecomposition(LayerNormFusion):
@@ -133,7 +118,7 @@ class LayerNormDecomposition(LayerNormFusion):
         rank = x.shape.rank()
         for reduction in (mean, var):
             node = reduction.producer()
-            axes = _reduced_axes(node)
+            axes = node_axes(node)
             if axes is None or sorted({a % rank for a in axes}) != [rank - 1]:
                 reason = f"ReduceMean '{node.name}' reduces axes {axes}, not the last only"
                 return result.fail(reason, node)
@@ -230,12 +215,12 @@ class MatMulBias(MatMulAddToGemm):
 
     def check(self, context, input_a, input_b, input_c, **_) -> pattern.MatchResult:
         result = pattern.MatchResult()
-        weight = _constant(input_b)
+        weight = constant_array(input_b)
         if weight is None:
             return result.fail(f"weight '{input_b.name}' is not a constant", input_b)
         if len(weight.shape) != 2:
             return result.fail(f"weight '{input_b.name}' has rank {len(weight.shape)}", input_b)
-        bias = _constant(input_c)
+        bias = constant_array(input_c)
         if bias is None:
             return result.fail(f"bias '{input_c.name}' is not a constant", input_c)
         n = weight.shape[1]
@@ -249,7 +234,7 @@ class MatMulBias(MatMulAddToGemm):
     def rewrite(self, op, input_a, input_b, input_c):
         if input_a.shape.rank() == 2:
             return super().rewrite(op, input_a, input_b, input_c)
-        k, n = input_b.const_value.shape
+        k, n = constant_array(input_b).shape
         flat = op.Reshape(input_a, op.Constant(value=ir.tensor([-1, k], dtype=_INT64)))
         product = op.Gemm(flat, input_b, input_c)
         if self.opset >= SHAPE_START_END_OPSET:
@@ -308,7 +293,7 @@ def _near_misses(model: ir.Model, rules: pattern.RewriteRuleSet) -> list[str]:
             info.status == pattern.MatchStatus.NO_MATCH and "other uses" in reason
         )
         node = info.root_node
-        line = f"{rule}: {node.op_type} '{node.name or node.outputs[0].name}': {reason}"
+        line = f"{rule}: {node.op_type} '{node_name(node)}': {reason}"
         if rejected and line not in lines:
             lines.append(line)
     return lines

@@ -17,17 +17,14 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
+from edgecc.core.pass_helpers import constant_matrix, node_name
 
 
 def _weight(node: ir.Node) -> np.ndarray | None:
     """The constant float32 [K, N] weight of a MatMul, if it has one a user cannot override."""
     if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
         return None
-    w = node.inputs[1]
-    if w is None or w.const_value is None or w.is_graph_input():
-        return None
-    value = w.const_value.numpy()
-    return value if value.ndim == 2 and value.dtype == np.float32 else None
+    return constant_matrix(node.inputs[1])
 
 
 def _sibling_groups(model: ir.Model) -> list[list[ir.Node]]:
@@ -57,7 +54,7 @@ class FuseSiblings(Pass):
             if sum(w.size for w in weights) < self.opts["min_weights"]:
                 continue
             first = nodes[0]
-            prefix = f"{first.name or first.outputs[0].name}_siblings"
+            prefix = f"{node_name(first)}_siblings"
             widths = [w.shape[1] for w in weights]
             concat = ir.Value(name=f"{prefix}_weight", const_value=ir.tensor(np.concatenate(weights, axis=1)))
             sizes = ir.Value(name=f"{prefix}_split", const_value=ir.tensor(np.array(widths, np.int64)))

@@ -22,8 +22,9 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from edgecc.core.ir import constant_array
+from edgecc.core.pass_helpers import constant_array, node_name
 from edgecc.core.pass_base import Pass, PassContext, PassResult, register_pass
+from edgecc.core.static_values import node_axes
 
 
 def _dims(value: ir.Value) -> list | None:
@@ -34,11 +35,6 @@ def _dims(value: ir.Value) -> list | None:
     return None if any(d is None for d in dims) else dims
 
 
-def _int_attr(node: ir.Node, name: str, default=None):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
-
-
 def _repeat(node: ir.Node) -> tuple[ir.Value, int] | None:
     """(X, r) when `node` is Expand(Unsqueeze(X, 2)) repeating X [b, kv, s, d] r times into
     [b, kv, r, s, d] (the Reshape merging kv and r may be folded into later ones)."""
@@ -47,11 +43,10 @@ def _repeat(node: ir.Node) -> tuple[ir.Value, int] | None:
     unsqueeze = node.inputs[0].producer()
     if unsqueeze is None or unsqueeze.op_type != "Unsqueeze" or unsqueeze.inputs[0] is None:
         return None
-    axes = constant_array(unsqueeze.inputs[1]) if len(unsqueeze.inputs) > 1 else _int_attr(unsqueeze, "axes")
+    axes = node_axes(unsqueeze)
     x = unsqueeze.inputs[0]
     xd, ed = _dims(x), _dims(node.outputs[0])
-    if axes is None or np.asarray(axes).tolist() not in ([2], 2) or xd is None or len(xd) != 4 \
-            or not isinstance(xd[1], int):
+    if axes != [2] or xd is None or len(xd) != 4 or not isinstance(xd[1], int):
         return None
     if ed is None or not isinstance(ed[2], int):  # TorchScript's target shape is computed at run
         # time, and shape inference names its dims afresh: the Reshape merging kv and r says r
@@ -76,7 +71,7 @@ def _dim(value: ir.Value, axis: int):
         if isinstance(dim, int) or node is None:
             return dim
         if node.op_type == "Transpose":
-            axis = list(_int_attr(node, "perm", None) or [])[axis]
+            axis = list(node.attributes.get_ints("perm", []))[axis]
         elif node.op_type not in ("Mul", "Div") or constant_array(node.inputs[1]) is None or constant_array(node.inputs[1]).size != 1:
             return dim
         value = node.inputs[0]
@@ -107,7 +102,7 @@ def _to_matmul(value: ir.Value, x: ir.Value, r: int) -> tuple[ir.Node, bool, lis
                 return None
         elif node.op_type == "Transpose":
             k = len(out) - 2
-            perm = list(_int_attr(node, "perm", None) or [])
+            perm = list(node.attributes.get_ints("perm", []))
             if perm == list(range(k)) + [k + 1, k]:
                 trailing, swapped = trailing[::-1], not swapped
             elif perm != list(range(k + 2)):
@@ -154,7 +149,7 @@ def _rewrite(model: ir.Model, matmul: ir.Node, x: ir.Value, r: int, swapped: boo
              known_heads: bool) -> None:
     """MatMul(A, repeat(X)) -> Reshape(MatMul(Reshape(A, [b, kv, r*q, k]), X'), [b, kv*r, q, n]), X'
     being X with the path's transpose and scalings."""
-    prefix = matmul.name or matmul.outputs[0].name
+    prefix = node_name(matmul)
     kv = _dims(x)[1]
     steps: list[ir.Node] = []
 

@@ -28,16 +28,11 @@ from onnxscript.rewriter import pattern
 
 from edgecc.core.ir import infer_shapes
 from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
+from edgecc.core.pass_helpers import constant_array, constant_matrix
 from edgecc.core.verify import ort_session, random_inputs
 
 SYNTHETIC_SAMPLES = 8  # seeded random inputs when no --calibration is given (as the backend does)
 EPS_MARGIN = 1e4  # p^2 * variance stays this many times above LayerNorm's epsilon
-
-
-def _constant(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.is_graph_input() or value.const_value is None:
-        return None
-    return value.const_value.numpy()
 
 
 class _ScaleRows(pattern.RewriteRuleClassBase):
@@ -60,8 +55,8 @@ class _ScaleRows(pattern.RewriteRuleClassBase):
             return result.fail("no row of the residual sum exceeds ratio x the median row", z)
         if len(z.uses()) != 1:
             return result.fail("the residual sum is used besides the LayerNorm", z)
-        weight, bias = _constant(w), _constant(b)
-        if weight is None or weight.ndim != 2 or bias is None or bias.size != weight.shape[1]:
+        weight, bias = constant_matrix(w, dtype=None), constant_array(b)
+        if weight is None or bias is None or bias.size != weight.shape[1]:
             return result.fail("the projection has no constant 2-D weight and bias", w)
         if x.shape != z.shape or h.shape is None or list(h.shape[:-1]) != list(z.shape[:-1]):
             return result.fail("the residual and the projection's input do not have the sum's rows", x)
@@ -76,7 +71,7 @@ class _ScaleRows(pattern.RewriteRuleClassBase):
         self.applied.append(z.name)
         column = op.initializer(ir.tensor(p.reshape(-1, 1).astype(np.float32)), f"{z.name}_row_scale")
         bias = op.initializer(
-            ir.tensor((_constant(b).reshape(1, -1) * p.reshape(-1, 1)).astype(np.float32)),
+            ir.tensor((constant_array(b).reshape(1, -1) * p.reshape(-1, 1)).astype(np.float32)),
             f"{b.name}_row_scaled",
         )
         scaled = op.Add(op.Mul(x, column), op.Add(op.MatMul(op.Mul(h, column), w), bias))

@@ -24,16 +24,11 @@ from onnxscript.rewriter import pattern
 
 from edgecc.core.ir import infer_shapes
 from edgecc.core.pass_base import Pass, PassContext, PassResult, register_pass
+from edgecc.core.pass_helpers import constant_array, constant_matrix, gemm_refusal
 
 
 def _i64(values: list[int]):
     return ir.tensor(np.array(values, np.int64))
-
-
-def _constant(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.is_graph_input() or value.const_value is None:
-        return None
-    return value.const_value.numpy()
 
 
 class _LinearToConv(pattern.RewriteRuleClassBase):
@@ -52,8 +47,8 @@ class _LinearToConv(pattern.RewriteRuleClassBase):
 
     def check(self, context, x, w, y, bias=None, **_) -> pattern.MatchResult:
         result = pattern.MatchResult()
-        weight = _constant(w)
-        if weight is None or weight.ndim != 2 or weight.dtype != np.float32:
+        weight = constant_matrix(w)
+        if weight is None:
             return result.fail(f"weight '{w.name}' is not a constant 2-D float32 tensor", w)
         if x.shape is None or not all(isinstance(d, int) for d in x.shape) or x.shape.rank() < 2:
             return result.fail(f"'{x.name}' has no static shape of rank >= 2 (run static-shapes first)", x)
@@ -61,13 +56,8 @@ class _LinearToConv(pattern.RewriteRuleClassBase):
             return result.fail("one row: FULLY_CONNECTED's output is one-dimensional already", x)
         node = y.producer()
         if self.form == "gemm":
-            attrs = node.attributes
-            if (
-                attrs.get_int("transA", 0)
-                or attrs.get_float("alpha", 1.0) != 1
-                or attrs.get_float("beta", 1.0) != 1
-            ):
-                return result.fail("Gemm with transA, alpha or beta", y)
+            if refusal := gemm_refusal(node):
+                return result.fail(refusal, y)
             bias = node.inputs[2] if len(node.inputs) > 2 else None
         n = (
             weight.shape[0]
@@ -75,13 +65,13 @@ class _LinearToConv(pattern.RewriteRuleClassBase):
             else weight.shape[1]
         )
         if bias is not None:
-            b = _constant(bias)
+            b = constant_array(bias)
             if b is None or b.size != n or (b.ndim > 1 and b.shape[-1] != n):
                 return result.fail(f"bias '{bias.name}' is not a constant of {n} values", bias)
         return result
 
     def rewrite(self, op, x, w, y, bias=None, **_):
-        weight = _constant(w)
+        weight = constant_matrix(w)
         node = y.producer()
         if self.form == "gemm":
             bias = node.inputs[2] if len(node.inputs) > 2 else None
@@ -99,7 +89,7 @@ class _LinearToConv(pattern.RewriteRuleClassBase):
         if bias is not None:
             inputs.append(
                 op.initializer(
-                    ir.tensor(_constant(bias).reshape(n).astype(np.float32)), f"{w.name}_conv1x1_bias"
+                    ir.tensor(constant_array(bias).reshape(n).astype(np.float32)), f"{w.name}_conv1x1_bias"
                 )
             )
         image = op.Reshape(

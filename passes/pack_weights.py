@@ -26,6 +26,7 @@ import onnx_ir as ir
 
 from edgecc.core.ir import infer_shapes
 from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
+from edgecc.core.pass_helpers import constant_matrix
 
 KERNEL_KEY = "edgecc.kernel"
 TILE_KEY = "edgecc.tile"
@@ -39,11 +40,8 @@ def _int8_weight(node: ir.Node) -> np.ndarray | None:
         return None
     if any(v is not None for v in node.inputs[2:]):
         return None  # zero points: TVM's own conversion handles those
-    x, w = node.inputs[0], node.inputs[1]
-    if w is None or w.const_value is None or w.is_graph_input() or x is None:
-        return None
-    weight = w.const_value.numpy()
-    return weight if weight.ndim == 2 and weight.dtype == np.int8 and x.dtype == ir.DataType.INT8 else None
+    x, weight = node.inputs[0], constant_matrix(node.inputs[1], np.int8)
+    return weight if x is not None and x.dtype == ir.DataType.INT8 else None
 
 
 def _int4_dot(node: ir.Node, ctx: PassContext) -> str | None:
@@ -52,8 +50,7 @@ def _int4_dot(node: ir.Node, ctx: PassContext) -> str | None:
     from edgecc.kernels import int4_dot
 
     attrs = node.attributes
-    level = attrs["accuracy_level"].as_int() if "accuracy_level" in attrs else 0
-    if level != 4 or ctx.target is None or ctx.target.device_kind != "llvm":
+    if attrs.get_int("accuracy_level", 0) != 4 or ctx.target is None or ctx.target.device_kind != "llvm":
         return None
     K, N, block = (attrs[k].as_int() for k in ("K", "N", "block_size"))
     return int4_dot.isa(ctx.target.tvm_target()) if int4_dot.fits(K, N, block) else None

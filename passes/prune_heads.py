@@ -43,8 +43,12 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from edgecc.core.calibration import activation_samples
 from edgecc.errors import UserError
-from edgecc.core.ir import constant_array, infer_shapes
+from edgecc.core.ir import infer_shapes
+from edgecc.core.pass_helpers import Rejected, constant_array, constant_matrix, node_name
 from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
+from edgecc.core.static_values import (
+    broadcast_dim, dims_read, shape_elements, shape_pieces, node_axes, static_dims, static_value,
+)
 
 # Ops that carry Q, K, V (or the attention output) between a projection and a MatMul.
 CHAIN_OPS = ("Transpose", "Reshape", "Unsqueeze", "Squeeze", "Expand", "Tile", "Mul", "Div", "Cast",
@@ -52,17 +56,8 @@ CHAIN_OPS = ("Transpose", "Reshape", "Unsqueeze", "Squeeze", "Expand", "Tile", "
 # Ops between the score MatMul and the Softmax: scaling, masking, additive biases.
 SCORE_OPS = ("Mul", "Div", "Add", "Sub", "Where", "Cast", "Identity")
 MAX_SCORE_OPS = 8
-MAX_EVAL_DEPTH = 16  # how deep the evaluation of a shape computation may go
 SPLIT_INPUT_OPSET = 13  # Split takes its sizes as an input from opset 13 on
 _PAIR = re.compile(r"^(\d+):(\d+)$")
-
-
-class Rejected(Exception):
-    """A check failed; the message says why (it goes into the stats)."""
-
-
-def _name(node: ir.Node) -> str:
-    return node.name or node.outputs[0].name
 
 
 def parse_heads(text: str) -> dict[int, set[int]]:
@@ -79,151 +74,14 @@ def parse_heads(text: str) -> dict[int, set[int]]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Constants and shape computations
-
-
-def _weight(value: ir.Value | None) -> np.ndarray | None:
-    """A constant 2-D float weight."""
-    w = constant_array(value)
-    return w if w is not None and w.ndim == 2 and w.dtype.kind == "f" else None
-
-
-def _int_attr_list(node: ir.Node, name: str) -> list[int] | None:
-    attr = node.attributes.get(name)
-    return None if attr is None else list(attr.value)
-
-
-def _axes(node: ir.Node) -> list[int] | None:
-    """The axes of Unsqueeze/Squeeze: the second input (opset 13+) or the attribute."""
-    if len(node.inputs) > 1 and node.inputs[1] is not None:
-        axes = _static(node.inputs[1])
-        return None if axes is None else axes.reshape(-1).tolist()
-    return _int_attr_list(node, "axes")
-
-
-def _static(value: ir.Value | None, depth: int = 0) -> np.ndarray | None:
-    """The value of a small (shape) tensor when it is fixed: computed from constants and static
-    dims alone. None when it depends on run-time sizes or on ops this evaluator does not know."""
-    fixed = constant_array(value)
-    if fixed is not None or value is None:
-        return fixed
-    node = value.producer()
-    if node is None or depth > MAX_EVAL_DEPTH:
-        return None
-    op, ins = node.op_type, node.inputs
-
-    def arg(i: int) -> np.ndarray | None:
-        return _static(ins[i], depth + 1) if i < len(ins) and ins[i] is not None else None
-
-    if op == "Shape":
-        dims = _shape_dims(node)
-        return None if dims is None or None in dims else np.array(dims, np.int64)
-    source = ins[0].producer() if ins and ins[0] is not None else None
-    if op == "Gather" and source is not None and source.op_type == "Shape":
-        # Picking the static dims of a shape whose other dims are dynamic: torch's size(i).
-        dims, index = _shape_dims(source), arg(1)
-        if dims is None or index is None or node.attributes.get_int("axis", 0) != 0:
-            return None
-        picked = [dims[i] for i in index.reshape(-1).tolist()]
-        return None if None in picked else np.array(picked, np.int64).reshape(index.shape)
-    if op == "ConstantOfShape":
-        shape, attr = arg(0), node.attributes.get("value")
-        fill = attr.value.numpy().reshape(-1)[0] if attr is not None else np.float32(0)
-        return None if shape is None else np.full(shape.astype(np.int64), fill)
-    if op == "Squeeze" or op == "Unsqueeze":
-        x, axes = arg(0), _axes(node)
-        if x is None or (op == "Unsqueeze" and axes is None):
-            return None
-        if op == "Squeeze":
-            return np.squeeze(x, axis=None if axes is None else tuple(axes))
-        return np.expand_dims(x, tuple(axes))
-    args = [arg(i) for i in range(len(ins))]
-    if any(a is None for a in args) or not args:
-        return None
-    if op in ("Identity", "Cast"):
-        to = node.attributes.get_int("to", None)
-        return args[0] if to is None else args[0].astype(ir.DataType(to).numpy())
-    if op == "Concat":
-        return np.concatenate([a.reshape(-1) if a.ndim == 0 else a for a in args],
-                              axis=node.attributes.get_int("axis", 0))
-    if op == "Gather":
-        return np.take(args[0], args[1], axis=node.attributes.get_int("axis", 0))
-    if op == "Reshape" and not (args[1] == 0).any():
-        return args[0].reshape(args[1])
-    if op == "Slice" and args[0].ndim == 1:
-        starts, ends = args[1].tolist(), args[2].tolist()
-        steps = args[4].tolist() if len(args) > 4 else [1]
-        return args[0][slice(starts[0], ends[0], steps[0])] if len(starts) == 1 else None
-    binary = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Equal": np.equal,
-              "Max": np.maximum, "Min": np.minimum}
-    if op in binary and len(args) == 2:
-        return binary[op](args[0], args[1])
-    if op == "Div" and len(args) == 2:
-        a, b = args
-        return np.trunc(a / b).astype(a.dtype) if a.dtype.kind in "iu" else a / b
-    if op == "Where":
-        return np.where(*args)
-    return None
-
-
-def _shape_dims(shape_node: ir.Node) -> list[int | None] | None:
-    """What a Shape node returns: static dims as ints, dynamic ones as None."""
-    shape = shape_node.inputs[0].shape
-    if shape is None:
-        return None
-    start, end = shape_node.attributes.get_int("start", 0), shape_node.attributes.get_int("end", None)
-    return [d if isinstance(d, int) else None for d in list(shape)[slice(start, end)]]
-
-
-@dataclasses.dataclass
-class _Piece:
-    """Part of a shape tensor: a Concat input, or the whole tensor when it is not a Concat."""
-
-    value: ir.Value
-    ints: np.ndarray | None  # its fixed values, or None when it is computed at run time
-    length: int
-
-
-def _pieces(value: ir.Value) -> list[_Piece]:
-    fixed = _static(value)
-    if fixed is not None:
-        return [_Piece(value, fixed.reshape(-1).astype(np.int64), fixed.size)]
-    node = value.producer()
-    if node is None or node.op_type != "Concat":
-        by = f"{node.op_type} '{_name(node)}'" if node is not None else "a graph input"
-        raise Rejected(f"shape '{value.name}' is computed at run time by {by}")
-    pieces = []
-    for piece in node.inputs:
-        fixed = _static(piece)
-        if fixed is not None:
-            pieces.append(_Piece(piece, fixed.reshape(-1).astype(np.int64), fixed.size))
-            continue
-        shape = piece.shape
-        if shape is None or len(shape) != 1 or not isinstance(shape[0], int):
-            raise Rejected(f"shape '{value.name}': the length of its piece '{piece.name}' is unknown")
-        pieces.append(_Piece(piece, None, shape[0]))
-    return pieces
-
-
-def _elements(value: ir.Value) -> list[int | None]:
-    """A shape tensor's elements: ints where fixed, None where computed at run time."""
-    out: list[int | None] = []
-    for p in _pieces(value):
-        out += p.ints.tolist() if p.ints is not None else [None] * p.length
-    return out
+# Shape elements that hold a head count
 
 
 def _check_editable(value: ir.Value, index: int) -> None:
     """Element `index` of shape `value` must be fixed, so that a new value can replace it."""
-    if _elements(value)[index] is None:
+    if shape_elements(value)[index] is None:
         raise Rejected(f"element {index} of shape '{value.name}' holds a head count or width but is "
                        f"computed at run time")
-
-
-def _dims(value: ir.Value) -> list[int | None]:
-    if value.shape is None:
-        raise Rejected(f"the rank of '{value.name}' is unknown")
-    return [d if isinstance(d, int) else None for d in value.shape]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,7 +139,7 @@ def _data_input(node: ir.Node) -> ir.Value:
 def _step(node: ir.Node, ax: HeadAxis, x: ir.Value) -> tuple[HeadAxis, int | None]:
     """The head axis after `node` (whose head-carrying input is `x`), and the index of the element
     of its shape input (input 1) that holds the head axis' size and must be rewritten, if any."""
-    op, n, u, where = node.op_type, len(ax.dims), ax.u, f"{node.op_type} '{_name(node)}'"
+    op, n, u, where = node.op_type, len(ax.dims), ax.u, f"{node.op_type} '{node_name(node)}'"
     if op in ("Identity", "Cast"):
         return ax, None
     if op in ("Mul", "Div"):
@@ -294,7 +152,7 @@ def _step(node: ir.Node, ax: HeadAxis, x: ir.Value) -> tuple[HeadAxis, int | Non
         perm = node.attributes.get_ints("perm", None) or list(range(n))[::-1]
         return _with(ax, [ax.dims[p] for p in perm], list(perm).index(u)), None
     if op == "Unsqueeze":
-        axes = _axes(node)
+        axes = node_axes(node)
         if axes is None:
             raise Rejected(f"{where}: axes computed at run time")
         dims, out = list(ax.dims), n + len(axes)
@@ -303,7 +161,7 @@ def _step(node: ir.Node, ax: HeadAxis, x: ir.Value) -> tuple[HeadAxis, int | Non
             u += a <= u
         return _with(ax, dims, u), None
     if op == "Squeeze":
-        axes = _axes(node)
+        axes = node_axes(node)
         if axes is None:
             axes = [i for i, d in enumerate(ax.dims) if d == 1]
             if any(d is None for d in ax.dims):
@@ -316,7 +174,7 @@ def _step(node: ir.Node, ax: HeadAxis, x: ir.Value) -> tuple[HeadAxis, int | Non
     if ax.labels is None and op != "Reshape":
         raise Rejected(f"{where} comes before the projection's columns are split into heads")
     if op == "Tile":
-        reps = _static(node.inputs[1])
+        reps = static_value(node.inputs[1])
         if reps is None:
             raise Rejected(f"{where}: repeats computed at run time")
         reps = reps.tolist()
@@ -332,7 +190,7 @@ def _step(node: ir.Node, ax: HeadAxis, x: ir.Value) -> tuple[HeadAxis, int | Non
 def _target(node: ir.Node, where: str) -> list[int | None]:
     """The elements of a Reshape's or Expand's shape input, with the node named if unreadable."""
     try:
-        return _elements(node.inputs[1])
+        return shape_elements(node.inputs[1])
     except Rejected as e:
         raise Rejected(f"{where}: {e}") from None
 
@@ -423,7 +281,7 @@ class Linear:
 
     @property
     def width(self) -> int:
-        return _weight(self.matmul.inputs[1]).shape[self.out_axis]
+        return constant_matrix(self.matmul.inputs[1], dtype=None).shape[self.out_axis]
 
 
 def _linear(value: ir.Value) -> Linear | None:
@@ -437,7 +295,7 @@ def _linear(value: ir.Value) -> Linear | None:
             return None
         reshape, node = node, gemm
     if node.op_type == "Gemm":
-        if _weight(node.inputs[1]) is None or node.attributes.get_int("transA", 0):
+        if constant_matrix(node.inputs[1], dtype=None) is None or node.attributes.get_int("transA", 0):
             return None
         has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
         if has_bias and constant_array(node.inputs[2]) is None:
@@ -448,20 +306,21 @@ def _linear(value: ir.Value) -> Linear | None:
     if node.op_type == "Add":
         for i in (0, 1):
             mm = node.inputs[i].producer()
-            if (mm is not None and mm.op_type == "MatMul" and _weight(mm.inputs[1]) is not None
+            if (mm is not None and mm.op_type == "MatMul"
+                    and constant_matrix(mm.inputs[1], dtype=None) is not None
                     and constant_array(node.inputs[1 - i]) is not None):
                 return Linear(value, mm, 1, node, 1 - i, None, [mm, node])
         return None
-    if node.op_type == "MatMul" and _weight(node.inputs[1]) is not None:
+    if node.op_type == "MatMul" and constant_matrix(node.inputs[1], dtype=None) is not None:
         return Linear(value, node, 1, None, 0, None, [node])
     return None
 
 
 def _keeps_columns(reshape: ir.Node, gemm: ir.Node) -> bool:
     """Whether `reshape` only regroups the rows of `gemm`'s [M, N] output, as fuse's does."""
-    w = _weight(gemm.inputs[1])
+    w = constant_matrix(gemm.inputs[1], dtype=None)
     try:
-        last = _elements(reshape.inputs[1])[-1]
+        last = shape_elements(reshape.inputs[1])[-1]
     except Rejected:
         return False
     return w is not None and last == w.shape[0 if gemm.attributes.get_int("transB", 0) else 1]
@@ -479,15 +338,15 @@ class Part:
 
 def _split_sizes(node: ir.Node, width: int) -> list[int]:
     if len(node.inputs) > 1 and node.inputs[1] is not None:
-        sizes = _static(node.inputs[1])
+        sizes = static_value(node.inputs[1])
         if sizes is None:
-            raise Rejected(f"Split '{_name(node)}': sizes computed at run time")
+            raise Rejected(f"Split '{node_name(node)}': sizes computed at run time")
         return sizes.tolist()
     if "split" in node.attributes:
-        return _int_attr_list(node, "split")
+        return list(node.attributes.get_ints("split"))
     count = len(node.outputs)
     if width % count:
-        raise Rejected(f"Split '{_name(node)}' cuts {width} columns into {count} uneven parts")
+        raise Rejected(f"Split '{node_name(node)}' cuts {width} columns into {count} uneven parts")
     return [width // count] * count
 
 
@@ -500,10 +359,10 @@ def _part(value: ir.Value) -> Part | None:
         return None
     linear = _linear(node.inputs[0])
     if linear is None:
-        raise Rejected(f"Split '{_name(node)}' does not cut a projection with constant weights")
-    rank = len(_dims(node.inputs[0]))
+        raise Rejected(f"Split '{node_name(node)}' does not cut a projection with constant weights")
+    rank = len(static_dims(node.inputs[0]))
     if node.attributes.get_int("axis", 0) % rank != rank - 1:
-        raise Rejected(f"Split '{_name(node)}' does not cut the projection's columns")
+        raise Rejected(f"Split '{node_name(node)}' does not cut the projection's columns")
     sizes = _split_sizes(node, linear.width)
     i = value.index()
     return Part(linear, sum(sizes[:i]), sizes[i], node)
@@ -537,12 +396,12 @@ def _input_chain(operand: ir.Value, what: str) -> Chain:
     while (part := _part(value)) is None:
         node = value.producer()
         if node is None or node.op_type not in CHAIN_OPS:
-            by = f"{node.op_type} '{_name(node)}'" if node is not None else "a graph input"
+            by = f"{node.op_type} '{node_name(node)}'" if node is not None else "a graph input"
             raise Rejected(f"{what} '{value.name}' comes from {by}, not from a projection with "
                            f"constant weights through ops that keep heads apart")
         value = _data_input(node)
         steps.append((node, value))
-    dims = _dims(value)
+    dims = static_dims(value)
     dims[-1] = part.width
     start = HeadAxis(tuple(dims), len(dims) - 1)
     chain = Chain([], start, [], {value: start}, part)
@@ -563,19 +422,21 @@ def _output_chain(pv: ir.Node, ax: HeadAxis) -> tuple[Chain, ir.Node, int]:
             raise Rejected(f"the attention output '{value.name}' has {len(users)} users")
         node = users[0]
         if (node.op_type in ("MatMul", "Gemm") and node.inputs[0] is value
-                and _weight(node.inputs[1]) is not None and not node.attributes.get_int("transA", 0)):
+                and constant_matrix(node.inputs[1], dtype=None) is not None
+                and not node.attributes.get_int("transA", 0)):
             break
         if node.op_type not in CHAIN_OPS or _data_input(node) is not value:
-            raise Rejected(f"the attention output '{value.name}' goes to {node.op_type} '{_name(node)}', "
+            raise Rejected(f"the attention output '{value.name}' goes to {node.op_type} '{node_name(node)}', "
                            f"not to an output projection with constant weights")
         ax = _walk([(node, value)], ax, chain)
         value = node.outputs[0]
     chain.axis = ax
     if ax.u != len(ax.dims) - 1:
-        raise Rejected(f"the output projection '{_name(node)}' does not take the heads on its last axis")
+        raise Rejected(f"the output projection '{node_name(node)}' does not take the heads on its last axis")
     in_axis = 1 if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) else 0
-    if _weight(node.inputs[1]).shape[in_axis] != ax.size:
-        raise Rejected(f"the output projection '{_name(node)}' does not match the attention width {ax.size}")
+    if constant_matrix(node.inputs[1], dtype=None).shape[in_axis] != ax.size:
+        raise Rejected(f"the output projection '{node_name(node)}' does not match the attention width "
+                       f"{ax.size}")
     return chain, node, in_axis
 
 
@@ -656,40 +517,12 @@ def _align(a: HeadAxis, b: HeadAxis, node: ir.Node, what: str) -> tuple[HeadAxis
         if meets.setdefault(la, lb) != lb:
             raise Rejected(f"{what}: head {la} meets two heads")
     n = max(na, nb)
-    batch = [_broadcast(a.dims[i - n + na] if i >= n - na else 1, b.dims[i - n + nb] if i >= n - nb else 1)
+    batch = [broadcast_dim(a.dims[i - n + na] if i >= n - na else 1, b.dims[i - n + nb] if i >= n - nb else 1)
              for i in range(n - 2)]
-    inferred = _dims(node.outputs[0])
+    inferred = static_dims(node.outputs[0])
     dims = [mine if mine is not None else seen for mine, seen in
             zip(batch + [a.dims[-2], b.dims[-1]], inferred)]
     return _with(a, dims, n - (na - a.u)), meets
-
-
-def _broadcast(x: int | None, y: int | None) -> int | None:
-    return x if x == y or y == 1 else y if x == 1 else None
-
-
-def _dims_read(shape_node: ir.Node, rank: int) -> set[int]:
-    """Which dims of its input a Shape node's result is used for: those its users pick with a
-    constant Gather or Slice, or every dim it returns when a user takes the whole shape."""
-    start = shape_node.attributes.get_int("start", 0)
-    end = shape_node.attributes.get_int("end", rank)
-    start, end = (min(max(i + rank if i < 0 else i, 0), rank) for i in (start, end))
-    returned = list(range(start, end))
-    shape = shape_node.outputs[0]
-    read: set[int] = set()
-    for user in shape.consumers():
-        args = [_static(v) if v is not None else None for v in user.inputs[1:]]
-        if user.inputs[0] is not shape or any(a is None for a in args):
-            return set(returned)
-        if user.op_type == "Gather" and user.attributes.get_int("axis", 0) == 0:
-            read |= {returned[i] for i in args[0].reshape(-1).tolist()}
-        elif (user.op_type == "Slice" and len(args[0]) == 1
-              and (len(args) < 3 or args[2].reshape(-1).tolist() in ([0], [-1]))):
-            step = args[3].item() if len(args) > 3 else 1
-            read |= set(returned[slice(args[0].item(), args[1].item(), step)])
-        else:
-            return set(returned)
-    return read
 
 
 def _analyze(score_path: list[ir.Node], softmax: ir.Node, pv: ir.Node) -> Block:
@@ -706,12 +539,12 @@ def _analyze(score_path: list[ir.Node], softmax: ir.Node, pv: ir.Node) -> Block:
         on_path = values.keys()
         for other in node.inputs:
             if other is not None and other not in on_path:
-                _check_broadcast(other, len(ax.dims), ax.u, f"{node.op_type} '{_name(node)}'")
-        ax = _with(ax, _dims(node.outputs[0]), ax.u)
+                _check_broadcast(other, len(ax.dims), ax.u, f"{node.op_type} '{node_name(node)}'")
+        ax = _with(ax, static_dims(node.outputs[0]), ax.u)
         values[node.outputs[0]] = ax
     axis = softmax.attributes.get_int("axis", -1) % len(ax.dims)
     if axis <= ax.u:
-        raise Rejected(f"Softmax '{_name(softmax)}' normalizes across heads (axis {axis})")
+        raise Rejected(f"Softmax '{node_name(softmax)}' normalizes across heads (axis {axis})")
     values[softmax.outputs[0]] = ax
     ax, q_to_v = _align(ax, v.axis, pv, "P @ V")
     if q_to_v != q_to_k:
@@ -746,22 +579,22 @@ def _check_projections(parts: list[Part], values: dict) -> tuple[list[Linear], l
         if split is None and len(group) > 1:
             raise Rejected("two of Q, K, V come from the same projection output")
         if split is not None and len(group) != len(split.outputs):
-            raise Rejected(f"Split '{_name(split)}' has outputs that are not Q, K or V")
+            raise Rejected(f"Split '{node_name(split)}' has outputs that are not Q, K or V")
         if sum(w for _, w in spans) != linear.width:
             raise Rejected(f"Q, K and V do not use all {linear.width} columns of their projection")
         if linear.bias_node is not None:
             bias = constant_array(linear.bias_node.inputs[linear.bias_input])
             if bias.ndim and bias.shape[-1] not in (1, linear.width):
-                raise Rejected(f"the bias of '{_name(linear.matmul)}' has shape {list(bias.shape)}")
+                raise Rejected(f"the bias of '{node_name(linear.matmul)}' has shape {list(bias.shape)}")
         if linear.reshape is not None:
-            _check_editable(linear.reshape.inputs[1], len(_elements(linear.reshape.inputs[1])) - 1)
+            _check_editable(linear.reshape.inputs[1], len(shape_elements(linear.reshape.inputs[1])) - 1)
         for node in linear.nodes:
-            dims = _dims(node.outputs[0])
+            dims = static_dims(node.outputs[0])
             values[node.outputs[0]] = HeadAxis(tuple(dims), len(dims) - 1)
         if split is not None:
             splits.append(split)
             for out in split.outputs:
-                dims = _dims(out)
+                dims = static_dims(out)
                 values[out] = HeadAxis(tuple(dims), len(dims) - 1)
         linears.append(linear)
     return linears, splits
@@ -777,10 +610,10 @@ def _check_uses(values: dict[ir.Value, HeadAxis], region: set[ir.Node]) -> None:
             if user in region:
                 continue
             if user.op_type == "Shape":
-                if ax.u not in _dims_read(user, len(ax.dims)):
+                if ax.u not in dims_read(user, len(ax.dims)):
                     continue
-                raise Rejected(f"Shape '{_name(user)}' reads the head axis of '{value.name}' at run time")
-            raise Rejected(f"'{value.name}' is also used by {user.op_type} '{_name(user)}' outside the "
+                raise Rejected(f"Shape '{node_name(user)}' reads the head axis of '{value.name}' at run time")
+            raise Rejected(f"'{value.name}' is also used by {user.op_type} '{node_name(user)}' outside the "
                            f"attention block")
 
 
@@ -808,9 +641,9 @@ def _weight_norms(block: Block) -> dict[int, float]:
         total = 0.0
         for chain, keep in ((block.q, in_unit), (block.k, own), (block.v, own)):
             linear = chain.part.linear
-            w = _weight(linear.matmul.inputs[1])
+            w = constant_matrix(linear.matmul.inputs[1], dtype=None)
             total += float((np.take(w, _columns(chain, keep), axis=linear.out_axis) ** 2).sum())
-        w = _weight(block.proj.inputs[1])
+        w = constant_matrix(block.proj.inputs[1], dtype=None)
         total += float((np.take(w, _rows(block.out, in_unit), axis=block.proj_axis) ** 2).sum())
         scores[unit] = math.sqrt(total)
     return scores
@@ -863,7 +696,7 @@ class _Rewriter:
         node.replace_input_with(index, self.shapes[key])
 
     def _shape_with(self, value: ir.Value, element: int, new: int) -> ir.Value:
-        pieces = _pieces(value)
+        pieces = shape_pieces(value)
         if all(p.ints is not None for p in pieces):
             array = np.concatenate([p.ints for p in pieces])
             array[element] = new
@@ -906,7 +739,7 @@ def _prune(block: Block, removed: set[int], rw: _Rewriter, opset: int) -> None:
             if bias.ndim and bias.shape[-1] == width:
                 rw.slice_input(linear.bias_node, linear.bias_input, cols, bias.ndim - 1)
         if linear.reshape is not None:
-            rw.set_element(linear.reshape, 1, len(_elements(linear.reshape.inputs[1])) - 1, len(cols))
+            rw.set_element(linear.reshape, 1, len(shape_elements(linear.reshape.inputs[1])) - 1, len(cols))
         split = chains[0].part.split
         if split is not None:
             _set_split_sizes(split, [len(_columns(c, keeps[id(c)])) for c in chains], rw, opset)
@@ -920,7 +753,7 @@ def _set_split_sizes(split: ir.Node, sizes: list[int], rw: _Rewriter, opset: int
     split.attributes.pop("num_outputs", None)
     if len(split.inputs) < 2:
         split.resize_inputs(2)
-    split.replace_input_with(1, rw.constant(np.array(sizes, np.int64), f"{_name(split)}.sizes"))
+    split.replace_input_with(1, rw.constant(np.array(sizes, np.int64), f"{node_name(split)}.sizes"))
 
 
 def _float_weights(model: ir.Model) -> tuple[int, int]:
@@ -974,12 +807,12 @@ class PruneHeads(Pass):
             try:
                 path, pv = _find(node)
             except Rejected as e:
-                not_attention.append(f"Softmax '{_name(node)}': {e}")
+                not_attention.append(f"Softmax '{node_name(node)}': {e}")
                 continue
             try:
                 layers.append(_analyze(path, node, pv))
             except Rejected as e:
-                layers.append(f"Softmax '{_name(node)}': {e}")
+                layers.append(f"Softmax '{node_name(node)}': {e}")
         blocks = {i: b for i, b in enumerate(layers) if isinstance(b, Block)}
         removal, scores = self._choose(model, ctx, layers, blocks)
 
@@ -1050,7 +883,7 @@ def _block_stats(block: Block, removed: list[int], scores: dict | None) -> dict:
     gone = sorted(q for u in removed for q in block.queries(u))
     grouped = len(block.units) != len(block.heads)
     stats = {
-        "softmax": _name(block.softmax),
+        "softmax": node_name(block.softmax),
         "attention": "grouped-query" if grouped else "multi-head",
         "projections": {1: "fused QKV (Split)", 3: "separate Q/K/V"}.get(len(block.linears), "fused KV"),
         "heads_before": len(block.heads),

@@ -31,18 +31,11 @@ from edgecc.core.calibration import activation_samples
 from edgecc.core.ir import infer_shapes
 from edgecc.kernels.int4 import dequantize_blockwise, pack_int4, quantize_blockwise
 from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
+from edgecc.core.pass_helpers import constant_matrix, gemm_refusal, matmul_activations
 
 MS_DOMAIN = "com.microsoft"
 AWQ_GRID = np.linspace(0.0, 1.0, 11)
 AWQ_ROWS = 512  # calibration rows used to score each exponent
-
-
-def _weight(value: ir.Value) -> np.ndarray | None:
-    """The constant 2-D float32 weight behind `value`, unless a caller can override it."""
-    if value.const_value is None or value.is_graph_input():
-        return None
-    w = value.const_value.numpy()
-    return w if w.ndim == 2 and w.dtype == np.float32 else None
 
 
 def _pack_zero_points(zeros: np.ndarray) -> np.ndarray:
@@ -67,7 +60,7 @@ class _Int4Rule(pattern.RewriteRuleClassBase):
             return result.fail("its result is a graph output (skip_outputs=true)", y)
         if x.dtype != ir.DataType.FLOAT:
             return result.fail("activation is not float32", x)
-        weight = _weight(w)
+        weight = constant_matrix(w)
         if weight is None:
             return result.fail("weight is not a constant 2-D float32 initializer", w)
         if transposed:
@@ -133,21 +126,13 @@ class Int4Gemm(_Int4Rule):
         return op.Gemm(x, w, b, _outputs=["y"])
 
     def check(self, context, x, w, b, y, **_) -> pattern.MatchResult:
-        attrs = y.producer().attributes
-        result = pattern.MatchResult()
-        if attrs.get_float("alpha", 1.0) != 1.0 or attrs.get_float("beta", 1.0) != 1.0:
-            return result.fail("Gemm with alpha or beta != 1", y)
-        if attrs.get_int("transA", 0):
-            return result.fail("Gemm with transA", y)
-        return super().check(context, x, w, y, transposed=bool(attrs.get_int("transB", 0)))
+        if refusal := gemm_refusal(y.producer()):
+            return pattern.MatchResult().fail(refusal, y)
+        transposed = bool(y.producer().attributes.get_int("transB", 0))
+        return super().check(context, x, w, y, transposed=transposed)
 
     def rewrite(self, op, x, w, b, **_):
         return op.Add(self._matmul_nbits(op, x, w, self._weight), b)
-
-
-def _activations(model: ir.Model) -> list[str]:
-    return sorted({n.inputs[0].name for n in model.graph if n.op_type in ("MatMul", "Gemm")
-                   and n.inputs[0] is not None and _weight(n.inputs[1]) is not None})
 
 
 @register_pass
@@ -178,7 +163,7 @@ class QuantizeInt4(Pass):
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         model = infer_shapes(model)
-        samples = activation_samples(model, ctx, _activations(model)) if self.opts["method"] == "awq" else {}
+        samples = activation_samples(model, ctx, matmul_activations(model)) if self.opts["method"] == "awq" else {}
         rules = [Int4MatMul.rule(self.opts, samples), Int4Gemm.rule(self.opts, samples)]
         count = pattern.RewriteRuleSet(rules).apply_to_model(model)
         model = RemoveUnusedNodesPass()(model).model  # drops the replaced float weights too

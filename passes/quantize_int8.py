@@ -25,19 +25,12 @@ from onnxscript.rewriter import pattern
 from edgecc.core.calibration import activation_ranges
 from edgecc.core.ir import infer_shapes
 from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
+from edgecc.core.pass_helpers import constant_matrix, gemm_refusal, matmul_activations
 
 QMAX = 127
 REDUCE_AXES_INPUT_OPSET = 18  # ReduceMax takes its axes as an input from opset 18 on
 # All-zero rows and columns get this scale instead of 0, so dividing by it stays finite.
 TINY = 1e-12
-
-
-def _weight(value: ir.Value) -> np.ndarray | None:
-    """The constant 2-D float32 weight behind `value`, unless a caller can override it."""
-    if value.const_value is None or value.is_graph_input():
-        return None
-    w = value.const_value.numpy()
-    return w if w.ndim == 2 and w.dtype == np.float32 else None
 
 
 class _Int8Rule(pattern.RewriteRuleClassBase):
@@ -54,7 +47,7 @@ class _Int8Rule(pattern.RewriteRuleClassBase):
         result = pattern.MatchResult()
         if x.dtype != ir.DataType.FLOAT:
             return result.fail("activation is not float32", x)
-        weight = _weight(w)
+        weight = constant_matrix(w)
         if weight is None:
             return result.fail("weight is not a constant 2-D float32 initializer", w)
         if weight.size < self.opts["min_weights"]:
@@ -124,23 +117,14 @@ class Int8Gemm(_Int8Rule):
         result = super().check(context, x, w)
         if not result:
             return result
-        attrs = y.producer().attributes
-        if attrs.get_float("alpha", 1.0) != 1.0 or attrs.get_float("beta", 1.0) != 1.0:
-            return result.fail("Gemm with alpha or beta != 1", y)
-        if attrs.get_int("transA", 0):
-            return result.fail("Gemm with transA", y)
-        if attrs.get_int("transB", 0):
+        if refusal := gemm_refusal(y.producer()):
+            return result.fail(refusal, y)
+        if y.producer().attributes.get_int("transB", 0):
             self._weight = self._weight.T
         return result
 
     def rewrite(self, op, x, w, b, **_):
         return op.Add(self._int8_matmul(op, x, w, self._weight), b)
-
-
-def _activations(model: ir.Model) -> list[str]:
-    """Names of the float inputs of MatMul/Gemm nodes with constant weights: what needs ranges."""
-    return sorted({n.inputs[0].name for n in model.graph if n.op_type in ("MatMul", "Gemm")
-                   and n.inputs[0] is not None and _weight(n.inputs[1]) is not None})
 
 
 @register_pass
@@ -166,7 +150,7 @@ class QuantizeInt8(Pass):
         model = infer_shapes(model)  # the dtype check needs the types of values earlier passes made
         ranges = {}
         if self.opts["mode"] == "static" or self.opts["smoothquant"] > 0:
-            ranges = activation_ranges(model, ctx, _activations(model))
+            ranges = activation_ranges(model, ctx, matmul_activations(model))
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
         rules = [Int8MatMul.rule(self.opts, ranges, opset), Int8Gemm.rule(self.opts, ranges, opset)]
         count = pattern.RewriteRuleSet(rules).apply_to_model(model)

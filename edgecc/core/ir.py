@@ -10,7 +10,6 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
@@ -114,25 +113,6 @@ def save_model(model: ir.Model, path: str | os.PathLike) -> None:
         ir.save(model, str(path), external_data=path.name + ".data")
     else:
         ir.save(model, str(path))
-
-
-def constant_array(value: ir.Value | None) -> np.ndarray | None:
-    """The constant behind `value` (initializer or Constant node), unless a caller can override it."""
-    if value is None or value.is_graph_input():
-        return None
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    node = value.producer()
-    if node is None or node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
-        return None
-    attr = next(iter(node.attributes.values()), None)
-    if attr is None:
-        return None
-    if attr.name == "value":
-        return attr.value.numpy()
-    if attr.name in ("value_int", "value_ints", "value_float", "value_floats"):
-        return np.array(attr.value)
-    return None
 
 
 def _first_line(e: BaseException) -> str:

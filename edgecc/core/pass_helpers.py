@@ -1,0 +1,66 @@
+"""What passes match on, defined once so that every pass means the same by it.
+
+A constant is a value held by an initializer or a Constant node that is not also a graph input:
+a caller can override an input at run time, so an initializer listed as one is not constant.
+A weight is a constant matrix; a linear layer's Gemm is the form `fuse` emits (alpha = beta = 1,
+no transA). A check that fails in a hand-written pass raises `Rejected`, whose message says why.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+
+class Rejected(Exception):
+    """A check failed; the message says why (passes report it in their stats)."""
+
+
+def node_name(node: ir.Node) -> str:
+    """The node's name, or its first output's when it has none."""
+    return node.name or node.outputs[0].name
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The constant behind `value` (initializer or Constant node), unless a caller can override it."""
+    if value is None or value.is_graph_input():
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    node = value.producer()
+    if node is None or node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+        return None
+    attr = next(iter(node.attributes.values()), None)
+    if attr is None:
+        return None
+    if attr.name == "value":
+        return attr.value.numpy()
+    if attr.name in ("value_int", "value_ints", "value_float", "value_floats"):
+        return np.array(attr.value)
+    return None
+
+
+def constant_matrix(value: ir.Value | None, dtype: type | None = np.float32) -> np.ndarray | None:
+    """The constant 2-D weight behind `value` when its element type is `dtype` (None: any float)."""
+    w = constant_array(value)
+    if w is None or w.ndim != 2:
+        return None
+    return w if (w.dtype == dtype if dtype is not None else w.dtype.kind == "f") else None
+
+
+def gemm_refusal(node: ir.Node) -> str | None:
+    """Why a Gemm is not y = x @ W (+ b) as `fuse` emits it; None when it is. transB is the
+    caller's to read: W is then [N, K]."""
+    attrs = node.attributes
+    if attrs.get_float("alpha", 1.0) != 1.0 or attrs.get_float("beta", 1.0) != 1.0:
+        return "Gemm with alpha or beta != 1"
+    if attrs.get_int("transA", 0):
+        return "Gemm with transA"
+    return None
+
+
+def matmul_activations(model: ir.Model) -> list[str]:
+    """Names of the inputs of MatMul and Gemm nodes with a constant float32 weight: the
+    activations a quantizer calibrates."""
+    return sorted({n.inputs[0].name for n in model.graph if n.op_type in ("MatMul", "Gemm")
+                   and n.inputs[0] is not None and constant_matrix(n.inputs[1]) is not None})
