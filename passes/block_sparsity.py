@@ -5,34 +5,21 @@ R rows (along K) by C columns (along N) with the smallest L2 norms are zeroed un
 of them are. The graph stays standard ONNX with the pruned dense weight, so ONNX Runtime runs it
 as the reference (exactly the dense model with those blocks zeroed). Where the target's cost
 model (`edgecc.kernels.bsr.choose_kernel`, calibrated by benchmarks/bsr_vs_dense.py) predicts
-the block-sparse kernel beats dense, the node is marked `edgecc.kernel = bsr`; the lowering then
+the block-sparse kernel beats dense, the node gets a `bsr` KernelMark; the lowering then
 stores only the nonzero blocks and calls the BSR kernel. The decision and its reason are
 reported per weight.
 """
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import onnx_ir as ir
 
 from edgecc.errors import UserError
 from edgecc.kernels.bsr import choose_kernel, magnitude_block_prune
+from edgecc.core.kernel_mark import KernelMark, parse_block
 from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
 from edgecc.core.pass_helpers import constant_array, constant_matrix, gemm_refusal
-
-KERNEL_KEY = "edgecc.kernel"
-BLOCK_KEY = "edgecc.block"
-_BLOCK = re.compile(r"^(\d+)x(\d+)$")
-
-
-def parse_block(text: str) -> tuple[int, int]:
-    m = _BLOCK.match(text)
-    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
-        raise ValueError(text)
-    return int(m.group(1)), int(m.group(2))
-
 
 def _candidate(node: ir.Node) -> tuple[ir.Value, np.ndarray, str] | tuple[None, None, str]:
     """(weight value, W [K, N], "") for a prunable node, or (None, None, why not)."""
@@ -100,8 +87,7 @@ class BlockSparsity(Pass):
                                           name=value.name)
             kind, reason = choose_kernel(K, N, self.block, self.opts["sparsity"], hardware)
             if kind == "bsr":
-                node.metadata_props[KERNEL_KEY] = "bsr"
-                node.metadata_props[BLOCK_KEY] = f"{R}x{C}"
+                KernelMark("bsr", block=self.block).write(node)
             decisions[node.name] = f"{kind}: {reason}"
         stats = {"pruned": len(decisions),
                  "bsr": sum(d.startswith("bsr") for d in decisions.values()),

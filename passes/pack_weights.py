@@ -3,7 +3,7 @@
 Runs after a pass that compresses weights (quantize-int8, quantize-int4, block-sparsity); the
 pass manager refuses it anywhere else. The ONNX graph keeps its standard ops and values, so
 ONNX Runtime still runs it as the reference; the layout is recorded on each node
-(`edgecc.kernel`, `edgecc.tile`) and the lowering stores the weights in it.
+(a KernelMark: int8 with its tile) and the lowering stores the weights in it.
 
   int8 (MatMulInteger, int8 [K, N] weight): panels of `tile` output columns, int8
        [N/tile, K, tile], pre-transposed so each panel is one contiguous stream and the
@@ -13,7 +13,7 @@ ONNX Runtime still runs it as the reference; the layout is recorded on each node
   int4 (MatMulNBits): already nibble-packed and pre-transposed, [N, K/2] bytes, which is
        the layout the int4 kernels read; left as it is and counted. A node with
        accuracy_level 4 (int8 activations allowed) on a target with int8 dot products
-       (AVX-512 VNNI, Arm dotprod) is marked `edgecc.kernel = int4_dot` and `edgecc.isa`: the
+       (AVX-512 VNNI, Arm dotprod) is marked `int4_dot` with the instruction set: the
        lowering stores its nibbles in 16-output tiles for edgecc.kernels.int4_dot, which
        multiplies them with int8 activations.
   BSR (nodes block-sparsity marked): stored as block columns by construction; counted.
@@ -25,12 +25,10 @@ import numpy as np
 import onnx_ir as ir
 
 from edgecc.core.ir import infer_shapes
+from edgecc.core.kernel_mark import KernelMark
 from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
 from edgecc.core.pass_helpers import constant_matrix
 
-KERNEL_KEY = "edgecc.kernel"
-TILE_KEY = "edgecc.tile"
-ISA_KEY = "edgecc.isa"
 NO_TARGET_TILE = 32  # without a target (a target-independent run): AVX2's four int32 vectors
 
 
@@ -84,18 +82,16 @@ class PackWeights(Pass):
         for node in model.graph:  # the lowering routes top-level nodes
             weight = _int8_weight(node)
             if weight is not None:
-                node.metadata_props[KERNEL_KEY] = "int8"
-                node.metadata_props[TILE_KEY] = str(tile)
+                KernelMark("int8", tile=tile).write(node)
                 int8 += 1
                 packed_bytes += weight.shape[0] * -(-weight.shape[1] // tile) * tile
             elif node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
                 int4 += 1
                 isa = _int4_dot(node, ctx)
                 if isa:
-                    node.metadata_props[KERNEL_KEY] = "int4_dot"
-                    node.metadata_props[ISA_KEY] = isa
+                    KernelMark("int4_dot", isa=isa).write(node)
                     dot += 1
-            elif node.metadata_props.get(KERNEL_KEY) == "bsr":
+            elif (mark := KernelMark.read(node)) is not None and mark.kernel == "bsr":
                 bsr += 1
         stats = {"int8_packed": int8, "tile": tile, "tile_from": source, "int8_packed_bytes": packed_bytes,
                  "int4_nibble_packed": int4, "int4_int8_dot": dot, "bsr": bsr}

@@ -15,6 +15,7 @@ from onnx import helper
 
 from edgecc.core import lm_signature
 from edgecc.core.dtypes import CODED_DTYPES
+from edgecc.core.kernel_mark import KernelMark
 from edgecc.errors import UserError
 
 # Tolerances by output dtype: (absolute, relative). Integers must match exactly.
@@ -373,8 +374,8 @@ def with_int8_activations(model: onnx.ModelProto) -> onnx.ModelProto:
     zero-point forms (none with float zero points), so without this the reference and the
     module would differ by the rounding itself, not by a bug."""
     def marked(node) -> bool:
-        return node.op_type == "MatMulNBits" and any(
-            p.key == "edgecc.kernel" and p.value == "int4_dot" for p in node.metadata_props)
+        mark = KernelMark.read(node) if node.op_type == "MatMulNBits" else None
+        return mark is not None and mark.kernel == "int4_dot"
 
     if not any(marked(n) for n in model.graph.node):
         return model

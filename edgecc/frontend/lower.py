@@ -18,6 +18,7 @@ from typing import Callable
 
 import onnx
 
+from edgecc.core.kernel_mark import KernelMark
 from edgecc.errors import EdgeccError, UserError
 
 # (domain, op_type) -> OnnxOpConverter subclass
@@ -146,34 +147,31 @@ def _route_to_kernels(model: onnx.ModelProto) -> onnx.ModelProto:
     """Nodes a pass marked for an edgecc kernel become that kernel's op, for the importer only.
 
     The optimized ONNX keeps standard ops (ORT runs it as the reference); here a MatMul, or a
-    Gemm's product, marked `edgecc.kernel = bsr` becomes edgecc's BlockSparseMatMul, a
-    MatMulInteger marked `edgecc.kernel = int8` (by pack-weights) edgecc's MatMulInt8, and a
-    MatMulNBits marked `int4_dot` edgecc's MatMulNBitsDot (same inputs and attributes, plus the
-    instruction set pack-weights chose).
+    Gemm's product, with a `bsr` KernelMark becomes edgecc's BlockSparseMatMul, a MatMulInteger
+    marked `int8` (by pack-weights) edgecc's MatMulInt8, and a MatMulNBits marked `int4_dot`
+    edgecc's MatMulNBitsDot (same inputs and attributes, plus the instruction set pack-weights
+    chose).
     """
-    def kernel(node):
-        return {p.key: p.value for p in node.metadata_props}.get("edgecc.kernel")
-
-    if not any(kernel(n) in ("bsr", "int8", "int4_dot") for n in model.graph.node):
+    marks = [KernelMark.read(n) for n in model.graph.node]
+    if not any(marks):
         return model
     model = copy.deepcopy(model)
     nodes = []
-    for node in model.graph.node:
-        props = {p.key: p.value for p in node.metadata_props}
-        if kernel(node) == "int8":
-            nodes.append(onnx.helper.make_node("MatMulInt8", node.input, node.output, name=node.name,
-                                               domain="edgecc", tile=int(props["edgecc.tile"])))
-            continue
-        if kernel(node) == "int4_dot":
-            routed = copy.deepcopy(node)
-            routed.op_type, routed.domain = "MatMulNBitsDot", "edgecc"
-            routed.attribute.append(onnx.helper.make_attribute("isa", props["edgecc.isa"]))
-            nodes.append(routed)
-            continue
-        if kernel(node) != "bsr":
+    for node, mark in zip(model.graph.node, marks):
+        if mark is None:
             nodes.append(node)
             continue
-        rows, cols = (int(v) for v in props["edgecc.block"].split("x"))
+        if mark.kernel == "int8":
+            nodes.append(onnx.helper.make_node("MatMulInt8", node.input, node.output, name=node.name,
+                                               domain="edgecc", tile=mark.tile))
+            continue
+        if mark.kernel == "int4_dot":
+            routed = copy.deepcopy(node)
+            routed.op_type, routed.domain = "MatMulNBitsDot", "edgecc"
+            routed.attribute.append(onnx.helper.make_attribute("isa", mark.isa))
+            nodes.append(routed)
+            continue
+        rows, cols = mark.block
         product = node.output[0] if node.op_type == "MatMul" else node.output[0] + "_bsr"
         nodes.append(onnx.helper.make_node("BlockSparseMatMul", node.input[:2], [product], name=node.name,
                                            domain="edgecc", block_rows=rows, block_cols=cols))

@@ -11,6 +11,7 @@ from onnx import numpy_helper
 
 import edgecc
 from edgecc.errors import UserError
+from edgecc.core.kernel_mark import KernelMark
 from edgecc.core.pass_base import PassContext
 from edgecc.passes.block_sparsity import BlockSparsity
 from edgecc.core.target import load_target
@@ -48,7 +49,7 @@ def test_structure_exact_block_count_and_smallest_norms(block, sparsity):
 def test_marks_bsr_where_the_cost_model_predicts_a_win_and_says_why():
     result, out = _prune(linear_model(k=64, n=64), block="1x16", sparsity=0.9)
     (node,) = [n for n in out.graph.node if n.op_type == "MatMul"]
-    assert {p.key: p.value for p in node.metadata_props} == {"edgecc.kernel": "bsr", "edgecc.block": "1x16"}
+    assert KernelMark.read(node) == KernelMark("bsr", block=(1, 16))
     assert result.stats["bsr"] == 1 and "faster" in next(iter(result.stats["decisions"].values()))
 
 

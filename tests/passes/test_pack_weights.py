@@ -10,9 +10,10 @@ from onnx import helper, numpy_helper
 
 import edgecc
 from edgecc.errors import UserError
+from edgecc.core.kernel_mark import KernelMark
 from edgecc.core.pass_base import PassContext
 from edgecc.core.pass_manager import PassManager
-from edgecc.passes.pack_weights import KERNEL_KEY, TILE_KEY, PackWeights
+from edgecc.passes.pack_weights import PackWeights
 from edgecc.core.pipeline import parse_pipeline
 from edgecc.core.target import load_target
 from edgecc.core.verify import random_inputs, run_ort
@@ -23,23 +24,21 @@ def _quantized(pipeline: str = "quantize-int8{min_weights=0}") -> ir.Model:
     return PassManager(pipeline).run(ir.from_proto(linear_model()), PassContext())[0]
 
 
-def _marks(model: ir.Model) -> dict[str, dict[str, str]]:
-    """edgecc's layout marks per op type (the rewriter leaves marks of its own)."""
-    marks = {n.op_type: {k: v for k, v in n.metadata_props.items() if k.startswith("edgecc.")}
-             for n in model.graph}
-    return {op: m for op, m in marks.items() if m}
+def _marks(model: ir.Model) -> dict[str, KernelMark]:
+    """edgecc's kernel marks per op type."""
+    return {n.op_type: KernelMark.read(n) for n in model.graph if KernelMark.read(n) is not None}
 
 
 def test_marks_int8_matmuls_with_the_target_panel_width():
     result = PackWeights().run(_quantized(), PassContext(target=load_target("rpi4")))
-    assert _marks(result.model) == {"MatMulInteger": {KERNEL_KEY: "int8", TILE_KEY: "16"}}
+    assert _marks(result.model) == {"MatMulInteger": KernelMark("int8", tile=16)}
     assert result.changed and result.stats["int8_packed"] == 1 and result.stats["tile"] == 16
     assert result.stats["tile_from"] == "target rpi4"
 
 
 def test_tile_option_overrides_the_target():
     result = PackWeights(tile=1).run(_quantized(), PassContext(target=load_target("rpi4")))
-    assert _marks(result.model)["MatMulInteger"][TILE_KEY] == "1"
+    assert _marks(result.model)["MatMulInteger"].tile == 1
 
 
 def test_values_are_untouched_so_ort_still_runs_it_exactly():
