@@ -317,9 +317,9 @@ class Fuse(Pass):
         Option("matmul_bias", bool, True, "MatMul + constant bias -> Gemm (reshaped if rank > 2)"),
     )
     provides = ("fused",)
+    needs_shapes = True  # the checks read ranks, dims and dtypes
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        model = infer_shapes(model)  # the checks read ranks, dims and dtypes
         # Matches per rule; layernorm_bias counts biases folded into a LayerNormalization.
         stats: dict = dict.fromkeys(("layernorm", "layernorm_bias", "gelu", "matmul_bias"), 0)
         near_misses: list[str] = []

@@ -18,7 +18,6 @@ from collections import Counter
 import onnx_ir as ir
 
 from edgecc.errors import UserError
-from edgecc.core.ir import infer_shapes
 from edgecc.core.pass_base import Pass, PassContext, PassResult, register_pass
 
 HOST_OUTPUTS_KEY = "edgecc.host_outputs"
@@ -44,9 +43,9 @@ class HostEmbedding(Pass):
     name = "host-embedding"
     description = "leave embedding lookups and integer index arithmetic to the host (cut the graph there)"
     provides = ("host-cut",)
+    needs_shapes = True  # the walk reads every value's dtype
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        model = infer_shapes(model)  # the walk reads every value's dtype
         graph = model.graph
         host = host_nodes(graph)
         host_set = set(host)

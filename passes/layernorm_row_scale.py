@@ -143,9 +143,9 @@ class LayerNormRowScale(Pass):
         Option("ratio", float, 4.0, "scale rows whose peak exceeds ratio x the median row's peak", low=1.0),
     )
     requires = ("static-shapes", "fused")
+    needs_shapes = True  # the candidates are found by their static shapes
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        model = infer_shapes(model)  # the candidates are found by their static shapes
         scales = row_scales(model, ctx, self.opts["ratio"])
         applied: list[str] = []
         rules = pattern.RewriteRuleSet([_ScaleRows.rule(scales, applied)], commute=True)

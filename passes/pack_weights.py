@@ -24,7 +24,6 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from edgecc.core.ir import infer_shapes
 from edgecc.core.kernel_mark import KernelMark
 from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
 from edgecc.core.pass_helpers import constant_matrix
@@ -73,9 +72,9 @@ class PackWeights(Pass):
                "1: pre-transposed only)", low=0, high=256),
     )
     requires = ("compressed-weights",)
+    needs_shapes = True  # the dtype check needs the types quantize-int8's casts made
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        model = infer_shapes(model)  # the dtype check needs the types quantize-int8's casts made
         tile, source = (self.opts["tile"], "tile option") if self.opts["tile"] else _target_tile(ctx)
         int8 = int4 = dot = bsr = 0
         packed_bytes = 0

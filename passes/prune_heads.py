@@ -787,6 +787,7 @@ class PruneHeads(Pass):
     # (measure accuracy; fine-tune after pruning). The bound only stops a rewrite that wrecks the
     # outputs; verification then holds the rest of the pipeline to the pruned model's numbers.
     drift = 1.0
+    needs_shapes = True  # the checks read ranks and static dims
 
     def __init__(self, **opts):
         super().__init__(**opts)
@@ -797,7 +798,6 @@ class PruneHeads(Pass):
                             f"(e.g. \"0:1,1:3\"), got '{self.opts['heads']}' (bad item '{e}')") from None
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        model = infer_shapes(model)  # the checks read ranks and static dims
         weights_before = _float_weights(model)
         layers: list[Block | str] = []  # a Block, or why that attention block is left alone
         not_attention = []

@@ -28,7 +28,6 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript.rewriter import pattern
 
 from edgecc.core.calibration import activation_samples
-from edgecc.core.ir import infer_shapes
 from edgecc.kernels.int4 import dequantize_blockwise, pack_int4, quantize_blockwise
 from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
 from edgecc.core.pass_helpers import constant_matrix, gemm_refusal, matmul_activations
@@ -160,9 +159,9 @@ class QuantizeInt4(Pass):
     # random inputs, block 32: 0.38 (rtn), 0.31 (awq); real text keeps mean cosine 0.953 / 0.967.
     # The bound stops a wreck (1.0 is an output as large as the signal), not the method's loss.
     drift = 0.5
+    needs_shapes = True  # the dtype check needs the types of values earlier passes made
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        model = infer_shapes(model)
         samples = activation_samples(model, ctx, matmul_activations(model)) if self.opts["method"] == "awq" else {}
         rules = [Int4MatMul.rule(self.opts, samples), Int4Gemm.rule(self.opts, samples)]
         count = pattern.RewriteRuleSet(rules).apply_to_model(model)

@@ -23,7 +23,6 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript.rewriter import pattern
 
 from edgecc.core.calibration import activation_ranges
-from edgecc.core.ir import infer_shapes
 from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
 from edgecc.core.pass_helpers import constant_matrix, gemm_refusal, matmul_activations
 
@@ -145,9 +144,9 @@ class QuantizeInt8(Pass):
     # ids: 0.092 dynamic, 0.31 static (one scale per tensor, from synthetic calibration).
     # The bound stops a wreck (1.0 is an output as large as the signal), not the method's loss.
     drift = 0.4
+    needs_shapes = True  # the dtype check needs the types of values earlier passes made
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        model = infer_shapes(model)  # the dtype check needs the types of values earlier passes made
         ranges = {}
         if self.opts["mode"] == "static" or self.opts["smoothquant"] > 0:
             ranges = activation_ranges(model, ctx, matmul_activations(model))

@@ -12,7 +12,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgecc.errors import EdgeccError, VerificationError
-from edgecc.core.pass_base import Pass, PassContext, PassResult, register_pass
+from edgecc.core.pass_base import Pass, PassContext, PassResult, registered
+from edgecc.core import pass_manager
 from edgecc.core.pass_manager import PassManager, PrintIRAfter, VerifyEachPass
 from tests.conftest import parse_model, run_cli
 
@@ -27,7 +28,6 @@ g (float[N, 4] x) => (float[N, 4] y) {
 """
 
 
-@register_pass
 class _Perturb(Pass):
     """Deliberately wrong: scales every Relu output by 1.01."""
 
@@ -48,13 +48,31 @@ class _Perturb(Pass):
         return PassResult(model, True, {"scaled": 1})
 
 
-@register_pass
 class _Crash(Pass):
     name = "test-crash"
     description = "test pass with a bug"
 
     def run(self, model, ctx):
         raise ZeroDivisionError("boom")
+
+
+class _ReadsShapes(Pass):
+    """Records the shape of the Identity's output as the pass sees it."""
+
+    name = "test-reads-shapes"
+    description = "test pass that reads shapes"
+    needs_shapes = True
+    seen: list = []
+
+    def run(self, model, ctx):
+        self.seen.append(next(n for n in model.graph if n.op_type == "Identity").outputs[0].shape)
+        return PassResult(model, False)
+
+
+@pytest.fixture
+def test_passes():
+    with registered(_Perturb, _Crash, _ReadsShapes):
+        yield
 
 
 def _model() -> ir.Model:
@@ -70,6 +88,7 @@ def test_reports_have_timing_stats_and_node_counts():
     assert r.stats["nodes_removed"] == r.nodes_before - r.nodes_after
 
 
+@pytest.mark.usefixtures("test_passes")
 def test_verify_each_pass_names_the_first_pass_that_drifts():
     pm = PassManager("simplify,test-perturb,simplify", instruments=(VerifyEachPass(),))
     with pytest.raises(VerificationError) as e:
@@ -83,6 +102,7 @@ def test_verify_each_pass_records_the_error_of_passes_that_keep_numbers():
     assert reports[0].verify["ok"] and reports[0].verify["max_abs"] <= 1e-6
 
 
+@pytest.mark.usefixtures("test_passes")
 def test_print_ir_after_selected_passes():
     stream = io.StringIO()
     PassManager("simplify,test-perturb", instruments=(PrintIRAfter({"test-perturb"}, stream),)).run(
@@ -91,6 +111,7 @@ def test_print_ir_after_selected_passes():
     assert text.count("IR after") == 1 and "IR after test-perturb" in text and "Mul" in text
 
 
+@pytest.mark.usefixtures("test_passes")
 def test_print_ir_after_shows_weights_by_type_not_value():
     w = numpy_helper.from_array(np.arange(64, dtype=np.float32).reshape(8, 8), "w")
     axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
@@ -106,9 +127,21 @@ def test_print_ir_after_shows_weights_by_type_not_value():
     assert "int64[1] axes =  {1}" in text  # small constants stay readable
 
 
+@pytest.mark.usefixtures("test_passes")
 def test_a_crashing_pass_is_named():
     with pytest.raises(EdgeccError, match="pass 'test-crash' failed: ZeroDivisionError: boom"):
         PassManager("test-crash").run(_model(), PassContext())
+
+
+@pytest.mark.usefixtures("test_passes")
+def test_shapes_are_inferred_for_a_pass_that_needs_them_and_only_after_a_change(monkeypatch):
+    real, calls = pass_manager.infer_shapes, []
+    monkeypatch.setattr(pass_manager, "infer_shapes", lambda model: calls.append(1) or real(model))
+    monkeypatch.setattr(_ReadsShapes, "seen", [])
+    pipeline = "test-reads-shapes,test-reads-shapes,test-perturb,test-reads-shapes"
+    PassManager(pipeline).run(_model(), PassContext())
+    assert len(calls) == 2  # nothing changed the model between the first two
+    assert len(_ReadsShapes.seen) == 3 and all(s is not None and s[1] == 4 for s in _ReadsShapes.seen)
 
 
 PLUGIN = '''

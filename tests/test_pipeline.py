@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 
 from edgecc.errors import UserError
-from edgecc.core.pass_base import Option, Pass, PassResult, register_pass, registered_passes
+from edgecc.core.pass_base import Option, Pass, PassResult, registered, registered_passes
 from edgecc.core.pipeline import parse_pipeline
 
 
-@register_pass
 class _Quantish(Pass):
     name = "test-quantish"
     description = "test pass that provides 'quantized'"
@@ -25,7 +24,6 @@ class _Quantish(Pass):
         return PassResult(model, False)
 
 
-@register_pass
 class _Packer(Pass):
     name = "test-packer"
     description = "test pass that requires 'quantized'"
@@ -35,7 +33,6 @@ class _Packer(Pass):
         return PassResult(model, False)
 
 
-@register_pass
 class _Dequant(Pass):
     name = "test-dequant"
     description = "test pass that invalidates 'quantized'"
@@ -45,6 +42,13 @@ class _Dequant(Pass):
         return PassResult(model, False)
 
 
+@pytest.fixture
+def test_passes():
+    with registered(_Quantish, _Packer, _Dequant):
+        yield
+
+
+@pytest.mark.usefixtures("test_passes")
 @pytest.mark.parametrize("text", [
     "simplify",
     "simplify,fuse",
@@ -56,16 +60,19 @@ def test_canonical_text_round_trips(text):
     assert str(parse_pipeline(text)) == text
 
 
+@pytest.mark.usefixtures("test_passes")
 def test_whitespace_is_normalized_away():
     assert str(parse_pipeline(" simplify , test-quantish{ bits = 4 } ")) == "simplify,test-quantish{bits=4}"
 
 
+@pytest.mark.usefixtures("test_passes")
 def test_resolved_spells_out_defaults_and_round_trips():
     resolved = parse_pipeline("test-quantish{bits=4}").resolved()
     assert str(resolved) == "test-quantish{bits=4,mode=dynamic,alpha=0.5,sym=true}"
     assert str(parse_pipeline(str(resolved))) == str(resolved)
 
 
+@pytest.mark.usefixtures("test_passes")
 def test_quoted_values_hold_commas_and_print_quoted_only_when_needed():
     spec = parse_pipeline("prune-heads{heads='0:1,1:3'}").passes[0]
     assert spec.instantiate().requested == {0: {1}, 1: {3}}
@@ -74,6 +81,7 @@ def test_quoted_values_hold_commas_and_print_quoted_only_when_needed():
     assert 'heads=""' in resolved and str(parse_pipeline(resolved)) == resolved  # empty string too
 
 
+@pytest.mark.usefixtures("test_passes")
 def test_options_are_typed():
     spec = parse_pipeline("test-quantish{bits=4,alpha=0.25,sym=false}").passes[0]
     p = spec.instantiate()
@@ -106,6 +114,7 @@ def test_unknown_option_suggests_the_closest_name():
         parse_pipeline("simplify{onxsim=true}")
 
 
+@pytest.mark.usefixtures("test_passes")
 @pytest.mark.parametrize("text,fragment", [
     ("test-quantish{bits=16}", "must be in [2, 8]"),
     ("test-quantish{bits=four}", "expects int"),
@@ -118,6 +127,7 @@ def test_bad_option_values(text, fragment):
         parse_pipeline(text)
 
 
+@pytest.mark.usefixtures("test_passes")
 def test_contract_refuses_a_pass_before_what_it_requires():
     with pytest.raises(UserError) as e:
         parse_pipeline("simplify,test-packer").check_contract()
@@ -125,6 +135,7 @@ def test_contract_refuses_a_pass_before_what_it_requires():
     assert "'test-packer' requires 'quantized'" in msg and "test-quantish" in msg
 
 
+@pytest.mark.usefixtures("test_passes")
 def test_contract_accepts_the_right_order_and_sees_invalidation():
     parse_pipeline("test-quantish,test-packer").check_contract()
     with pytest.raises(UserError, match="'test-packer' requires 'quantized'"):
@@ -134,5 +145,6 @@ def test_contract_accepts_the_right_order_and_sees_invalidation():
 def test_builtin_passes_are_registered_and_declared():
     passes = registered_passes()
     assert {"simplify", "fuse"} <= set(passes)
+    assert not any(name.startswith("test-") for name in passes)  # test passes leave with their tests
     for cls in passes.values():
         assert cls.description and all(o.help for o in cls.options)

@@ -8,12 +8,14 @@ the `edgecc.passes` entry-point group and are indistinguishable from built-ins.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import importlib
 import importlib.metadata
 import math
 import pkgutil
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import onnx_ir as ir
@@ -110,6 +112,9 @@ class Pass:
     # pruning) declares the relative RMS output error (||y' - y|| / ||y||) it may introduce;
     # verification checks that bound and then re-bases on the pass's output.
     drift: ClassVar[float | None] = None
+    # True: the pass reads value shapes or dtypes; the manager infers them before it runs, unless
+    # no pass changed the model since they were last inferred.
+    needs_shapes: ClassVar[bool] = False
 
     def __init__(self, **opts: Any):
         known = {o.name: o for o in self.options}
@@ -140,6 +145,21 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
         )
     _REGISTRY[cls.name] = cls
     return cls
+
+
+@contextlib.contextmanager
+def registered(*classes: type[Pass]) -> Iterator[None]:
+    """Make passes known by name only inside a with-block (test passes, which must not stay in
+    the registry for every later test)."""
+    _load_all()  # loaded inside the block, built-ins would go with the block's passes
+    saved = dict(_REGISTRY)
+    try:
+        for cls in classes:
+            register_pass(cls)
+        yield
+    finally:
+        _REGISTRY.clear()
+        _REGISTRY.update(saved)
 
 
 def _load_all() -> None:

@@ -18,7 +18,8 @@ import onnx
 import onnx_ir as ir
 
 from edgecc.errors import EdgeccError, VerificationError
-from edgecc.core.pass_base import Pass, PassContext
+from edgecc.core.ir import infer_shapes
+from edgecc.core.pass_base import Pass, PassContext, PassResult
 from edgecc.core.pipeline import Pipeline, parse_pipeline
 
 
@@ -117,6 +118,14 @@ class VerifyEachPass(Instrument):
         self.reference = got  # later passes must keep the numbers this lossy pass produced
 
 
+def run_pass(p: Pass, model: ir.Model, ctx: PassContext, shapes_current: bool = False) -> PassResult:
+    """Run one pass, inferring shapes first when it needs them and they may be stale. The manager
+    runs every pass through here, and so does a test that runs a pass alone."""
+    if p.needs_shapes and not shapes_current:
+        model = infer_shapes(model)
+    return p.run(model, ctx)
+
+
 def _count_nodes(model: ir.Model) -> int:
     return sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
 
@@ -138,17 +147,19 @@ class PassManager:
         for inst in self.instruments:
             inst.before_pipeline(model, ctx)
         reports = []
+        shapes_current = False  # shapes were inferred and no pass has changed the model since
         for spec, resolved in zip(self.pipeline.passes, self.pipeline.resolved().passes):
             p = spec.instantiate()
             before = _count_nodes(model)
             start = time.perf_counter()
             try:
-                result = p.run(model, ctx)
+                result = run_pass(p, model, ctx, shapes_current)
             except EdgeccError:
                 raise
             except Exception as e:
                 raise EdgeccError(f"pass '{resolved}' failed: {type(e).__name__}: {e}") from e
             model = result.model
+            shapes_current = (shapes_current or p.needs_shapes) and not result.changed
             report = PassReport(
                 name=p.name,
                 pipeline_entry=str(resolved),

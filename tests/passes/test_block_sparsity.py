@@ -13,6 +13,7 @@ import edgecc
 from edgecc.errors import UserError
 from edgecc.core.kernel_mark import KernelMark
 from edgecc.core.pass_base import PassContext
+from edgecc.core.pass_manager import run_pass
 from edgecc.passes.block_sparsity import BlockSparsity
 from edgecc.core.target import load_target
 from edgecc.core.verify import compare, random_inputs, run_ort
@@ -21,7 +22,7 @@ from tests.passes.linear_models import linear_model
 
 def _prune(model: onnx.ModelProto, target: str = "host", **opts):
     ctx = PassContext(target=load_target(target))
-    result = BlockSparsity(min_weights=0, **opts).run(ir.from_proto(model), ctx)
+    result = run_pass(BlockSparsity(min_weights=0, **opts), ir.from_proto(model), ctx)
     return result, ir.to_proto(result.model)
 
 
@@ -84,7 +85,7 @@ def test_does_not_fire_and_says_why(kwargs, fragment):
 
 
 def test_small_weights_are_left_alone():
-    result = BlockSparsity(sparsity=0.5, min_weights=1 << 20).run(
+    result = run_pass(BlockSparsity(sparsity=0.5, min_weights=1 << 20), 
         ir.from_proto(linear_model()), PassContext(target=load_target("host")))
     assert not result.changed and "min_weights" in result.stats["skipped"][0]
 

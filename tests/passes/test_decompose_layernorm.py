@@ -9,6 +9,7 @@ import onnx_ir as ir
 from edgecc.passes.decompose_layernorm import DecomposeLayerNorm
 
 from edgecc.core.pass_base import PassContext
+from edgecc.core.pass_manager import run_pass
 from edgecc.core.verify import random_inputs, run_ort
 from tests.conftest import parse_model
 
@@ -25,7 +26,7 @@ g (float[1, 5, 8] x) => (float[1, 5, 8] y) <float[8] s = {{1.0, 2.0, 3.0, 4.0, 5
 
 def _run(text: str):
     model = parse_model(text)
-    result = DecomposeLayerNorm().run(ir.from_proto(model), PassContext())
+    result = run_pass(DecomposeLayerNorm(), ir.from_proto(model), PassContext())
     return model, result, ir.to_proto(result.model)
 
 

@@ -19,6 +19,7 @@ import onnx_ir as ir
 import pytest
 
 from edgecc.core.pass_base import PassContext, get_pass
+from edgecc.core.pass_manager import run_pass
 from edgecc.passes.fuse import Fuse
 from edgecc.core.verify import compare, random_inputs, run_ort
 from tests.conftest import parse_model
@@ -41,7 +42,7 @@ def _model(opset: int, signature: str, initializers: list[str], body: str) -> on
 
 
 def _fuse(before: onnx.ModelProto, explain: bool = False, **opts):
-    result = Fuse(**opts).run(ir.from_proto(before), PassContext(explain=explain))
+    result = run_pass(Fuse(**opts), ir.from_proto(before), PassContext(explain=explain))
     after = ir.to_proto(result.model)
     onnx.checker.check_model(after)
     return result, after

@@ -11,6 +11,7 @@ from onnx import helper, numpy_helper
 
 import edgecc
 from edgecc.core.pass_base import PassContext
+from edgecc.core.pass_manager import run_pass
 from edgecc.passes.fuse_siblings import FuseSiblings
 from edgecc.core.verify import random_inputs, run_ort
 
@@ -37,7 +38,7 @@ def _model(widths=(8, 4, 4), same_input=True, weight_as_input=False) -> onnx.Mod
 
 
 def _run(model: onnx.ModelProto, **opts):
-    result = FuseSiblings(**opts).run(ir.from_proto(model), PassContext())
+    result = run_pass(FuseSiblings(**opts), ir.from_proto(model), PassContext())
     return result, ir.to_proto(result.model)
 
 

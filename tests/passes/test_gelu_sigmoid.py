@@ -9,6 +9,7 @@ import onnx_ir as ir
 from edgecc.passes.gelu_sigmoid import SIGMOID_SCALE, GeluSigmoid
 
 from edgecc.core.pass_base import PassContext
+from edgecc.core.pass_manager import run_pass
 from edgecc.core.verify import relative_rmse, run_ort
 from tests.conftest import parse_model
 
@@ -36,7 +37,7 @@ def _run(text: str, check: bool = True):
     import onnx
 
     model = parse_model(text) if check else onnx.parser.parse_model(text)
-    result = GeluSigmoid().run(ir.from_proto(model), PassContext())
+    result = run_pass(GeluSigmoid(), ir.from_proto(model), PassContext())
     return model, result, ir.to_proto(result.model)
 
 

@@ -14,6 +14,7 @@ from onnx import helper, numpy_helper
 
 import edgecc
 from edgecc.core.pass_base import PassContext
+from edgecc.core.pass_manager import run_pass
 from edgecc.passes.group_kv_heads import GroupKVHeads
 from edgecc.core.verify import random_inputs, run_ort
 
@@ -64,7 +65,7 @@ def _model(extra_reader: bool = False, expand_shape_known: bool = True) -> onnx.
 
 
 def _run(model: onnx.ModelProto):
-    result = GroupKVHeads().run(ir.from_proto(model), PassContext())
+    result = run_pass(GroupKVHeads(), ir.from_proto(model), PassContext())
     return result, ir.to_proto(result.model)
 
 

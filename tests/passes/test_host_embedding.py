@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgecc.errors import UserError
 from edgecc.core.pass_base import PassContext
+from edgecc.core.pass_manager import run_pass
 from edgecc.core.verify import random_inputs, run_ort
 
 
@@ -41,7 +42,7 @@ def _model(shifted_is_output: bool = False):
 
 def test_structure_marks_the_gather_output_as_the_boundary():
     model = _model()
-    result = HostEmbedding().run(ir.from_proto(model), PassContext())
+    result = run_pass(HostEmbedding(), ir.from_proto(model), PassContext())
     assert result.changed
     assert json.loads(result.model.metadata_props[HOST_OUTPUTS_KEY]) == ["e"]
     assert result.stats["host_nodes"] == 2 and result.stats["host_ops"] == "Add x1, Gather x1"
@@ -50,7 +51,7 @@ def test_structure_marks_the_gather_output_as_the_boundary():
 
 def test_numerics_unchanged_in_ort():
     model = _model()
-    out = ir.to_proto(HostEmbedding().run(ir.from_proto(model), PassContext()).model)
+    out = ir.to_proto(run_pass(HostEmbedding(), ir.from_proto(model), PassContext()).model)
     feeds = random_inputs(model, seed=0)
     np.testing.assert_array_equal(run_ort(model, feeds)["y"], run_ort(out, feeds)["y"])
 
@@ -65,10 +66,10 @@ def test_does_not_fire_on_a_float_model():
         ),
         opset_imports=[helper.make_opsetid("", 17)],
     )
-    result = HostEmbedding().run(ir.from_proto(model), PassContext())
+    result = run_pass(HostEmbedding(), ir.from_proto(model), PassContext())
     assert not result.changed and HOST_OUTPUTS_KEY not in result.model.metadata_props
 
 
 def test_an_integer_tensor_read_by_the_device_part_is_an_error():
     with pytest.raises(UserError, match="integer tensor 'shifted' .* is read by the device part"):
-        HostEmbedding().run(ir.from_proto(_model(shifted_is_output=True)), PassContext())
+        run_pass(HostEmbedding(), ir.from_proto(_model(shifted_is_output=True)), PassContext())

@@ -9,6 +9,7 @@ import onnx_ir as ir
 from edgecc.passes.layernorm_row_scale import LayerNormRowScale
 
 from edgecc.core.pass_base import PassContext
+from edgecc.core.pass_manager import run_pass
 from edgecc.core.verify import run_ort
 from tests.conftest import parse_model
 
@@ -46,7 +47,7 @@ def _calibration(outlier: float, samples: int = 6, seed: int = 1) -> dict[str, n
 
 def _run(text: str, calibration: dict[str, np.ndarray]):
     model = parse_model(text)
-    result = LayerNormRowScale().run(ir.from_proto(model), PassContext(calibration=calibration))
+    result = run_pass(LayerNormRowScale(), ir.from_proto(model), PassContext(calibration=calibration))
     return model, result, ir.to_proto(result.model)
 
 

@@ -10,6 +10,7 @@ from edgecc.passes.linear_to_conv import LinearToConv
 from onnx import TensorProto, helper, numpy_helper
 
 from edgecc.core.pass_base import PassContext
+from edgecc.core.pass_manager import run_pass
 from edgecc.core.verify import random_inputs, run_ort
 
 K, N = 16, 24
@@ -38,7 +39,7 @@ def _model(rows: tuple[int, ...] = (1, 6), bias: bool = True, gemm: bool = False
 
 
 def _run(model):
-    result = LinearToConv().run(ir.from_proto(model), PassContext())
+    result = run_pass(LinearToConv(), ir.from_proto(model), PassContext())
     return result, ir.to_proto(result.model)
 
 

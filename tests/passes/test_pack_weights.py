@@ -12,7 +12,7 @@ import edgecc
 from edgecc.errors import UserError
 from edgecc.core.kernel_mark import KernelMark
 from edgecc.core.pass_base import PassContext
-from edgecc.core.pass_manager import PassManager
+from edgecc.core.pass_manager import PassManager, run_pass
 from edgecc.passes.pack_weights import PackWeights
 from edgecc.core.pipeline import parse_pipeline
 from edgecc.core.target import load_target
@@ -30,20 +30,20 @@ def _marks(model: ir.Model) -> dict[str, KernelMark]:
 
 
 def test_marks_int8_matmuls_with_the_target_panel_width():
-    result = PackWeights().run(_quantized(), PassContext(target=load_target("rpi4")))
+    result = run_pass(PackWeights(), _quantized(), PassContext(target=load_target("rpi4")))
     assert _marks(result.model) == {"MatMulInteger": KernelMark("int8", tile=16)}
     assert result.changed and result.stats["int8_packed"] == 1 and result.stats["tile"] == 16
     assert result.stats["tile_from"] == "target rpi4"
 
 
 def test_tile_option_overrides_the_target():
-    result = PackWeights(tile=1).run(_quantized(), PassContext(target=load_target("rpi4")))
+    result = run_pass(PackWeights(tile=1), _quantized(), PassContext(target=load_target("rpi4")))
     assert _marks(result.model)["MatMulInteger"].tile == 1
 
 
 def test_values_are_untouched_so_ort_still_runs_it_exactly():
     before = ir.to_proto(_quantized())
-    after = ir.to_proto(PackWeights().run(_quantized(), PassContext()).model)
+    after = ir.to_proto(run_pass(PackWeights(), _quantized(), PassContext()).model)
     feeds = random_inputs(before, seed=3, dim_values={"B": 2, "T": 5})
     ref, got = run_ort(before, feeds), run_ort(after, feeds)
     for name in ref:
@@ -51,7 +51,7 @@ def test_values_are_untouched_so_ort_still_runs_it_exactly():
 
 
 def test_int4_is_already_packed_and_counted_not_changed():
-    result = PackWeights().run(_quantized("quantize-int4{block=32}"), PassContext())
+    result = run_pass(PackWeights(), _quantized("quantize-int4{block=32}"), PassContext())
     assert not result.changed and result.stats["int4_nibble_packed"] == 1 and result.stats["int8_packed"] == 0
     assert _marks(result.model) == {}
 
@@ -71,12 +71,12 @@ def _matmul_integer(zero_point: bool, weight_as_input: bool) -> ir.Model:
 
 @pytest.mark.parametrize("zero_point, weight_as_input", [(True, False), (False, True)])
 def test_does_not_fire_on_zero_points_or_an_overridable_weight(zero_point, weight_as_input):
-    result = PackWeights().run(_matmul_integer(zero_point, weight_as_input), PassContext())
+    result = run_pass(PackWeights(), _matmul_integer(zero_point, weight_as_input), PassContext())
     assert not result.changed and _marks(result.model) == {}
 
 
 def test_fires_on_a_plain_constant_int8_weight():
-    assert PackWeights().run(_matmul_integer(False, False), PassContext()).stats["int8_packed"] == 1
+    assert run_pass(PackWeights(), _matmul_integer(False, False), PassContext()).stats["int8_packed"] == 1
 
 
 @pytest.mark.parametrize("text", ["pack-weights", "simplify,pack-weights", "fuse,pack-weights,quantize-int8"])

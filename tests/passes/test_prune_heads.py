@@ -22,7 +22,7 @@ import edgecc
 from edgecc.errors import UserError
 from edgecc.models.examples import _modules
 from edgecc.core.pass_base import PassContext
-from edgecc.core.pass_manager import PassManager
+from edgecc.core.pass_manager import PassManager, run_pass
 from edgecc.core.pipeline import parse_pipeline
 from edgecc.core.verify import compare, random_inputs, run_ort
 from tests.conftest import parse_model
@@ -225,7 +225,7 @@ def _gemm_attention() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
 
 def test_gemm_with_transposed_weights_on_rank_2_tokens():
     model, w = _gemm_attention()
-    result = PruneHeads(heads="0:0").run(ir.from_proto(model), PassContext())
+    result = run_pass(PruneHeads(heads="0:0"), ir.from_proto(model), PassContext())
     pruned = ir.to_proto(result.model)
     inits = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
     gemms = {n.output[0]: inits[n.input[1]].shape for n in pruned.graph.node if n.op_type == "Gemm"}
@@ -348,7 +348,7 @@ def test_no_attention_no_blocks():
         { h = MatMul(x, w)
           y = Softmax<axis = -1>(h) }
     """)
-    result = PruneHeads().run(ir.from_proto(model), PassContext())
+    result = run_pass(PruneHeads(), ir.from_proto(model), PassContext())
     assert not result.changed and result.stats["blocks_found"] == 0
     assert "not a MatMul of two computed tensors" in result.stats["not_attention"][0]
 
@@ -374,7 +374,7 @@ def test_bad_heads_text_names_the_option(text):
                                             ("0:0;0:1;0:2;0:3", "every head")])
 def test_heads_outside_the_model_name_the_option(lm, heads, fragment):
     with pytest.raises(UserError, match=f"option 'heads'.*{fragment}"):
-        PruneHeads(heads=heads).run(ir.from_proto(lm["torchscript"]), PassContext())
+        run_pass(PruneHeads(heads=heads), ir.from_proto(lm["torchscript"]), PassContext())
 
 
 def test_pipeline_text_round_trips():

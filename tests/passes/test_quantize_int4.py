@@ -14,13 +14,14 @@ import edgecc
 from edgecc.errors import UserError
 from edgecc.kernels.int4 import dequantize_blockwise, quantize_blockwise
 from edgecc.core.pass_base import PassContext
+from edgecc.core.pass_manager import run_pass
 from edgecc.passes.quantize_int4 import QuantizeInt4
 from edgecc.core.verify import compare, random_inputs, relative_error, run_ort
 from tests.passes.linear_models import K, N, linear_model
 
 
 def _quantize(model: onnx.ModelProto, ctx: PassContext | None = None, **opts):
-    result = QuantizeInt4(min_weights=0, **opts).run(ir.from_proto(model), ctx or PassContext())
+    result = run_pass(QuantizeInt4(min_weights=0, **opts), ir.from_proto(model), ctx or PassContext())
     return result, ir.to_proto(result.model)
 
 
@@ -141,7 +142,7 @@ def test_block_that_does_not_divide_k_leaves_the_matmul_in_float():
 def test_does_not_touch_an_overridable_weight_or_a_small_one():
     result, _ = _quantize(linear_model(weight_as_input=True))
     assert not result.changed
-    small = QuantizeInt4(min_weights=K * N + 1).run(ir.from_proto(linear_model()), PassContext())
+    small = run_pass(QuantizeInt4(min_weights=K * N + 1), ir.from_proto(linear_model()), PassContext())
     assert not small.changed
 
 
@@ -159,7 +160,7 @@ def test_gemm_with_alpha_is_left_alone():
 
 
 def test_accuracy_level_is_written_for_onnx_runtime_too():
-    model = QuantizeInt4(min_weights=0, accuracy_level=4).run(ir.from_proto(linear_model()), PassContext()).model
+    model = run_pass(QuantizeInt4(min_weights=0, accuracy_level=4), ir.from_proto(linear_model()), PassContext()).model
     (node,) = [n for n in model.graph if n.op_type == "MatMulNBits"]
     assert node.attributes.get_int("accuracy_level") == 4
 

@@ -14,7 +14,7 @@ import edgecc
 from edgecc.core.calibration import load_calibration
 from edgecc.errors import UserError, VerificationError
 from edgecc.core.pass_base import PassContext
-from edgecc.core.pass_manager import PassManager, VerifyEachPass
+from edgecc.core.pass_manager import PassManager, VerifyEachPass, run_pass
 from edgecc.passes.quantize_int8 import QMAX, QuantizeInt8
 from edgecc.core.verify import compare, random_inputs, relative_error, run_ort
 from tests.conftest import run_cli
@@ -24,7 +24,7 @@ K, N = 64, 48
 
 
 def _quantize(model: onnx.ModelProto, ctx: PassContext | None = None, **opts):
-    result = QuantizeInt8(min_weights=0, **opts).run(ir.from_proto(model), ctx or PassContext())
+    result = run_pass(QuantizeInt8(min_weights=0, **opts), ir.from_proto(model), ctx or PassContext())
     return result, ir.to_proto(result.model)
 
 
@@ -115,7 +115,7 @@ def test_does_not_touch_a_weight_the_caller_can_override():
 
 
 def test_leaves_small_matmuls_in_float():
-    result = QuantizeInt8(min_weights=K * N + 1).run(ir.from_proto(linear_model()), PassContext())
+    result = run_pass(QuantizeInt8(min_weights=K * N + 1), ir.from_proto(linear_model()), PassContext())
     assert not result.changed and result.stats["matmuls"] == 0
 
 

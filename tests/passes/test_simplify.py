@@ -8,6 +8,7 @@ import onnx_ir as ir
 import pytest
 
 from edgecc.core.pass_base import PassContext
+from edgecc.core.pass_manager import run_pass
 from edgecc.core.verify import compare, random_inputs, run_ort
 from edgecc.passes.simplify import Simplify
 from tests.conftest import parse_model
@@ -41,7 +42,7 @@ g (float[B, 8] x, float[8, 8] w) => (float[B, 8] y) {
 
 def _run(text: str, **opts):
     before = parse_model(text)
-    result = Simplify(**opts).run(ir.from_proto(before), PassContext())
+    result = run_pass(Simplify(**opts), ir.from_proto(before), PassContext())
     return before, result, ir.to_proto(result.model)
 
 
@@ -83,7 +84,7 @@ def test_on_the_example_lm_from_both_exporters(example_path):
 
     for exporter in ("dynamo", "torchscript"):
         before = onnx.load(str(example_path("tiny-lm", exporter)))
-        result = Simplify().run(ir.from_proto(before), PassContext())
+        result = run_pass(Simplify(), ir.from_proto(before), PassContext())
         after = ir.to_proto(result.model)
         assert len(after.graph.node) <= len(before.graph.node), exporter
         feeds = random_inputs(before, seed=0, dim_values={"batch": 2, "seq": 9})

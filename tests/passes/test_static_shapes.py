@@ -9,6 +9,7 @@ from edgecc.passes.static_shapes import StaticShapes
 
 from edgecc.errors import UserError
 from edgecc.core.pass_base import PassContext
+from edgecc.core.pass_manager import run_pass
 from edgecc.core.verify import random_inputs, run_ort
 from tests.conftest import parse_model
 
@@ -23,7 +24,7 @@ g (float[B, T, 4] x) => (float[B, T, 4] y) {
 
 
 def _run(text: str, ctx: PassContext):
-    result = StaticShapes().run(ir.from_proto(parse_model(text)), ctx)
+    result = run_pass(StaticShapes(), ir.from_proto(parse_model(text)), ctx)
     return result, ir.to_proto(result.model)
 
 
