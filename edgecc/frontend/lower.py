@@ -1,9 +1,10 @@
 """Lowering the optimized ONNX model to a TVM Relax IRModule.
 
 TVM's ONNX frontend does the bulk of the work. edgecc adds converters for ops it lacks
-(registered with `@converter`), computes the shape arithmetic of symbolic dims while importing
-and gives an LM's inputs one set of dims (edgecc.frontend.shape_values), and checks every node before any
-long work starts, so an op nobody can lower fails at once with its op type, node name and a hint.
+(edgecc.frontend.converters, registered in edgecc.frontend.registry), computes the shape
+arithmetic of symbolic dims while importing and gives an LM's inputs one set of dims
+(edgecc.frontend.shape_values), and checks every node before any long work starts, so an op
+nobody can lower fails at once with its op type, node name and a hint.
 """
 
 from __future__ import annotations
@@ -14,35 +15,20 @@ import functools
 import io
 import re
 import warnings
-from typing import Callable
 
 import onnx
 
 from edgecc.core.kernel_mark import KernelMark
 from edgecc.errors import EdgeccError, UserError
-
-# (domain, op_type) -> OnnxOpConverter subclass
-_CONVERTERS: dict[tuple[str, str], type] = {}
+from edgecc.frontend import converters  # noqa: F401  (registers edgecc's converters)
+from edgecc.frontend.converters.narrow_types import TYPES_ATTR, to_storage
+from edgecc.frontend.registry import CONVERTERS
+from edgecc.frontend.shape_values import WRAPPED_OPS, ShapeValues, lm_input_shapes
 
 # What to suggest when an op has no converter.
 _HINTS = {
     "MatMulNBits": "int4 weights are lowered by edgecc's quantize-int4 pass and kernels",
 }
-
-
-def registered(op_type: str, domain: str = "") -> type:
-    """The converter edgecc has registered for an op, for a converter that builds on it."""
-    return _CONVERTERS[(domain, op_type)]
-
-
-def converter(op_type: str, domain: str = "") -> Callable[[type], type]:
-    """Register an edgecc converter for an op TVM's importer lacks."""
-
-    def wrap(cls: type) -> type:
-        _CONVERTERS[(domain, op_type)] = cls
-        return cls
-
-    return wrap
 
 
 def _tvm_convert_map() -> dict:
@@ -53,15 +39,13 @@ def _tvm_convert_map() -> dict:
 
 def check_supported(model: onnx.ModelProto) -> None:
     """Fail before any long work when a node has no converter."""
-    import edgecc.frontend.converters  # noqa: F401  (registers edgecc's converters)
-
     import_ops = set(_tvm_convert_map()) | {"If", "Constant"}
     consumed = {o.name for o in model.graph.output}
     for _, node in _all_nodes(model.graph):
         consumed.update(node.input)
     for graph, node in _all_nodes(model.graph):
         domain = "" if node.domain in ("", "ai.onnx") else node.domain
-        cls = _CONVERTERS.get((domain, node.op_type))
+        cls = CONVERTERS.get((domain, node.op_type))
         if cls is not None:
             # Outputs an edgecc converter does not compute must not be read by anyone.
             for i, name in enumerate(node.output):
@@ -74,7 +58,7 @@ def check_supported(model: onnx.ModelProto) -> None:
             continue
         qualified = f"{domain}.{node.op_type}" if domain else node.op_type
         hint = _HINTS.get(node.op_type, "register a converter with "
-                                         f"@edgecc.frontend.lower.converter('{node.op_type}', domain='{domain}')")
+                                         f"@edgecc.frontend.registry.converter('{node.op_type}', domain='{domain}')")
         where = f" in subgraph '{graph.name}'" if graph is not model.graph else ""
         raise UserError(f"node '{node.name or '<unnamed>'}'{where}: op {qualified} cannot be lowered "
                         f"to TVM (no converter); hint: {hint}")
@@ -101,10 +85,8 @@ def _patched_frontend():
     from tvm import relax
     from tvm.relax.frontend.onnx import onnx_frontend
 
-    from edgecc.frontend.shape_values import WRAPPED_OPS, ShapeValues
-
     orig_map, orig_take = onnx_frontend._get_convert_map, relax.op.take
-    convert_map = {**orig_map(), **{op: cls for (_, op), cls in _CONVERTERS.items()}}
+    convert_map = {**orig_map(), **{op: cls for (_, op), cls in CONVERTERS.items()}}
     values = ShapeValues()  # shape arithmetic first, then the op's own converter
     convert_map.update({op: values.wrap(op, convert_map.get(op)) for op in WRAPPED_OPS})
     convert_map = {op: _named_failures(op, cls) if isinstance(cls, type) else cls
@@ -187,9 +169,6 @@ def _route_to_kernels(model: onnx.ModelProto) -> onnx.ModelProto:
 def to_relax(model: onnx.ModelProto):
     """The Relax IRModule of a checked ONNX model; weights become constants of the module."""
     from tvm.relax.frontend.onnx import from_onnx
-
-    from edgecc.frontend.converters.narrow_types import TYPES_ATTR, to_storage
-    from edgecc.frontend.shape_values import lm_input_shapes
 
     check_supported(model)
     model = to_storage(_route_to_kernels(model))  # float8, int4, ... as the uint8 codes TVM can hold

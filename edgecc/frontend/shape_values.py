@@ -29,6 +29,7 @@ from tvm import relax, tirx
 
 from edgecc.core import lm_signature
 from edgecc.errors import UserError
+from edgecc.frontend.converters.common import graph_inputs_feeding
 
 # Above this many elements an integer constant is data, not a shape.
 _MAX_ELEMENTS = 64
@@ -246,8 +247,6 @@ class _Wrapped:
             if value is None:
                 computed = x is not None and not isinstance(x, tvm.ir.GenericConst)
                 if computed and i in operands and self.op_type in _NEEDS_SHAPE:
-                    from edgecc.frontend.converters.common import graph_inputs_feeding
-
                     given = isinstance(x, relax.Var) and not isinstance(x, relax.DataflowVar)
                     sources = [x.name] if given else graph_inputs_feeding(bb, x)
                     fix = f" (fix it with {' '.join(f'--const {n}=VALUES' for n in sources)})" if sources else ""

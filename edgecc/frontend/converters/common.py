@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import tvm
+from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend
+
+from edgecc.errors import UserError
 
 
 def axes_from(data, axis: int) -> list[int]:
@@ -28,8 +31,6 @@ def graph_inputs_feeding(bb, expr, integers_only: bool = True) -> list[str]:
     """The graph inputs (integer ones, unless `integers_only` is off) whose values a value computed
     in the function being built depends on, by name (an input whose shape alone is read, through
     shape_of, is not one)."""
-    from tvm import relax
-
     seen, names, todo = set(), set(), [expr]
     while todo:
         for var in relax.analysis.free_vars(todo.pop()):
@@ -81,10 +82,6 @@ def check_constant_operands(op: str, operands: dict[int, str], computed_ok: bool
                             params) -> list:
     """Refuse, as `constant_operands` says, the node whose `operands` are not constants; else their
     values in the order `operands` names them (None where absent, or computed and `computed_ok`)."""
-    from tvm import relax
-
-    from edgecc.errors import UserError
-
     values = []
     for i, what in operands.items():
         value = inputs[i] if i < len(inputs) else None

@@ -3,13 +3,18 @@ passes route to its own kernels (domain edgecc)."""
 
 from __future__ import annotations
 
+import numpy as np
 import tvm
 from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-from edgecc.frontend.lower import converter
+from edgecc.frontend.registry import converter
 from edgecc.frontend.converters.common import axes_from
+from edgecc.kernels import int4_dot
+from edgecc.kernels.bsr import emit_bsr_matmul, to_bsr
+from edgecc.kernels.int4 import emit_int4_linear, unpack_int4
+from edgecc.kernels.int8 import emit_int8_matmul, over_rows, pack_int8
 
 
 @converter("SimplifiedLayerNormalization", domain="com.microsoft")
@@ -46,8 +51,6 @@ class SkipSimplifiedLayerNormalization(OnnxOpConverter):
 
 def _int8_matmul(bb, x, w, tile: int):
     """x int8 [..., K] @ constant int8 w [K, N] -> int32 with edgecc's int8 kernel."""
-    from edgecc.kernels.int8 import emit_int8_matmul, over_rows, pack_int8
-
     weight = w.value.numpy()
     K, N = weight.shape
     packed = relax.const(pack_int8(weight, tile))
@@ -95,7 +98,6 @@ class MatMulInt8(OnnxOpConverter):
 def _nbits_operands(inputs, attr):
     """MatMulNBits' constants in the int4 kernels' terms: packed bytes [N, K/2] (two k per byte),
     scales [K/block, N], zero points [K/block, N] (uint8 levels, float32, or None: symmetric)."""
-    import numpy as np
 
     K, N, bits, block = attr["K"], attr["N"], attr.get("bits", 4), attr["block_size"]
     b, scales = inputs[1], inputs[2]
@@ -133,9 +135,6 @@ class MatMulNBits(OnnxOpConverter):
 
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
-        from edgecc.kernels.int4 import emit_int4_linear
-        from edgecc.kernels.int8 import over_rows
-
         K, N, block = attr["K"], attr["N"], attr["block_size"]
         packed, scales, zeros = (v if v is None else relax.const(v) for v in _nbits_operands(inputs, attr))
         return over_rows(bb, inputs[0], K, N,
@@ -151,12 +150,6 @@ class MatMulNBitsDot(OnnxOpConverter):
 
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
-        import numpy as np
-
-        from edgecc.kernels import int4_dot
-        from edgecc.kernels.int4 import unpack_int4
-        from edgecc.kernels.int8 import over_rows
-
         K, N, block = attr["K"], attr["N"], attr["block_size"]
         isa = attr["isa"].decode() if isinstance(attr["isa"], bytes) else attr["isa"]
         packed, scales, zeros = _nbits_operands(inputs, attr)
@@ -180,8 +173,6 @@ class BlockSparseMatMul(OnnxOpConverter):
 
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
-        from edgecc.kernels.bsr import emit_bsr_matmul, to_bsr
-
         x, w = inputs
         if not isinstance(w, tvm.ir.Constant):
             raise ValueError("BlockSparseMatMul needs a constant weight")

@@ -21,7 +21,7 @@ from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter, onnx_input
 
 from edgecc.frontend.converters.common import constant, graph_inputs_feeding, node_name
 from edgecc.errors import UserError
-from edgecc.frontend.lower import converter
+from edgecc.frontend.registry import converter
 
 
 def run_body(bb, graph, bound: dict, params, opset: int) -> list:

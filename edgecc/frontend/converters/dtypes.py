@@ -13,7 +13,7 @@ from edgecc.frontend.converters import narrow_types
 from edgecc.frontend.converters.common import node_name
 from edgecc.frontend.converters.narrow_types import NARROW, decode, encode, input_type, np_dtype, type_name
 from edgecc.errors import UserError
-from edgecc.frontend.lower import converter
+from edgecc.frontend.registry import converter
 from edgecc.core.verify import UNCOMPILABLE_TYPES
 
 

@@ -12,7 +12,7 @@ from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 from edgecc.frontend.converters.common import node_name
 from edgecc.frontend.converters.control_flow import run_body
 from edgecc.errors import UserError
-from edgecc.frontend.lower import converter
+from edgecc.frontend.registry import converter
 
 
 @converter("FlexAttention", domain="ai.onnx.preview")

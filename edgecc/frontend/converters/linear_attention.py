@@ -11,7 +11,7 @@ from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
 from edgecc.frontend.converters.common import node_name
 from edgecc.errors import UserError
-from edgecc.frontend.lower import converter
+from edgecc.frontend.registry import converter
 
 
 def _static_shape(bb, x, op: str, attr) -> list[int]:

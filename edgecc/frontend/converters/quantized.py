@@ -9,7 +9,7 @@ from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-from edgecc.frontend.lower import converter
+from edgecc.frontend.registry import converter
 
 
 def _centered(x, zero_point, shape=None):

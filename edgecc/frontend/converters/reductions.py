@@ -10,7 +10,7 @@ from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend
 
 from edgecc.frontend.converters.common import check_constant_operands, constant
-from edgecc.frontend.lower import converter
+from edgecc.frontend.registry import converter
 
 # What each reduction gives over no elements (onnx's reference: the empty-set node cases).
 _EMPTY = {"ReduceSum": 0.0, "ReduceL1": 0.0, "ReduceL2": 0.0, "ReduceSumSquare": 0.0, "ReduceProd": 1.0,

@@ -12,7 +12,7 @@ from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
 from edgecc.frontend.converters.common import axes_from, checked, constant, constant_operands, node_name
 from edgecc.errors import UserError
-from edgecc.frontend.lower import converter
+from edgecc.frontend.registry import converter
 
 
 @converter("Range")

@@ -10,7 +10,7 @@ from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
 from edgecc.frontend.converters.common import check_constant_operands, constant, node_name
 from edgecc.errors import UserError
-from edgecc.frontend.lower import converter
+from edgecc.frontend.registry import converter
 
 
 @converter("TopK")
