@@ -97,9 +97,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         outputs = emulator.run_artifact(art.path, feeds, threads=a.threads)
         _log("ran under qemu-user emulation: its timings say nothing about the device, none shown")
     elif art.manifest["build"].get("runtime") == "litert":
-        from edgecc.runtime.litert import run_artifact
-
-        outputs = run_artifact(art, feeds)
+        outputs = art.run(feeds)
         _log("ran model.tflite in LiteRT's interpreter on this CPU (not on an Edge TPU): no timing shown")
     else:
         outputs = art.run(feeds, threads=a.threads)

@@ -15,6 +15,8 @@ tvm is imported inside the functions that need it.
 
 from __future__ import annotations
 
+from edgecc.kernels.common import is_gpu
+
 _SPATIAL, _REDUCE = 0, 2  # tirx.IterVar iter_type values
 
 
@@ -75,7 +77,7 @@ def schedule(mod, target):
     from tvm.s_tir.schedule import ScheduleError
     from tvm.target import codegen
 
-    if "gpu" in target.keys:
+    if is_gpu(target):
         return mod
     with target:
         lanes = codegen.llvm_get_vector_width(target) // 32

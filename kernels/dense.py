@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgecc.kernels.common import rewrite_functions
 from edgecc.kernels.int8 import over_rows, pack_panels, panel_width, schedule_panels_cpu, unscheduled_kernels
 
 KERNEL_ATTR = "edgecc.dense_tile"  # func attr marking the PrimFuncs `schedule` owns
@@ -50,8 +51,6 @@ def route_symbolic_matmuls(mod, target):
     (CPU targets; `mod` before the "zero" pipeline). Returns the module and how many it routed."""
     import tvm
     from tvm import relax, tirx
-
-    from edgecc.backends.tvm_common import rewrite_functions
 
     tile = panel_width(target)
     routed = 0

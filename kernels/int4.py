@@ -31,6 +31,7 @@ import math
 import numpy as np
 
 from edgecc.errors import UserError
+from edgecc.kernels.common import is_gpu
 
 TILE_N = 32  # output columns per task of the CPU matmul schedule
 _SIGNED_OFFSET = 8
@@ -271,7 +272,7 @@ def schedule(mod, target):
     from tvm.s_tir import Schedule
     from tvm.s_tir import dlight as dl
 
-    if "gpu" in target.keys:
+    if is_gpu(target):
         with target:
             return dl.ApplyDefaultSchedule(dl.gpu.GEMV(), dl.gpu.Matmul(), dl.gpu.Fallback())(mod)
     mod = mod.clone()

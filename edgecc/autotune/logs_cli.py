@@ -8,6 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from edgecc.core import tuning_log as tl
+from edgecc.core.target import load_target
 from edgecc.errors import UserError
 
 
@@ -146,8 +147,6 @@ def cmd_import(a: argparse.Namespace) -> int:
     store = _store(a)
     fingerprint = None
     if a.target:
-        from edgecc.core.target import load_target
-
         fingerprint = load_target(a.target).fingerprint()
     result = tl.import_file(a.file, store, fingerprint=fingerprint)
     if not result.valid:

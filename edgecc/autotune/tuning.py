@@ -1,8 +1,8 @@
 """`edgecc tune`: MetaSchedule over the model after edgecc's passes, and the records compile uses.
 
-Flow: the pipeline runs and the model is lowered exactly as `compile` does (edgecc.compiler.
-optimize, then backend.prepare), so the tuned PrimFuncs are the ones compile will build,
-quantized kernels included. Their tasks are written to a work directory keyed by the tasks and
+Flow: the pipeline runs and the model is lowered exactly as `compile` does (edgecc.core.optimize.
+run_pipeline, then edgecc.backends.tvm_common's lower and prepare, which both TVM backends build
+from), so the tuned PrimFuncs are the ones compile will build, quantized kernels included. Their tasks are written to a work directory keyed by the tasks and
 the target (under the store: `<store>/work/<key>`), and MetaSchedule runs in a separate process
 (edgecc.autotune.tune_worker) that appends every measured batch to the JSONDatabase there. The CLI
 watches that database for its progress line, survives the worker crashing, and on the way out
@@ -32,10 +32,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
+from edgecc.backends.tvm_common import lower, prepare
 from edgecc.core import tuning_log
-from edgecc.errors import EdgeccError, UserError
+from edgecc.core.optimize import CompileOptions, run_pipeline
 from edgecc.core.target import TargetDesc
 from edgecc.core.verify import graph_inputs
+from edgecc.errors import EdgeccError, UserError
+from edgecc.kernels.bsr import KERNEL_ATTR as BSR_ATTR
 
 TRIALS_PER_ITER = 16  # a progress step; MetaSchedule's default of 64 makes Ctrl-C lose more
 BUILD_TIMEOUT_S = 60
@@ -72,41 +75,10 @@ def parse_tracker(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def records_for(target: TargetDesc, logs=(), store=None, log: Callable[[str], None] = lambda _m: None):
-    """The best record per workload that applies to `target`, from log files and the store.
-
-    Records for another target fingerprint or TVM release are never applied; each file says how
-    many of its records were set aside and why.
-    """
-    fingerprint, version = target.fingerprint(), tuning_log.installed_tvm_version()
-    best: dict[str, tuning_log.Record] = {}
-    sources = []
-    if store is not False:
-        store_ = tuning_log.Store(store)
-        sources.append((str(store_.root), list(store_.best(fingerprint, version).values())))
-    for path in logs:
-        sources.append((str(path), tuning_log.read_records(path, log=log)))
-    for source, records in sources:
-        skipped: dict[str, int] = {}
-        for r in records:
-            ok, reason = tuning_log.compatible(r, fingerprint, version, target.name)
-            if not ok or not r.ok:
-                key = reason if not ok else "failed measurement"
-                skipped[key] = skipped.get(key, 0) + 1
-                continue
-            if r.shash not in best or r.mean_secs < best[r.shash].mean_secs:
-                best[r.shash] = r
-        for reason, n in skipped.items():
-            log(f"tuning records: {source}: skipped {n} ({reason})")
-    return list(best.values())
-
-
 def extract_tasks(mod, target: TargetDesc) -> tuple[list[Task], list[str]]:
     """Tuning tasks of a prepared module, and the names of kernels left out (with why)."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
-
-    from edgecc.kernels.bsr import KERNEL_ATTR as BSR_ATTR
 
     tasks, left_out = [], []
     for t in ms.relax_integration.extract_tasks(mod, target.tvm_target()):
@@ -220,9 +192,6 @@ def tune(
     progress: TextIO | None = sys.stderr,
 ) -> dict:
     """Tune a model for a target; returns a summary (trials, per-task best, records added)."""
-    from edgecc.backends import tvm_common as backend
-    from edgecc.compiler import optimize
-
     if trials < 1:
         raise UserError(f"--trials {trials}: must be at least 1")
     if (rpc_tracker is None) != (rpc_key is None):
@@ -233,6 +202,9 @@ def tune(
         rpc = {"host": host, "port": port, "key": rpc_key}
 
     def checks(tdesc: TargetDesc) -> None:
+        if not tdesc.lowers_to_tvm:
+            raise UserError(f"target '{tdesc.name}' has backend '{tdesc.backend}': it is not lowered to TVM "
+                            "(tuning and Relax modules are TVM's); use `edgecc compile`")
         if rpc is None and not tdesc.runs_here():
             raise UserError(f"target '{tdesc.name}' cannot be measured on this host: tune on boards with "
                             "--rpc-tracker HOST:PORT --rpc-key KEY (README: 'Tuning on boards')")
@@ -242,15 +214,16 @@ def tune(
         if rpc is not None:
             rpc["workers"] = _board_count(rpc["host"], rpc["port"], rpc["key"])
 
-    opt = optimize(model, target, pipeline, shapes=shapes, constants=constants, calibration=calibration,
-                   seed=seed, log=log, before_load=checks)
+    options = CompileOptions(pipeline=pipeline, shapes=shapes or {}, constants=constants or {},
+                             calibration=calibration, seed=seed)
+    opt = run_pipeline(model, target, options, log, before_load=checks)
     tdesc = opt.target
     free = sorted({d for spec in graph_inputs(opt.source) for d in spec.shape
                    if isinstance(d, str) and d not in (shapes or {})})
     if free:
         raise UserError(f"{model}: tuning needs static shapes; give the size of each symbolic dim with "
                         f"--shape ({' '.join(f'--shape {d}=N' for d in free)}), and compile with the same")
-    tasks, left_out = extract_tasks(backend.prepare(opt.mod, tdesc), tdesc)
+    tasks, left_out = extract_tasks(prepare(lower(opt, options.shapes), tdesc.tvm_target()), tdesc)
     for name in left_out:
         log(f"not tuned: {name}")
     if not tasks:

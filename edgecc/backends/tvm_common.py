@@ -1,23 +1,78 @@
-"""Target backends: Relax IRModule -> compiled, exported shared library for the target.
+"""What the TVM backends share: lowering to Relax, the "zero" pipeline tuning and building both
+start from, tuning records, and verification of a TVM artifact against ONNX Runtime.
 
-CPU targets run the Relax "zero" pipeline first (tvm.compile alone does not fuse on CPU),
-apply the tuning records that match the target, give edgecc's kernels their hand schedules,
-leave the rest to TVM's defaults, lift the weights out into a file beside the library
-(edgecc.runtime.weights), build, and export through the target's toolchain.
-CUDA targets are built by edgecc.backends.tvm_cuda, which embeds nvcc-compiled device code.
+CPU targets are built by edgecc.backends.tvm_cpu, CUDA targets by edgecc.backends.tvm_cuda; both
+build from `prepare`, which `edgecc tune` measures, so tuning records match what is built.
 """
 
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
-from typing import Any
+import time
+from typing import Any, Callable
 
-from edgecc.runtime import weights
-from edgecc.errors import UserError
+import numpy as np
+import onnx
+import tvm
+from tvm import relax, topi
+
+from edgecc.backends import tvm_report
+from edgecc.backends.base import Backend
+from edgecc.core.optimize import Optimized
+from edgecc.core.pass_base import Pass, PassContext
 from edgecc.core.target import TargetDesc
+from edgecc.core.tuning_log import records_for, to_ms_database
+from edgecc.core.verify import (compare, cosine, input_rules, random_inputs, relative_error, relative_rmse,
+                                run_ort, with_int8_activations)
+from edgecc.errors import UserError, VerificationError
+from edgecc.frontend import lower as frontend
+from edgecc.kernels import dense
+from edgecc.kernels.common import rewrite_functions
+from edgecc.runtime import emulator
+from edgecc.runtime.artifact import Artifact
+from edgecc.runtime.isolate import ModuleCrash, run_isolated
 
 LIBRARY_NAME = "model.so"
+# How far a lossy pipeline's module may be from ORT on the same graph (see _verify).
+INT8_STEPS = 127
+NOISE_FACTOR = 2.0
+
+
+class TVMBackend(Backend):
+    """A target built by TVM: the CPU and CUDA backends differ only in `build`."""
+
+    builder = "apache-tvm"
+
+    def check(self) -> None:
+        require_tool(self.target, "cc")  # a missing cross toolchain must fail before the long work
+        self.runner, self.why_not = _runner_for(self.target)
+        self.records = records_for(self.target, self.options.tuning_logs, self.options.tuning_store, self.log)
+
+    def verify(self, artifact: Artifact, opt: Optimized) -> dict:
+        if self.runner is None:
+            self.log(f"not verified: artifact for {self.target.name} cannot run on this host: {self.why_not}")
+            return {"skipped": f"artifact for {self.target.name} cannot run on this host: {self.why_not}"}
+        lossy = [spec.instantiate() for spec in opt.pipeline.passes if spec.pass_class().drift is not None]
+        synthetic = [r.name for r in opt.reports if r.stats.get("calibration") == "synthetic"]
+        hint = (f" ({', '.join(synthetic)} calibrated on synthetic inputs: give real ones with "
+                "--calibration)") if synthetic else ""
+        result = _verify(artifact, self.runner, opt.source, opt.proto, lossy, opt.ctx, hint)
+        self.log(f"verified against ONNX Runtime ({result['runner']}): max abs error {result['max_abs']:.3g}")
+        return result
+
+    def report(self, manifest: dict) -> str:
+        return tvm_report.render(manifest)
+
+
+def lower(opt: Optimized, shapes: dict[str, int]):
+    """The optimized model as a Relax module. `shapes` binds symbolic dims (by name) to sizes:
+    the kernels become static, which tuning needs, and the module then accepts only those sizes."""
+    t = time.perf_counter()
+    mod = frontend.to_relax(opt.proto)
+    if shapes:
+        mod = relax.transform.BindSymbolicVars(shapes)(mod)
+    opt.timings["lower"] = round(time.perf_counter() - t, 3)
+    return mod
 
 
 def require_tool(target: TargetDesc, key: str) -> str:
@@ -30,8 +85,8 @@ def require_tool(target: TargetDesc, key: str) -> str:
     return program
 
 
-def prepare(mod, target: TargetDesc):
-    """Relax's "zero" pipeline for the target: the legalized, fused PrimFuncs that tuning measures
+def prepare(mod, tgt: tvm.target.Target):
+    """Relax's "zero" pipeline for the TVM target: the legalized, fused PrimFuncs that tuning measures
     and build schedules. Tuning and compiling must both start here for records to match.
 
     FastMathTransform first: erf, tanh and exp become TVM's polynomial approximations (float32
@@ -39,14 +94,10 @@ def prepare(mod, target: TargetDesc):
     call libm once per element. On CPUs, matmuls with a constant weight and symbolic rows then
     go to edgecc's dense kernel (kernels/dense.py), which no tuning could reach.
     """
-    from tvm import relax
-
-    from edgecc.kernels import dense
-
     mod = fast_math(mod)
-    if target.device_kind == "llvm":
-        mod, _ = dense.route_symbolic_matmuls(mod, target.tvm_target())
-    with target.tvm_target():
+    if tgt.kind.name == "llvm":
+        mod, _ = dense.route_symbolic_matmuls(mod, tgt)
+    with tgt:
         return relax.get_pipeline("zero")(unfused_dim_readers(relax.transform.LegalizeOps()(mod)))
 
 
@@ -56,8 +107,6 @@ def unfused_dim_readers(mod):
     fused function while being a shape variable of the module too, and FuseTIR stops in RenewDefs
     (`VarRemapGet(source) == nullptr`). They write a handful of integers; fusing them gains nothing.
     """
-    import tvm
-
     opaque = 8  # relax.OpPatternKind.kOpaque: FuseOps leaves the kernel alone
     for gv, func in mod.functions_items():
         if not isinstance(func, tvm.tirx.PrimFunc):
@@ -72,8 +121,6 @@ def unfused_dim_readers(mod):
 def fast_math(mod):
     """relax.transform.FastMathTransform, except on tensors whose shape Relax does not know (an
     ONNX Reshape to a computed shape makes one): TVM's pass asserts on those; they keep the exact op."""
-    from tvm import relax, topi
-
     fast = {"relax.nn.softmax": lambda b, c: b.call_te(topi.nn.fast_softmax, c.args[0], c.attrs.axis),
             "relax.exp": lambda b, c: b.call_te(topi.fast_exp, c.args[0]),
             "relax.erf": lambda b, c: b.call_te(topi.fast_erf, c.args[0]),
@@ -90,24 +137,8 @@ def fast_math(mod):
     return rewrite_functions(mod, FastMath)
 
 
-def rewrite_functions(mod, mutator):
-    """`mod` with every Relax function rewritten by `mutator` (a relax.PyExprMutator class)."""
-    from tvm import relax
-
-    gen = mutator(mod)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            gen.builder_.update_func(gv, gen.visit_expr(func))
-    return gen.builder_.get()
-
-
 def apply_records(mod, tgt, records) -> tuple[Any, list[str]]:
     """Schedule the PrimFuncs that have a tuning record; returns the module and their names."""
-    import tvm
-    from tvm import relax
-
-    from edgecc.core.tuning_log import to_ms_database
-
     if not records:
         return mod, []
     with tgt, to_ms_database(records):
@@ -117,51 +148,96 @@ def apply_records(mod, tgt, records) -> tuple[Any, list[str]]:
     return tuned, names
 
 
-def schedule_kernels(mod, tgt):
-    """edgecc's kernels get their hand schedules, unless a tuning record scheduled them already;
-    so do the activation matmuls with symbolic shapes, which no tuning can reach."""
-    from edgecc.kernels import activation_matmul, bsr, dense, int4, int8
-
-    for kernels in (int8, int4, bsr, dense, activation_matmul):
-        mod = kernels.schedule(mod, tgt)
-    return mod
-
-
-def build(mod, target: TargetDesc, lib_path: Path, records=()) -> dict:
-    """Compile `mod` for `target` into `lib_path`; returns build facts for the manifest.
-
-    `records` are tuning records that apply to this target (edgecc.autotune.tuning.records_for).
-    """
-    import tvm
-
-    cc = require_tool(target, "cc")
-    if target.device_kind == "cuda":
-        from edgecc.backends.tvm_cuda import build_cuda
-
-        facts = build_cuda(mod, target.tvm_target(), str(lib_path), cc, records)
-        return {"library": LIBRARY_NAME, **facts, "tvm_target": str(target.tvm_target())}
-    tgt = target.tvm_target()
-    mod, tuned = apply_records(prepare(mod, target), tgt, records)
-    mod = schedule_kernels(mod, tgt)
-    mod, arrays = weights.lift(mod)
-    executable = tvm.compile(mod, target=tgt)
-    if target.runs_here():
-        executable.export_library(str(lib_path))
-    else:
-        from tvm.support import cc as tvm_cc
-
-        executable.export_library(str(lib_path), fcompile=tvm_cc.cross_compiler(cc))
-    facts = {"library": LIBRARY_NAME, **tuning_facts(mod, tuned, records), "tvm_target": str(tgt)}
-    if arrays:
-        facts["weights"] = {"file": weights.FILE, "tensors": weights.write(lib_path.with_name(weights.FILE), arrays)}
-    return facts
-
-
 def tuning_facts(mod, tuned: list[str], records) -> dict:
     """What the manifest says about schedules: how many kernels were tuned, how many were not."""
-    import tvm
-
     kernels = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
     return {"kernels": len(kernels), "tuned_kernels": len(tuned),
             "default_schedule_kernels": len(kernels) - len(tuned),
             "tuning_records_available": len(records), "tuned": sorted(tuned)}
+
+
+def _runner_for(target: TargetDesc) -> tuple[Callable | None, str]:
+    """How to run this target's artifacts here: natively, under emulation, or not (and why)."""
+    if target.runs_here():
+        return run_isolated, ""  # a crash in the module must not end edgecc
+    if target.device_kind != "llvm" or target.host_arch() != "aarch64":
+        return None, f"{target.device_kind} code for {target.host_arch()} needs the device"
+    state = emulator.status()
+    if not state["ok"]:
+        return None, f"aarch64 emulator not set up ({state['reason']}); run `edgecc emulator setup`"
+    return (lambda art, feeds: emulator.run_artifact(art.path, feeds)), ""
+
+
+def _describe_shapes(shapes: dict[str, list[int]]) -> str:
+    """Input shapes for a message; a run of inputs with one shape (a KV cache) as first .. last."""
+    groups: list[tuple[list[int], list[str]]] = []
+    for name, shape in shapes.items():
+        if groups and groups[-1][0] == shape:
+            groups[-1][1].append(name)
+        else:
+            groups.append((shape, [name]))
+    return ", ".join(f"{names[0]} .. {names[-1]} ({len(names)} inputs) {shape}" if len(names) > 3
+                     else ", ".join(f"{n} {shape}" for n in names) for shape, names in groups)
+
+
+def _verify(artifact: Artifact, runner: Callable, source: onnx.ModelProto, optimized: onnx.ModelProto,
+            lossy: list[Pass], ctx: PassContext, hint: str = "") -> dict:
+    """The compiled module vs ONNX Runtime on seeded random inputs.
+
+    A lossless pipeline is checked elementwise against the source model at the fp32 tolerance
+    for two engines (verify.ACROSS_ENGINES). A
+    lossy one is checked against ORT running the optimized model, the same quantized graph,
+    by relative RMS error. Not elementwise, and not to a fixed bound: where a value lands on a
+    rounding boundary, another float summation order rounds it to the neighbouring int8 level,
+    and in a deep model that flip spreads (MiniLM, dynamic int8, random inputs: the first flips
+    appear in layer 2, and after 6 layers the two runs differ by a relative RMS error of 0.052,
+    less than either's own distance from fp32). So the bound is the reference's own
+    quantization noise: the module may differ from it by at most twice what the reference
+    differs from fp32 (and always by one int8 step, 1/127); a wrong kernel or layout is off by
+    far more. Then the module against the fp32 source, within the relative RMS error its lossy
+    passes declare together.
+    """
+    feeds = random_inputs(source, ctx.seed, ctx.dim_values)
+    shapes = {k: list(v.shape) for k, v in feeds.items()}
+    described = _describe_shapes(shapes)
+    fp32 = run_ort(source, feeds)  # first: inputs the model itself cannot take are the user's to fix
+    try:
+        got = runner(artifact, feeds)
+    except ModuleCrash as e:
+        raise VerificationError(f"{e} while verifying on inputs {described}") from None
+    except UserError:
+        raise
+    except Exception as e:  # the module raised where ONNX Runtime ran (a shape check, a kernel)
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise VerificationError(f"compiled module failed on inputs {described} where ONNX Runtime ran: "
+                                f"{type(e).__name__}: {detail[:300]}") from None
+    extra = {}
+    if lossy:
+        reference = run_ort(with_int8_activations(optimized), feeds)
+        result = compare(reference, got, tolerance=(np.inf, 0.0))  # names, shapes, NaNs, infinities
+        rmse, noise = relative_rmse(reference, got), relative_rmse(fp32, reference)
+        bound = max(1 / INT8_STEPS, NOISE_FACTOR * noise)
+        extra = {"relative_rmse_vs_reference": rmse, "reference_relative_rmse_vs_fp32": noise,
+                 "tolerance": f"relative RMS error <= max(1/{INT8_STEPS}, {NOISE_FACTOR} x "
+                              f"the reference's {noise:.3g} from fp32) = {bound:.3g}"}
+        if result.ok and rmse > bound:
+            raise VerificationError(
+                f"compiled module disagrees with the optimized model in ONNX Runtime on inputs {described}: "
+                f"relative RMS error {rmse:.3g} > {bound:.3g} (ORT's own distance from fp32 is {noise:.3g})")
+    else:
+        result = compare(fp32, got, across_engines=True)
+    if not result.ok:
+        what = "the optimized model in ONNX Runtime" if lossy else "ONNX Runtime"
+        raise VerificationError(f"compiled module disagrees with {what} on inputs {described}: {result.detail}")
+    accuracy = {"relative_rmse_vs_fp32": relative_rmse(fp32, got),
+                "relative_error_vs_fp32": relative_error(fp32, got), "cosine_vs_fp32": cosine(fp32, got)}
+    allowed = sum(p.drift for p in lossy)
+    if lossy and accuracy["relative_rmse_vs_fp32"] > allowed:
+        raise VerificationError(
+            f"compiled module is a relative RMS error of {accuracy['relative_rmse_vs_fp32']:.3g} away from "
+            f"the fp32 model, more than the {allowed:g} its lossy passes declare "
+            f"({', '.join(p.name for p in lossy)}){hint}")
+    how = "native" if artifact.runs_here() else "qemu-user emulation"
+    return dict(result.to_json(), **extra, **accuracy, seed=ctx.seed, input_shapes=shapes,
+                inputs_drawn=input_rules(source, ctx.dim_values),
+                reference="onnxruntime (optimized model)" if lossy else "onnxruntime", runner=how)

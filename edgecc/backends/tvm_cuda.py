@@ -18,21 +18,35 @@ import re
 import shutil
 import struct
 import subprocess
+from pathlib import Path
 
 import tvm
 import tvm_ffi
-from tvm import relax
 from tvm.s_tir import dlight as dl
 from tvm.support import cc
 from tvm.support import nvcc as tvm_nvcc
 
+from edgecc.backends.tvm_common import (LIBRARY_NAME, TVMBackend, apply_records, lower, prepare, require_tool,
+                                        tuning_facts)
+from edgecc.core.optimize import Optimized
 from edgecc.errors import UserError
+from edgecc.kernels import bsr, int8
 
 EM_CUDA = 190
 _KERNEL_RE = re.compile(rb'extern "C" __global__')
 # CUDA ELF ABI v2 (EI_ABIVERSION 8; CUDA 13's nvcc writes it for sm_75 through sm_120) keeps
 # the SM number in e_flags bits 8-15; ABI v1 (7, older nvcc) keeps it in bits 0-7.
 _ELFABIVERSION_CUDA_V2 = 8
+
+
+class TVMCudaBackend(TVMBackend):
+    def build(self, opt: Optimized, stage_dir: Path) -> dict:
+        target, tgt = self.target, self.target.tvm_target()
+        mod = lower(opt, self.options.shapes)  # first: an op nobody can lower fails before the long work
+        self.log(f"building for {target.name} ({target.device_kind}, host {target.host_arch()})")
+        facts = build_cuda(mod, tgt, str(stage_dir / LIBRARY_NAME),
+                           require_tool(target, "cc"), self.records)
+        return {"build": {"library": LIBRARY_NAME, **facts, "tvm_target": str(tgt)}}
 
 
 def build_cuda(
@@ -51,12 +65,7 @@ def build_cuda(
             "(for an aarch64 host: apt-get install gcc-aarch64-linux-gnu)"
         )
     arch = str(target.arch)
-
-    from edgecc.backends.tvm_common import apply_records, tuning_facts
-    from edgecc.kernels import bsr, int8
-
-    with target:
-        mod = relax.get_pipeline("zero")(mod)
+    mod = prepare(mod, target)  # where `edgecc tune` extracts its tasks, so its records apply
     # Tuned kernels first; then edgecc's kernels that need other rules than the module's;
     # dlight skips both.
     mod, tuned = apply_records(mod, target, records)

@@ -33,6 +33,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from edgecc.compiler import compile as compile_model
+from edgecc.core.ir import load_model, to_proto
+from edgecc.core.lm_signature import NotAnLM, of_model
+from edgecc.core.pipeline import parse_pipeline
+from edgecc.core.target import load_target
+from edgecc.core.tuning_log import host_device
+from edgecc.core.verify import graph_inputs
 from edgecc.errors import EdgeccError, UserError
 
 # int4: the LM head (the matmul producing the logits) in int8, as LM quantizers keep it above 4 bits;
@@ -134,8 +141,6 @@ def weight_bytes_per_token(model: onnx.ModelProto) -> int:
 
 def int4_block(pipelines: list[tuple[str, str]]) -> int | None:
     """The block size of the first pipeline that quantizes to int4, if any."""
-    from edgecc.core.pipeline import parse_pipeline
-
     for _, text in pipelines:
         for spec in parse_pipeline(text).resolved().passes:
             if spec.name == "quantize-int4":
@@ -202,13 +207,6 @@ def run(model: str | os.PathLike, settings: Settings, out_dir: str | os.PathLike
 
 
 def _run(model: Path, settings: Settings, work: Path, log: Callable[[str], None]) -> dict:
-    from edgecc.compiler import compile as compile_model
-    from edgecc.core.ir import load_model, to_proto
-    from edgecc.core.lm_signature import NotAnLM, of_model
-    from edgecc.core.target import load_target
-    from edgecc.core.tuning_log import host_device
-    from edgecc.core.verify import graph_inputs
-
     pipelines = parse_pipelines(settings.pipelines)
     target = load_target(settings.target)
     source = to_proto(load_model(model))  # a missing or unreadable file is a one-line error

@@ -26,14 +26,13 @@ import numpy as np
 
 from edgecc.lm.generate import logits, ort_step, step_feeds
 from edgecc.core.lm_signature import LMSignature
+from edgecc.runtime.artifact import Artifact
 
 
 def _engine(spec: dict):
     """The configuration's run function: feeds -> outputs by name (an artifact's stay in the runtime)."""
     if spec["kind"] == "ort":
         return ort_step(spec["path"], threads=spec["threads"])
-    from edgecc.runtime.artifact import Artifact
-
     art = Artifact.load(spec["path"], check_hashes=False)
     art.load_vm(spec["threads"])
     return lambda feeds: art.run(feeds, threads=spec["threads"], as_numpy=False)

@@ -21,6 +21,7 @@ from edgecc.errors import EdgeccError, VerificationError
 from edgecc.core.ir import infer_shapes
 from edgecc.core.pass_base import Pass, PassContext, PassResult
 from edgecc.core.pipeline import Pipeline, parse_pipeline
+from edgecc.core.verify import compare, random_inputs, relative_rmse, run_ort
 
 
 @dataclasses.dataclass
@@ -92,15 +93,11 @@ class VerifyEachPass(Instrument):
         self.reference: dict[str, np.ndarray] = {}
 
     def before_pipeline(self, model: ir.Model, ctx: PassContext) -> None:
-        from edgecc.core.verify import random_inputs, run_ort
-
         proto = ir.to_proto(model)
         self.feeds = random_inputs(proto, ctx.seed, ctx.dim_values)
         self.reference = run_ort(proto, self.feeds)
 
     def after_pass(self, p: Pass, model: ir.Model, report: PassReport) -> None:
-        from edgecc.core.verify import compare, relative_rmse, run_ort
-
         got = run_ort(ir.to_proto(model), self.feeds)
         if p.drift is None:
             result = compare(self.reference, got, self.tolerance)

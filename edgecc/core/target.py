@@ -21,6 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from edgecc.core.edgetpu_spec import check_edgetpu_table
 from edgecc.errors import UserError
 from edgecc.core.pass_base import unknown_message
 from edgecc.core.pipeline import parse_pipeline
@@ -169,8 +170,6 @@ def load_target_file(path: Path, check_tvm: bool = True) -> TargetDesc:
         toolchain = need(data, "toolchain", dict)
         need(toolchain, "cc", str, "toolchain.")
     else:
-        from edgecc.backends.edgetpu.spec import check_edgetpu_table
-
         edgetpu = check_edgetpu_table(need(data, own, dict), path)
         toolchain = need(data, "toolchain", dict) if "toolchain" in data else {}
     hardware = data.get("hardware", {})

@@ -34,6 +34,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from edgecc.core.target import TargetDesc
 from edgecc.errors import UserError
 
 FORMAT = "edgecc-tuning-record/1"
@@ -678,3 +679,32 @@ def from_ms_database(db_or_workdir, *, target_name: str, fingerprint: str, devic
             "edgecc_version": version, "trials": trials[shash], "date": date,
         }))
     return out
+
+
+def records_for(target: TargetDesc, logs=(), store=None, log: Callable[[str], None] = lambda _m: None):
+    """The best record per workload that applies to `target`, from log files and the store.
+
+    Records for another target fingerprint or TVM release are never applied; each file says how
+    many of its records were set aside and why.
+    """
+    fingerprint, version = target.fingerprint(), installed_tvm_version()
+    best: dict[str, Record] = {}
+    sources = []
+    if store is not False:
+        store_ = Store(store)
+        sources.append((str(store_.root), list(store_.best(fingerprint, version).values())))
+    for path in logs:
+        sources.append((str(path), read_records(path, log=log)))
+    for source, records in sources:
+        skipped: dict[str, int] = {}
+        for r in records:
+            ok, reason = compatible(r, fingerprint, version, target.name)
+            if not ok or not r.ok:
+                key = reason if not ok else "failed measurement"
+                skipped[key] = skipped.get(key, 0) + 1
+                continue
+            if r.shash not in best or r.mean_secs < best[r.shash].mean_secs:
+                best[r.shash] = r
+        for reason, n in skipped.items():
+            log(f"tuning records: {source}: skipped {n} ({reason})")
+    return list(best.values())

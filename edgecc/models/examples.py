@@ -22,6 +22,7 @@ from pathlib import Path
 
 import onnx
 
+from edgecc.core.verify import run_ort
 from edgecc.errors import EdgeccError, UserError
 
 EXAMPLES = {
@@ -287,8 +288,6 @@ def _minilm(path: Path) -> Path:
     import_transformers()
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
-
-    from edgecc.core.verify import run_ort
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

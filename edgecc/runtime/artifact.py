@@ -22,7 +22,7 @@ import numpy as np
 
 from edgecc.core import fixed_inputs
 from edgecc.core.dtypes import stored
-from edgecc.runtime import weights
+from edgecc.runtime import litert, weights
 from edgecc.errors import UserError
 
 FORMAT_VERSION = 2  # 2: the closed file set and manifest.sha256
@@ -358,9 +358,12 @@ class Artifact:
             as_numpy: bool = True) -> dict[str, Any]:
         """Outputs by name, as numpy arrays; with `as_numpy=False` as the module's TVM tensors,
         which `run` takes back as inputs uncopied (a decoding loop's KV cache: copying ~60
-        tensors in and out of the runtime each step cost SmolLM2 a third of its decode time)."""
+        tensors in and out of the runtime each step cost SmolLM2 a third of its decode time).
+        An Edge TPU artifact runs in LiteRT's interpreter on this CPU (float32 outputs)."""
         import tvm
 
+        if self.manifest["build"].get("runtime") == "litert":
+            return litert.run_artifact(self, feeds)
         arrays = self.check_inputs(feeds)
         vm = self.load_vm(threads)
         out = vm["main"](*[a if isinstance(a, tvm.runtime.Tensor) else tvm.runtime.tensor(a) for a in arrays],

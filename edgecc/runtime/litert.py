@@ -7,16 +7,35 @@ outputs dequantized. This is what `edgecc run` and the compile-time verification
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import numpy as np
 import onnx
 
-from edgecc.backends.edgetpu.tflite import Quant, dequantize, quantize
 from edgecc.core.verify import ort_session
 
 TFLITE = "model.tflite"
 HOST_MODEL = "host.onnx"
+INT8_MIN, INT8_MAX = -128, 127
+
+
+@dataclasses.dataclass(frozen=True)
+class Quant:
+    scale: tuple[float, ...]
+    zero_point: tuple[int, ...]
+    axis: int = 0
+
+    def to_json(self) -> dict:
+        return {"scale": self.scale[0], "zero_point": self.zero_point[0]}
+
+
+def quantize(x: np.ndarray, q: Quant) -> np.ndarray:
+    return np.clip(np.round(x / q.scale[0]) + q.zero_point[0], INT8_MIN, INT8_MAX).astype(np.int8)
+
+
+def dequantize(x: np.ndarray, q: Quant) -> np.ndarray:
+    return ((x.astype(np.float32) - q.zero_point[0]) * q.scale[0]).astype(np.float32)
 
 
 def _quant(spec: dict) -> Quant:

@@ -6,7 +6,8 @@ import tvm
 from tvm import relax, tirx
 from tvm.support import cc
 
-from edgecc.backends.tvm_common import prepare, schedule_kernels
+from edgecc.backends.tvm_common import prepare
+from edgecc.backends.tvm_cpu import schedule_kernels
 from edgecc.kernels import activation_matmul
 from edgecc.core.target import load_target
 from tests.kernels.targets import CROSS_CC, EM_AARCH64, e_machine, needs_cross_cc
@@ -50,7 +51,7 @@ def _run(mod, feeds):
 
 def test_symbolic_attention_matmuls_are_scheduled_and_exact():
     desc = load_target("host")
-    prepared = prepare(_attention(tirx.Var("seq", "int64"), tirx.Var("total", "int64")), desc)
+    prepared = prepare(_attention(tirx.Var("seq", "int64"), tirx.Var("total", "int64")), desc.tvm_target())
     scheduled = schedule_kernels(prepared, desc.tvm_target())
     kernels = _matmul_kernels(scheduled)
     assert len(kernels) == 2 and all(f.attrs.get("tirx.is_scheduled") for f in kernels.values())
@@ -65,14 +66,14 @@ def test_symbolic_attention_matmuls_are_scheduled_and_exact():
 
 def test_static_shapes_are_left_to_tuning():
     desc = load_target("host")
-    scheduled = schedule_kernels(prepare(_attention(4, 4), desc), desc.tvm_target())
+    scheduled = schedule_kernels(prepare(_attention(4, 4), desc.tvm_target()), desc.tvm_target())
     assert not any(f.attrs.get("tirx.is_scheduled") for f in _matmul_kernels(scheduled).values())
 
 
 @needs_cross_cc
 def test_rpi4_cross_compile(tmp_path):
     desc = load_target("rpi4")
-    mod = schedule_kernels(prepare(_attention(tirx.Var("seq", "int64"), tirx.Var("total", "int64")), desc),
+    mod = schedule_kernels(prepare(_attention(tirx.Var("seq", "int64"), tirx.Var("total", "int64")), desc.tvm_target()),
                            desc.tvm_target())
     assert all(f.attrs.get("tirx.is_scheduled") for f in _matmul_kernels(mod).values())
     lib = tmp_path / "attention.so"
@@ -82,5 +83,5 @@ def test_rpi4_cross_compile(tmp_path):
 
 def test_gpu_modules_are_left_to_dlight():
     desc = load_target("jetson-orin-nano")
-    prepared = prepare(_attention(tirx.Var("seq", "int64"), tirx.Var("total", "int64")), desc)
+    prepared = prepare(_attention(tirx.Var("seq", "int64"), tirx.Var("total", "int64")), desc.tvm_target())
     assert activation_matmul.schedule(prepared, desc.tvm_target()).same_as(prepared)

@@ -6,7 +6,8 @@ import tvm
 from tvm import relax, tirx
 from tvm.support import cc
 
-from edgecc.backends.tvm_common import prepare, schedule_kernels
+from edgecc.backends.tvm_common import prepare
+from edgecc.backends.tvm_cpu import schedule_kernels
 from edgecc.kernels.dense import KERNEL_ATTR, reference, route_symbolic_matmuls
 from edgecc.core.target import load_target
 from tests.kernels.targets import CROSS_CC, EM_AARCH64, HOST, e_machine, needs_cross_cc
@@ -32,7 +33,7 @@ def _kernels(mod) -> list:
 def _build(w, rows, target_name="host"):
     desc = load_target(target_name)
     tgt = desc.tvm_target()
-    mod = schedule_kernels(prepare(_module(w, rows), desc), tgt)
+    mod = schedule_kernels(prepare(_module(w, rows), desc.tvm_target()), tgt)
     return mod, tvm.compile(mod, target=tgt)
 
 

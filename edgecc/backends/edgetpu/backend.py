@@ -1,19 +1,16 @@
-"""`edgecc compile --target coral-edgetpu`: pipeline, calibration, int8 TFLite, prediction, verification.
+"""The Edge TPU backend (`--target coral-edgetpu`): the optimized model as a fully-int8 TFLite.
 
-One straight line of named stages, like the TVM flow in edgecc.compiler, written into a staged
-directory that becomes the artifact only when every stage (verification included) passed:
-
-1. the target's pipeline (static shapes, legalizations) through the pass manager;
-2. the host cut recorded by `host-embedding`: its nodes become `host.onnx` (ONNX Runtime), the
+`build`, after the target's pipeline (static shapes, legalizations):
+1. the host cut recorded by `host-embedding`: its nodes become `host.onnx` (ONNX Runtime), the
    rest is the device part whose inputs are the cut's tensors;
-3. calibration: the batch-1 samples of `--calibration` (arrays stacked along the batch dim), or,
+2. calibration: the batch-1 samples of `--calibration` (arrays stacked along the batch dim), or,
    without it, SYNTHETIC_SAMPLES seeded random batches with a warning (what quantize-int8's static
    mode does): scales from random inputs are a guess, and the manifest says which was used;
-4. `model.tflite` (edgecc.backends.edgetpu.tflite), its predicted mapping (`edgetpu_predict.json`,
-   `edgetpu_compiler.log`) and, when edgetpu_compiler is installed, its real one beside it;
-5. verification: the artifact run as `edgecc run` runs it (LiteRT) on the calibration inputs
-   against ONNX Runtime fp32 on the source model, within the target's cosine and relative RMS
-   error bounds.
+3. `model.tflite` (edgecc.backends.edgetpu.tflite), its predicted mapping (`edgetpu_predict.json`,
+   `edgetpu_compiler.log`) and, when edgetpu_compiler is installed, its real one beside it.
+
+`verify` runs the artifact as `edgecc run` runs it (LiteRT) on the calibration inputs against
+ONNX Runtime fp32 on the source model, within the target's cosine and relative RMS error bounds.
 """
 
 from __future__ import annotations
@@ -28,21 +25,23 @@ import numpy as np
 import onnx
 import onnx.utils
 
-from edgecc import compiler
-from edgecc.runtime.artifact import Artifact, check_replaceable, staged_output, write_manifest
+from edgecc.backends.base import Backend
 from edgecc.backends.edgetpu import predict, tflite
-from edgecc.runtime import litert as runtime
 from edgecc.backends.edgetpu.report import render
-from edgecc.errors import UserError, VerificationError
-from edgecc.core.ir import save_model
-from edgecc.passes.host_embedding import HOST_OUTPUTS_KEY, host_nodes
+from edgecc.core.optimize import Optimized
 from edgecc.core.target import TargetDesc
-from edgecc.core.verify import cosine, graph_inputs, graph_outputs, random_inputs, ort_session, relative_rmse
+from edgecc.core.verify import cosine, graph_inputs, ort_session, random_inputs, relative_rmse
+from edgecc.errors import UserError, VerificationError
+from edgecc.passes.host_embedding import HOST_OUTPUTS_KEY, host_nodes
+from edgecc.runtime import litert
+from edgecc.runtime.artifact import Artifact
 
 SYNTHETIC_SAMPLES = 8
 PREDICT_JSON = "edgetpu_predict.json"
 PREDICT_LOG = "edgetpu_compiler.log"
 COMPILER_LOG = "edgetpu_compiler.actual.log"
+PREDICTION_KEYS = ("label", "compiler_version", "ops_total", "ops_on_edgetpu", "ops_on_cpu", "macs_total",
+                   "macs_on_edgetpu", "mac_coverage", "segment_ends_at", "table")
 
 
 def _samples(
@@ -88,82 +87,41 @@ def _host_split(opt) -> tuple[set[int], list[str]]:
     )
 
 
-def compile_tflite(
-    model,
-    target: TargetDesc,
-    output,
-    pipeline: str | None,
-    *,
-    force: bool,
-    verify: bool,
-    verify_each_pass: bool,
-    print_ir_after: tuple[str, ...],
-    dim_values,
-    calibration,
-    explain: bool,
-    seed: int,
-    shapes,
-    constants,
-    log: Callable[[str], None],
-) -> Artifact:
-    out_dir = Path(output) if output is not None else Path("build") / target.name
+class EdgeTPUBackend(Backend):
+    builder = "ai-edge-litert"
 
-    def checks(_t: TargetDesc) -> None:
-        check_replaceable(out_dir, force, protect=(Path(model),))
+    def check(self) -> None:
+        if self.options.tuning_logs:
+            raise UserError(f"--tuning-log: target '{self.target.name}' is not built by TVM; "
+                            "tuning records do not apply")
 
-    opt = compiler.run_pipeline(
-        model,
-        target,
-        pipeline,
-        verify_each_pass=verify_each_pass,
-        print_ir_after=print_ir_after,
-        dim_values=dim_values,
-        calibration=calibration,
-        explain=explain,
-        seed=seed,
-        shapes=shapes,
-        constants=constants,
-        log=log,
-        before_load=checks,
-    )
-    timings = opt.timings
-
-    def stage(name: str, start: float) -> None:
-        timings[name] = round(time.perf_counter() - start, 3)
-
-    t = time.perf_counter()
-    samples, origin = _samples(opt.proto, opt.ctx.calibration, seed, log)
-    skip, host_outputs = _host_split(opt)
-    device_inputs = host_outputs + [s.name for s in graph_inputs(opt.proto) if s.dtype.kind == "f"]
-    ranges = tflite.calibrate(opt.proto, samples)
-    stage("calibrate", t)
-    t = time.perf_counter()
-    exported = tflite.export(opt.proto, ranges, skip, device_inputs)
-    stage("export", t)
-    prediction = predict.predict(exported.flatbuffer, target.edgetpu)
-    log(
-        f"predicted: {prediction['ops_on_edgetpu']} of {prediction['ops_total']} ops on the Edge TPU, "
-        f"{prediction['mac_coverage']:.1%} of MACs ({predict.LABEL})"
-    )
-
-    with staged_output(out_dir, force, protect=(Path(model),)) as stage_dir:
-        (stage_dir / runtime.TFLITE).write_bytes(exported.flatbuffer)
-        save_model(opt.optimized, stage_dir / compiler.OPT_MODEL)
+    def build(self, opt: Optimized, stage_dir: Path) -> dict:
+        t = time.perf_counter()
+        self.samples, self.origin = _samples(opt.proto, opt.ctx.calibration, self.options.seed, self.log)
+        skip, host_outputs = _host_split(opt)
+        device_inputs = host_outputs + [s.name for s in graph_inputs(opt.proto) if s.dtype.kind == "f"]
+        ranges = tflite.calibrate(opt.proto, self.samples)
+        opt.timings["calibrate"] = round(time.perf_counter() - t, 3)
+        t = time.perf_counter()
+        exported = tflite.export(opt.proto, ranges, skip, device_inputs)
+        opt.timings["export"] = round(time.perf_counter() - t, 3)
+        prediction = predict.predict(exported.flatbuffer, self.target.edgetpu)
+        self.log(
+            f"predicted: {prediction['ops_on_edgetpu']} of {prediction['ops_total']} ops on the Edge TPU, "
+            f"{prediction['mac_coverage']:.1%} of MACs ({predict.LABEL})"
+        )
+        (stage_dir / litert.TFLITE).write_bytes(exported.flatbuffer)
         if host_outputs:
             ints = [s.name for s in graph_inputs(opt.proto) if s.dtype.kind in "iub"]
-            onnx.save(
-                onnx.utils.Extractor(opt.proto).extract_model(ints, host_outputs),
-                stage_dir / runtime.HOST_MODEL,
-            )
+            onnx.save(onnx.utils.Extractor(opt.proto).extract_model(ints, host_outputs),
+                      stage_dir / litert.HOST_MODEL)
         (stage_dir / PREDICT_JSON).write_text(json.dumps(prediction, indent=2) + "\n")
-        (stage_dir / PREDICT_LOG).write_text(predict.render_log(prediction, runtime.TFLITE))
-        compiled = _run_compiler(target, stage_dir, prediction, log)
-        inputs, outputs = graph_inputs(opt.proto), graph_outputs(opt.proto)
-        manifest = {
-            **compiler.manifest_head(opt, model, inputs, outputs, "ai-edge-litert"),
+        (stage_dir / PREDICT_LOG).write_text(predict.render_log(prediction, litert.TFLITE))
+        compiled = _run_compiler(self.target, stage_dir, prediction, self.log)
+        return {
             "build": {
                 "format": "tflite",
-                "library": runtime.TFLITE,
+                "library": litert.TFLITE,
                 "runtime": "litert",
                 "ops": prediction["ops_total"],
                 "tflite_bytes": len(exported.flatbuffer),
@@ -171,52 +129,29 @@ def compile_tflite(
             "edgetpu": {
                 "tflite_inputs": exported.inputs,
                 "tflite_outputs": exported.outputs,
-                "host_model": runtime.HOST_MODEL if host_outputs else None,
+                "host_model": litert.HOST_MODEL if host_outputs else None,
                 "host_outputs": host_outputs,
-                "calibration": {"source": origin, "samples": len(samples)},
-                "prediction": {
-                    k: prediction[k]
-                    for k in (
-                        "label",
-                        "compiler_version",
-                        "ops_total",
-                        "ops_on_edgetpu",
-                        "ops_on_cpu",
-                        "macs_total",
-                        "macs_on_edgetpu",
-                        "mac_coverage",
-                        "segment_ends_at",
-                        "table",
-                    )
-                },
+                "calibration": {"source": self.origin, "samples": len(self.samples)},
+                "prediction": {k: prediction[k] for k in PREDICTION_KEYS},
                 "compiler": compiled,
             },
-            "timings_s": timings,
         }
-        write_manifest(stage_dir, manifest)
-        verification = {"skipped": "disabled (--no-verify)"}
-        if verify:
-            t = time.perf_counter()
-            verification = _verify(
-                Artifact.load(stage_dir), opt.source, samples, origin, target.edgetpu["verify"]
-            )
-            stage("verify", t)
-            log(
-                f"verified in LiteRT against ONNX Runtime fp32: cosine {verification['cosine_vs_fp32']:.5f}, "
-                f"relative RMS error {verification['relative_rmse_vs_fp32']:.4f}"
-            )
-        manifest["verification"] = verification
-        manifest = write_manifest(stage_dir, manifest)
-        (stage_dir / "report.md").write_text(render(manifest))
-        write_manifest(stage_dir, manifest)
-    return Artifact.load(out_dir)
+
+    def verify(self, artifact: Artifact, opt: Optimized) -> dict:
+        result = _verify(artifact, opt.source, self.samples, self.origin, self.target.edgetpu["verify"])
+        self.log(f"verified in LiteRT against ONNX Runtime fp32: cosine {result['cosine_vs_fp32']:.5f}, "
+                 f"relative RMS error {result['relative_rmse_vs_fp32']:.4f}")
+        return result
+
+    def report(self, manifest: dict) -> str:
+        return render(manifest)
 
 
 def _run_compiler(target: TargetDesc, stage_dir: Path, prediction: dict, log) -> dict | None:
     """edgetpu_compiler's own mapping, when it is installed, and where the prediction differed."""
     exe = target.toolchain.get("edgetpu_compiler", "edgetpu_compiler")
     with tempfile.TemporaryDirectory() as tmp:
-        result = predict.run_compiler(exe, stage_dir / runtime.TFLITE, Path(tmp))
+        result = predict.run_compiler(exe, stage_dir / litert.TFLITE, Path(tmp))
         if result is None:
             return None
         if result.get("compiled_model"):
@@ -242,7 +177,7 @@ def _verify(
 ) -> dict:
     got: dict[str, list] = {}
     ref: dict[str, list] = {}
-    run, reference = runtime.runner(artifact), ort_session(source)
+    run, reference = litert.runner(artifact), ort_session(source)
     names = [o.name for o in reference.get_outputs()]
     for feeds in samples:
         for name, value in run(feeds).items():

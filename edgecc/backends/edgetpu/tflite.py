@@ -32,9 +32,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from edgecc.core.verify import ort_session
 from edgecc.errors import UserError
+from edgecc.runtime.litert import INT8_MAX, INT8_MIN, Quant, quantize
 
-INT8_MIN, INT8_MAX = -128, 127
 WEIGHT_MAX = 127  # symmetric weights use [-127, 127], as the converter does
 TINY = 1e-8  # the scale of an all-zero range: any positive number keeps dequantization finite
 NHWC = (0, 2, 3, 1)
@@ -66,16 +67,6 @@ def _schema():
     return fb
 
 
-@dataclasses.dataclass(frozen=True)
-class Quant:
-    scale: tuple[float, ...]
-    zero_point: tuple[int, ...]
-    axis: int = 0
-
-    def to_json(self) -> dict:
-        return {"scale": self.scale[0], "zero_point": self.zero_point[0]}
-
-
 def activation_quant(lo: float, hi: float) -> Quant:
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)  # zero must be exact
     scale = (hi - lo) / (INT8_MAX - INT8_MIN) or TINY
@@ -83,18 +74,8 @@ def activation_quant(lo: float, hi: float) -> Quant:
     return Quant((scale,), (zp,))
 
 
-def quantize(x: np.ndarray, q: Quant) -> np.ndarray:
-    return np.clip(np.round(x / q.scale[0]) + q.zero_point[0], INT8_MIN, INT8_MAX).astype(np.int8)
-
-
-def dequantize(x: np.ndarray, q: Quant) -> np.ndarray:
-    return ((x.astype(np.float32) - q.zero_point[0]) * q.scale[0]).astype(np.float32)
-
-
 def calibrate(model: onnx.ModelProto, samples: list[dict[str, np.ndarray]]) -> dict[str, tuple[float, float]]:
     """(min, max) of every float tensor of `model` over the samples, from ONNX Runtime."""
-    from edgecc.core.verify import ort_session
-
     proto = onnx.ModelProto()
     proto.CopyFrom(model)
     floats = {

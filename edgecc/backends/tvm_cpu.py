@@ -1,0 +1,44 @@
+"""CPU targets (x86, ARM NEON): the prepared module with its tuning records and edgecc's hand
+schedules, the weights lifted into a file beside the library (edgecc.runtime.weights), built
+and exported through the target's toolchain."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tvm
+from tvm.support import cc as tvm_cc
+
+from edgecc.backends.tvm_common import (LIBRARY_NAME, TVMBackend, apply_records, lower, prepare, require_tool,
+                                        tuning_facts)
+from edgecc.core.optimize import Optimized
+from edgecc.kernels import activation_matmul, bsr, dense, int4, int8
+from edgecc.runtime import weights
+
+
+class TVMCPUBackend(TVMBackend):
+    def build(self, opt: Optimized, stage_dir: Path) -> dict:
+        target, tgt = self.target, self.target.tvm_target()
+        mod = lower(opt, self.options.shapes)  # first: an op nobody can lower fails before the long work
+        self.log(f"building for {target.name} ({target.device_kind}, host {target.host_arch()})")
+        mod, tuned = apply_records(prepare(mod, tgt), tgt, self.records)
+        mod = schedule_kernels(mod, tgt)
+        mod, arrays = weights.lift(mod)
+        executable = tvm.compile(mod, target=tgt)
+        lib_path = stage_dir / LIBRARY_NAME
+        if target.runs_here():
+            executable.export_library(str(lib_path))
+        else:
+            executable.export_library(str(lib_path), fcompile=tvm_cc.cross_compiler(require_tool(target, "cc")))
+        facts = {"library": LIBRARY_NAME, **tuning_facts(mod, tuned, self.records), "tvm_target": str(tgt)}
+        if arrays:
+            facts["weights"] = {"file": weights.FILE, "tensors": weights.write(stage_dir / weights.FILE, arrays)}
+        return {"build": facts}
+
+
+def schedule_kernels(mod, tgt):
+    """edgecc's kernels get their hand schedules, unless a tuning record scheduled them already;
+    so do the activation matmuls with symbolic shapes, which no tuning can reach."""
+    for kernels in (int8, int4, bsr, dense, activation_matmul):
+        mod = kernels.schedule(mod, tgt)
+    return mod

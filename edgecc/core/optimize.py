@@ -1,0 +1,126 @@
+"""The target-independent front of every build: compile options, then load and run the pipeline.
+
+`compile` (edgecc.compiler) and `tune` (edgecc.autotune.tuning) both start here, so what they
+build and what they tune come from the same optimized model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable
+
+import onnx
+import onnx_ir as ir
+
+from edgecc.core import fixed_inputs
+from edgecc.core.calibration import load_calibration
+from edgecc.core.ir import load_model, to_proto
+from edgecc.core.pass_base import PassContext, unknown_message
+from edgecc.core.pass_manager import Instrument, PassManager, PrintIRAfter, VerifyEachPass
+from edgecc.core.pipeline import Pipeline, parse_pipeline
+from edgecc.core.target import TargetDesc, load_target
+from edgecc.core.verify import graph_inputs, graph_outputs
+from edgecc.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileOptions:
+    """Everything a build depends on besides the model and the target; the manifest records it."""
+
+    pipeline: str | None = None  # None: the target's default pipeline
+    force: bool = False  # replace an existing artifact directory
+    verify: bool = True  # check the artifact against ONNX Runtime before it is published
+    verify_each_pass: bool = False  # run ORT after every pass; the first pass that drifts fails
+    print_ir_after: tuple[str, ...] = ()  # pass names, or "all"
+    dim_values: dict[str, int] = dataclasses.field(default_factory=dict)  # sizes verification feeds
+    shapes: dict[str, int] = dataclasses.field(default_factory=dict)  # symbolic dims bound in the module
+    constants: dict[str, Any] = dataclasses.field(default_factory=dict)  # graph inputs fixed (--const)
+    calibration: str | os.PathLike | None = None  # an .npz of representative inputs
+    explain: bool = False  # passes report their near misses
+    seed: int = 0  # seeds random inputs and synthetic calibration
+    tuning_logs: tuple[str | os.PathLike, ...] = ()  # tuning-record files to apply
+    tuning_store: str | os.PathLike | None | bool = None  # a store directory, None: default, False: none
+
+    def to_json(self) -> dict:
+        """The options as the manifest records them (fixed inputs' values are under `constants`)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "constants":
+                value = sorted(value)
+            elif isinstance(value, (tuple, list)):
+                value = [str(v) for v in value]
+            elif isinstance(value, os.PathLike):
+                value = str(value)
+            out[f.name] = value
+        return out
+
+
+@dataclasses.dataclass
+class Optimized:
+    """A model after edgecc's passes: what a backend builds and what tuning measures."""
+
+    target: TargetDesc
+    pipeline: Pipeline
+    ctx: PassContext
+    source: onnx.ModelProto
+    optimized: ir.Model
+    proto: onnx.ModelProto  # `optimized` as a ModelProto
+    reports: list
+    timings: dict[str, float]
+    constants: dict[str, dict]  # graph inputs fixed with --const, as the manifest records them
+
+
+def run_pipeline(
+    model: str | os.PathLike,
+    target: str | TargetDesc,
+    options: CompileOptions,
+    log: Callable[[str], None] = lambda _msg: None,
+    before_load: Callable[[TargetDesc], None] = lambda _t: None,
+) -> Optimized:
+    """Load a model and run the pipeline (the target's by default).
+
+    `before_load` runs once the target and pipeline are known to be valid, before the long
+    work: the place for a caller's own up-front checks (an output directory, a toolchain).
+    """
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    tdesc = target if isinstance(target, TargetDesc) else load_target(target)
+    pipe = parse_pipeline(options.pipeline if options.pipeline is not None else tdesc.default_pipeline)
+    manager = PassManager(pipe, _instruments(pipe, options), log=log)  # checks the contract up front
+    before_load(tdesc)
+    # Verification must feed the sizes the module is specialized to.
+    ctx = PassContext(target=tdesc, seed=options.seed, explain=options.explain,
+                      dim_values={**options.dim_values, **options.shapes})
+
+    source, fixed = fixed_inputs.fix(to_proto(load_model(model)), options.constants, str(model))
+    symbolic = {d for spec in graph_inputs(source) for d in spec.shape if isinstance(d, str)}
+    graph_outputs(source)  # an output edgecc cannot compile (a sequence) is refused up front
+    unknown = sorted(set(options.shapes) - symbolic)
+    if unknown:
+        raise UserError(f"--shape {unknown[0]}: {model} has no symbolic dim of that name "
+                        f"(its symbolic dims: {', '.join(sorted(symbolic)) or 'none'})")
+    if options.calibration is not None:
+        ctx.calibration = load_calibration(options.calibration, source)
+    timings["load"] = round(time.perf_counter() - t, 3)
+    log(f"loaded {model}: {len(source.graph.node)} nodes, target {tdesc.name}, pipeline {pipe}")
+
+    t = time.perf_counter()
+    optimized, reports = manager.run(ir.from_proto(source), ctx)
+    timings["passes"] = round(time.perf_counter() - t, 3)
+    for r in reports if options.explain else ():
+        for miss in r.stats.get("near_misses", []):
+            log(f"{r.name}: near miss: {miss}")
+    return Optimized(tdesc, pipe, ctx, source, optimized, to_proto(optimized), reports, timings, fixed)
+
+
+def _instruments(pipe: Pipeline, options: CompileOptions) -> tuple[Instrument, ...]:
+    in_pipeline = {spec.name for spec in pipe.passes}
+    for name in options.print_ir_after:
+        if name != "all" and name not in in_pipeline:
+            raise UserError(unknown_message("--print-ir-after: no pass", name, in_pipeline | {"all"}) +
+                            f" in pipeline '{pipe}'")
+    return ((PrintIRAfter(set(options.print_ir_after)),) if options.print_ir_after else ()) + (
+        (VerifyEachPass(),) if options.verify_each_pass else ())

@@ -1,0 +1,19 @@
+"""What the kernels' routing and schedules share."""
+
+from __future__ import annotations
+
+
+def is_gpu(target) -> bool:
+    """Whether a TVM target compiles for a GPU (dlight's rules apply, not the CPU schedules)."""
+    return "gpu" in target.keys
+
+
+def rewrite_functions(mod, mutator):
+    """`mod` with every Relax function rewritten by `mutator` (a relax.PyExprMutator class)."""
+    from tvm import relax
+
+    gen = mutator(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            gen.builder_.update_func(gv, gen.visit_expr(func))
+    return gen.builder_.get()
