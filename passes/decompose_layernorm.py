@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript.rewriter import pattern
 
-from edgecc.core.ir import infer_shapes
-from edgecc.core.pass_base import Pass, PassContext, PassResult, register_pass
+from edgecc.core.pass_base import PassContext, register_pass
+from edgecc.core.rewrite_pass import RewritePass, RuleGroups
 
 REDUCE_AXES_INPUT_OPSET = 18  # ReduceMean takes its axes as an input from opset 18 on
 
@@ -67,17 +66,14 @@ class _Decompose(pattern.RewriteRuleClassBase):
 
 
 @register_pass
-class DecomposeLayerNorm(Pass):
+class DecomposeLayerNorm(RewritePass):
     name = "decompose-layernorm"
     description = (
         "LayerNormalization -> ReduceMean/Sub/Mul/Add/Sqrt/Reciprocal (int8 TFLite has no LayerNorm)"
     )
     requires = ("fused",)  # fuse turns every exporter's LayerNorm into the one op matched here
 
-    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        rules = pattern.RewriteRuleSet([_Decompose.rule(model.opset_imports.get("", 1))])
-        count = rules.apply_to_model(model)
-        if count:
-            RemoveUnusedNodesPass()(model)
-            model = infer_shapes(model)  # the new values' shapes, for the passes and the exporter after
-        return PassResult(model, count > 0, {"layernorms": count})
+    shapes_after = True
+
+    def rules(self, model: ir.Model, ctx: PassContext) -> RuleGroups:
+        return [("layernorms", pattern.RewriteRuleSet([_Decompose.rule(model.opset_imports.get("", 1))]))]

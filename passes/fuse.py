@@ -20,14 +20,14 @@ import math
 
 import onnx.version_converter
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.common._matmul_add_to_gemm import MatMulAddToGemm
 from onnxscript.rewriter.rules.fusion._layer_norm import LayerNormBiasFusion, LayerNormFusion
 
 from edgecc.core.ir import infer_shapes
-from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
-from edgecc.core.pass_helpers import constant_array, node_name
+from edgecc.core.pass_base import Option, PassContext, PassResult, register_pass
+from edgecc.core.pass_helpers import constant_array
+from edgecc.core.rewrite_pass import RewritePass, RuleGroups, would_fire
 from edgecc.core.static_values import node_axes
 
 LAYERNORM_OPSET = 17  # the first opset with LayerNormalization
@@ -271,41 +271,13 @@ def _matmul_bias_rules(opset: int) -> pattern.RewriteRuleSet:
     return pattern.RewriteRuleSet([MatMulBias.rule(opset)], commute=True)
 
 
-def _trace(model: ir.Model, rules: pattern.RewriteRuleSet) -> list[tuple[str, pattern.MatchInfo]]:
-    """Each rule's best matches as (rule name, match), found without changing the model."""
-    tracer = pattern.MatchingTracer()
-    rules.apply_to_model(model, tracer=tracer)
-    return [(rule.name, info) for rule, infos in tracer.best_matches_map.items() for info in infos]
-
-
-def _would_fire(model: ir.Model, rules: pattern.RewriteRuleSet) -> bool:
-    return any(info.status == pattern.MatchStatus.SUCCESS for _, info in _trace(model, rules))
-
-
-def _near_misses(model: ir.Model, rules: pattern.RewriteRuleSet) -> list[str]:
-    """Candidates whose whole structure matched but were rejected: by a check, or because an
-    intermediate result has a consumer outside the pattern (the matcher's "other uses"). Partial
-    structural matches are left out: every Mul is the start of a GELU."""
-    lines: list[str] = []
-    for rule, info in _trace(model, rules):
-        reason = info.match_result.reason
-        rejected = info.status == pattern.MatchStatus.CONDITION_FAILED or (
-            info.status == pattern.MatchStatus.NO_MATCH and "other uses" in reason
-        )
-        node = info.root_node
-        line = f"{rule}: {node.op_type} '{node_name(node)}': {reason}"
-        if rejected and line not in lines:
-            lines.append(line)
-    return lines
-
-
 def _convert_opset(model: ir.Model, version: int) -> ir.Model:
     proto = onnx.version_converter.convert_version(ir.to_proto(model), version)
     return infer_shapes(ir.from_proto(proto))
 
 
 @register_pass
-class Fuse(Pass):
+class Fuse(RewritePass):
     name = "fuse"
     description = (
         "fuse LayerNorm, GELU (erf, tanh) and MatMul+bias decompositions into "
@@ -319,37 +291,31 @@ class Fuse(Pass):
     provides = ("fused",)
     needs_shapes = True  # the checks read ranks, dims and dtypes
 
-    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+    def rules(self, model: ir.Model, ctx: PassContext) -> RuleGroups:
         # Matches per rule; layernorm_bias counts biases folded into a LayerNormalization.
-        stats: dict = dict.fromkeys(("layernorm", "layernorm_bias", "gelu", "matmul_bias"), 0)
-        near_misses: list[str] = []
         opset = model.opset_imports.get("", 1)
+        on = self.opts
+        return [
+            ("layernorm", _layernorm_rules(opset) if on["layernorm"] else None),
+            ("layernorm_bias", _layernorm_bias_rules() if on["layernorm"] else None),
+            ("gelu", _gelu_rules(opset) if on["gelu"] else None),
+            ("matmul_bias", _matmul_bias_rules(opset) if on["matmul_bias"] else None),
+        ]
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         # LayerNormalization needs opset 17. Below it, the model is converted with ONNX's version
         # converter, but only when a LayerNorm would then fuse: converting bumps every op's
         # version. If the converter fails, the LayerNorm checks reject, naming the opset.
-        if (self.opts["layernorm"] and opset < LAYERNORM_OPSET
-                and _would_fire(model, _layernorm_rules(LAYERNORM_OPSET))):
-            try:
-                model = _convert_opset(model, LAYERNORM_OPSET)
-                stats["opset_converted"] = f"{opset}->{LAYERNORM_OPSET}"
-                opset = LAYERNORM_OPSET
-            except Exception as e:  # RuntimeError or InferenceError, for an op it cannot adapt
-                near_misses.append(f"layernorm: converting opset {opset} to 17 failed: {e}")
-        groups = []
-        if self.opts["layernorm"]:
-            groups.append(("layernorm", _layernorm_rules(opset)))
-            groups.append(("layernorm_bias", _layernorm_bias_rules()))
-        if self.opts["gelu"]:
-            groups.append(("gelu", _gelu_rules(opset)))
-        if self.opts["matmul_bias"]:
-            groups.append(("matmul_bias", _matmul_bias_rules(opset)))
-        for key, rules in groups:
-            stats[key] = rules.apply_to_model(model)
-            if ctx.explain:
-                near_misses += _near_misses(model, rules)
-        changed = "opset_converted" in stats or any(stats[key] for key, _ in groups)
-        if changed:
-            RemoveUnusedNodesPass()(model)  # the matched nodes' constants, now unused
-        if ctx.explain:
-            stats["near_misses"] = near_misses
-        return PassResult(model, changed, stats)
+        opset = model.opset_imports.get("", 1)
+        if not (self.opts["layernorm"] and opset < LAYERNORM_OPSET
+                and would_fire(model, _layernorm_rules(LAYERNORM_OPSET))):
+            return super().run(model, ctx)
+        try:
+            model = _convert_opset(model, LAYERNORM_OPSET)
+        except Exception as e:  # RuntimeError or InferenceError, for an op it cannot adapt
+            failed = f"layernorm: converting opset {opset} to 17 failed: {e}"
+            return self.apply(model, ctx, self.rules(model, ctx), (failed,))
+        result = super().run(model, ctx)
+        result.stats["opset_converted"] = f"{opset}->{LAYERNORM_OPSET}"
+        result.changed = True
+        return result

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript.rewriter import pattern
 
-from edgecc.core.ir import infer_shapes
-from edgecc.core.pass_base import Pass, PassContext, PassResult, register_pass
+from edgecc.core.pass_base import PassContext, register_pass
+from edgecc.core.rewrite_pass import RewritePass, RuleGroups
 
 SIGMOID_SCALE = 1.702
 
@@ -45,7 +44,7 @@ class _GeluToSigmoid(pattern.RewriteRuleClassBase):
 
 
 @register_pass
-class GeluSigmoid(Pass):
+class GeluSigmoid(RewritePass):
     name = "gelu-sigmoid"
     description = "GELU (Gelu, com.microsoft Gelu/FastGelu) -> x * sigmoid(1.702 x), which the Edge TPU maps"
     requires = ("fused",)  # fuse turns erf/tanh GELU subgraphs into the ops matched here
@@ -53,17 +52,8 @@ class GeluSigmoid(Pass):
     # tests/edgetpu_models.py; the bound leaves room for models whose activations sit where the two
     # differ most (|x| around 2, 0.021 apart).
     drift = 0.05
+    shapes_after = True
 
-    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        rules = pattern.RewriteRuleSet(
-            [
-                _GeluToSigmoid.rule("Gelu", ""),
-                _GeluToSigmoid.rule("Gelu", "com.microsoft"),
-                _GeluToSigmoid.rule("FastGelu", "com.microsoft"),
-            ]
-        )
-        count = rules.apply_to_model(model)
-        if count:
-            RemoveUnusedNodesPass()(model)
-            model = infer_shapes(model)  # the new values' shapes, for the passes and the exporter after
-        return PassResult(model, count > 0, {"gelus": count})
+    def rules(self, model: ir.Model, ctx: PassContext) -> RuleGroups:
+        gelus = [("Gelu", ""), ("Gelu", "com.microsoft"), ("FastGelu", "com.microsoft")]
+        return [("gelus", pattern.RewriteRuleSet([_GeluToSigmoid.rule(op, domain) for op, domain in gelus]))]

@@ -23,12 +23,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript.rewriter import pattern
 
-from edgecc.core.ir import infer_shapes
-from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
+from edgecc.core.pass_base import Option, PassContext, PassResult, register_pass
 from edgecc.core.pass_helpers import constant_array, constant_matrix
+from edgecc.core.rewrite_pass import RewritePass
 from edgecc.core.verify import ort_session, random_inputs
 
 SYNTHETIC_SAMPLES = 8  # seeded random inputs when no --calibration is given (as the backend does)
@@ -133,7 +132,7 @@ def row_scales(model: ir.Model, ctx: PassContext, ratio: float) -> dict[str, np.
 
 
 @register_pass
-class LayerNormRowScale(Pass):
+class LayerNormRowScale(RewritePass):
     name = "layernorm-row-scale"
     description = (
         "scale down the rows (tokens) with outliers in a post-LN residual sum: LayerNorm ignores a row's "
@@ -145,13 +144,12 @@ class LayerNormRowScale(Pass):
     requires = ("static-shapes", "fused")
     needs_shapes = True  # the candidates are found by their static shapes
 
+    shapes_after = True
+
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         scales = row_scales(model, ctx, self.opts["ratio"])
         applied: list[str] = []
         rules = pattern.RewriteRuleSet([_ScaleRows.rule(scales, applied)], commute=True)
-        count = rules.apply_to_model(model) if scales else 0
-        if count:
-            RemoveUnusedNodesPass()(model)
-            model = infer_shapes(model)
-        rows = sum(int((scales[name] < 1).sum()) for name in applied)
-        return PassResult(model, count > 0, {"layernorms": count, "rows_scaled": rows})
+        result = self.apply(model, ctx, [("layernorms", rules)])
+        result.stats["rows_scaled"] = sum(int((scales[name] < 1).sum()) for name in applied)
+        return result

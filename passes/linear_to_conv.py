@@ -19,12 +19,11 @@ import math
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript.rewriter import pattern
 
-from edgecc.core.ir import infer_shapes
-from edgecc.core.pass_base import Pass, PassContext, PassResult, register_pass
+from edgecc.core.pass_base import PassContext, register_pass
 from edgecc.core.pass_helpers import constant_array, constant_matrix, gemm_refusal
+from edgecc.core.rewrite_pass import RewritePass, RuleGroups
 
 
 def _i64(values: list[int]):
@@ -102,21 +101,16 @@ class _LinearToConv(pattern.RewriteRuleClassBase):
 
 
 @register_pass
-class LinearToConv(Pass):
+class LinearToConv(RewritePass):
     name = "linear-to-conv"
     description = (
         "linear layers over R > 1 rows (tokens) -> 1x1 Conv over a 1xR image, which the Edge TPU maps"
     )
     requires = ("static-shapes",)
+    shapes_after = True
 
-    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+    def rules(self, model: ir.Model, ctx: PassContext) -> RuleGroups:
         # One form at a time, biased first: a rule set tries its rules node by node, and the bare
         # MatMul rule would take the MatMul before the Add that holds its bias is visited.
-        count = sum(
-            pattern.RewriteRuleSet([_LinearToConv.rule(form)], commute=True).apply_to_model(model)
-            for form in ("matmul+bias", "gemm", "matmul")
-        )
-        if count:
-            RemoveUnusedNodesPass()(model)
-            model = infer_shapes(model)  # the new values' shapes, for the passes and the exporter after
-        return PassResult(model, count > 0, {"linears": count})
+        return [("linears", pattern.RewriteRuleSet([_LinearToConv.rule(form)], commute=True))
+                for form in ("matmul+bias", "gemm", "matmul")]

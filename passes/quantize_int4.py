@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript.rewriter import pattern
 
 from edgecc.core.calibration import activation_samples
 from edgecc.kernels.int4 import dequantize_blockwise, pack_int4, quantize_blockwise
-from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
+from edgecc.core.pass_base import Option, PassContext, PassResult, register_pass
 from edgecc.core.pass_helpers import constant_matrix, gemm_refusal, matmul_activations
+from edgecc.core.rewrite_pass import RewritePass
 
 MS_DOMAIN = "com.microsoft"
 AWQ_GRID = np.linspace(0.0, 1.0, 11)
@@ -135,7 +135,7 @@ class Int4Gemm(_Int4Rule):
 
 
 @register_pass
-class QuantizeInt4(Pass):
+class QuantizeInt4(RewritePass):
     name = "quantize-int4"
     description = ("weight-only int4 with per-block scales along K (MatMulNBits), round-to-nearest "
                    "or activation-aware (AWQ-style) scaling from calibration data")
@@ -164,14 +164,13 @@ class QuantizeInt4(Pass):
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         samples = activation_samples(model, ctx, matmul_activations(model)) if self.opts["method"] == "awq" else {}
         rules = [Int4MatMul.rule(self.opts, samples), Int4Gemm.rule(self.opts, samples)]
-        count = pattern.RewriteRuleSet(rules).apply_to_model(model)
-        model = RemoveUnusedNodesPass()(model).model  # drops the replaced float weights too
-        if count:
-            model.opset_imports.setdefault(MS_DOMAIN, 1)
-        nbits = [n for n in model.graph if n.op_type == "MatMulNBits"]
+        result = self.apply(model, ctx, [("matmuls", pattern.RewriteRuleSet(rules))])
+        if result.changed:
+            result.model.opset_imports.setdefault(MS_DOMAIN, 1)
+        nbits = [n for n in result.model.graph if n.op_type == "MatMulNBits"]
         packed = sum(v.const_value.nbytes for n in nbits for v in n.inputs[1:4] if v is not None)
         weights = sum(n.attributes.get_int("K") * n.attributes.get_int("N") for n in nbits)
-        return PassResult(model, count > 0, {
-            "matmuls": count, "int4_bytes": packed,
-            "bits_per_weight": round(8 * packed / weights, 3) if weights else 0.0,
+        result.stats.update({
+            "int4_bytes": packed, "bits_per_weight": round(8 * packed / weights, 3) if weights else 0.0,
             "calibration": ("given" if ctx.calibration is not None else "synthetic") if samples else "none"})
+        return result

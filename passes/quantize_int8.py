@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript.rewriter import pattern
 
 from edgecc.core.calibration import activation_ranges
-from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
+from edgecc.core.pass_base import Option, PassContext, PassResult, register_pass
 from edgecc.core.pass_helpers import constant_matrix, gemm_refusal, matmul_activations
+from edgecc.core.rewrite_pass import RewritePass
 
 QMAX = 127
 REDUCE_AXES_INPUT_OPSET = 18  # ReduceMax takes its axes as an input from opset 18 on
@@ -127,7 +127,7 @@ class Int8Gemm(_Int8Rule):
 
 
 @register_pass
-class QuantizeInt8(Pass):
+class QuantizeInt8(RewritePass):
     name = "quantize-int8"
     description = ("int8 weights (symmetric, per channel) and int8 activations (per token at run "
                    "time, or per tensor from calibration) with MatMulInteger; optional SmoothQuant")
@@ -152,10 +152,10 @@ class QuantizeInt8(Pass):
             ranges = activation_ranges(model, ctx, matmul_activations(model))
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
         rules = [Int8MatMul.rule(self.opts, ranges, opset), Int8Gemm.rule(self.opts, ranges, opset)]
-        count = pattern.RewriteRuleSet(rules).apply_to_model(model)
-        model = RemoveUnusedNodesPass()(model).model  # drops the replaced float weights too
-        int8_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values()
-                         if v.const_value is not None and v.const_value.dtype == ir.DataType.INT8)
-        return PassResult(model, count > 0, {"matmuls": count, "int8_weight_bytes": int8_bytes,
-                                             "calibration": "given" if ctx.calibration is not None
-                                             else ("synthetic" if ranges else "none")})
+        result = self.apply(model, ctx, [("matmuls", pattern.RewriteRuleSet(rules))])
+        result.stats["int8_weight_bytes"] = sum(
+            v.const_value.nbytes for v in result.model.graph.initializers.values()
+            if v.const_value is not None and v.const_value.dtype == ir.DataType.INT8)
+        result.stats["calibration"] = ("given" if ctx.calibration is not None
+                                       else ("synthetic" if ranges else "none"))
+        return result

@@ -24,9 +24,9 @@ g (float[1, 5, 8] x) => (float[1, 5, 8] y) <float[8] s = {{1.0, 2.0, 3.0, 4.0, 5
 """
 
 
-def _run(text: str):
+def _run(text: str, explain: bool = False):
     model = parse_model(text)
-    result = run_pass(DecomposeLayerNorm(), ir.from_proto(model), PassContext())
+    result = run_pass(DecomposeLayerNorm(), ir.from_proto(model), PassContext(explain=explain))
     return model, result, ir.to_proto(result.model)
 
 
@@ -52,3 +52,12 @@ def test_does_not_fire_over_other_axes_or_when_statistics_are_used():
     )
     _, result, _ = _run(used)
     assert not result.changed
+
+
+def test_explain_names_why_a_layernorm_was_left():
+    _, result, _ = _run(_model(axis=1), explain=True)
+    assert result.stats["near_misses"] == [
+        "decompose-layernorm: LayerNormalization 'y': normalizes from axis 1 of rank 3; only the last axis "
+        "is decomposed"]
+    _, result, _ = _run(_model())
+    assert "near_misses" not in result.stats  # only with explain

@@ -124,6 +124,13 @@ def test_does_not_fire_on_gemm_with_alpha():
     assert not result.changed and _ops(out)["Gemm"] == 1
 
 
+def test_explain_says_why_a_matmul_stayed_float():
+    result = run_pass(QuantizeInt8(min_weights=K * N + 1), ir.from_proto(linear_model()), PassContext(explain=True))
+    assert any(f"{K * N} weights < min_weights={K * N + 1}" in m for m in result.stats["near_misses"])
+    result, _ = _quantize(linear_model(gemm_attrs={"alpha": 2.0}), PassContext(explain=True))
+    assert any("Gemm with alpha or beta != 1" in m for m in result.stats["near_misses"])
+
+
 def test_intermediate_used_elsewhere_is_still_correct():
     model = linear_model(shared_matmul_output=True)
     _, out = _quantize(model)
