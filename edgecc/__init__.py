@@ -7,7 +7,7 @@ ONNX, ONNX Runtime and TVM before they are needed.
 import importlib
 
 _PUBLIC = {
-    "Artifact": "edgecc.runtime.artifact", "compile": "edgecc.compiler", "EdgeccError": "edgecc.errors",
+    "Artifact": "edgecc.runtime.artifact", "compile": "edgecc.compiler", "CompileOptions": "edgecc.core.optimize", "EdgeccError": "edgecc.errors",
     "UserError": "edgecc.errors", "VerificationError": "edgecc.errors", "Option": "edgecc.core.pass_base",
     "Pass": "edgecc.core.pass_base", "PassContext": "edgecc.core.pass_base", "PassResult": "edgecc.core.pass_base",
     "register_pass": "edgecc.core.pass_base", "PassManager": "edgecc.core.pass_manager",

@@ -14,6 +14,7 @@ import edgecc
 from edgecc.runtime import emulator
 from edgecc.runtime.artifact import Artifact, sha256_file
 from edgecc.errors import UserError
+from edgecc.core.optimize import CompileOptions
 from edgecc.core.pipeline import parse_pipeline
 from edgecc.core.target import load_target
 from edgecc.core.verify import compare, random_inputs, run_ort
@@ -59,6 +60,16 @@ def test_host_artifact_matches_ort_at_several_shapes(host_artifacts, example_pat
         feeds = random_inputs(source, seed=seed, dim_values=dim_values)
         result = compare(run_ort(source, feeds), art.run(feeds))
         assert result.ok, (dim_values, result.detail)
+
+
+def test_compile_options_are_one_value_the_manifest_records(example_path, tmp_path):
+    art = edgecc.compile(example_path("mlp"), "host", tmp_path / "a", seed=3, dim_values={"batch": 2})
+    options = art.manifest["options"]
+    assert options == CompileOptions(seed=3, dim_values={"batch": 2}).to_json()
+    assert options["seed"] == 3 and options["dim_values"] == {"batch": 2} and options["pipeline"] is None
+    assert art.manifest["verification"]["input_shapes"]["x"][0] == 2  # the options reached verification
+    with pytest.raises(TypeError, match="no_such_option"):
+        edgecc.compile(example_path("mlp"), "host", tmp_path / "b", no_such_option=1)
 
 
 def test_manifest_records_what_reproduces_the_build(host_artifacts):
