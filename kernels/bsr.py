@@ -298,8 +298,7 @@ def build_dense_module(x_shape_or_M, w: np.ndarray, target, packed: bool = True,
 # ---------------------------------------------------------------- cost model
 
 
-def choose_kernel(K: int, N: int, block: tuple[int, int], sparsity: float,
-                  target_hw: dict) -> tuple[str, str]:
+def choose_kernel(K: int, N: int, block: tuple[int, int], sparsity: float, gpu: bool) -> tuple[str, str]:
     """("bsr" | "dense", reason): BSR where it is predicted faster than the same-effort dense kernel.
 
     Model (CPU): t_bsr / t_dense = (1 - sparsity) / eff, where eff = min(0.9, C / 25) is the
@@ -318,14 +317,14 @@ def choose_kernel(K: int, N: int, block: tuple[int, int], sparsity: float,
     to 0.95. At M=1 the kernels are memory-bound and BSR does better (crossovers 0.03, 0.15-0.33,
     0.55, 0.73, 0.92), so the M=32 figures are the conservative choice when M is unknown.
     Untested on a Pi: assumed to keep the same C/32 ratio, since the vector width scales both
-    kernels alike. Untested on a GPU: for CUDA (an isa entry "cuda-...") the BSR kernel is
+    kernels alike. Untested on a GPU: for CUDA (`gpu`) the BSR kernel is
     dlight's Fallback, one thread per output walking its blocks serially, up against dlight's
     tiled dense rules, so BSR is only chosen from sparsity 0.95. That threshold is a guess.
     """
     R, C = _check_block((K, N), block)
     if not 0.0 <= sparsity <= 1.0:
         raise UserError(f"sparsity must be in [0, 1], got {sparsity}")
-    if any(str(isa).startswith("cuda") for isa in target_hw.get("isa", [])):
+    if gpu:
         if sparsity >= GPU_MIN_SPARSITY:
             return "bsr", f"GPU: sparsity {sparsity:.2f} >= {GPU_MIN_SPARSITY} (uncalibrated threshold)"
         return "dense", f"GPU: sparsity {sparsity:.2f} < {GPU_MIN_SPARSITY} (uncalibrated threshold)"

@@ -64,7 +64,7 @@ class BlockSparsity(Pass):
                             f"got '{self.opts['block']}'") from None
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        hardware = ctx.target.hardware if ctx.target is not None else {}
+        gpu = ctx.target is not None and ctx.target.is_gpu
         decisions, skipped = {}, []
         R, C = self.block
         for node in list(model.graph):
@@ -85,7 +85,7 @@ class BlockSparsity(Pass):
                 continue
             value.const_value = ir.tensor(magnitude_block_prune(w, self.block, self.opts["sparsity"]),
                                           name=value.name)
-            kind, reason = choose_kernel(K, N, self.block, self.opts["sparsity"], hardware)
+            kind, reason = choose_kernel(K, N, self.block, self.opts["sparsity"], gpu)
             if kind == "bsr":
                 KernelMark("bsr", block=self.block).write(node)
             decisions[node.name] = f"{kind}: {reason}"

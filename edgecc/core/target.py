@@ -59,6 +59,12 @@ class TargetDesc:
     def device_kind(self) -> str:
         return self.tvm["kind"] if self.lowers_to_tvm else "edgetpu"
 
+    @property
+    def is_gpu(self) -> bool:
+        """Whether the target's kernels run on a GPU: what its passes and cost models ask (a
+        TVM target object answers the same with edgecc.kernels.common.is_gpu)."""
+        return self.device_kind == "cuda"
+
     def host_arch(self) -> str:
         """The CPU architecture the compiled library's host code runs on."""
         cpu = self.tvm.get("host", self.tvm) if self.device_kind != "llvm" else self.tvm

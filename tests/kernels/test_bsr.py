@@ -18,6 +18,7 @@ from tvm import relax
 from tvm.support import cc
 from tvm.support import nvcc as tvm_nvcc
 
+from edgecc.core.target import load_target
 from edgecc.errors import UserError
 from tests.kernels.targets import (
     CROSS_CC,
@@ -208,13 +209,13 @@ def test_builds_for_jetson():
 def test_choose_kernel_follows_the_measured_crossovers(block, sparsity, kind):
     """benchmarks/bsr_vs_dense.py on this host, 32 rows of x: 1x16 and 16x16 cross over at
     0.34-0.36, 8x8 at 0.65, 4x4 at 0.77, 1x32 at 0.09; 16x1 still loses at 0.95."""
-    chosen, reason = choose_kernel(2048, 2048, block, sparsity, {"cpu": "detected"})
+    chosen, reason = choose_kernel(2048, 2048, block, sparsity, gpu=False)
     assert chosen == kind, reason
 
 
 def test_choose_kernel_on_gpu_and_bad_input():
-    jetson_hw = {"isa": ["cuda-sm_87", "fp16"]}
-    assert choose_kernel(2048, 2048, (16, 16), 0.9, jetson_hw)[0] == "dense"
-    assert choose_kernel(2048, 2048, (16, 16), 0.95, jetson_hw)[0] == "bsr"
+    assert load_target("jetson-orin-nano").is_gpu and not load_target("rpi4").is_gpu
+    assert choose_kernel(2048, 2048, (16, 16), 0.9, gpu=True)[0] == "dense"
+    assert choose_kernel(2048, 2048, (16, 16), 0.95, gpu=True)[0] == "bsr"
     with pytest.raises(UserError, match="does not divide"):
-        choose_kernel(100, 2048, (16, 16), 0.9, {})
+        choose_kernel(100, 2048, (16, 16), 0.9, gpu=False)
