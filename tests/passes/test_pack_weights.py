@@ -113,10 +113,10 @@ def test_compiled_packed_lm_equals_the_unpacked_one(example_path, tmp_path):
 def test_a_wrong_packed_layout_fails_the_compile(example_path, tmp_path, monkeypatch):
     """The end-of-compile check must catch a kernel that reads the wrong weights."""
     from edgecc.errors import VerificationError
-    from edgecc.kernels import int8
+    from edgecc.frontend.converters import contrib  # where the int8 converter packs the weights
 
-    real = int8.pack_int8
-    monkeypatch.setattr(int8, "pack_int8", lambda w, tile: np.roll(real(w, tile), 1, axis=-1))
+    real = contrib.pack_int8
+    monkeypatch.setattr(contrib, "pack_int8", lambda w, tile: np.roll(real(w, tile), 1, axis=-1))
     with pytest.raises(VerificationError, match="disagrees with the optimized model in ONNX Runtime"):
         edgecc.compile(example_path("tiny-lm"), "host", tmp_path / "bad", "simplify,fuse,quantize-int8,pack-weights")
     assert not (tmp_path / "bad").exists()
