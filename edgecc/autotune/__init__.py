@@ -1,0 +1,1 @@
+"""`edgecc tune` (MetaSchedule in a worker process) and `edgecc logs` (tuning records shared as JSON)."""

@@ -1,0 +1,1 @@
+"""ONNX to TVM Relax: TVM's importer, edgecc's converters and shape arithmetic on symbolic dims."""

@@ -1,0 +1,1 @@
+"""The LM runtime: prefill and decode through a KV cache, greedy generation."""

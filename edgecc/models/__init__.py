@@ -1,0 +1,1 @@
+"""The example models edgecc builds and exports (torch: export time only)."""
