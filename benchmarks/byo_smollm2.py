@@ -28,12 +28,12 @@ from tokenizers import Tokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.hf_models: the user's export
 
 from edgecc.benchmark import bench  # noqa: E402
-from edgecc.models import examples
-from edgecc.core import lm_signature
-from edgecc.lm import generate
 from edgecc.benchmark.bench_worker import decode_tokens_per_s  # noqa: E402
 from edgecc.compiler import compile as compile_model  # noqa: E402
+from edgecc.core import lm_signature
 from edgecc.core.tuning_log import host_device  # noqa: E402
+from edgecc.lm import generate
+from edgecc.models import examples
 from tests import hf_models  # noqa: E402
 
 THREADS = 2

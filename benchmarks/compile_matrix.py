@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import edgecc
-from edgecc.models.examples import EXAMPLES, build_example
 from edgecc.core.target import list_targets
+from edgecc.models.examples import EXAMPLES, build_example
 
 
 def main() -> int:

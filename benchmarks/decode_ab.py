@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from edgecc.benchmark import bench
-from edgecc.models import examples
-from edgecc.core import lm_signature
 from edgecc.benchmark.bench_worker import decode_tokens_per_s
 from edgecc.compiler import compile as compile_model
-from edgecc.lm.generate import ort_step
+from edgecc.core import lm_signature
 from edgecc.core.tuning_log import host_device
+from edgecc.lm.generate import ort_step
+from edgecc.models import examples
 
 THREADS = 2
 

@@ -45,8 +45,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import edgecc  # noqa: E402
-from edgecc.runtime.litert import runner  # noqa: E402
 from edgecc.core.verify import cosine, ort_session, relative_rmse  # noqa: E402
+from edgecc.runtime.litert import runner  # noqa: E402
 from tests import edgetpu_models  # noqa: E402
 
 DICT_FILE = Path("/usr/share/dictd/devil.dict.dz")

@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 
 from edgecc.benchmark import bench
-from edgecc.models import examples
 from edgecc.core import lm_signature
 from edgecc.lm import generate
+from edgecc.models import examples
 from edgecc.runtime.artifact import Artifact
 
 PROMPT = "The Devil's Dictionary defines a bore as"

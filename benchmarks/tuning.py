@@ -38,9 +38,10 @@ import numpy as np
 import onnxruntime as ort
 
 import edgecc
-from edgecc.autotune import tuning, tuning_log
-from edgecc.models.examples import build_example
+from edgecc.autotune import tuning
+from edgecc.core import tuning_log
 from edgecc.core.verify import random_inputs
+from edgecc.models.examples import build_example
 
 THREADS = 2
 SEQ = 32

@@ -15,11 +15,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from edgecc.errors import UserError
-from edgecc.kernels.bsr import choose_kernel, magnitude_block_prune
 from edgecc.core.kernel_mark import KernelMark, parse_block
 from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
 from edgecc.core.pass_helpers import constant_array, constant_matrix, gemm_refusal
+from edgecc.errors import UserError
+from edgecc.kernels.bsr import choose_kernel, magnitude_block_prune
 
 def _candidate(node: ir.Node) -> tuple[ir.Value, np.ndarray, str] | tuple[None, None, str]:
     """(weight value, W [K, N], "") for a prunable node, or (None, None, why not)."""

@@ -22,8 +22,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from edgecc.core.pass_helpers import constant_array, node_name
 from edgecc.core.pass_base import Pass, PassContext, PassResult, register_pass
+from edgecc.core.pass_helpers import constant_array, node_name
 from edgecc.core.static_values import node_axes
 
 

@@ -17,8 +17,8 @@ from collections import Counter
 
 import onnx_ir as ir
 
-from edgecc.errors import UserError
 from edgecc.core.pass_base import Pass, PassContext, PassResult, register_pass
+from edgecc.errors import UserError
 
 HOST_OUTPUTS_KEY = "edgecc.host_outputs"
 

@@ -42,10 +42,10 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from edgecc.core.calibration import activation_samples
-from edgecc.errors import UserError
 from edgecc.core.ir import infer_shapes
-from edgecc.core.pass_helpers import Rejected, constant_array, constant_matrix, node_name
 from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
+from edgecc.core.pass_helpers import Rejected, constant_array, constant_matrix, node_name
+from edgecc.errors import UserError
 from edgecc.core.static_values import (
     broadcast_dim, dims_read, shape_elements, shape_pieces, node_axes, static_dims, static_value,
 )

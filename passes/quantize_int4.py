@@ -27,10 +27,10 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from edgecc.core.calibration import activation_samples
-from edgecc.kernels.int4 import dequantize_blockwise, pack_int4, quantize_blockwise
 from edgecc.core.pass_base import Option, PassContext, PassResult, register_pass
 from edgecc.core.pass_helpers import constant_matrix, gemm_refusal, matmul_activations
 from edgecc.core.rewrite_pass import RewritePass
+from edgecc.kernels.int4 import dequantize_blockwise, pack_int4, quantize_blockwise
 
 MS_DOMAIN = "com.microsoft"
 AWQ_GRID = np.linspace(0.0, 1.0, 11)

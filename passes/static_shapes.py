@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from edgecc.errors import UserError
 from edgecc.core.ir import infer_shapes
 from edgecc.core.pass_base import Pass, PassContext, PassResult, register_pass
+from edgecc.errors import UserError
 
 
 def _size(value: ir.Value, axis: int, dim: ir.SymbolicDim, ctx: PassContext) -> int:

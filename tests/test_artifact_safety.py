@@ -15,10 +15,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import edgecc
-from edgecc.runtime import artifact, emulator
 from edgecc import cli
+import edgecc
 from edgecc.errors import UserError
+from edgecc.runtime import artifact, emulator
 
 
 def matmul_relu_model(path):

@@ -14,10 +14,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import edgecc
-from edgecc.runtime.artifact import Artifact
 from edgecc.backends.edgetpu import predict
-from edgecc.errors import UserError, VerificationError
 from edgecc.core.target import load_target
+from edgecc.errors import UserError, VerificationError
+from edgecc.runtime.artifact import Artifact
 from tests import edgetpu_models
 from tests.conftest import run_cli
 

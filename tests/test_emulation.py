@@ -16,10 +16,10 @@ import onnx
 import pytest
 
 import edgecc
+from edgecc.core.verify import compare, random_inputs, run_ort
+from edgecc.errors import EdgeccError, UserError
 from edgecc.runtime import emulator
 from edgecc.runtime.artifact import write_manifest
-from edgecc.errors import EdgeccError, UserError
-from edgecc.core.verify import compare, random_inputs, run_ort
 
 pytestmark = pytest.mark.emulation
 

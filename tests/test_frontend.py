@@ -17,12 +17,12 @@ import pytest
 
 import edgecc
 from edgecc.benchmark import bench
-from edgecc.models import examples
 from edgecc.core import lm_signature
-from edgecc.lm import generate
-from edgecc.frontend import lower
-from edgecc.errors import UserError
 from edgecc.core.verify import ort_session
+from edgecc.errors import UserError
+from edgecc.frontend import lower
+from edgecc.lm import generate
+from edgecc.models import examples
 from tests import hf_models
 from tests.conftest import parse_model
 

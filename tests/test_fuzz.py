@@ -26,9 +26,9 @@ import onnx
 import pytest
 from onnx import helper
 
+from edgecc import cli
 import edgecc
 from edgecc.runtime import artifact
-from edgecc import cli
 from tests.test_artifact_safety import matmul_relu_model
 from tests.test_tuning_log import record
 

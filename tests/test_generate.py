@@ -10,10 +10,10 @@ import pytest
 
 import edgecc
 from edgecc.core import lm_signature
+from edgecc.core.verify import dim_expr, graph_inputs, random_inputs
 from edgecc.lm import generate
 from edgecc.models import llama
 from edgecc.models.examples import TINY_LLAMA
-from edgecc.core.verify import dim_expr, graph_inputs, random_inputs
 from tests.conftest import run_cli
 
 PROMPT = [5, 17, 99, 3, 250, 42, 7]

@@ -8,10 +8,10 @@ import numpy as np
 import onnx
 import pytest
 
-from edgecc.core import lm_signature
-from edgecc.lm import generate
 from edgecc.benchmark.bench_worker import main as bench_worker
+from edgecc.core import lm_signature
 from edgecc.core.verify import graph_inputs, graph_outputs, random_inputs, run_ort
+from edgecc.lm import generate
 from tests.conftest import run_cli
 from tests.hf_models import ARCHITECTURES
 

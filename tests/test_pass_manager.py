@@ -11,10 +11,10 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgecc.errors import EdgeccError, VerificationError
-from edgecc.core.pass_base import Pass, PassContext, PassResult, registered
 from edgecc.core import pass_manager
+from edgecc.core.pass_base import Pass, PassContext, PassResult, registered
 from edgecc.core.pass_manager import PassManager, PrintIRAfter, VerifyEachPass
+from edgecc.errors import EdgeccError, VerificationError
 from tests.conftest import parse_model, run_cli
 
 MODEL = """

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from edgecc.errors import UserError
 from edgecc.core.pass_base import Option, Pass, PassResult, registered, registered_passes
 from edgecc.core.pipeline import parse_pipeline
+from edgecc.errors import UserError
 
 
 class _Quantish(Pass):

@@ -6,8 +6,8 @@ import platform
 
 import pytest
 
-from edgecc.errors import UserError
 from edgecc.core.target import builtin_target_files, list_targets, load_target
+from edgecc.errors import UserError
 from tests.conftest import run_cli
 
 GOOD_BOARD = """

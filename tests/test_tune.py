@@ -19,9 +19,9 @@ import pytest
 import edgecc
 from edgecc.autotune import tuning
 from edgecc.core import tuning_log
-from edgecc.errors import EdgeccError, UserError
 from edgecc.core.target import load_target
 from edgecc.core.verify import random_inputs, run_ort
+from edgecc.errors import EdgeccError, UserError
 from tests.conftest import run_cli
 
 SHAPES = {"batch": 1}

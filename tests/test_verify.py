@@ -7,9 +7,9 @@ import pytest
 from onnx import helper
 
 import edgecc
+from edgecc.core.verify import graph_inputs, random_inputs, relative_error, relative_rmse
 from edgecc.errors import UserError
 from edgecc.runtime.isolate import ModuleCrash, run_isolated
-from edgecc.core.verify import graph_inputs, random_inputs, relative_error, relative_rmse
 
 
 def _model_with_inputs(*inputs) -> onnx.ModelProto:

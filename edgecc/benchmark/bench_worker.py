@@ -24,8 +24,8 @@ import time
 
 import numpy as np
 
-from edgecc.lm.generate import logits, ort_step, step_feeds
 from edgecc.core.lm_signature import LMSignature
+from edgecc.lm.generate import logits, ort_step, step_feeds
 from edgecc.runtime.artifact import Artifact
 
 

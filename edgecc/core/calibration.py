@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from edgecc.errors import UserError
 from edgecc.core.verify import graph_inputs, ort_session, random_inputs
+from edgecc.errors import UserError
 
 SYNTHETIC_BATCHES = 8
 MAX_NPZ_BYTES = 16 << 30  # inputs beyond this are a mistake on a device-sized workflow

@@ -17,11 +17,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from edgecc.errors import EdgeccError, VerificationError
 from edgecc.core.ir import infer_shapes
 from edgecc.core.pass_base import Pass, PassContext, PassResult
 from edgecc.core.pipeline import Pipeline, parse_pipeline
 from edgecc.core.verify import compare, random_inputs, relative_rmse, run_ort
+from edgecc.errors import EdgeccError, VerificationError
 
 
 @dataclasses.dataclass

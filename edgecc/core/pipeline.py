@@ -13,8 +13,8 @@ import dataclasses
 import re
 from typing import Any
 
-from edgecc.errors import UserError
 from edgecc.core.pass_base import Pass, get_pass, registered_passes, unknown_message
+from edgecc.errors import UserError
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 _VALUE = re.compile(r"[^,{}=\s\"']+")

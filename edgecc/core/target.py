@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from edgecc.core.edgetpu_spec import check_edgetpu_table
-from edgecc.errors import UserError
 from edgecc.core.pass_base import unknown_message
 from edgecc.core.pipeline import parse_pipeline
+from edgecc.errors import UserError
 
 _TOP_KEYS = {"name", "description", "default_pipeline", "backend", "tvm", "toolchain", "hardware", "edgetpu"}
 BACKENDS = ("tvm", "tflite")

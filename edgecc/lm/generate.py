@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgecc.errors import UserError
 from edgecc.core.lm_signature import LMSignature
+from edgecc.errors import UserError
 
 # Outputs may stay in the engine's own tensors (Artifact.run(as_numpy=False)); `logits` reads one.
 Step = Callable[[dict[str, Any]], dict[str, Any]]

@@ -22,8 +22,8 @@ import numpy as np
 
 from edgecc.core import fixed_inputs
 from edgecc.core.dtypes import stored
-from edgecc.runtime import litert, weights
 from edgecc.errors import UserError
+from edgecc.runtime import litert, weights
 
 FORMAT_VERSION = 2  # 2: the closed file set and manifest.sha256
 MANIFEST = "manifest.json"

@@ -22,8 +22,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgecc.runtime.artifact import Artifact
 from edgecc.errors import EdgeccError, UserError
+from edgecc.runtime.artifact import Artifact
 
 TVM_VERSION = "0.27.0.post1"
 WHEELS = (f"apache-tvm=={TVM_VERSION}", "apache-tvm-ffi==0.1.14.post1", "numpy", "ml_dtypes",

@@ -8,8 +8,8 @@ from tvm.support import cc
 
 from edgecc.backends.tvm_common import prepare
 from edgecc.backends.tvm_cpu import schedule_kernels
-from edgecc.kernels import activation_matmul
 from edgecc.core.target import load_target
+from edgecc.kernels import activation_matmul
 from tests.kernels.targets import CROSS_CC, EM_AARCH64, e_machine, needs_cross_cc
 
 HEADS, DIM = 3, 16

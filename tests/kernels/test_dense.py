@@ -8,8 +8,8 @@ from tvm.support import cc
 
 from edgecc.backends.tvm_common import prepare
 from edgecc.backends.tvm_cpu import schedule_kernels
-from edgecc.kernels.dense import KERNEL_ATTR, reference, route_symbolic_matmuls
 from edgecc.core.target import load_target
+from edgecc.kernels.dense import KERNEL_ATTR, reference, route_symbolic_matmuls
 from tests.kernels.targets import CROSS_CC, EM_AARCH64, HOST, e_machine, needs_cross_cc
 
 

@@ -20,8 +20,8 @@ from edgecc.kernels.int4 import (
 from tvm import relax, tirx
 from tvm.support import cc
 
-from edgecc.runtime import emulator
 from edgecc.errors import UserError
+from edgecc.runtime import emulator
 from tests.kernels.targets import (
     CROSS_CC,
     EM_AARCH64,

@@ -11,14 +11,14 @@ import tvm
 from tvm import relax, tirx
 
 import edgecc
-from edgecc.runtime import emulator
-from edgecc.errors import UserError
-from edgecc.kernels import int4_dot
-from edgecc.kernels.int4 import quantize_blockwise
 from edgecc.core.pass_base import PassContext
 from edgecc.core.pass_manager import PassManager
 from edgecc.core.target import load_target
 from edgecc.core.verify import random_inputs, run_ort, with_int8_activations
+from edgecc.errors import UserError
+from edgecc.kernels import int4_dot
+from edgecc.kernels.int4 import quantize_blockwise
+from edgecc.runtime import emulator
 from tests.kernels.targets import RPI4
 from tests.passes.linear_models import linear_model
 

@@ -10,8 +10,8 @@ import tvm_ffi
 from tvm import relax
 from tvm.support import cc
 
-from edgecc.runtime import emulator
 from edgecc.kernels.int8 import build_module, pack_int8, panel_width, reference, unpack_int8
+from edgecc.runtime import emulator
 from tests.kernels.targets import (
     CROSS_CC,
     EM_AARCH64,

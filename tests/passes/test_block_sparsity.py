@@ -10,13 +10,13 @@ import pytest
 from onnx import numpy_helper
 
 import edgecc
-from edgecc.errors import UserError
 from edgecc.core.kernel_mark import KernelMark
 from edgecc.core.pass_base import PassContext
 from edgecc.core.pass_manager import run_pass
-from edgecc.passes.block_sparsity import BlockSparsity
 from edgecc.core.target import load_target
 from edgecc.core.verify import compare, random_inputs, run_ort
+from edgecc.errors import UserError
+from edgecc.passes.block_sparsity import BlockSparsity
 from tests.passes.linear_models import linear_model
 
 

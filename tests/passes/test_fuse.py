@@ -20,8 +20,8 @@ import pytest
 
 from edgecc.core.pass_base import PassContext, get_pass
 from edgecc.core.pass_manager import run_pass
-from edgecc.passes.fuse import Fuse
 from edgecc.core.verify import compare, random_inputs, run_ort
+from edgecc.passes.fuse import Fuse
 from tests.conftest import parse_model
 
 DIMS = {"B": 2, "S": 3, "batch": 2, "seq": 5}

@@ -12,8 +12,8 @@ from onnx import helper, numpy_helper
 import edgecc
 from edgecc.core.pass_base import PassContext
 from edgecc.core.pass_manager import run_pass
-from edgecc.passes.fuse_siblings import FuseSiblings
 from edgecc.core.verify import random_inputs, run_ort
+from edgecc.passes.fuse_siblings import FuseSiblings
 
 
 def _model(widths=(8, 4, 4), same_input=True, weight_as_input=False) -> onnx.ModelProto:

@@ -15,8 +15,8 @@ from onnx import helper, numpy_helper
 import edgecc
 from edgecc.core.pass_base import PassContext
 from edgecc.core.pass_manager import run_pass
-from edgecc.passes.group_kv_heads import GroupKVHeads
 from edgecc.core.verify import random_inputs, run_ort
+from edgecc.passes.group_kv_heads import GroupKVHeads
 
 B, KV, REP, Q, S, D = 2, 2, 3, 4, 6, 8
 H = KV * REP

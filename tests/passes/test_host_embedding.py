@@ -10,10 +10,10 @@ import pytest
 from edgecc.passes.host_embedding import HOST_OUTPUTS_KEY, HostEmbedding
 from onnx import TensorProto, helper, numpy_helper
 
-from edgecc.errors import UserError
 from edgecc.core.pass_base import PassContext
 from edgecc.core.pass_manager import run_pass
 from edgecc.core.verify import random_inputs, run_ort
+from edgecc.errors import UserError
 
 
 def _model(shifted_is_output: bool = False):

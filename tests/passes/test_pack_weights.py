@@ -9,14 +9,14 @@ import pytest
 from onnx import helper, numpy_helper
 
 import edgecc
-from edgecc.errors import UserError
 from edgecc.core.kernel_mark import KernelMark
 from edgecc.core.pass_base import PassContext
 from edgecc.core.pass_manager import PassManager, run_pass
-from edgecc.passes.pack_weights import PackWeights
 from edgecc.core.pipeline import parse_pipeline
 from edgecc.core.target import load_target
 from edgecc.core.verify import random_inputs, run_ort
+from edgecc.errors import UserError
+from edgecc.passes.pack_weights import PackWeights
 from tests.passes.linear_models import linear_model
 
 

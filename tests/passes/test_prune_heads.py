@@ -19,12 +19,12 @@ from onnx import numpy_helper
 from torch import nn
 
 import edgecc
-from edgecc.errors import UserError
-from edgecc.models.examples import _modules
 from edgecc.core.pass_base import PassContext
 from edgecc.core.pass_manager import PassManager, run_pass
 from edgecc.core.pipeline import parse_pipeline
 from edgecc.core.verify import compare, random_inputs, run_ort
+from edgecc.errors import UserError
+from edgecc.models.examples import _modules
 from tests.conftest import parse_model
 
 D, HEADS, DH = 128, 4, 32  # the tiny-lm example

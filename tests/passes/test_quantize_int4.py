@@ -11,12 +11,12 @@ import pytest
 from onnx import numpy_helper
 
 import edgecc
-from edgecc.errors import UserError
-from edgecc.kernels.int4 import dequantize_blockwise, quantize_blockwise
 from edgecc.core.pass_base import PassContext
 from edgecc.core.pass_manager import run_pass
-from edgecc.passes.quantize_int4 import QuantizeInt4
 from edgecc.core.verify import compare, random_inputs, relative_error, run_ort
+from edgecc.errors import UserError
+from edgecc.kernels.int4 import dequantize_blockwise, quantize_blockwise
+from edgecc.passes.quantize_int4 import QuantizeInt4
 from tests.passes.linear_models import K, N, linear_model
 
 

@@ -12,11 +12,11 @@ from onnx import numpy_helper
 
 import edgecc
 from edgecc.core.calibration import load_calibration
-from edgecc.errors import UserError, VerificationError
 from edgecc.core.pass_base import PassContext
 from edgecc.core.pass_manager import PassManager, VerifyEachPass, run_pass
-from edgecc.passes.quantize_int8 import QMAX, QuantizeInt8
 from edgecc.core.verify import compare, random_inputs, relative_error, run_ort
+from edgecc.errors import UserError, VerificationError
+from edgecc.passes.quantize_int8 import QMAX, QuantizeInt8
 from tests.conftest import run_cli
 from tests.passes.linear_models import linear_model
 

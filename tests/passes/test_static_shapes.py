@@ -7,10 +7,10 @@ import onnx_ir as ir
 import pytest
 from edgecc.passes.static_shapes import StaticShapes
 
-from edgecc.errors import UserError
 from edgecc.core.pass_base import PassContext
 from edgecc.core.pass_manager import run_pass
 from edgecc.core.verify import random_inputs, run_ort
+from edgecc.errors import UserError
 from tests.conftest import parse_model
 
 MODEL = """

@@ -9,8 +9,8 @@ from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-from edgecc.frontend.registry import converter
 from edgecc.frontend.converters.common import axes_from
+from edgecc.frontend.registry import converter
 from edgecc.kernels import int4_dot
 from edgecc.kernels.bsr import emit_bsr_matmul, to_bsr
 from edgecc.kernels.int4 import emit_int4_linear, unpack_int4

@@ -19,8 +19,8 @@ from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter, onnx_input
 
-from edgecc.frontend.converters.common import constant, graph_inputs_feeding, node_name
 from edgecc.errors import UserError
+from edgecc.frontend.converters.common import constant, graph_inputs_feeding, node_name
 from edgecc.frontend.registry import converter
 
 

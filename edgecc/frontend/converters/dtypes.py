@@ -9,12 +9,12 @@ from tvm import relax, tirx
 from tvm.relax.frontend.onnx import onnx_frontend
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
+from edgecc.core.verify import UNCOMPILABLE_TYPES
+from edgecc.errors import UserError
 from edgecc.frontend.converters import narrow_types
 from edgecc.frontend.converters.common import node_name
 from edgecc.frontend.converters.narrow_types import NARROW, decode, encode, input_type, np_dtype, type_name
-from edgecc.errors import UserError
 from edgecc.frontend.registry import converter
-from edgecc.core.verify import UNCOMPILABLE_TYPES
 
 
 def _cast(bb, x, source: int, to: int, attr):

@@ -9,9 +9,9 @@ from onnx import helper
 from tvm import relax
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
+from edgecc.errors import UserError
 from edgecc.frontend.converters.common import node_name
 from edgecc.frontend.converters.control_flow import run_body
-from edgecc.errors import UserError
 from edgecc.frontend.registry import converter
 
 

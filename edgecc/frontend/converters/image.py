@@ -6,8 +6,8 @@ import numpy as np
 from tvm import relax
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-from edgecc.frontend.converters.common import constant, node_name
 from edgecc.errors import UserError
+from edgecc.frontend.converters.common import constant, node_name
 from edgecc.frontend.registry import converter
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from tvm import relax
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-from edgecc.frontend.converters.common import node_name
 from edgecc.errors import UserError
+from edgecc.frontend.converters.common import node_name
 from edgecc.frontend.registry import converter
 
 

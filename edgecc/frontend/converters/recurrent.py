@@ -13,8 +13,8 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-from edgecc.frontend.converters.common import node_name
 from edgecc.errors import UserError
+from edgecc.frontend.converters.common import node_name
 from edgecc.frontend.registry import converter
 
 # name -> (alpha default, beta default, f(x, alpha, beta)); None: the activation takes no such value

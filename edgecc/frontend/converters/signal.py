@@ -13,8 +13,8 @@ from onnx import helper
 from tvm import relax
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-from edgecc.frontend.converters.common import check_constant_operands, node_name
 from edgecc.errors import UserError
+from edgecc.frontend.converters.common import check_constant_operands, node_name
 from edgecc.frontend.registry import converter
 
 

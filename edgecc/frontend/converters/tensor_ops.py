@@ -8,8 +8,8 @@ from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend
 from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-from edgecc.frontend.converters.common import check_constant_operands, constant, node_name
 from edgecc.errors import UserError
+from edgecc.frontend.converters.common import check_constant_operands, constant, node_name
 from edgecc.frontend.registry import converter
 
 
