@@ -27,6 +27,8 @@ import onnx_ir as ir
 from edgecc.core.kernel_mark import KernelMark
 from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
 from edgecc.core.pass_helpers import constant_matrix
+from edgecc.kernels import int4_dot
+from edgecc.kernels.int8 import panel_width
 
 NO_TARGET_TILE = 32  # without a target (a target-independent run): AVX2's four int32 vectors
 
@@ -44,8 +46,6 @@ def _int8_weight(node: ir.Node) -> np.ndarray | None:
 def _int4_dot(node: ir.Node, ctx: PassContext) -> str | None:
     """The dot-product ISA a MatMulNBits that may run on int8 activations gets, if the target
     has one the int4_dot kernel uses and the shape fits it."""
-    from edgecc.kernels import int4_dot
-
     attrs = node.attributes
     if attrs.get_int("accuracy_level", 0) != 4 or ctx.target is None or ctx.target.device_kind != "llvm":
         return None
@@ -56,8 +56,6 @@ def _int4_dot(node: ir.Node, ctx: PassContext) -> str | None:
 def _target_tile(ctx: PassContext) -> tuple[int, str]:
     if ctx.target is None:
         return NO_TARGET_TILE, "no target given"
-    from edgecc.kernels.int8 import panel_width
-
     tile = panel_width(ctx.target.tvm_target())
     return tile, f"target {ctx.target.name}"
 
