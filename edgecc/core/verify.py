@@ -7,6 +7,7 @@ import math
 import os
 import re
 import tempfile
+from typing import Callable
 
 import ml_dtypes
 import numpy as np
@@ -86,6 +87,10 @@ class TensorSpec:
 
     def to_json(self) -> dict:
         return {"name": self.name, "dtype": self.dtype.name, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TensorSpec":
+        return cls(data["name"], np.dtype(data["dtype"]), tuple(data["shape"]))
 
 
 # Element types edgecc compiles no tensor of: strings, float6. (float8, float4, int4 and int2, which
@@ -212,14 +217,25 @@ def random_inputs(
     whatever its inputs and dims are called: batch 1, seq 5, past 3 where not pinned, the mask
     over past + seq tokens, positions past .. past + seq - 1, and the cache the model makes of
     `past` random tokens."""
+    specs, lm = graph_inputs(model), lm_signature.find(model)
+    ranges = integer_ranges(model, _input_dims(specs, lm, dim_values))
+    return draw_inputs(specs, seed, dim_values, ranges, lm, lambda feeds: run_ort(model, feeds))
+
+
+def draw_inputs(
+    specs: list[TensorSpec], seed: int = 0, dim_values: dict[str, int] | None = None,
+    ranges: dict[str, tuple[int, int]] | None = None, lm: lm_signature.LMSignature | None = None,
+    run: Callable[[dict], dict] | None = None,
+) -> dict[str, np.ndarray]:
+    """random_inputs without the graph, for a compiled artifact: its input `specs`, the integer
+    `ranges` the graph allows (integer_ranges), its LM signature and, with one, `run`, the model
+    as a function of feeds (it makes the LM's cache)."""
     rng = np.random.default_rng(seed)
-    lm = lm_signature.find(model)
-    if lm is not None:
-        dim_values = lm.verify_dims({s.name: s.shape for s in graph_inputs(model)}, dim_values or {})
-    ranges = integer_ranges(model, dim_values)
+    dim_values = _input_dims(specs, lm, dim_values)
+    ranges = ranges or {}
     feeds = {}
-    for spec in graph_inputs(model):
-        shape = spec.concrete(dim_values or {})
+    for spec in specs:
+        shape = spec.concrete(dim_values)
         if math.prod(shape) > MAX_RANDOM_ELEMENTS:
             raise UserError(f"input '{spec.name}': shape {list(shape)} is too large to draw verification "
                             f"data for (over 2^28 elements); give smaller sizes with --dim")
@@ -245,8 +261,8 @@ def random_inputs(
             feeds[lm.positions.name] = np.broadcast_to(np.arange(past, past + seq),
                                                        positions.shape).astype(positions.dtype)
         if past:
-            ids = next(spec for spec in graph_inputs(model) if spec.name == lm.ids.name)
-            feeds.update(_prefilled_cache(model, lm, past, feeds[lm.ids.name].shape[0],
+            ids = next(spec for spec in specs if spec.name == lm.ids.name)
+            feeds.update(_prefilled_cache(run, lm, past, feeds[lm.ids.name].shape[0],
                                           _integer_range(ids, ranges), rng))
         return feeds
     positions = feeds.get("position_ids")
@@ -258,19 +274,26 @@ def random_inputs(
     return feeds
 
 
-def _prefilled_cache(model: onnx.ModelProto, lm, past: int, batch: int, id_range: tuple[int, int],
+def _input_dims(specs: list[TensorSpec], lm, dim_values: dict[str, int] | None) -> dict[str, int]:
+    """The given dims, and of a causal LM the sizes that make its inputs agree (verify_dims)."""
+    if lm is None:
+        return dim_values or {}
+    return lm.verify_dims({s.name: s.shape for s in specs}, dim_values or {})
+
+
+def _prefilled_cache(run: Callable[[dict], dict], lm, past: int, batch: int, id_range: tuple[int, int],
                      rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """The KV cache the model itself makes of `past` random tokens, run in ONNX Runtime: what a
-    decoding step really reads. N(0,1) keys and values are nothing a model produces; through a
-    quantized SmolLM2 they gave logits a relative RMS error of 1.3 from fp32 where real text
-    decodes the same tokens."""
+    """The KV cache the model itself makes of `past` random tokens (`run`: the model, in ONNX
+    Runtime or compiled): what a decoding step really reads. N(0,1) keys and values are nothing a
+    model produces; through a quantized SmolLM2 they gave logits a relative RMS error of 1.3 from
+    fp32 where real text decodes the same tokens."""
     prefill = {lm.ids.name: rng.integers(*id_range, (batch, past)).astype(lm.ids.dtype),
                **{e.past: e.empty(batch) for e in lm.cache}}
     if lm.mask:
         prefill[lm.mask.name] = np.ones((batch, past), lm.mask.dtype)
     if lm.positions:
         prefill[lm.positions.name] = np.broadcast_to(np.arange(past), (batch, past)).astype(lm.positions.dtype)
-    outputs = run_ort(model, prefill)
+    outputs = run(prefill)
     return {e.past: outputs[e.present] for e in lm.cache}
 
 
