@@ -267,7 +267,7 @@ def main() -> int:
         rows[name] = row
         out_dir = work / f"art-{name}"
         kwargs = {"calibration": str(calib_path) if calibrated else None,
-                  "dim_values": {"batch": 2}, "force": True}
+                  "dim_values": {"batch": 2}, "force": True, "keep_reference": True}
         print(f"[{name}] compiling {pipeline} ...", flush=True)
         t = time.perf_counter()
         try:

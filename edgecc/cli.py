@@ -41,7 +41,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
         dim_values=_parse_dims(a.dim or []), calibration=a.calibration, explain=a.explain, seed=a.seed,
         shapes=_parse_dims(a.shape or [], "--shape"), constants=fixed_inputs.parse(a.const),
         tuning_logs=tuple(a.tuning_log or ()),
-        tuning_store=False if a.no_tuning_store else a.tuning_store,
+        tuning_store=False if a.no_tuning_store else a.tuning_store, keep_reference=a.keep_reference,
         log=(lambda _m: None) if a.quiet else _log,
     )
     build = art.manifest["build"]
@@ -78,35 +78,52 @@ def cmd_run(a: argparse.Namespace) -> int:
     from edgecc.runtime.artifact import Artifact
 
     art = Artifact.load(a.artifact)
+    runs = 0
+
+    def run(feeds: dict) -> dict:
+        nonlocal runs
+        runs += 1
+        if a.emulate:
+            from edgecc.runtime import emulator
+
+            return emulator.run_artifact(art.path, feeds, threads=a.threads)
+        return art.run(feeds, threads=a.threads)
+
     if a.inputs:
         from edgecc.core.calibration import read_npz
 
         feeds = read_npz(a.inputs)
     else:
-        import onnx
-
-        from edgecc.core.verify import random_inputs
-
-        model = onnx.load(str(art.path / "model.opt.onnx"))
-        feeds = random_inputs(model, a.seed, _parse_dims(a.dim or []))
+        feeds = _random_inputs(art, a.seed, _parse_dims(a.dim or []), run)
         _log(f"no --inputs: seeded random inputs {({k: list(v.shape) for k, v in feeds.items()})}")
     start = time.perf_counter()
+    outputs = run(feeds)
     if a.emulate:
-        from edgecc.runtime import emulator
-
-        outputs = emulator.run_artifact(art.path, feeds, threads=a.threads)
         _log("ran under qemu-user emulation: its timings say nothing about the device, none shown")
     elif art.manifest["build"].get("runtime") == "litert":
-        outputs = art.run(feeds)
         _log("ran model.tflite in LiteRT's interpreter on this CPU (not on an Edge TPU): no timing shown")
     else:
-        outputs = art.run(feeds, threads=a.threads)
-        _log(f"ran in {(time.perf_counter() - start) * 1000:.1f} ms (first run, includes loading)")
+        loading = " (first run, includes loading)" if runs == 1 else ""
+        _log(f"ran in {(time.perf_counter() - start) * 1000:.1f} ms{loading}")
     for name, value in outputs.items():
         print(f"{name}: {value.dtype} {list(value.shape)} mean={value.mean():.6g} std={value.std():.6g}")
     if a.output:
         _write_npz(Path(a.output), outputs)
     return 0
+
+
+def _random_inputs(art, seed: int, dims: dict[str, int], run) -> dict:
+    """Seeded inputs drawn by edgecc.core.verify's rules from the manifest alone (an artifact need
+    not ship its graph): its input signatures and integer ranges, and of a causal LM its signature,
+    the cache made by the artifact itself (`run`)."""
+    from edgecc.core.lm_signature import LMSignature
+    from edgecc.core.verify import TensorSpec, draw_inputs
+
+    specs = [TensorSpec.from_json(s) for s in art.inputs]
+    ranges = {s["name"]: tuple(s["range"]) for s in art.inputs if "range" in s}
+    signature = art.manifest.get("lm", {}).get("signature")
+    lm = LMSignature.from_json(signature) if signature else None
+    return draw_inputs(specs, seed, dims, ranges, lm, run)
 
 
 def _write_npz(out: Path, arrays: dict) -> None:
@@ -326,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tuning-store", metavar="DIR", help="local tuning-record store (default "
                    "$EDGECC_TUNING_DIR or ~/.cache/edgecc/tuning)")
     c.add_argument("--no-tuning-store", action="store_true", help="do not use the local store's records")
+    c.add_argument("--keep-reference", action="store_true",
+                   help="also write model.opt.onnx, the optimized graph ONNX Runtime runs as the reference "
+                        "(a second copy of every weight)")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_compile)
 

@@ -23,11 +23,11 @@ from edgecc.core import lm_signature
 from edgecc.core.ir import save_model
 from edgecc.core.optimize import CompileOptions, Optimized, run_pipeline
 from edgecc.core.target import TargetDesc, load_target
-from edgecc.core.verify import TensorSpec, graph_inputs, graph_outputs
+from edgecc.core.verify import TensorSpec, graph_inputs, graph_outputs, integer_ranges
 from edgecc.errors import UserError
-from edgecc.runtime.artifact import Artifact, check_replaceable, staged_output, write_manifest
+from edgecc.runtime.artifact import (REFERENCE_MODEL, Artifact, check_replaceable, staged_output,
+                                     write_manifest)
 
-OPT_MODEL = "model.opt.onnx"
 TOKENIZER = "tokenizer.json"
 
 
@@ -62,7 +62,8 @@ def compile(
         t = time.perf_counter()
         built = backend.build(opt, stage_dir)
         opt.timings["build"] = round(time.perf_counter() - t, 3)
-        save_model(opt.optimized, stage_dir / OPT_MODEL)
+        if opts.keep_reference:  # verification below runs the optimized model from memory, not this file
+            save_model(opt.optimized, stage_dir / REFERENCE_MODEL)
         manifest = {**manifest_head(opt, model, opts, backend.builder), **built, "timings_s": opt.timings,
                     **({"lm": lm} if lm else {})}
         write_manifest(stage_dir, manifest)
@@ -90,9 +91,11 @@ def manifest_head(opt: Optimized, model, options: CompileOptions, builder: str) 
     """What every artifact's manifest records first: when and with which versions it was built
     (`builder`: the distribution that builds it), from what source, for which target, pipeline
     and options, its inputs and outputs (the optimized model's, with the dims `--shape` fixed
-    written as numbers), and the passes' reports."""
+    written as numbers; an integer input that indexes a table or divides with the `range` [low,
+    high) of the values it may take), and the passes' reports."""
     t = opt.target
     inputs, outputs = _bind(graph_inputs(opt.proto), options.shapes), _bind(graph_outputs(opt.proto), options.shapes)
+    ranges = _input_ranges(opt)
     return {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {d: _version(d) for d in ("edgecc", builder, "onnx", "onnxruntime", "onnx-ir",
@@ -103,7 +106,8 @@ def manifest_head(opt: Optimized, model, options: CompileOptions, builder: str) 
         "pipeline": str(opt.pipeline.resolved()),
         "pipeline_given": str(opt.pipeline),
         "options": options.to_json(),
-        "inputs": [s.to_json() for s in inputs],
+        "inputs": [dict(s.to_json(), **({"range": list(ranges[s.name])} if s.name in ranges else {}))
+                   for s in inputs],
         "outputs": [s.to_json() for s in outputs],
         **({"constants": opt.constants} if opt.constants else {}),
         "passes": [r.to_json() for r in opt.reports],
@@ -133,6 +137,14 @@ def _lm_facts(source: onnx.ModelProto, model_path: Path, stage_dir: Path) -> dic
         shutil.copyfile(tokenizer, stage_dir / TOKENIZER)
         lm["tokenizer"] = TOKENIZER
     return lm
+
+
+def _input_ranges(opt: Optimized) -> dict[str, tuple[int, int]]:
+    """What `edgecc run` needs to draw integer inputs the model can take once the graph is gone."""
+    try:
+        return integer_ranges(opt.proto, opt.ctx.dim_values)
+    except UserError:  # an input random data cannot stand in for (a shape): `run` needs --inputs anyway
+        return {}
 
 
 def _bind(specs: list[TensorSpec], shapes: dict[str, int]) -> list[TensorSpec]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 
 import edgecc
 from edgecc.core.optimize import CompileOptions
@@ -85,21 +86,42 @@ def test_manifest_records_what_reproduces_the_build(host_artifacts):
     assert all(p["seconds"] >= 0 and "stats" in p for p in m["passes"])
     assert m["versions"]["apache-tvm"] == "0.27.0.post1"
     assert m["target"]["name"] == "host" and len(m["target"]["fingerprint"]) == 16
-    assert m["inputs"] == [{"name": "ids", "dtype": "int64", "shape": ["batch", "seq"]}]
+    # ids index a 512-row embedding: the range random inputs are drawn from without the graph
+    assert m["inputs"] == [{"name": "ids", "dtype": "int64", "shape": ["batch", "seq"], "range": [0, 512]}]
     assert m["outputs"][0]["name"] == "logits"
     for name, info in m["files"].items():
         assert sha256_file(art.path / name) == info["sha256"]
-    assert {"model.so", "weights.bin", "model.opt.onnx", "report.md"} <= set(m["files"])
+    assert set(m["files"]) == {"model.so", "weights.bin", "report.md"}  # model.opt.onnx only if kept
     # The weights live beside the library, each tensor 64-byte aligned for a zero-copy mapping.
     stored = m["build"]["weights"]["tensors"]
     assert all(t["offset"] % 64 == 0 for t in stored)
     assert sum(t["bytes"] for t in stored) > 3 * m["files"]["model.so"]["bytes"]
     report = (art.path / "report.md").read_text()
     assert "simplify" in report and "max abs error" in report
-    # The optimized graph is runnable in ORT as a reference.
-    opt = onnx.load(str(art.path / "model.opt.onnx"))
+
+
+def test_an_artifact_holds_its_weights_once(host_artifacts, example_path):
+    art = host_artifacts("tiny-lm")
+    files = art.manifest["files"]
+    weights = {name: f["bytes"] for name, f in files.items() if name not in ("model.so", "report.md")}
+    assert list(weights) == ["weights.bin"]
+    source = onnx.load(str(example_path("tiny-lm")))
+    initializers = sum(numpy_helper.to_array(t).nbytes for t in source.graph.initializer)
+    assert 0.9 * initializers < weights["weights.bin"] < 1.1 * initializers  # once; twice would be 2x
+    with pytest.raises(UserError, match="no model.opt.onnx .*--keep-reference"):
+        art.reference_path
+
+
+def test_keep_reference_ships_the_graph_onnxruntime_runs_as_the_artifact(example_path, tmp_path):
+    res = run_cli("compile", example_path("tiny-lm"), "-o", tmp_path / "a", "--keep-reference", "-q")
+    assert res.returncode == 0, res.stderr
+    art = Artifact.load(tmp_path / "a")
+    assert art.manifest["options"]["keep_reference"] is True
+    assert art.reference_path.name in art.manifest["files"]  # listed, so hashed and checked on load
+    opt = onnx.load(str(art.reference_path))
     feeds = random_inputs(opt, seed=3, dim_values={"seq": 4})
-    assert compare(run_ort(opt, feeds), art.run(feeds)).ok
+    result = compare(run_ort(opt, feeds), art.run(feeds))
+    assert result.ok, result.detail
 
 
 def test_threads_option_gives_the_same_numbers(host_artifacts):
@@ -109,10 +131,11 @@ def test_threads_option_gives_the_same_numbers(host_artifacts):
     np.testing.assert_allclose(one, two, rtol=1e-6, atol=1e-6)
 
 
-def test_cli_run_with_npz(host_artifacts, example_path, tmp_path):
+def test_cli_run_with_npz_and_without(host_artifacts, example_path, tmp_path):
     art = host_artifacts("mlp")
     x = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
     np.savez(tmp_path / "in.npz", x=x)
+    assert "model.opt.onnx" not in art.manifest["files"]
     res = run_cli("run", art.path, "--inputs", tmp_path / "in.npz", "--output", tmp_path / "out.npz",
                   "--threads", "2")
     assert res.returncode == 0, res.stderr
@@ -120,6 +143,9 @@ def test_cli_run_with_npz(host_artifacts, example_path, tmp_path):
     got = dict(np.load(tmp_path / "out.npz"))
     ref = run_ort(onnx.load(str(example_path("mlp"))), {"x": x})
     assert compare(ref, got).ok
+    res = run_cli("run", art.path, "--dim", "batch=3")  # seeded random inputs from the manifest
+    assert res.returncode == 0, res.stderr
+    assert "y: float32 [3, 10]" in res.stdout and "{'x': [3, 64]}" in res.stderr
 
 
 def test_run_rejects_wrong_inputs(host_artifacts):

@@ -176,7 +176,8 @@ def test_flatbuffer_is_fully_int8_static_with_no_edge_conversions(built, name):
 
 
 def test_run_cli_runs_the_artifact_in_litert(built, tmp_path):
-    _, _, art = built("convnet")
+    path, _, art = built("convnet")
+    assert "model.opt.onnx" not in art.manifest["files"]  # the device needs model.tflite, not the graph
     x = edgetpu_models.calibration("convnet", 1, seed=5)["x"]
     np.savez(tmp_path / "in.npz", x=x)
     res = run_cli("run", art.path, "--inputs", tmp_path / "in.npz", "--output", tmp_path / "out.npz")
@@ -185,8 +186,10 @@ def test_run_cli_runs_the_artifact_in_litert(built, tmp_path):
     with np.load(tmp_path / "out.npz") as z:
         from edgecc.core.verify import run_ort
 
-        ref = run_ort(onnx.load(str(art.path / "model.opt.onnx")), {"x": x})["y"]
+        ref = run_ort(onnx.load(str(path)), {"x": x})["y"]
         assert np.corrcoef(z["y"].ravel(), ref.ravel())[0, 1] > 0.99
+    res = run_cli("run", art.path)  # random inputs from the manifest's signatures
+    assert res.returncode == 0 and "y: float32 [1, 10]" in res.stdout, res.stderr
 
 
 def test_without_calibration_it_calibrates_on_synthetic_inputs_and_says_so(built, tmp_path):
@@ -237,6 +240,10 @@ def test_embedding_lookup_is_left_to_the_host(tmp_path):
 
     out = run_artifact(art, {"ids": np.array([[1, 2, 3, 4, 5, 6]], np.int64)})
     assert out["y"].shape == (1, 6, 8) and art.manifest["edgetpu"]["prediction"]["mac_coverage"] == 1.0
+    # Without model.opt.onnx, random ids come from the range the manifest records: rows of the table.
+    assert "model.opt.onnx" not in art.manifest["files"] and art.inputs[0]["range"] == [0, 50]
+    res = run_cli("run", art.path, "--seed", "3")
+    assert res.returncode == 0 and "y: float32 [1, 6, 8]" in res.stdout, res.stderr
 
 
 # --- bad input and limits ---------------------------------------------------------------------------

@@ -70,7 +70,7 @@ def test_matches_onnxruntime(emu, rpi4_artifact, name):
 
 def test_quantized_pipeline_matches_onnxruntime_on_its_int8_graph(emu, example_path, tmp_path):
     art = edgecc.compile(example_path("tiny-lm"), "rpi4", tmp_path / "int8",
-                         "simplify,fuse,quantize-int8{smoothquant=0.5}")
+                         "simplify,fuse,quantize-int8{smoothquant=0.5}", keep_reference=True)
     # compile itself verified it under emulation, against the int8 graph and the fp32 bound
     assert art.manifest["verification"]["runner"] == "qemu-user emulation"
     assert art.manifest["verification"]["ok"]
@@ -147,7 +147,7 @@ def test_bad_inputs_are_a_user_error(emu, rpi4_artifact):
 
 def test_failure_inside_emulation_reports_its_last_line(emu, rpi4_artifact, tmp_path):
     model_path, art = rpi4_artifact("mlp")
-    broken = _copy_with(art, tmp_path / "broken", "build", library="model.opt.onnx")  # not a library
+    broken = _copy_with(art, tmp_path / "broken", "build", library="report.md")  # not a library
     with pytest.raises(EdgeccError, match="emulated run failed: .+") as info:
         emulator.run_artifact(broken, random_inputs(onnx.load(model_path)))
     assert not isinstance(info.value, UserError)

@@ -10,7 +10,7 @@ import pytest
 
 import edgecc
 from edgecc.core import lm_signature
-from edgecc.core.verify import dim_expr, graph_inputs, random_inputs
+from edgecc.core.verify import compare, dim_expr, graph_inputs, random_inputs
 from edgecc.lm import generate
 from edgecc.models import llama
 from edgecc.models.examples import TINY_LLAMA
@@ -26,7 +26,7 @@ def tiny_llama(example_path):
 
 @pytest.fixture(scope="module")
 def artifact(tiny_llama, tmp_path_factory):
-    return edgecc.compile(tiny_llama, "host", tmp_path_factory.mktemp("art") / "tl")
+    return edgecc.compile(tiny_llama, "host", tmp_path_factory.mktemp("art") / "tl", keep_reference=True)
 
 
 def test_cache_decode_equals_full_sequence(tiny_llama):
@@ -85,6 +85,18 @@ def test_one_artifact_serves_prefill_and_decode(artifact):
     assert len(got.tokens) == 32
     assert got.tokens == want.tokens
     assert len(set(got.tokens)) > 1  # a constant stream would make the comparison weak
+
+
+def test_run_draws_from_the_manifest_the_inputs_random_inputs_draws_from_the_graph(artifact, tmp_path):
+    """`edgecc run` needs no model.opt.onnx: the manifest's signatures, ranges and LM signature give
+    the feeds random_inputs gives, the cache made of the same random tokens by the artifact itself."""
+    res = run_cli("run", artifact.path, "--dim", "seq=3", "--seed", "4", "--output", tmp_path / "out.npz")
+    assert res.returncode == 0, res.stderr
+    feeds = random_inputs(onnx.load(str(artifact.reference_path)), seed=4, dim_values={"seq": 3})
+    assert str({k: list(v.shape) for k, v in feeds.items()}) in res.stderr
+    with np.load(tmp_path / "out.npz") as got:
+        result = compare(artifact.run(feeds), dict(got), across_engines=True)  # ORT made the cache here
+    assert result.ok, result.detail
 
 
 def test_greedy_stops_at_eos(artifact):

@@ -42,6 +42,7 @@ class CompileOptions:
     seed: int = 0  # seeds random inputs and synthetic calibration
     tuning_logs: tuple[str | os.PathLike, ...] = ()  # tuning-record files to apply
     tuning_store: str | os.PathLike | None | bool = None  # a store directory, None: default, False: none
+    keep_reference: bool = False  # also ship model.opt.onnx, a second copy of every weight
 
     def to_json(self) -> dict:
         """The options as the manifest records them (fixed inputs' values are under `constants`)."""
@@ -113,7 +114,9 @@ def run_pipeline(
     for r in reports if options.explain else ():
         for miss in r.stats.get("near_misses", []):
             log(f"{r.name}: near miss: {miss}")
-    return Optimized(tdesc, pipe, ctx, source, optimized, to_proto(optimized), reports, timings, fixed)
+    # The IR read back from its proto reads its weights there: one copy of them, not two.
+    proto = to_proto(optimized)
+    return Optimized(tdesc, pipe, ctx, source, ir.from_proto(proto), proto, reports, timings, fixed)
 
 
 def _instruments(pipe: Pipeline, options: CompileOptions) -> tuple[Instrument, ...]:

@@ -1,8 +1,8 @@
 """Artifact directories: writing them atomically, loading them with validation, running them.
 
 An artifact holds `manifest.json` (versions, target, resolved pipeline, I/O signatures,
-per-pass reports, sha256 of every file), the compiled library, `model.opt.onnx` and a
-human-readable `report.md`.
+per-pass reports, sha256 of every file), the compiled library and its weights, a human-readable
+`report.md`, and with `--keep-reference` `model.opt.onnx`.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ MANIFEST = "manifest.json"
 MANIFEST_DIGEST = "manifest.sha256"  # sha256 of manifest.json's bytes, checked before anything else
 STAGING_MARKER = ".edgecc-staging"  # in a staging directory: the pid of the process writing it
 MAX_MANIFEST_BYTES = 64 << 20
+# The optimized graph ONNX Runtime runs as the reference: a second copy of every weight, so an
+# artifact ships it only when compiled with --keep-reference.
+REFERENCE_MODEL = "model.opt.onnx"
 _REQUIRED = {"format_version": int, "target": dict, "pipeline": str, "inputs": list,
              "outputs": list, "files": dict, "build": dict}
 
@@ -184,6 +187,10 @@ def _check_shape(manifest: dict[str, Any], mpath: Path) -> None:
             if not isinstance(shape, list) or not all(
                     (_is_int(d) and d >= 0) or isinstance(d, str) or d is None for d in shape):
                 raise bad(f"{where}.shape", "a list of sizes, dim names or nulls")
+            span = spec.get("range", [0, 1])
+            if not (isinstance(span, list) and len(span) == 2 and all(map(_is_int, span))
+                    and span[0] < span[1]):
+                raise bad(f"{where}.range", "[low, high], two integers with low < high")
     target = manifest["target"]
     for key in ("name", "device_kind", "host_arch"):
         if not isinstance(target.get(key), str):
@@ -290,6 +297,14 @@ class Artifact:
     @property
     def outputs(self) -> list[dict]:
         return self.manifest["outputs"]
+
+    @property
+    def reference_path(self) -> Path:
+        """model.opt.onnx; a UserError naming --keep-reference where the artifact has none."""
+        if REFERENCE_MODEL not in self.manifest["files"]:
+            raise UserError(f"{self.path}: no {REFERENCE_MODEL} (the optimized graph ONNX Runtime runs as "
+                            "the reference); compile with --keep-reference to ship it")
+        return self.path / REFERENCE_MODEL
 
     @property
     def model_bytes(self) -> int:

@@ -73,7 +73,8 @@ def _compile(tmp_path, name, opts, target="host"):
     model = tmp_path / "m.onnx"
     onnx.save(linear_model(k=256, n=96), model)
     return edgecc.compile(model, target, tmp_path / name,
-                          f"quantize-int4{{block=32,accuracy_level=4{opts}}},pack-weights")
+                          f"quantize-int4{{block=32,accuracy_level=4{opts}}},pack-weights",
+                          keep_reference=True)
 
 
 @needs_vnni

@@ -99,7 +99,8 @@ def test_compiled_packed_lm_equals_the_unpacked_one(example_path, tmp_path):
     """Integer sums are exact in any layout, so packing changes no output bit."""
     src = example_path("tiny-lm")
     plain = edgecc.compile(src, "host", tmp_path / "plain", "simplify,fuse,quantize-int8")
-    packed = edgecc.compile(src, "host", tmp_path / "packed", "simplify,fuse,quantize-int8,pack-weights")
+    packed = edgecc.compile(src, "host", tmp_path / "packed", "simplify,fuse,quantize-int8,pack-weights",
+                            keep_reference=True)
     reports = {p["name"]: p for p in packed.manifest["passes"]}
     assert reports["pack-weights"]["stats"]["int8_packed"] > 0
     feeds = random_inputs(onnx.load(str(packed.path / "model.opt.onnx")), seed=5,

@@ -179,7 +179,8 @@ def test_bad_options(text, fragment):
 
 def test_compiled_example_lm_matches_ort_and_stores_nibbles(example_path, tmp_path):
     fp32 = edgecc.compile(example_path("tiny-lm"), "host", tmp_path / "fp32", "simplify,fuse")
-    int4 = edgecc.compile(example_path("tiny-lm"), "host", tmp_path / "int4", "simplify,fuse,quantize-int4")
+    int4 = edgecc.compile(example_path("tiny-lm"), "host", tmp_path / "int4", "simplify,fuse,quantize-int4",
+                          keep_reference=True)
     v = int4.manifest["verification"]
     assert v["ok"] and v["reference"] == "onnxruntime (optimized model)" and v["max_abs"] < 1e-4
     assert v["cosine_vs_fp32"] > 0.99

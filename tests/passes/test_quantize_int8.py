@@ -201,7 +201,8 @@ def test_verify_names_a_lossy_pass_that_exceeds_its_drift(monkeypatch):
 
 def test_compiled_example_lm_is_smaller_and_matches_ort_on_the_int8_graph(example_path, tmp_path):
     fp32 = edgecc.compile(example_path("tiny-lm"), "host", tmp_path / "fp32", "simplify,fuse")
-    int8 = edgecc.compile(example_path("tiny-lm"), "host", tmp_path / "int8", "simplify,fuse,quantize-int8")
+    int8 = edgecc.compile(example_path("tiny-lm"), "host", tmp_path / "int8", "simplify,fuse,quantize-int8",
+                          keep_reference=True)
     v = int8.manifest["verification"]
     assert v["ok"] and v["reference"] == "onnxruntime (optimized model)"
     assert v["relative_error_vs_fp32"] < 0.05 and v["cosine_vs_fp32"] > 0.999
