@@ -7,7 +7,7 @@ import pytest
 from onnx import helper
 
 import edgecc
-from edgecc.core.verify import graph_inputs, random_inputs, relative_error, relative_rmse
+from edgecc.core.verify import IN_PLACE_BYTES, graph_inputs, random_inputs, relative_error, relative_rmse, run_ort
 from edgecc.errors import UserError
 from edgecc.runtime.isolate import ModuleCrash, run_isolated
 
@@ -131,3 +131,30 @@ def test_the_isolated_run_follows_parallel_kernels_run_in_the_parent(tmp_path):
     x = np.ones((64, 256), np.float32)
     expected = art.run({"x": x})["y"]
     assert (run_isolated(art, {"x": x}, timeout=120)["y"] == expected).all()
+
+
+def test_ort_reads_large_weights_in_place_and_small_ones_from_the_graph():
+    """Large float and integer initializers reach ONNX Runtime as arrays beside the graph; the
+    outputs are those of the whole model, and the model given is left as it was."""
+    rng = np.random.default_rng(0)
+    rows = IN_PLACE_BYTES // (4 * 16) + 1
+    w = rng.standard_normal((16, rows)).astype(np.float32)  # over the bound
+    b = rng.standard_normal(rows).astype(np.float32)  # under it
+    table = rng.integers(-5, 5, (rows, 16)).astype(np.int64)
+    f = onnx.TensorProto.FLOAT
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"]),
+         helper.make_node("Gather", ["table", "ids"], ["rows"])], "g",
+        [helper.make_tensor_value_info("x", f, [2, 16]),
+         helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [3])],
+        [helper.make_tensor_value_info("y", f, [2, rows]),
+         helper.make_tensor_value_info("rows", onnx.TensorProto.INT64, [3, 16])],
+        [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(b, "b"),
+         onnx.numpy_helper.from_array(table, "table")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    before = model.SerializeToString()
+    x, ids = rng.standard_normal((2, 16)).astype(np.float32), np.array([0, 7, rows - 1])
+    got = run_ort(model, {"x": x, "ids": ids})
+    np.testing.assert_allclose(got["y"], x @ w + b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got["rows"], table[ids])
+    assert model.SerializeToString() == before

@@ -344,13 +344,18 @@ def ort_session(model: onnx.ModelProto, optimize: bool = False, threads: int = 0
     )
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
+    model, weights = _weights_apart(model)
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()]
+    if weights:
+        so.add_external_initializers(list(weights), values)
     try:
         if model.ByteSize() < 1_800_000_000:
-            return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        with tempfile.TemporaryDirectory() as d:  # over protobuf's 2 GB limit: go through a file
-            path = os.path.join(d, "model.onnx")
-            onnx.save(model, path, save_as_external_data=True, location="model.onnx.data")
-            return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        else:
+            with tempfile.TemporaryDirectory() as d:  # over protobuf's 2 GB limit: go through a file
+                path = os.path.join(d, "model.onnx")
+                onnx.save(model, path, save_as_external_data=True, location="model.onnx.data")
+                session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.NotImplemented,
             ort.capi.onnxruntime_pybind11_state.InvalidGraph) as e:
         # The reference cannot run the model (an op version ORT dropped, an invalid graph): the model's
@@ -358,6 +363,55 @@ def ort_session(model: onnx.ModelProto, optimize: bool = False, threads: int = 0
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"ONNX Runtime, the reference edgecc verifies against, cannot load the model: "
                         f"{detail[-300:]}") from None
+    session.edgecc_weights = values  # ORT reads these arrays in place for as long as the session lives
+    return session
+
+
+# Initializers this large reach ONNX Runtime as arrays it uses in place: serialized with the graph,
+# each weight would be held three times while the session loads (the proto, its bytes, ORT's copy).
+IN_PLACE_BYTES = 1 << 16
+_IN_PLACE_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                   onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16,
+                   onnx.TensorProto.UINT16, onnx.TensorProto.INT32, onnx.TensorProto.UINT32,
+                   onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
+
+
+def _weights_apart(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The model with its large initializers' data left out (each is a stub ORT fills from the
+    arrays by name), and those arrays; the model itself when it has none."""
+    def in_place(t: onnx.TensorProto) -> bool:
+        return (t.data_type in _IN_PLACE_TYPES and t.data_location == onnx.TensorProto.DEFAULT
+                and t.HasField("raw_data")
+                and math.prod(t.dims) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize >= IN_PLACE_BYTES)
+
+    if not any(in_place(t) for t in model.graph.initializer):
+        return model, {}
+    light = _copy_except(model, onnx.ModelProto(), "graph")
+    _copy_except(model.graph, light.graph, "initializer")
+    weights = {}
+    for t in model.graph.initializer:
+        if not in_place(t):
+            light.graph.initializer.add().CopyFrom(t)
+            continue
+        weights[t.name] = onnx.numpy_helper.to_array(t)
+        stub = light.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims,
+                                           data_location=onnx.TensorProto.EXTERNAL)
+        stub.external_data.add(key="location", value="in-memory")
+    return light, weights
+
+
+def _copy_except(src, dst, skipped: str):
+    """`dst` with every field of the message `src` but `skipped` copied into it."""
+    for field, value in src.ListFields():
+        if field.name == skipped:
+            continue
+        if field.is_repeated:
+            getattr(dst, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
+    return dst
 
 
 def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], optimize: bool = False) -> dict:
