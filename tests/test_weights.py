@@ -1,5 +1,8 @@
 """Weights beside the library: lifting constants out of `main`, the file, and the mapped tensors."""
 
+import gc
+import weakref
+
 import numpy as np
 import tvm
 from tvm import relax
@@ -40,3 +43,12 @@ def test_lifted_module_runs_on_the_mapped_file(tmp_path):
     x = rng.standard_normal((2, 64)).astype(np.float32)
     got = vm["main"](tvm.runtime.tensor(x), tensors[0]).numpy()
     np.testing.assert_allclose(got, x @ w @ w + 1, rtol=1e-4, atol=1e-4)
+
+
+def test_lift_keeps_no_reference_to_the_weights_it_returns():
+    """TVM keeps a mutator class alive after its use; the weights must not live as long."""
+    mod, arrays = weights.lift(_module(np.ones((64, 64), np.float32)))
+    lifted = weakref.ref(arrays[0])
+    del mod, arrays
+    gc.collect()
+    assert lifted() is None

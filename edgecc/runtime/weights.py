@@ -40,7 +40,7 @@ def lift(mod, min_bytes: int = MIN_BYTES):
             if not isinstance(const, tvm.ir.Constant):
                 return const
             if const not in params:
-                value = const.value.numpy()
+                value = np.from_dlpack(const.value)  # a view of the constant's memory, not a copy
                 if value.nbytes < min_bytes and value.size:  # TVM cannot load back an empty one it saved
                     return const
                 var = relax.Var(f"weight{len(params)}", relax.TensorType(value.shape, str(value.dtype)))
@@ -51,6 +51,7 @@ def lift(mod, min_bytes: int = MIN_BYTES):
     if not params:
         return mod, []
     lifted = list(params.values())
+    params.clear()  # TVM keeps the mutator class, and so this dict, alive past this call
     func = relax.Function(list(main.params) + [v for v, _ in lifted], body, main.ret_ty, main.is_pure,
                           main.attrs, main.span)
     out = mod.clone()
