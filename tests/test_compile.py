@@ -18,7 +18,7 @@ from edgecc.core.target import load_target
 from edgecc.core.verify import compare, random_inputs, run_ort
 from edgecc.errors import UserError
 from edgecc.runtime import emulator
-from edgecc.runtime.artifact import Artifact, sha256_file
+from edgecc.runtime.artifact import Artifact, sha256_file, write_manifest
 from tests.conftest import run_cli
 
 EM_AARCH64 = 183
@@ -110,6 +110,16 @@ def test_an_artifact_holds_its_weights_once(host_artifacts, example_path):
     assert 0.9 * initializers < weights["weights.bin"] < 1.1 * initializers  # once; twice would be 2x
     with pytest.raises(UserError, match="no model.opt.onnx .*--keep-reference"):
         art.reference_path
+
+
+def test_a_manifest_range_that_holds_no_value_is_refused(host_artifacts, tmp_path):
+    copy = tmp_path / "a"
+    shutil.copytree(host_artifacts("tiny-lm").path, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["inputs"][0]["range"] = [5, 5]
+    write_manifest(copy, manifest)
+    with pytest.raises(UserError, match=r"inputs\[0\]\.range is not \[low, high\]"):
+        Artifact.load(copy)
 
 
 def test_keep_reference_ships_the_graph_onnxruntime_runs_as_the_artifact(example_path, tmp_path):
