@@ -3,7 +3,8 @@
 onnxsim (constant folding through ONNX Runtime, shape propagation, redundancy removal) does
 the heavy lifting; the onnx-ir passes after it clean what it leaves and keep the IR's shapes
 current. Models too large for one protobuf skip onnxsim and use onnxscript's optimizer,
-which folds constants on the IR without serializing it.
+which folds constants on the IR without serializing it. Large weights nothing could fold reach
+onnxsim as graph inputs, without their data (see APART_BYTES).
 """
 
 from __future__ import annotations
@@ -75,12 +76,70 @@ class Simplify(Pass):
 
 
 def _onnxsim(model: ir.Model) -> ir.Model:
+    # onnxsim needs the nodes in order; ONNX Runtime sorts an unsorted graph itself.
+    model = TopologicalSortPass()(model).model
+    weights = _weights_kept_apart(model)
+    simplified = _simplified(model, weights)
+    if _folds_a_weight(simplified, weights):  # onnxsim would have folded it: give it the weights
+        weights, simplified = {}, _simplified(model, {})
+    if not weights:
+        return simplified
+    for name, tensor in weights.items():  # they come back as graph inputs; make them weights again
+        value = next((v for v in simplified.graph.inputs if v.name == name), None)
+        if value is not None:
+            simplified.graph.inputs.remove(value)
+            value.const_value = tensor
+            simplified.graph.register_initializer(value)
+    # In onnxsim's order: the constants it folded first, then the model's own in their order.
+    position = {name: i for i, name in enumerate(model.graph.initializers)}
+    values = sorted(simplified.graph.initializers.values(), key=lambda v: (v.name in position, position.get(v.name, 0)))
+    simplified.graph.initializers.clear()
+    for value in values:
+        simplified.graph.register_initializer(value)
+    return simplified
+
+
+# onnxsim round-trips the model through protobuf several times; weights this large only read by
+# MatMul, Gemm or Gather (nothing onnxsim rewrites or folds while an operand varies) go to it as
+# graph inputs instead, without their data.
+APART_BYTES = 1 << 16
+_READERS = {"MatMul", "Gemm", "Gather"}
+
+
+def _weights_kept_apart(model: ir.Model) -> dict[str, ir.TensorProtocol]:
+    inputs = {v.name for v in model.graph.inputs}
+    return {name: v.const_value for name, v in model.graph.initializers.items()
+            if name not in inputs and v.const_value is not None and v.const_value.nbytes >= APART_BYTES
+            and v.uses() and all(node.op_type in _READERS and node.domain in ("", "ai.onnx")
+                                 for node, _ in v.uses())}
+
+
+def _simplified(model: ir.Model, weights: dict[str, ir.TensorProtocol]) -> ir.Model:
+    """onnxsim's result with `weights` given to it as graph inputs; `model` is left as it was."""
     import onnxsim
 
-    # onnxsim needs the nodes in order; ONNX Runtime sorts an unsorted graph itself.
-    proto = ir.to_proto(TopologicalSortPass()(model).model)
+    order = list(model.graph.initializers.values())
+    apart = [model.graph.initializers.pop(name) for name in weights]
+    model.graph.inputs.extend(apart)
+    try:
+        proto = ir.to_proto(model)
+    finally:
+        for value in apart:
+            model.graph.inputs.remove(value)
+        model.graph.initializers.clear()
+        for value in order:
+            model.graph.register_initializer(value)
     # check_n=0: the pass manager's --verify is the one numeric check, on edgecc's own inputs.
     # Operator fusion is the 'fuse' pass's job, so onnxsim's MatMul+Add->Gemm rewrites stay off.
     simplified, _ = onnxsim.simplify(proto, check_n=0, perform_optimization=True,
                                      skipped_optimizers=list(_FUSIONS_LEFT_TO_FUSE))
     return ir.from_proto(simplified)
+
+
+def _folds_a_weight(model: ir.Model, weights: dict) -> bool:
+    """Whether a node reading a weight kept apart has only constant operands otherwise."""
+    def constant(v: ir.Value | None) -> bool:
+        return v is None or v.is_initializer() or (v.producer() is not None and v.producer().op_type == "Constant")
+
+    return any(all(constant(v) for v in node.inputs if v is None or v.name not in weights)
+               for node in model.graph if any(v is not None and v.name in weights for v in node.inputs))
