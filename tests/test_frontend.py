@@ -246,3 +246,12 @@ def test_hf_model_generates_and_benches(hf_model, arch, exporter, tmp_path):
     for config in result["configs"]:
         assert "error" not in config, config
         assert config["decode"]["tokens_per_s"] > 0 and config["accuracy"]["perplexity"] > 1
+
+
+def test_lowering_does_not_run_the_checker_again(monkeypatch):
+    """The model was checked when loaded; the importer's own check serializes every weight."""
+    model, checked = parse_model(HEAD + "g (float[N] x) => (float[N] y) { y = Relu (x) }"), []
+    monkeypatch.setattr(onnx.checker, "check_model", lambda model, *_args, **_kwargs: checked.append(model))
+    ours = onnx.checker.check_model
+    lower.to_relax(model)
+    assert checked == [] and onnx.checker.check_model is ours  # and put back afterwards
