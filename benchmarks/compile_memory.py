@@ -45,7 +45,8 @@ def measure(model: Path, pipeline: str, verify: bool, out_dir: Path) -> dict:
         log.seek(0)
         last = log.read().strip().splitlines()[-1:]
     return {"pipeline": pipeline, "verify": verify, "peak_rss_bytes": usage.ru_maxrss * 1024,
-            "wall_s": round(time.perf_counter() - t, 1), "ok": code == 0, **({} if code == 0 else {"error": last})}
+            "wall_s": round(time.perf_counter() - t, 1), "ok": code == 0,
+            **({} if code == 0 else {"error": last})}
 
 
 def main() -> None:

@@ -92,7 +92,8 @@ def _onnxsim(model: ir.Model) -> ir.Model:
             simplified.graph.register_initializer(value)
     # In onnxsim's order: the constants it folded first, then the model's own in their order.
     position = {name: i for i, name in enumerate(model.graph.initializers)}
-    values = sorted(simplified.graph.initializers.values(), key=lambda v: (v.name in position, position.get(v.name, 0)))
+    values = sorted(simplified.graph.initializers.values(),
+                    key=lambda v: (v.name in position, position.get(v.name, 0)))
     simplified.graph.initializers.clear()
     for value in values:
         simplified.graph.register_initializer(value)
@@ -139,7 +140,8 @@ def _simplified(model: ir.Model, weights: dict[str, ir.TensorProtocol]) -> ir.Mo
 def _folds_a_weight(model: ir.Model, weights: dict) -> bool:
     """Whether a node reading a weight kept apart has only constant operands otherwise."""
     def constant(v: ir.Value | None) -> bool:
-        return v is None or v.is_initializer() or (v.producer() is not None and v.producer().op_type == "Constant")
+        producer = v.producer() if v is not None else None
+        return v is None or v.is_initializer() or (producer is not None and producer.op_type == "Constant")
 
     return any(all(constant(v) for v in node.inputs if v is None or v.name not in weights)
                for node in model.graph if any(v is not None and v.name in weights for v in node.inputs))

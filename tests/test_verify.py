@@ -7,7 +7,14 @@ import pytest
 from onnx import helper
 
 import edgecc
-from edgecc.core.verify import IN_PLACE_BYTES, graph_inputs, random_inputs, relative_error, relative_rmse, run_ort
+from edgecc.core.verify import (
+    IN_PLACE_BYTES,
+    graph_inputs,
+    random_inputs,
+    relative_error,
+    relative_rmse,
+    run_ort,
+)
 from edgecc.errors import UserError
 from edgecc.runtime.isolate import ModuleCrash, run_isolated
 

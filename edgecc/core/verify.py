@@ -382,7 +382,8 @@ def _weights_apart(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, n
     def in_place(t: onnx.TensorProto) -> bool:
         return (t.data_type in _IN_PLACE_TYPES and t.data_location == onnx.TensorProto.DEFAULT
                 and t.HasField("raw_data")
-                and math.prod(t.dims) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize >= IN_PLACE_BYTES)
+                and math.prod(t.dims) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+                >= IN_PLACE_BYTES)
 
     if not any(in_place(t) for t in model.graph.initializer):
         return model, {}

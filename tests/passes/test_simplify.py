@@ -7,13 +7,13 @@ from collections import Counter
 import numpy as np
 import onnx_ir as ir
 import pytest
+from edgecc.passes import simplify
+from edgecc.passes.simplify import Simplify, _weights_kept_apart
 from onnx import helper, numpy_helper
 
 from edgecc.core.pass_base import PassContext
 from edgecc.core.pass_manager import run_pass
 from edgecc.core.verify import compare, random_inputs, run_ort
-from edgecc.passes import simplify
-from edgecc.passes.simplify import Simplify, _weights_kept_apart
 from tests.conftest import parse_model
 
 # Shape arithmetic that folds to a constant, a dead branch, an Identity chain.
