@@ -17,8 +17,12 @@ from edgecc.core import fixed_inputs
 from edgecc.errors import EdgeccError, UserError, VerificationError
 
 
+_START = time.perf_counter()  # when the command started (main resets it)
+
+
 def _log(msg: str) -> None:
-    print(f"[edgecc] {msg}", file=sys.stderr, flush=True)
+    """A progress line, with the seconds since the command started: a long stage is never silent."""
+    print(f"[edgecc {time.perf_counter() - _START:5.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 def _parse_dims(items: list[str], flag: str = "--dim") -> dict[str, int]:
@@ -455,6 +459,8 @@ def _positive_int(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _START
+    _START = time.perf_counter()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

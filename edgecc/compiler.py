@@ -70,6 +70,7 @@ def compile(
 
         verification = {"skipped": "disabled (--no-verify)"}
         if opts.verify:
+            log("verifying the artifact against ONNX Runtime")
             t = time.perf_counter()
             verification = backend.verify(Artifact.load(stage_dir), opt)
             if "skipped" not in verification:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -276,3 +277,16 @@ def test_positions_from_range_of_shape_keep_their_length(tmp_path):
     for s in (3, 11):
         feeds = random_inputs(model, seed=s, dim_values={"s": s})
         assert compare(run_ort(model, feeds), art.run(feeds), across_engines=True).ok, s
+
+
+def test_a_compile_says_what_it_is_doing(example_path, tmp_path):
+    # Each stage announces itself before it starts, with the seconds since the command began, so a
+    # long compile is never silent.
+    res = run_cli("compile", example_path("mlp"), "-o", tmp_path / "a", "--pipeline", "simplify,fuse")
+    assert res.returncode == 0, res.stderr
+    stages = ["loading", "running simplify", "running fuse", "lowering to TVM Relax", "building for host",
+              "verifying the artifact", "verified against ONNX Runtime"]
+    lines = [line for line in res.stderr.splitlines() if line.startswith("[edgecc ")]
+    found = [next((i for i, line in enumerate(lines) if stage in line), None) for stage in stages]
+    assert None not in found and found == sorted(found), res.stderr
+    assert all(re.match(r"\[edgecc +\d+\.\ds\] ", line) for line in lines), res.stderr

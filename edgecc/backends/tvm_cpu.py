@@ -19,6 +19,7 @@ from edgecc.runtime import weights
 class TVMCPUBackend(TVMBackend):
     def build(self, opt: Optimized, stage_dir: Path) -> dict:
         target, tgt = self.target, self.target.tvm_target()
+        self.log("lowering to TVM Relax")
         mod = lower(opt, self.options.shapes)  # first: an op nobody can lower fails before the long work
         self.log(f"building for {target.name} ({target.device_kind}, host {target.host_arch()})")
         mod, tuned = apply_records(prepare(mod, tgt), tgt, self.records)

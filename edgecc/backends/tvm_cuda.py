@@ -42,6 +42,7 @@ _ELFABIVERSION_CUDA_V2 = 8
 class TVMCudaBackend(TVMBackend):
     def build(self, opt: Optimized, stage_dir: Path) -> dict:
         target, tgt = self.target, self.target.tvm_target()
+        self.log("lowering to TVM Relax")
         mod = lower(opt, self.options.shapes)  # first: an op nobody can lower fails before the long work
         self.log(f"building for {target.name} ({target.device_kind}, host {target.host_arch()})")
         facts = build_cuda(mod, tgt, str(stage_dir / LIBRARY_NAME),

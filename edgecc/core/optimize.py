@@ -96,6 +96,7 @@ def run_pipeline(
     ctx = PassContext(target=tdesc, seed=options.seed, explain=options.explain,
                       dim_values={**options.dim_values, **options.shapes})
 
+    log(f"loading {model}")
     source, fixed = fixed_inputs.fix(to_proto(load_model(model)), options.constants, str(model))
     symbolic = {d for spec in graph_inputs(source) for d in spec.shape if isinstance(d, str)}
     graph_outputs(source)  # an output edgecc cannot compile (a sequence) is refused up front

@@ -147,6 +147,7 @@ class PassManager:
         shapes_current = False  # shapes were inferred and no pass has changed the model since
         for spec, resolved in zip(self.pipeline.passes, self.pipeline.resolved().passes):
             p = spec.instantiate()
+            self.log(f"running {resolved}")  # a pass on a large model can take minutes
             before = _count_nodes(model)
             start = time.perf_counter()
             try:

@@ -96,12 +96,14 @@ class EdgeTPUBackend(Backend):
                             "tuning records do not apply")
 
     def build(self, opt: Optimized, stage_dir: Path) -> dict:
+        self.log("calibrating int8 ranges in ONNX Runtime")
         t = time.perf_counter()
         self.samples, self.origin = _samples(opt.proto, opt.ctx.calibration, self.options.seed, self.log)
         skip, host_outputs = _host_split(opt)
         device_inputs = host_outputs + [s.name for s in graph_inputs(opt.proto) if s.dtype.kind == "f"]
         ranges = tflite.calibrate(opt.proto, self.samples)
         opt.timings["calibrate"] = round(time.perf_counter() - t, 3)
+        self.log(f"writing {litert.TFLITE}")
         t = time.perf_counter()
         exported = tflite.export(opt.proto, ranges, skip, device_inputs)
         opt.timings["export"] = round(time.perf_counter() - t, 3)
