@@ -52,3 +52,18 @@ def test_lift_keeps_no_reference_to_the_weights_it_returns():
     del mod, arrays
     gc.collect()
     assert lifted() is None
+
+
+def test_types_numpy_cannot_view_are_lifted_as_copies():
+    # numpy's DLPack has no bfloat16 (nor ml_dtypes' other types): those constants are copied out.
+    import ml_dtypes
+
+    w = np.arange(64 * 64, dtype=np.float32).reshape(64, 64).astype(ml_dtypes.bfloat16)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 64), "bfloat16"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.matmul(x, relax.const(w)))
+        bb.emit_func_output(out)
+    _, arrays = weights.lift(bb.get())
+    assert len(arrays) == 1 and arrays[0].dtype == w.dtype and np.array_equal(arrays[0], w)

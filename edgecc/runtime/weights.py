@@ -40,7 +40,10 @@ def lift(mod, min_bytes: int = MIN_BYTES):
             if not isinstance(const, tvm.ir.Constant):
                 return const
             if const not in params:
-                value = np.from_dlpack(const.value)  # a view of the constant's memory, not a copy
+                # A view of the constant's memory, not a copy, where numpy's DLPack knows the dtype
+                # (not bfloat16 and the other ml_dtypes types: those are copied).
+                native = np.dtype(str(const.value.dtype)).kind in "iuf"
+                value = np.from_dlpack(const.value) if native else const.value.numpy()
                 if value.nbytes < min_bytes and value.size:  # TVM cannot load back an empty one it saved
                     return const
                 var = relax.Var(f"weight{len(params)}", relax.TensorType(value.shape, str(value.dtype)))
