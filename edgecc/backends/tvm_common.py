@@ -7,8 +7,10 @@ build from `prepare`, which `edgecc tune` measures, so tuning records match what
 
 from __future__ import annotations
 
+import abc
 import shutil
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -47,6 +49,17 @@ class TVMBackend(Backend):
         require_tool(self.target, "cc")  # a missing cross toolchain must fail before the long work
         self.runner, self.why_not = _runner_for(self.target)
         self.records = records_for(self.target, self.options.tuning_logs, self.options.tuning_store, self.log)
+
+    def build(self, opt: Optimized, stage_dir: Path) -> dict:
+        self.log("lowering to TVM Relax")
+        mod = lower(opt, self.options.shapes)  # first: an op nobody can lower fails before the long work
+        t = self.target
+        self.log(f"building for {t.name} ({t.device_kind}, host {t.host_arch()})")
+        return {"build": self.build_lowered(mod, stage_dir)}
+
+    @abc.abstractmethod
+    def build_lowered(self, mod, stage_dir: Path) -> dict:
+        """Build the lowered Relax module into `stage_dir`; returns the manifest's `build` entry."""
 
     def verify(self, artifact: Artifact, opt: Optimized) -> dict:
         if self.runner is None:

@@ -9,19 +9,15 @@ from pathlib import Path
 import tvm
 from tvm.support import cc as tvm_cc
 
-from edgecc.backends.tvm_common import (LIBRARY_NAME, TVMBackend, apply_records, lower, prepare, require_tool,
+from edgecc.backends.tvm_common import (LIBRARY_NAME, TVMBackend, apply_records, prepare, require_tool,
                                         tuning_facts)
-from edgecc.core.optimize import Optimized
 from edgecc.kernels import activation_matmul, bsr, dense, int4, int8
 from edgecc.runtime import weights
 
 
 class TVMCPUBackend(TVMBackend):
-    def build(self, opt: Optimized, stage_dir: Path) -> dict:
+    def build_lowered(self, mod, stage_dir: Path) -> dict:
         target, tgt = self.target, self.target.tvm_target()
-        self.log("lowering to TVM Relax")
-        mod = lower(opt, self.options.shapes)  # first: an op nobody can lower fails before the long work
-        self.log(f"building for {target.name} ({target.device_kind}, host {target.host_arch()})")
         mod, tuned = apply_records(prepare(mod, tgt), tgt, self.records)
         mod = schedule_kernels(mod, tgt)
         mod, arrays = weights.lift(mod)
@@ -34,7 +30,7 @@ class TVMCPUBackend(TVMBackend):
         facts = {"library": LIBRARY_NAME, **tuning_facts(mod, tuned, self.records), "tvm_target": str(tgt)}
         if arrays:
             facts["weights"] = {"file": weights.FILE, "tensors": weights.write(stage_dir / weights.FILE, arrays)}
-        return {"build": facts}
+        return facts
 
 
 def schedule_kernels(mod, tgt):

@@ -26,9 +26,8 @@ from tvm.s_tir import dlight as dl
 from tvm.support import cc
 from tvm.support import nvcc as tvm_nvcc
 
-from edgecc.backends.tvm_common import (LIBRARY_NAME, TVMBackend, apply_records, lower, prepare, require_tool,
+from edgecc.backends.tvm_common import (LIBRARY_NAME, TVMBackend, apply_records, prepare, require_tool,
                                         tuning_facts)
-from edgecc.core.optimize import Optimized
 from edgecc.errors import UserError
 from edgecc.kernels import bsr, int8
 
@@ -40,14 +39,10 @@ _ELFABIVERSION_CUDA_V2 = 8
 
 
 class TVMCudaBackend(TVMBackend):
-    def build(self, opt: Optimized, stage_dir: Path) -> dict:
-        target, tgt = self.target, self.target.tvm_target()
-        self.log("lowering to TVM Relax")
-        mod = lower(opt, self.options.shapes)  # first: an op nobody can lower fails before the long work
-        self.log(f"building for {target.name} ({target.device_kind}, host {target.host_arch()})")
-        facts = build_cuda(mod, tgt, str(stage_dir / LIBRARY_NAME),
-                           require_tool(target, "cc"), self.records)
-        return {"build": {"library": LIBRARY_NAME, **facts, "tvm_target": str(tgt)}}
+    def build_lowered(self, mod, stage_dir: Path) -> dict:
+        tgt = self.target.tvm_target()
+        facts = build_cuda(mod, tgt, str(stage_dir / LIBRARY_NAME), require_tool(self.target, "cc"), self.records)
+        return {"library": LIBRARY_NAME, **facts, "tvm_target": str(tgt)}
 
 
 def build_cuda(
