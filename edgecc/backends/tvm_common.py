@@ -63,8 +63,9 @@ class TVMBackend(Backend):
 
     def verify(self, artifact: Artifact, opt: Optimized) -> dict:
         if self.runner is None:
-            self.log(f"not verified: artifact for {self.target.name} cannot run on this host: {self.why_not}")
-            return {"skipped": f"artifact for {self.target.name} cannot run on this host: {self.why_not}"}
+            skipped = f"artifact for {self.target.name} cannot run on this host: {self.why_not}"
+            self.log(f"not verified: {skipped}")
+            return {"skipped": skipped}
         lossy = [spec.instantiate() for spec in opt.pipeline.passes if spec.pass_class().drift is not None]
         synthetic = [r.name for r in opt.reports if r.stats.get("calibration") == "synthetic"]
         hint = (f" ({', '.join(synthetic)} calibrated on synthetic inputs: give real ones with "
