@@ -46,7 +46,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
         shapes=_parse_dims(a.shape or [], "--shape"), constants=fixed_inputs.parse(a.const),
         tuning_logs=tuple(a.tuning_log or ()),
         tuning_store=False if a.no_tuning_store else a.tuning_store, keep_reference=a.keep_reference,
-        log=(lambda _m: None) if a.quiet else _log,
+        memory_check=not a.no_memory_check, log=(lambda _m: None) if a.quiet else _log,
     )
     build = art.manifest["build"]
     if "tuned_kernels" in build:
@@ -350,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--keep-reference", action="store_true",
                    help="also write model.opt.onnx, the optimized graph ONNX Runtime runs as the reference "
                         "(a second copy of every weight)")
+    c.add_argument("--no-memory-check", action="store_true",
+                   help="compile even when the estimated peak memory exceeds what is available")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_compile)
 

@@ -58,7 +58,7 @@ def compile(
 
     opt = run_pipeline(model, tdesc, opts, log, before_load=checks)
     with staged_output(out_dir, opts.force, protect=(Path(model),)) as stage_dir:
-        lm = _lm_facts(opt.source, Path(model), stage_dir)
+        lm = _lm_facts(opt.source_proto, Path(model), stage_dir)
         t = time.perf_counter()
         built = backend.build(opt, stage_dir)
         opt.timings["build"] = round(time.perf_counter() - t, 3)
@@ -101,7 +101,7 @@ def manifest_head(opt: Optimized, model, options: CompileOptions, builder: str) 
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {d: _version(d) for d in ("edgecc", builder, "onnx", "onnxruntime", "onnx-ir",
                                                "onnxscript", "onnxsim")},
-        "source": {"path": str(model), "nodes": len(opt.source.graph.node)},
+        "source": {"path": str(model), "nodes": len(opt.source_proto.graph.node)},
         "target": dict(t.to_json(), fingerprint=t.fingerprint(), device_kind=t.device_kind,
                        host_arch=t.host_arch(), num_cores=t.num_cores()),
         "pipeline": str(opt.pipeline.resolved()),

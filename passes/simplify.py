@@ -9,6 +9,8 @@ onnxsim as graph inputs, without their data (see APART_BYTES).
 
 from __future__ import annotations
 
+import logging
+
 import onnx_ir as ir
 import onnxscript.optimizer
 from onnx_ir.passes.common import (
@@ -56,7 +58,15 @@ class Simplify(Pass):
             except Exception as e:  # onnxsim rejects some valid graphs; the folder below still works
                 onnxsim_failure = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
         if engine != "onnxsim":
-            onnxscript.optimizer.optimize(model, num_iterations=2)
+            # Its folder cannot evaluate an Identity of an external-data weight and logs a warning
+            # for each; IdentityEliminationPass below removes those Identities anyway.
+            folding_log = logging.getLogger("onnxscript.optimizer._constant_folding")
+            level = folding_log.level
+            folding_log.setLevel(logging.ERROR)
+            try:
+                onnxscript.optimizer.optimize(model, num_iterations=2)
+            finally:
+                folding_log.setLevel(level)
         # Folded weights come back as Constant nodes; weights belong in initializers.
         for p in (LiftConstantsToInitializersPass(size_limit=16), IdentityEliminationPass(),
                   RemoveUnusedNodesPass(), RemoveUnusedOpsetsPass(), TopologicalSortPass()):

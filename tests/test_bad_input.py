@@ -230,3 +230,24 @@ def test_threads_must_be_positive(good_model, tmp_path):
 def test_a_huge_dim_for_verification_is_one_line(good_model, tmp_path):
     _assert_user_error(run_cli("compile", good_model, "--target", "host", "-o", tmp_path / "out",
                                "--dim", f"N={1 << 62}"), "too large to draw verification data", out=tmp_path / "out")
+
+
+def test_model_too_large_for_memory_is_refused_before_any_pass(tmp_path):
+    """A model whose compile cannot fit fails in one line with the estimate, not by an OOM kill: its
+    17 GB of weights live in a sparse external-data file, which nothing reads before the check."""
+    n = 1 << 16
+    weight = onnx.TensorProto(name="w", data_type=onnx.TensorProto.FLOAT, dims=[n, n])
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "big.onnx.data"), ("offset", "0"), ("length", str(4 * n * n))):
+        weight.external_data.add(key=key, value=value)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "big",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, n])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, n])], [weight])
+    path = tmp_path / "big.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), str(path))
+    with open(tmp_path / "big.onnx.data", "wb") as f:
+        f.truncate(4 * n * n)  # sparse: no disk blocks
+    out = tmp_path / "art"
+    _assert_user_error(run_cli("compile", path, "-o", out), "big.onnx: compiling it needs about",
+                       "17.18 GB of weights", "GB of memory is available", "--no-memory-check", out=out)

@@ -290,3 +290,23 @@ def test_a_compile_says_what_it_is_doing(example_path, tmp_path):
     found = [next((i for i, line in enumerate(lines) if stage in line), None) for stage in stages]
     assert None not in found and found == sorted(found), res.stderr
     assert all(re.match(r"\[edgecc +\d+\.\ds\] ", line) for line in lines), res.stderr
+
+
+@pytest.mark.parametrize("pipeline", [None, "simplify,fuse-siblings,quantize-int8"])
+def test_model_with_external_data_compiles_and_matches_ort(example_path, tmp_path, pipeline):
+    """Every model over protobuf's 2 GB keeps its weights in an external-data file: passes read them
+    there, and the lowering and ONNX Runtime take them without a copy (light_proto)."""
+    model = onnx.load(str(example_path("tiny-llama")))
+    path = tmp_path / "src" / "model.onnx"
+    path.parent.mkdir()
+    onnx.save(onnx.ModelProto.FromString(model.SerializeToString()), str(path), save_as_external_data=True,
+              location="model.onnx.data", size_threshold=0)  # saving so rewrites the proto it is given
+    shutil.copy(example_path("tiny-llama").with_name("tokenizer.json"), path.parent)
+    art = edgecc.compile(path, "host", tmp_path / "art", pipeline)
+    assert art.manifest["verification"]["ok"]
+    feeds = random_inputs(model, seed=3, dim_values={"batch": 1, "seq": 4, "past": 2})
+    want, got = run_ort(model, feeds), art.run(feeds)
+    if pipeline is None:
+        assert compare(want, got, across_engines=True).ok
+    else:  # int8: near the fp32 model, as verification bounded it
+        assert art.manifest["verification"]["relative_rmse_vs_fp32"] < 0.1

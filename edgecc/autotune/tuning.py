@@ -218,7 +218,7 @@ def tune(
                              calibration=calibration, seed=seed)
     opt = run_pipeline(model, target, options, log, before_load=checks)
     tdesc = opt.target
-    free = sorted({d for spec in graph_inputs(opt.source) for d in spec.shape
+    free = sorted({d for spec in graph_inputs(opt.source_proto) for d in spec.shape
                    if isinstance(d, str) and d not in (shapes or {})})
     if free:
         raise UserError(f"{model}: tuning needs static shapes; give the size of each symbolic dim with "

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 import tvm
 from tvm import relax, topi
 
 from edgecc.backends import tvm_report
 from edgecc.backends.base import Backend
+from edgecc.core.ir import light_proto
 from edgecc.core.optimize import Optimized
 from edgecc.core.pass_base import Pass, PassContext
 from edgecc.core.target import TargetDesc
@@ -52,14 +53,16 @@ class TVMBackend(Backend):
 
     def build(self, opt: Optimized, stage_dir: Path) -> dict:
         self.log("lowering to TVM Relax")
-        mod = lower(opt, self.options.shapes)  # first: an op nobody can lower fails before the long work
+        lowered = [lower(opt, self.options.shapes)]  # first: an op nobody can lower fails before the long work
         t = self.target
         self.log(f"building for {t.name} ({t.device_kind}, host {t.host_arch()})")
-        return {"build": self.build_lowered(mod, stage_dir)}
+        return {"build": self.build_lowered(lowered, stage_dir)}
 
     @abc.abstractmethod
-    def build_lowered(self, mod, stage_dir: Path) -> dict:
-        """Build the lowered Relax module into `stage_dir`; returns the manifest's `build` entry."""
+    def build_lowered(self, lowered: list, stage_dir: Path) -> dict:
+        """Build the lowered Relax module, which it takes out of the one-element list `lowered`
+        (so that nothing else keeps its weights alive once a build step has replaced them), into
+        `stage_dir`; returns the manifest's `build` entry."""
 
     def verify(self, artifact: Artifact, opt: Optimized) -> dict:
         if self.runner is None:
@@ -70,7 +73,7 @@ class TVMBackend(Backend):
         synthetic = [r.name for r in opt.reports if r.stats.get("calibration") == "synthetic"]
         hint = (f" ({', '.join(synthetic)} calibrated on synthetic inputs: give real ones with "
                 "--calibration)") if synthetic else ""
-        result = _verify(artifact, self.runner, opt.source, opt.proto, lossy, opt.ctx, hint)
+        result = _verify(artifact, self.runner, opt.source, opt.optimized, lossy, opt.ctx, hint)
         self.log(f"verified against ONNX Runtime ({result['runner']}): max abs error {result['max_abs']:.3g}")
         return result
 
@@ -82,7 +85,7 @@ def lower(opt: Optimized, shapes: dict[str, int]):
     """The optimized model as a Relax module. `shapes` binds symbolic dims (by name) to sizes:
     the kernels become static, which tuning needs, and the module then accepts only those sizes."""
     t = time.perf_counter()
-    mod = frontend.to_relax(opt.proto)
+    mod = frontend.to_relax(*light_proto(opt.optimized))
     if shapes:
         mod = relax.transform.BindSymbolicVars(shapes)(mod)
     opt.timings["lower"] = round(time.perf_counter() - t, 3)
@@ -194,7 +197,7 @@ def _describe_shapes(shapes: dict[str, list[int]]) -> str:
                      else ", ".join(f"{n} {shape}" for n in names) for shape, names in groups)
 
 
-def _verify(artifact: Artifact, runner: Callable, source: onnx.ModelProto, optimized: onnx.ModelProto,
+def _verify(artifact: Artifact, runner: Callable, source: ir.Model, optimized: ir.Model,
             lossy: list[Pass], ctx: PassContext, hint: str = "") -> dict:
     """The compiled module vs ONNX Runtime on seeded random inputs.
 
@@ -227,7 +230,8 @@ def _verify(artifact: Artifact, runner: Callable, source: onnx.ModelProto, optim
                                 f"{type(e).__name__}: {detail[:300]}") from None
     extra = {}
     if lossy:
-        reference = run_ort(with_int8_activations(optimized), feeds)
+        graph, weights = light_proto(optimized)
+        reference = run_ort(with_int8_activations(graph), feeds, weights=weights)
         result = compare(reference, got, tolerance=(np.inf, 0.0))  # names, shapes, NaNs, infinities
         rmse, noise = relative_rmse(reference, got), relative_rmse(fp32, reference)
         bound = max(1 / INT8_STEPS, NOISE_FACTOR * noise)
@@ -253,5 +257,5 @@ def _verify(artifact: Artifact, runner: Callable, source: onnx.ModelProto, optim
             f"({', '.join(p.name for p in lossy)}){hint}")
     how = "native" if artifact.runs_here() else "qemu-user emulation"
     return dict(result.to_json(), **extra, **accuracy, seed=ctx.seed, input_shapes=shapes,
-                inputs_drawn=input_rules(source, ctx.dim_values),
+                inputs_drawn=input_rules(light_proto(source)[0], ctx.dim_values),
                 reference="onnxruntime (optimized model)" if lossy else "onnxruntime", runner=how)

@@ -16,11 +16,14 @@ from edgecc.runtime import weights
 
 
 class TVMCPUBackend(TVMBackend):
-    def build_lowered(self, mod, stage_dir: Path) -> dict:
+    def build_lowered(self, lowered: list, stage_dir: Path) -> dict:
         target, tgt = self.target, self.target.tvm_target()
-        mod, tuned = apply_records(prepare(mod, tgt), tgt, self.records)
+        mod, tuned = apply_records(prepare(lowered.pop(), tgt), tgt, self.records)
         mod = schedule_kernels(mod, tgt)
         mod, arrays = weights.lift(mod)
+        # Written before the library is built, then let go: the module left holds no weight.
+        stored = weights.write(stage_dir / weights.FILE, arrays) if arrays else None
+        del arrays
         executable = tvm.compile(mod, target=tgt)
         lib_path = stage_dir / LIBRARY_NAME
         if target.runs_here():
@@ -28,8 +31,8 @@ class TVMCPUBackend(TVMBackend):
         else:
             executable.export_library(str(lib_path), fcompile=tvm_cc.cross_compiler(require_tool(target, "cc")))
         facts = {"library": LIBRARY_NAME, **tuning_facts(mod, tuned, self.records), "tvm_target": str(tgt)}
-        if arrays:
-            facts["weights"] = {"file": weights.FILE, "tensors": weights.write(stage_dir / weights.FILE, arrays)}
+        if stored is not None:
+            facts["weights"] = {"file": weights.FILE, "tensors": stored}
         return facts
 
 

@@ -39,9 +39,9 @@ _ELFABIVERSION_CUDA_V2 = 8
 
 
 class TVMCudaBackend(TVMBackend):
-    def build_lowered(self, mod, stage_dir: Path) -> dict:
+    def build_lowered(self, lowered: list, stage_dir: Path) -> dict:
         tgt = self.target.tvm_target()
-        facts = build_cuda(mod, tgt, str(stage_dir / LIBRARY_NAME), require_tool(self.target, "cc"), self.records)
+        facts = build_cuda(lowered.pop(), tgt, str(stage_dir / LIBRARY_NAME), require_tool(self.target, "cc"), self.records)
         return {"library": LIBRARY_NAME, **facts, "tvm_target": str(tgt)}
 
 

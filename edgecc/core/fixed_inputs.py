@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from edgecc.errors import UserError
 
@@ -35,25 +36,24 @@ def parse(items: list[str] | None) -> dict[str, list[float]]:
     return fixed
 
 
-def fix(model: onnx.ModelProto, values: dict[str, Any], source: str) -> tuple[onnx.ModelProto, dict]:
-    """`model` with the named graph inputs turned into initializers holding `values`, and the
-    manifest's record of them ({name: {dtype, shape, value}})."""
+def fix(model: ir.Model, values: dict[str, Any], source: str) -> tuple[ir.Model, dict]:
+    """`model` with the named graph inputs turned into initializers holding `values` (in place),
+    and the manifest's record of them ({name: {dtype, shape, value}})."""
     if not values:
         return model, {}
-    inputs = {i.name: i for i in model.graph.input}
-    initialized = {t.name for t in model.graph.initializer}
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    inputs = {v.name: v for v in model.graph.inputs}
+    initialized = set(model.graph.initializers)
     records: dict[str, dict] = {}
     for name, given in values.items():
         if name not in inputs or name in initialized:
             names = ", ".join(n for n in inputs if n not in initialized) or "none"
             raise UserError(f"--const {name}: {source} has no graph input of that name (its inputs: {names})")
-        array = _typed(name, inputs[name].type.tensor_type, given)
-        model.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+        value = inputs[name]
+        array = _typed(name, ir.to_proto(value).type.tensor_type, given)
+        model.graph.inputs.remove(value)
+        value.const_value = ir.tensor(array, name=name)
+        model.graph.register_initializer(value)
         records[name] = {"dtype": array.dtype.name, "shape": list(array.shape), "value": array.ravel().tolist()}
-    kept = [i for i in model.graph.input if i.name not in values]
-    del model.graph.input[:]
-    model.graph.input.extend(kept)
     return model, records
 
 

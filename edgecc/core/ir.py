@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
@@ -103,6 +105,78 @@ def infer_shapes(model: ir.Model) -> ir.Model:
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
     return ir.to_proto(model)
+
+
+# Initializers at least this large travel beside a graph's proto, not inside it (light_proto).
+WEIGHT_BYTES = 1 << 16
+# Element types whose values numpy holds natively: ONNX Runtime and TVM take these arrays as they are.
+_NATIVE = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.INT8, ir.DataType.UINT8,
+           ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.INT32, ir.DataType.UINT32, ir.DataType.INT64,
+           ir.DataType.UINT64, ir.DataType.BOOL}
+
+
+def large_initializers(model: ir.Model) -> dict[str, ir.TensorProtocol]:
+    """The main graph's initializers of WEIGHT_BYTES or more of a native element type, by name."""
+    return {name: v.const_value for name, v in model.graph.initializers.items()
+            if v.const_value is not None and v.const_value.dtype in _NATIVE
+            and v.const_value.nbytes >= WEIGHT_BYTES}
+
+
+def light_proto(model: ir.Model) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The model as a ModelProto whose large initializers are data-less stubs (external data at
+    location "in-memory"), and their values by name.
+
+    The values are the IR's own arrays: views of a mapped external-data file or of the loaded
+    proto's bytes, not copies. So a graph reaches ONNX Runtime (add_external_initializers) and
+    TVM's importer without a second copy of its weights, and a model over protobuf's 2 GB limit
+    has a proto at all."""
+    large = large_initializers(model)
+    values = model.graph.initializers
+    # The other tensors of an external-data file go into the proto as data: its readers have no path.
+    small = {name: v.const_value for name, v in values.items()
+             if isinstance(v.const_value, ir.ExternalTensor) and name not in large}
+    for name, t in large.items():
+        values[name].const_value = ir.ExternalTensor("in-memory", 0, t.nbytes, t.dtype, shape=t.shape, name=name)
+    for name, t in small.items():
+        values[name].const_value = ir.Tensor(t.numpy(), dtype=t.dtype, name=name)
+    try:
+        proto = ir.to_proto(model)
+    finally:
+        for name, t in {**large, **small}.items():
+            values[name].const_value = t
+    return proto, {name: _array(t) for name, t in large.items()}
+
+
+def _array(t: ir.TensorProtocol) -> np.ndarray:
+    """The tensor's values without a copy. An external-data tensor is mapped again, privately and
+    copy-on-write: writable, so TVM and ONNX Runtime take the array as their own memory instead of
+    copying it, while its pages stay the file's (nothing writes to them)."""
+    if isinstance(t, ir.ExternalTensor) and t.nbytes and sys.byteorder == "little":
+        return np.memmap(t.path, dtype=t.dtype.numpy(), mode="c", offset=t.offset or 0, shape=t.shape.numpy())
+    return t.numpy()
+
+
+def release_mappings(*models: ir.Model) -> None:
+    """Unmap the external-data file from the models' tensors. A pass that read a weight left its
+    pages resident in the tensor's mapping, and the source model keeps that tensor until
+    verification; whoever needs the values again maps them again (light_proto, numpy())."""
+    for model in models:
+        for v in model.graph.initializers.values():
+            if isinstance(v.const_value, ir.ExternalTensor):
+                try:
+                    v.const_value.release()
+                except BufferError:  # a view of its array is still in use: that mapping stays
+                    pass
+
+
+def shared_copy(model: ir.Model) -> ir.Model:
+    """A copy of the model's graph that shares its large initializers' tensors (read-only data)
+    with the original: what a pipeline changes in place leaves the copy as it was."""
+    proto, _ = light_proto(model)
+    copy = ir.from_proto(proto)
+    for name, t in large_initializers(model).items():
+        copy.graph.initializers[name].const_value = t
+    return copy
 
 
 def save_model(model: ir.Model, path: str | os.PathLike) -> None:

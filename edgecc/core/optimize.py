@@ -7,6 +7,7 @@ build and what they tune come from the same optimized model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Any, Callable
@@ -16,7 +17,7 @@ import onnx_ir as ir
 
 from edgecc.core import fixed_inputs
 from edgecc.core.calibration import load_calibration
-from edgecc.core.ir import load_model, to_proto
+from edgecc.core.ir import light_proto, load_model, release_mappings, shared_copy
 from edgecc.core.pass_base import PassContext, unknown_message
 from edgecc.core.pass_manager import Instrument, PassManager, PrintIRAfter, VerifyEachPass
 from edgecc.core.pipeline import Pipeline, parse_pipeline
@@ -43,6 +44,7 @@ class CompileOptions:
     tuning_logs: tuple[str | os.PathLike, ...] = ()  # tuning-record files to apply
     tuning_store: str | os.PathLike | None | bool = None  # a store directory, None: default, False: none
     keep_reference: bool = False  # also ship model.opt.onnx, a second copy of every weight
+    memory_check: bool = True  # refuse up front a model whose compile would not fit in memory
 
     def to_json(self) -> dict:
         """The options as the manifest records them (fixed inputs' values are under `constants`)."""
@@ -61,17 +63,30 @@ class CompileOptions:
 
 @dataclasses.dataclass
 class Optimized:
-    """A model after edgecc's passes: what a backend builds and what tuning measures."""
+    """A model after edgecc's passes: what a backend builds and what tuning measures.
+
+    `source` (the model as loaded, with --const inputs fixed) and `optimized` share every weight
+    the passes left alone; ONNX Runtime runs either as it is (edgecc.core.verify). `proto` and
+    `source_proto` are their graphs as ModelProtos, large weights as data-less stubs
+    (edgecc.core.ir.light_proto), for reading signatures and metadata.
+    """
 
     target: TargetDesc
     pipeline: Pipeline
     ctx: PassContext
-    source: onnx.ModelProto
+    source: ir.Model
     optimized: ir.Model
-    proto: onnx.ModelProto  # `optimized` as a ModelProto
     reports: list
     timings: dict[str, float]
     constants: dict[str, dict]  # graph inputs fixed with --const, as the manifest records them
+
+    @functools.cached_property
+    def proto(self) -> onnx.ModelProto:
+        return light_proto(self.optimized)[0]
+
+    @functools.cached_property
+    def source_proto(self) -> onnx.ModelProto:
+        return light_proto(self.source)[0]
 
 
 def run_pipeline(
@@ -97,27 +112,66 @@ def run_pipeline(
                       dim_values={**options.dim_values, **options.shapes})
 
     log(f"loading {model}")
-    source, fixed = fixed_inputs.fix(to_proto(load_model(model)), options.constants, str(model))
-    symbolic = {d for spec in graph_inputs(source) for d in spec.shape if isinstance(d, str)}
-    graph_outputs(source)  # an output edgecc cannot compile (a sequence) is refused up front
+    loaded, fixed = fixed_inputs.fix(load_model(model), options.constants, str(model))
+    if options.memory_check:
+        check_memory(loaded, model)
+    source = shared_copy(loaded)  # the pipeline changes `loaded` in place
+    source_proto = light_proto(source)[0]
+    symbolic = {d for spec in graph_inputs(source_proto) for d in spec.shape if isinstance(d, str)}
+    graph_outputs(source_proto)  # an output edgecc cannot compile (a sequence) is refused up front
     unknown = sorted(set(options.shapes) - symbolic)
     if unknown:
         raise UserError(f"--shape {unknown[0]}: {model} has no symbolic dim of that name "
                         f"(its symbolic dims: {', '.join(sorted(symbolic)) or 'none'})")
     if options.calibration is not None:
-        ctx.calibration = load_calibration(options.calibration, source)
+        ctx.calibration = load_calibration(options.calibration, source_proto)
     timings["load"] = round(time.perf_counter() - t, 3)
-    log(f"loaded {model}: {len(source.graph.node)} nodes, target {tdesc.name}, pipeline {pipe}")
+    log(f"loaded {model}: {len(source_proto.graph.node)} nodes, target {tdesc.name}, pipeline {pipe}")
 
     t = time.perf_counter()
-    optimized, reports = manager.run(ir.from_proto(source), ctx)
+    optimized, reports = manager.run(loaded, ctx)
     timings["passes"] = round(time.perf_counter() - t, 3)
+    release_mappings(source, optimized)
     for r in reports if options.explain else ():
         for miss in r.stats.get("near_misses", []):
             log(f"{r.name}: near miss: {miss}")
-    # The IR read back from its proto reads its weights there: one copy of them, not two.
-    proto = to_proto(optimized)
-    return Optimized(tdesc, pipe, ctx, source, ir.from_proto(proto), proto, reports, timings, fixed)
+    return Optimized(tdesc, pipe, ctx, source, optimized, reports, timings, fixed)
+
+
+# A compile's peak resident memory, measured (benchmarks/compile_memory.py): the libraries and
+# the build's own, plus a multiple of the weights: the optimized model's, TVM's packed copy, and
+# the pages of the weight file that the lowering and verification read. A model whose weights
+# sit inside its protobuf costs one copy more, the parsed message.
+PEAK_BASE_BYTES = 1.0e9
+PEAK_PER_WEIGHT_BYTE = {"external": 2.7, "embedded": 3.7}
+
+
+def check_memory(model: ir.Model, path, available: int | None = None) -> None:
+    """A one-line UserError, before any pass runs, when the compile's estimated peak exceeds the
+    memory available (MemAvailable; `available` in bytes overrides it)."""
+    tensors = [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
+    weights = sum(t.nbytes for t in tensors)
+    where = "external" if any(isinstance(t, ir.ExternalTensor) for t in tensors) else "embedded"
+    need = PEAK_BASE_BYTES + PEAK_PER_WEIGHT_BYTE[where] * weights
+    available = available if available is not None else available_memory()
+    if available is not None and need > available:
+        raise UserError(
+            f"{path}: compiling it needs about {need / 1e9:.1f} GB at its peak, while building "
+            f"({PEAK_PER_WEIGHT_BYTE[where]} x its {weights / 1e9:.2f} GB of weights + "
+            f"{PEAK_BASE_BYTES / 1e9:.0f} GB), and {available / 1e9:.1f} GB of memory is available; free "
+            "memory or compile on a larger machine (--no-memory-check tries anyway)")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the kernel can give without swapping (Linux MemAvailable), None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _instruments(pipe: Pipeline, options: CompileOptions) -> tuple[Instrument, ...]:

@@ -93,12 +93,11 @@ class VerifyEachPass(Instrument):
         self.reference: dict[str, np.ndarray] = {}
 
     def before_pipeline(self, model: ir.Model, ctx: PassContext) -> None:
-        proto = ir.to_proto(model)
-        self.feeds = random_inputs(proto, ctx.seed, ctx.dim_values)
-        self.reference = run_ort(proto, self.feeds)
+        self.feeds = random_inputs(model, ctx.seed, ctx.dim_values)
+        self.reference = run_ort(model, self.feeds)
 
     def after_pass(self, p: Pass, model: ir.Model, report: PassReport) -> None:
-        got = run_ort(ir.to_proto(model), self.feeds)
+        got = run_ort(model, self.feeds)
         if p.drift is None:
             result = compare(self.reference, got, self.tolerance)
             report.verify = {"max_abs": result.max_abs, "max_rel": result.max_rel, "ok": result.ok}

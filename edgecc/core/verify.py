@@ -12,10 +12,12 @@ from typing import Callable
 import ml_dtypes
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import helper
 
 from edgecc.core import lm_signature
 from edgecc.core.dtypes import CODED_DTYPES
+from edgecc.core.ir import light_proto
 from edgecc.core.kernel_mark import KernelMark
 from edgecc.errors import UserError
 
@@ -209,7 +211,7 @@ def _unsigned_float(dtype: np.dtype) -> bool:
 
 
 def random_inputs(
-    model: onnx.ModelProto, seed: int = 0, dim_values: dict[str, int] | None = None
+    model: onnx.ModelProto | ir.Model, seed: int = 0, dim_values: dict[str, int] | None = None
 ) -> dict[str, np.ndarray]:
     """Seeded inputs: N(0,1) floats; integer ids within the range of the tables they index;
     attention masks as a tokenizer makes them (see _padding_mask); `position_ids` [batch, seq] the
@@ -217,8 +219,9 @@ def random_inputs(
     whatever its inputs and dims are called: batch 1, seq 5, past 3 where not pinned, the mask
     over past + seq tokens, positions past .. past + seq - 1, and the cache the model makes of
     `past` random tokens."""
-    specs, lm = graph_inputs(model), lm_signature.find(model)
-    ranges = integer_ranges(model, _input_dims(specs, lm, dim_values))
+    graph = light_proto(model)[0] if isinstance(model, ir.Model) else model
+    specs, lm = graph_inputs(graph), lm_signature.find(graph)
+    ranges = integer_ranges(graph, _input_dims(specs, lm, dim_values))
     return draw_inputs(specs, seed, dim_values, ranges, lm, lambda feeds: run_ort(model, feeds))
 
 
@@ -332,8 +335,12 @@ def _padding_mask(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarra
     return (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
 
 
-def ort_session(model: onnx.ModelProto, optimize: bool = False, threads: int = 0):
-    """An ONNX Runtime session; with optimize=False ORT's own fusions cannot hide a bug."""
+def ort_session(model: onnx.ModelProto | ir.Model, optimize: bool = False, threads: int = 0,
+                weights: dict[str, np.ndarray] | None = None):
+    """An ONNX Runtime session; with optimize=False ORT's own fusions cannot hide a bug.
+
+    `weights` fill `model`'s data-less initializers (edgecc.core.ir.light_proto); an IR model's
+    large weights reach ORT that way, as the arrays the IR holds."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -344,7 +351,12 @@ def ort_session(model: onnx.ModelProto, optimize: bool = False, threads: int = 0
     )
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
-    model, weights = _weights_apart(model)
+    if not optimize:  # a reference reads its weights where they are; prepacking would copy every one
+        so.add_session_config_entry("session.disable_prepacking", "1")
+    if isinstance(model, ir.Model):
+        model, weights = light_proto(model)
+    elif weights is None:
+        model, weights = _weights_apart(model)
     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()]
     if weights:
         so.add_external_initializers(list(weights), values)
@@ -364,6 +376,7 @@ def ort_session(model: onnx.ModelProto, optimize: bool = False, threads: int = 0
         raise UserError(f"ONNX Runtime, the reference edgecc verifies against, cannot load the model: "
                         f"{detail[-300:]}") from None
     session.edgecc_weights = values  # ORT reads these arrays in place for as long as the session lives
+    session.edgecc_proto = model
     return session
 
 
@@ -415,13 +428,16 @@ def _copy_except(src, dst, skipped: str):
     return dst
 
 
-def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], optimize: bool = False) -> dict:
-    """The model's outputs in ONNX Runtime; inputs it rejects (sizes its shapes cannot take) are
-    a one-line UserError naming their shapes."""
+def run_ort(model: onnx.ModelProto | ir.Model, feeds: dict[str, np.ndarray], optimize: bool = False,
+            weights: dict[str, np.ndarray] | None = None) -> dict:
+    """The model's outputs in ONNX Runtime (`weights`: as ort_session's); inputs it rejects
+    (sizes its shapes cannot take) are a one-line UserError naming their shapes."""
     import onnxruntime as ort
     from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-    sess = ort_session(model, optimize)
+    sess = ort_session(model, optimize, weights=weights)
+    if isinstance(model, ir.Model):
+        model = sess.edgecc_proto
     names = [o.name for o in sess.get_outputs()]
     # ORT's Python API takes and gives float8, int4, ... only as their codes (uint8)
     coded = {k: ort.OrtValue.ortvalue_from_numpy_with_onnx_type(v.view(np.uint8),

@@ -16,6 +16,7 @@ import io
 import re
 import warnings
 
+import numpy as np
 import onnx
 
 from edgecc.core.kernel_mark import KernelMark
@@ -75,10 +76,10 @@ def _all_nodes(graph: onnx.GraphProto):
 
 
 @contextlib.contextmanager
-def _patched_frontend():
+def _patched_frontend(weights: dict[str, np.ndarray]):
     """edgecc's converters in the importer's map, shape arithmetic computed on symbolic dims
-    (edgecc.frontend.shape_values), Gather lowered with in-bounds indexing, and no second run of
-    ONNX's checker.
+    (edgecc.frontend.shape_values), Gather lowered with in-bounds indexing, no second run of
+    ONNX's checker, and the data-less initializers read from `weights`.
 
     The importer normalizes negative Gather indices itself; its default `take(mode="fast")`
     is undefined behaviour out of bounds and logs a warning per Gather, so clip instead.
@@ -88,7 +89,15 @@ def _patched_frontend():
     from tvm import relax
     from tvm.relax.frontend.onnx import onnx_frontend
 
+    importer = onnx_frontend.ONNXGraphImporter
     orig_map, orig_take, orig_check = onnx_frontend._get_convert_map, relax.op.take, onnx.checker.check_model
+    orig_parse = importer._parse_array
+
+    def parse_array(self, tensor: onnx.TensorProto):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL or tensor.name not in weights:
+            return orig_parse(self, tensor)
+        return _runtime_tensor(weights[tensor.name])
+
     convert_map = {**orig_map(), **{op: cls for (_, op), cls in CONVERTERS.items()}}
     values = ShapeValues()  # shape arithmetic first, then the op's own converter
     convert_map.update({op: values.wrap(op, convert_map.get(op)) for op in WRAPPED_OPS})
@@ -97,11 +106,21 @@ def _patched_frontend():
     onnx_frontend._get_convert_map = lambda: convert_map
     relax.op.take = functools.partial(orig_take, mode="clip")
     onnx.checker.check_model = lambda *_args, **_kwargs: None
+    importer._parse_array = parse_array
     try:
         yield
     finally:
         onnx_frontend._get_convert_map, relax.op.take = orig_map, orig_take
-        onnx.checker.check_model = orig_check
+        onnx.checker.check_model, importer._parse_array = orig_check, orig_parse
+
+
+def _runtime_tensor(array: np.ndarray):
+    """`array` as a TVM tensor: its own memory where TVM can take it (writable, aligned), else a copy."""
+    import tvm
+
+    if array.flags.writeable and array.flags.c_contiguous and array.ctypes.data % 64 == 0:
+        return tvm.runtime.from_dlpack(array)
+    return tvm.runtime.tensor(np.ascontiguousarray(array))
 
 
 def _named_failures(op: str, cls: type) -> type:
@@ -171,8 +190,9 @@ def _route_to_kernels(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def to_relax(model: onnx.ModelProto):
-    """The Relax IRModule of a checked ONNX model; weights become constants of the module."""
+def to_relax(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None = None):
+    """The Relax IRModule of a checked ONNX model; weights become constants of the module.
+    `weights` fill its data-less initializers (edgecc.core.ir.light_proto)."""
     from tvm.relax.frontend.onnx import from_onnx
 
     check_supported(model)
@@ -183,7 +203,7 @@ def to_relax(model: onnx.ModelProto):
         if spec.name not in shapes and dims and all(d.HasField("dim_value") for d in dims) \
                 and 0 in [d.dim_value for d in dims]:
             shapes[spec.name] = [d.dim_value for d in dims]
-    with _patched_frontend(), warnings.catch_warnings():
+    with _patched_frontend(weights or {}), warnings.catch_warnings():
         # Inputs are passed by position; the importer's renaming of "past.0.key" is not news.
         warnings.filterwarnings("ignore", message="Renaming name")
         printed = io.StringIO()  # the importer prints the op and inputs of a node it failed on

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -167,10 +168,19 @@ def export(model, cfg: LlamaConfig, path: str | os.PathLike, opset: int = 17) ->
     axes.update({n: {0: "batch", 2: "past + seq"} for n in outputs[1:]})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, args, str(tmp), input_names=inputs, output_names=outputs,
-                          dynamic_axes=axes, opset_version=opset, dynamo=False)
-    os.replace(tmp, path)
+    with tempfile.TemporaryDirectory(dir=path.parent) as d:
+        tmp = Path(d) / "model.onnx"
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, args, str(tmp), input_names=inputs, output_names=outputs,
+                              dynamic_axes=axes, opset_version=opset, dynamo=False)
+        if len(list(Path(d).iterdir())) > 1:
+            # Over protobuf's 2 GB the exporter writes one file per weight; the model ships with
+            # one data file beside it instead, streamed tensor by tensor from the mapped ones.
+            import onnx_ir as ir
+
+            ir.save(ir.load(str(tmp)), str(tmp.with_name(path.name)), external_data=path.name + ".data")
+            tmp = tmp.with_name(path.name)
+            os.replace(tmp.with_name(path.name + ".data"), path.with_name(path.name + ".data"))
+        os.replace(tmp, path)
     return path

@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 import onnx
 import onnx.utils
+import onnx_ir as ir
 
 from edgecc.backends.base import Backend
 from edgecc.backends.edgetpu import predict, tflite
@@ -98,14 +99,15 @@ class EdgeTPUBackend(Backend):
     def build(self, opt: Optimized, stage_dir: Path) -> dict:
         self.log("calibrating int8 ranges in ONNX Runtime")
         t = time.perf_counter()
-        self.samples, self.origin = _samples(opt.proto, opt.ctx.calibration, self.options.seed, self.log)
+        model = ir.to_proto(opt.optimized)  # with its weights: the TFLite writer reads them from the proto
+        self.samples, self.origin = _samples(model, opt.ctx.calibration, self.options.seed, self.log)
         skip, host_outputs = _host_split(opt)
-        device_inputs = host_outputs + [s.name for s in graph_inputs(opt.proto) if s.dtype.kind == "f"]
-        ranges = tflite.calibrate(opt.proto, self.samples)
+        device_inputs = host_outputs + [s.name for s in graph_inputs(model) if s.dtype.kind == "f"]
+        ranges = tflite.calibrate(model, self.samples)
         opt.timings["calibrate"] = round(time.perf_counter() - t, 3)
         self.log(f"writing {litert.TFLITE}")
         t = time.perf_counter()
-        exported = tflite.export(opt.proto, ranges, skip, device_inputs)
+        exported = tflite.export(model, ranges, skip, device_inputs)
         opt.timings["export"] = round(time.perf_counter() - t, 3)
         prediction = predict.predict(exported.flatbuffer, self.target.edgetpu)
         self.log(
@@ -114,8 +116,8 @@ class EdgeTPUBackend(Backend):
         )
         (stage_dir / litert.TFLITE).write_bytes(exported.flatbuffer)
         if host_outputs:
-            ints = [s.name for s in graph_inputs(opt.proto) if s.dtype.kind in "iub"]
-            onnx.save(onnx.utils.Extractor(opt.proto).extract_model(ints, host_outputs),
+            ints = [s.name for s in graph_inputs(model) if s.dtype.kind in "iub"]
+            onnx.save(onnx.utils.Extractor(model).extract_model(ints, host_outputs),
                       stage_dir / litert.HOST_MODEL)
         (stage_dir / PREDICT_JSON).write_text(json.dumps(prediction, indent=2) + "\n")
         (stage_dir / PREDICT_LOG).write_text(predict.render_log(prediction, litert.TFLITE))
@@ -175,7 +177,7 @@ def _run_compiler(target: TargetDesc, stage_dir: Path, prediction: dict, log) ->
 
 
 def _verify(
-    artifact: Artifact, source: onnx.ModelProto, samples: list[dict], origin: str, bounds: dict
+    artifact: Artifact, source: ir.Model, samples: list[dict], origin: str, bounds: dict
 ) -> dict:
     got: dict[str, list] = {}
     ref: dict[str, list] = {}
