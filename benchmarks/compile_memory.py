@@ -1,13 +1,22 @@
-"""Peak resident memory of `edgecc compile` on the SmolLM2 example, fp32 and int4 pipelines.
+"""Peak resident memory of `edgecc compile`, and of running what it built, against the budget.
 
-    .venv/bin/python benchmarks/compile_memory.py [--pipelines fp32,int4] [--no-verify-too]
-                                                  [--out benchmarks/results/compile_memory.json]
+    .venv/bin/python benchmarks/compile_memory.py [--model smollm2|tinyllama-1.1b] [--pipelines fp32,int4]
+                                                  [--no-verify-too] [--no-runtime] [--out FILE]
+
+`tinyllama-1.1b` is TinyLlama-1.1B's configuration (22 layers, d 2048, GQA 32/4, vocab 32000)
+with seeded random weights, exported once by this script (edgecc.models.llama, TorchScript
+exporter, weights in an external-data file as every model over 2 GB has them) into
+~/.cache/edgecc/bench/tinyllama-1.1b.
 
 Each compile runs alone in a child process (`edgecc compile ... --target host --force`, with
 verification); its peak is the child's ru_maxrss as wait4 reports it, the largest of that process
-and the processes it waited for (verification runs the module in a forked child, whose resident
-set counts the pages it shares with its parent). The budget the issue sets is 1.5 x the fp32
-model's bytes + 1.5 GB. Pipelines are edgecc.benchmark.bench's PRESETS.
+and the processes it waited for (verification runs the module in a forked child). The budget the
+issue sets is 1.5 x the fp32 model's bytes + 1.5 GB.
+
+Run time (unless --no-runtime): each engine in its own process loads, prefills 128 seeded
+random tokens and decodes 32 more greedily; its peak is VmHWM. The edgecc artifact of each
+pipeline against ONNX Runtime at the same precision (fp32: the exported model; int4: ORT's own
+MatMulNBits quantization, edgecc.benchmark.bench.ort_int4), with the greedy tokens compared.
 """
 
 from __future__ import annotations
@@ -22,9 +31,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgecc.benchmark.bench import PRESETS
+import numpy as np
+
+from edgecc.benchmark.bench import PRESETS, int4_block, ort_int4
 
 EDGECC = [sys.executable, "-m", "edgecc.cli"]
+SCRIPT = [sys.executable, str(Path(__file__).resolve())]
+TINYLLAMA = dict(vocab=32000, hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4,
+                 rope_theta=10000.0, rms_eps=1e-5, context=2048)
+PROMPT, DECODE = 128, 32
 
 
 def cpu_model() -> str:
@@ -34,9 +49,8 @@ def cpu_model() -> str:
     return platform.processor()
 
 
-def measure(model: Path, pipeline: str, verify: bool, out_dir: Path) -> dict:
-    cmd = [*EDGECC, "compile", str(model), "--target", "host", "-o", str(out_dir), "--force",
-           "--pipeline", pipeline, *([] if verify else ["--no-verify"])]
+def _child(cmd: list[str]) -> tuple[int, int, float, list[str]]:
+    """Exit code, peak RSS (bytes, wait4), seconds and the last stderr line of `cmd`."""
     t = time.perf_counter()
     with tempfile.TemporaryFile("w+") as log:  # a pipe could fill and stall the child before wait4
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
@@ -44,33 +58,105 @@ def measure(model: Path, pipeline: str, verify: bool, out_dir: Path) -> dict:
         proc.returncode = code = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
         log.seek(0)
         last = log.read().strip().splitlines()[-1:]
-    return {"pipeline": pipeline, "verify": verify, "peak_rss_bytes": usage.ru_maxrss * 1024,
-            "wall_s": round(time.perf_counter() - t, 1), "ok": code == 0,
+    return code, usage.ru_maxrss * 1024, round(time.perf_counter() - t, 1), last
+
+
+def measure(model: Path, pipeline: str, verify: bool, out_dir: Path) -> dict:
+    cmd = [*EDGECC, "compile", str(model), "--target", "host", "-o", str(out_dir), "--force",
+           "--pipeline", pipeline, *([] if verify else ["--no-verify"])]
+    code, peak, wall, last = _child(cmd)
+    return {"pipeline": pipeline, "verify": verify, "peak_rss_bytes": peak, "wall_s": wall, "ok": code == 0,
             **({} if code == 0 else {"error": last})}
+
+
+def tinyllama(directory: Path) -> Path:
+    """The 1.1B model, exported once (about 80 s and 5.5 GB)."""
+    path = directory / "model.onnx"
+    if not path.exists():
+        from edgecc.models import llama
+
+        cfg = llama.LlamaConfig(**TINYLLAMA)
+        llama.export(llama.build(cfg, seed=0), cfg, path)
+    return path
+
+
+def run_worker(kind: str, path: str, out: str) -> None:
+    """One engine: load, prefill PROMPT seeded tokens, decode DECODE greedily; tokens and VmHWM."""
+    import onnx
+
+    from edgecc.core.lm_signature import LMSignature, find
+    from edgecc.lm.generate import greedy, ort_step
+    from edgecc.runtime.artifact import Artifact
+
+    if kind == "ort":
+        sig = find(onnx.load(path, load_external_data=False))
+        step = ort_step(path)
+    else:
+        art = Artifact.load(path, check_hashes=False)
+        sig = LMSignature.from_json(art.manifest["lm"]["signature"])
+        art.load_vm(None)
+        step = lambda feeds: art.run(feeds, as_numpy=False)  # noqa: E731
+    prompt = np.random.default_rng(0).integers(0, 1000, PROMPT).tolist()  # ids every vocabulary here has
+    t = time.perf_counter()
+    gen = greedy(step, sig, prompt, DECODE + 1)
+    hwm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    Path(out).write_text(json.dumps({"tokens": gen.tokens, "peak_rss_bytes": hwm,
+                                     "seconds": round(time.perf_counter() - t, 1)}))
+
+
+def runtime(kind: str, path: Path, work: Path) -> dict:
+    out = work / f"{kind}-{path.name}.json"
+    code, _, _, last = _child([*SCRIPT, "--run-worker", kind, str(path), str(out)])
+    return json.loads(out.read_text()) if code == 0 else {"error": last}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=("smollm2", "tinyllama-1.1b"), default="smollm2")
     ap.add_argument("--pipelines", default="fp32,int4", help="presets of edgecc bench, comma separated")
     ap.add_argument("--no-verify-too", action="store_true", help="also measure each without verification")
-    ap.add_argument("--out", default="benchmarks/results/compile_memory.json")
+    ap.add_argument("--no-runtime", action="store_true", help="skip the run-time measurements")
+    ap.add_argument("--out", help="default: benchmarks/results/compile_memory[_MODEL].json")
+    ap.add_argument("--run-worker", nargs=3, metavar=("KIND", "PATH", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    # the cached example (exported once, then reused)
-    model = Path(subprocess.check_output([*EDGECC, "example", "smollm2", "--print-path"], text=True).strip())
-    size = model.stat().st_size
+    if args.run_worker:
+        return run_worker(*args.run_worker)
+    if args.model == "smollm2":  # the cached example (exported once, then reused)
+        model = Path(subprocess.check_output([*EDGECC, "example", "smollm2", "--print-path"], text=True).strip())
+    else:
+        model = tinyllama(Path.home() / ".cache" / "edgecc" / "bench" / args.model)
+    size = sum(p.stat().st_size for p in model.parent.iterdir() if p.name.startswith(model.name))
     budget = int(1.5 * size + 1.5e9)
     rows = []
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory(dir=model.parent) as d:
         for label in args.pipelines.split(","):
-            for verify in (True, False) if args.no_verify_too else (True,):
-                row = {"label": label, **measure(model, PRESETS[label], verify, Path(d) / "art")}
-                rows.append(row)
+            art = Path(d) / label
+            for verify in (False, True) if args.no_verify_too else (True,):
+                row = {"label": label, **measure(model, PRESETS[label], verify, art)}
                 print(f"{label:6s} verify={verify!s:5s} peak {row['peak_rss_bytes'] / 1e9:5.2f} GB "
                       f"(budget {budget / 1e9:.2f} GB) {row['wall_s']:6.1f} s ok={row['ok']}", flush=True)
-    result = {"model": "smollm2", "model_bytes": size, "budget_bytes": budget, "results": rows,
+                rows.append(row)
+            if not row["ok"]:
+                continue
+            row["artifact_bytes"] = sum(p.stat().st_size for p in art.iterdir() if p.is_file())
+            if args.no_runtime:
+                continue
+            if label == "int4":
+                baseline = ort_int4(model, int4_block([(label, PRESETS[label])]), Path(d) / "ort-int4")
+            else:
+                baseline = model
+            row["runtime"] = {"edgecc": runtime("edgecc", art, Path(d)), "ort": runtime("ort", baseline, Path(d))}
+            rt = row["runtime"]
+            if "tokens" in rt["edgecc"] and "tokens" in rt["ort"]:
+                rt["same_greedy_tokens"] = rt["edgecc"]["tokens"] == rt["ort"]["tokens"]
+            print(f"{label:6s} artifact {row['artifact_bytes'] / 1e9:.3f} GB; run peak edgecc "
+                  f"{rt['edgecc'].get('peak_rss_bytes', 0) / 1e9:.2f} GB, ORT {rt['ort'].get('peak_rss_bytes', 0) / 1e9:.2f} GB, "
+                  f"same greedy tokens: {rt.get('same_greedy_tokens')}", flush=True)
+    result = {"model": args.model, "model_bytes": size, "budget_bytes": budget, "results": rows,
               "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()}}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    out = args.out or f"benchmarks/results/compile_memory{'' if args.model == 'smollm2' else '_' + args.model}.json"
+    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

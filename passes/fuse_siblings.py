@@ -17,7 +17,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
-from edgecc.core.pass_helpers import constant_matrix, node_name
+from edgecc.core.pass_helpers import aligned_empty, constant_matrix, node_name
 
 
 def _weight(node: ir.Node) -> np.ndarray | None:
@@ -56,7 +56,9 @@ class FuseSiblings(Pass):
             first = nodes[0]
             prefix = f"{node_name(first)}_siblings"
             widths = [w.shape[1] for w in weights]
-            concat = ir.Value(name=f"{prefix}_weight", const_value=ir.tensor(np.concatenate(weights, axis=1)))
+            joined = aligned_empty((weights[0].shape[0], sum(widths)), np.result_type(*weights))
+            np.concatenate(weights, axis=1, out=joined)
+            concat = ir.Value(name=f"{prefix}_weight", const_value=ir.tensor(joined))
             sizes = ir.Value(name=f"{prefix}_split", const_value=ir.tensor(np.array(widths, np.int64)))
             for value in (concat, sizes):
                 model.graph.register_initializer(value)

@@ -102,18 +102,20 @@ def require_tool(target: TargetDesc, key: str) -> str:
     return program
 
 
-def prepare(mod, tgt: tvm.target.Target):
+def prepare(mod, tgt: tvm.target.Target, weights: list | None = None):
     """Relax's "zero" pipeline for the TVM target: the legalized, fused PrimFuncs that tuning measures
     and build schedules. Tuning and compiling must both start here for records to match.
 
     FastMathTransform first: erf, tanh and exp become TVM's polynomial approximations (float32
     accurate to about 1e-6, like ONNX Runtime's MLAS kernels), which vectorize; the exact ones
     call libm once per element. On CPUs, matmuls with a constant weight and symbolic rows then
-    go to edgecc's dense kernel (kernels/dense.py), which no tuning could reach.
+    go to edgecc's dense kernel (kernels/dense.py), which no tuning could reach. `weights`: the
+    values of `main`'s lifted parameters (edgecc.runtime.weights.lift), which that routing
+    updates.
     """
     mod = fast_math(mod)
     if tgt.kind.name == "llvm":
-        mod, _ = dense.route_symbolic_matmuls(mod, tgt)
+        mod, _ = dense.route_symbolic_matmuls(mod, tgt, weights)
     with tgt:
         return relax.get_pipeline("zero")(unfused_dim_readers(relax.transform.LegalizeOps()(mod)))
 

@@ -1,12 +1,13 @@
-"""CPU targets (x86, ARM NEON): the prepared module with its tuning records and edgecc's hand
-schedules, the weights lifted into a file beside the library (edgecc.runtime.weights), built
-and exported through the target's toolchain."""
+"""CPU targets (x86, ARM NEON): the weights lifted into a file beside the library
+(edgecc.runtime.weights), the prepared module with its tuning records and edgecc's hand
+schedules, built and exported through the target's toolchain."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import tvm
+from tvm import relax
 from tvm.support import cc as tvm_cc
 
 from edgecc.backends.tvm_common import (LIBRARY_NAME, TVMBackend, apply_records, prepare, require_tool,
@@ -18,12 +19,13 @@ from edgecc.runtime import weights
 class TVMCPUBackend(TVMBackend):
     def build_lowered(self, lowered: list, stage_dir: Path) -> dict:
         target, tgt = self.target, self.target.tvm_target()
-        mod, tuned = apply_records(prepare(lowered.pop(), tgt), tgt, self.records)
+        # Weights become parameters before anything copies or repacks them (the dense kernel's
+        # panels are packed one at a time as the file is written), once what is computed from
+        # weights alone (a transposed Gemm weight, a cast) is folded into new constants.
+        mod, arrays = weights.lift(relax.transform.FoldConstant()(lowered.pop()))
+        mod, tuned = apply_records(prepare(mod, tgt, arrays), tgt, self.records)
         mod = schedule_kernels(mod, tgt)
-        mod, arrays = weights.lift(mod)
-        # Written before the library is built, then let go: the module left holds no weight.
-        stored = weights.write(stage_dir / weights.FILE, arrays) if arrays else None
-        del arrays
+        stored = weights.write(stage_dir / weights.FILE, arrays) if arrays else None  # empties `arrays`
         executable = tvm.compile(mod, target=tgt)
         lib_path = stage_dir / LIBRARY_NAME
         if target.runs_here():

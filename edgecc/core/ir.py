@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -39,12 +40,13 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     if proto.ir_version == 0 or not proto.HasField("graph"):
         raise UserError(f"{path}: not an ONNX model (no IR version or graph)")
     _check_external_data(proto, path)
+    _check_opsets(proto, path)
+    _check_dims(proto, path)
+    del proto  # a model with its weights inside: each parse below holds them once more
     try:
         onnx.checker.check_model(str(path), full_check=False)
     except onnx.checker.ValidationError as e:
         raise UserError(f"{path}: fails the ONNX checker: {_first_line(e)}") from None
-    _check_opsets(proto, path)
-    _check_dims(proto, path)
     try:
         model = ir.load(str(path))
     except Exception as e:
@@ -122,19 +124,20 @@ def large_initializers(model: ir.Model) -> dict[str, ir.TensorProtocol]:
             and v.const_value.nbytes >= WEIGHT_BYTES}
 
 
-def light_proto(model: ir.Model) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def light_proto(model: ir.Model, keep: Collection[str] = ()) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """The model as a ModelProto whose large initializers are data-less stubs (external data at
-    location "in-memory"), and their values by name.
+    location "in-memory"), and their values by name. Those named in `keep` (external-data
+    tensors) stay references into their file instead, for a reader given the file's folder.
 
     The values are the IR's own arrays: views of a mapped external-data file or of the loaded
     proto's bytes, not copies. So a graph reaches ONNX Runtime (add_external_initializers) and
     TVM's importer without a second copy of its weights, and a model over protobuf's 2 GB limit
     has a proto at all."""
-    large = large_initializers(model)
+    large = {name: t for name, t in large_initializers(model).items() if name not in keep}
     values = model.graph.initializers
     # The other tensors of an external-data file go into the proto as data: its readers have no path.
     small = {name: v.const_value for name, v in values.items()
-             if isinstance(v.const_value, ir.ExternalTensor) and name not in large}
+             if isinstance(v.const_value, ir.ExternalTensor) and name not in large and name not in keep}
     for name, t in large.items():
         values[name].const_value = ir.ExternalTensor("in-memory", 0, t.nbytes, t.dtype, shape=t.shape, name=name)
     for name, t in small.items():
@@ -167,6 +170,17 @@ def release_mappings(*models: ir.Model) -> None:
                     v.const_value.release()
                 except BufferError:  # a view of its array is still in use: that mapping stays
                     pass
+
+
+def forget_removed_inputs(model: ir.Model) -> None:
+    """Let go of the values once in the graph's inputs and since removed. onnx-ir counts each
+    input's occurrences and keeps a zero count, and so the value, after its removal; its shape
+    inference lists every initializer as an input for a moment, so without this every weight a
+    pass replaces stays in memory (onnx-ir 0.1.x, GraphInputs._ref_counter)."""
+    counter = getattr(model.graph.inputs, "_ref_counter", None)
+    if counter is not None:
+        for value in [v for v, n in counter.items() if n <= 0]:
+            del counter[value]
 
 
 def shared_copy(model: ir.Model) -> ir.Model:

@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from edgecc.core import fixed_inputs
 from edgecc.core.calibration import load_calibration
-from edgecc.core.ir import light_proto, load_model, release_mappings, shared_copy
+from edgecc.core.ir import forget_removed_inputs, light_proto, load_model, release_mappings, shared_copy
 from edgecc.core.pass_base import PassContext, unknown_message
 from edgecc.core.pass_manager import Instrument, PassManager, PrintIRAfter, VerifyEachPass
 from edgecc.core.pipeline import Pipeline, parse_pipeline
@@ -105,7 +105,8 @@ def run_pipeline(
     t = time.perf_counter()
     tdesc = target if isinstance(target, TargetDesc) else load_target(target)
     pipe = parse_pipeline(options.pipeline if options.pipeline is not None else tdesc.default_pipeline)
-    manager = PassManager(pipe, _instruments(pipe, options), log=log)  # checks the contract up front
+    release = ReleaseMemory()
+    manager = PassManager(pipe, _instruments(pipe, options) + (release,), log=log)  # checks the contract up front
     before_load(tdesc)
     # Verification must feed the sizes the module is specialized to.
     ctx = PassContext(target=tdesc, seed=options.seed, explain=options.explain,
@@ -116,6 +117,7 @@ def run_pipeline(
     if options.memory_check:
         check_memory(loaded, model)
     source = shared_copy(loaded)  # the pipeline changes `loaded` in place
+    release.models.append(source)
     source_proto = light_proto(source)[0]
     symbolic = {d for spec in graph_inputs(source_proto) for d in spec.shape if isinstance(d, str)}
     graph_outputs(source_proto)  # an output edgecc cannot compile (a sequence) is refused up front
@@ -131,7 +133,6 @@ def run_pipeline(
     t = time.perf_counter()
     optimized, reports = manager.run(loaded, ctx)
     timings["passes"] = round(time.perf_counter() - t, 3)
-    release_mappings(source, optimized)
     for r in reports if options.explain else ():
         for miss in r.stats.get("near_misses", []):
             log(f"{r.name}: near miss: {miss}")
@@ -172,6 +173,20 @@ def available_memory() -> int | None:
     except OSError:
         pass
     return None
+
+
+class ReleaseMemory(Instrument):
+    """After each pass, the memory of what it read or replaced is given back: the weights it
+    replaced (ir.forget_removed_inputs), and the pages of external-data weights it read
+    (ir.release_mappings), the model's and those of the `models` that share its tensors (the
+    source keeps the weights a pass replaced, until verification maps them again)."""
+
+    def __init__(self):
+        self.models: list[ir.Model] = []
+
+    def after_pass(self, p, model: ir.Model, report) -> None:
+        forget_removed_inputs(model)
+        release_mappings(model, *self.models)
 
 
 def _instruments(pipe: Pipeline, options: CompileOptions) -> tuple[Instrument, ...]:

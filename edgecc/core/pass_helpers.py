@@ -21,6 +21,20 @@ def node_name(node: ir.Node) -> str:
     return node.name or node.outputs[0].name
 
 
+ALIGN = 64  # bytes: what TVM's kernels assume of a buffer's start
+
+
+def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialized array whose data starts on an ALIGN-byte boundary. A pass's new weight made
+    here reaches TVM as its own memory; numpy's allocations are 16-byte aligned, which TVM must copy
+    (edgecc.frontend.lower)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGN, np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 def constant_array(value: ir.Value | None) -> np.ndarray | None:
     """The constant behind `value` (initializer or Constant node), unless a caller can override it."""
     if value is None or value.is_graph_input():

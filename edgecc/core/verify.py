@@ -17,7 +17,7 @@ from onnx import helper
 
 from edgecc.core import lm_signature
 from edgecc.core.dtypes import CODED_DTYPES
-from edgecc.core.ir import light_proto
+from edgecc.core.ir import large_initializers, light_proto
 from edgecc.core.kernel_mark import KernelMark
 from edgecc.errors import UserError
 
@@ -354,7 +354,9 @@ def ort_session(model: onnx.ModelProto | ir.Model, optimize: bool = False, threa
     if not optimize:  # a reference reads its weights where they are; prepacking would copy every one
         so.add_session_config_entry("session.disable_prepacking", "1")
     if isinstance(model, ir.Model):
-        model, weights = light_proto(model)
+        model, weights, folder = _for_ort(model)
+        if folder:  # ORT maps the file itself, as when it loads the model from its path
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
     elif weights is None:
         model, weights = _weights_apart(model)
     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()]
@@ -378,6 +380,18 @@ def ort_session(model: onnx.ModelProto | ir.Model, optimize: bool = False, threa
     session.edgecc_weights = values  # ORT reads these arrays in place for as long as the session lives
     session.edgecc_proto = model
     return session
+
+
+def _for_ort(model: ir.Model) -> tuple[onnx.ModelProto, dict[str, np.ndarray], str | None]:
+    """An IR model as ONNX Runtime takes it without a copy of its weights where it can: the graph,
+    with the weights of an external-data file as references ORT maps from that file's folder,
+    the other large weights as arrays (which ORT copies), and the folder (None: no such file)."""
+    external = {name: t for name, t in large_initializers(model).items() if isinstance(t, ir.ExternalTensor)}
+    folders = {os.path.abspath(t.base_dir or ".") for t in external.values()}
+    if len(folders) != 1:
+        external, folders = {}, {None}
+    proto, weights = light_proto(model, keep=external)
+    return proto, weights, folders.pop()
 
 
 # Initializers this large reach ONNX Runtime as arrays it uses in place: serialized with the graph,

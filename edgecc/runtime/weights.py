@@ -62,16 +62,22 @@ def lift(mod, min_bytes: int = MIN_BYTES):
     return out, [value for _, value in lifted]
 
 
-def write(path: Path, arrays: list[np.ndarray]) -> list[dict]:
-    """The arrays back to back in one file, each at a 64-byte aligned offset; their manifest entries."""
+def write(path: Path, arrays: list) -> list[dict]:
+    """The arrays back to back in one file, each at a 64-byte aligned offset; their manifest entries.
+
+    An entry may be a function that makes the array (a layout packed from the original). Entries
+    are taken out of `arrays` as they are written, so each is let go once it is on disk."""
     entries, offset = [], 0
+    arrays.reverse()
     with open(path, "wb") as f:
-        for a in arrays:
+        while arrays:
+            a = arrays.pop()
             pad = -offset % ALIGN
             f.write(b"\0" * pad)
             offset += pad
-            data = np.ascontiguousarray(a)
-            f.write(data.tobytes())
+            data = np.ascontiguousarray(a() if callable(a) else a)
+            del a
+            f.write(memoryview(data.reshape(-1)).cast("B"))  # the array's own bytes, not a copy
             entries.append({"dtype": str(data.dtype), "shape": list(data.shape), "offset": offset,
                             "bytes": data.nbytes})
             offset += data.nbytes

@@ -10,6 +10,7 @@ from edgecc.backends.tvm_common import prepare
 from edgecc.backends.tvm_cpu import schedule_kernels
 from edgecc.core.target import load_target
 from edgecc.kernels.dense import KERNEL_ATTR, reference, route_symbolic_matmuls
+from edgecc.runtime import weights
 from tests.kernels.targets import CROSS_CC, EM_AARCH64, HOST, e_machine, needs_cross_cc
 
 
@@ -68,6 +69,38 @@ def test_only_constant_fp32_weights_are_routed():
         bb.emit_func_output(out)
     _, routed = route_symbolic_matmuls(bb.get(), HOST)
     assert routed == 0
+
+
+@pytest.mark.parametrize("tied", [False, True])  # tied: the weight is also read as it is (an LM's tied embedding)
+def test_lifted_weight_is_packed_when_written(tmp_path, tied):
+    """After weights.lift, a routed weight's parameter holds the panels, packed only as the weight
+    file is written; the module run on the file's tensors matches numpy."""
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((24, 20)).astype(np.float32)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((tirx.Var("s", "int64"), 24), "float32"))
+    weight = relax.const(w)
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.matmul(x, weight))
+            if tied:
+                y = bb.emit(relax.op.add(y, relax.op.sum(weight, axis=[0])))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    lifted, arrays = weights.lift(bb.get(), min_bytes=64)
+    assert len(arrays) == 1
+    desc = load_target("host")
+    mod = schedule_kernels(prepare(lifted, desc.tvm_target(), arrays), desc.tvm_target())
+    assert len(_kernels(mod)) == 1 and len(arrays) == (2 if tied else 1)
+    assert callable(arrays[-1])  # the panels: packed when written
+    entries = weights.write(tmp_path / weights.FILE, arrays)
+    assert arrays == []
+    assert entries[-1]["shape"][1:] == [24, int(_kernels(mod)[0].attrs[KERNEL_ATTR])]
+    vm = relax.VirtualMachine(tvm.compile(mod, target=desc.tvm_target()), tvm.cpu())
+    xs = rng.standard_normal((3, 24)).astype(np.float32)
+    got = vm["main"](tvm.runtime.tensor(xs), *weights.load(tmp_path / weights.FILE, entries)).numpy()
+    want = reference(xs, w) + (w.sum(0) if tied else 0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
 @needs_cross_cc
