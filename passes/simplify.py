@@ -21,7 +21,7 @@ from onnx_ir.passes.common import (
     TopologicalSortPass,
 )
 
-from edgecc.core.ir import PROTO_LIMIT, infer_shapes
+from edgecc.core.ir import PROTO_LIMIT, infer_shapes, proto_with
 from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
 
 
@@ -133,7 +133,7 @@ def _simplified(model: ir.Model, weights: dict[str, ir.TensorProtocol]) -> ir.Mo
     apart = [model.graph.initializers.pop(name) for name in weights]
     model.graph.inputs.extend(apart)
     try:
-        proto = ir.to_proto(model)
+        proto = proto_with(model)  # the weights left in it as data, even those of an external-data file
     finally:
         for value in apart:
             model.graph.inputs.remove(value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Collection
 from pathlib import Path
 
@@ -109,6 +110,43 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
     return ir.to_proto(model)
 
 
+# Weights inside a model's protobuf beyond this are moved to a file for the compile (spill_weights).
+SPILL_BYTES = 64 << 20
+
+
+def spill_weights(model: ir.Model) -> tuple[ir.Model, tempfile.TemporaryDirectory | None]:
+    """A model whose weights sit inside its protobuf, with them written to an external-data file
+    in a temporary directory and loaded back lazily, as a model over 2 GB is: a weight is then read
+    from a mapping when something reads it, instead of the parsed protobuf holding every weight for
+    the whole compile and ONNX Runtime copying them. Returns the model and the directory, which
+    must outlive every tensor read from it; the model itself and None where its weights are small
+    or already external, or where temporary files are in memory (tmpfs) anyway."""
+    inside = sum(v.const_value.nbytes for v in model.graph.initializers.values()
+                 if v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor))
+    if inside < SPILL_BYTES or _in_memory(tempfile.gettempdir()):
+        return model, None
+    directory = tempfile.TemporaryDirectory(prefix="edgecc-weights-")
+    path = os.path.join(directory.name, "model.onnx")
+    ir.save(model, path, external_data="model.onnx.data", alignment=64)
+    return ir.load(path), directory
+
+
+def _in_memory(directory: str) -> bool:
+    """Whether `directory` is on a RAM-backed file system, where a file takes memory all the same."""
+    best, kind = "", ""
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                fields = line.split()
+                mount = fields[1]
+                inside = directory == mount or directory.startswith(mount.rstrip("/") + "/")
+                if len(fields) > 2 and inside and len(mount) >= len(best):
+                    best, kind = mount, fields[2]
+    except OSError:
+        return False
+    return kind in ("tmpfs", "ramfs")
+
+
 # Initializers at least this large travel beside a graph's proto, not inside it (light_proto).
 WEIGHT_BYTES = 1 << 16
 # Element types whose values numpy holds natively: ONNX Runtime and TVM take these arrays as they are.
@@ -134,20 +172,28 @@ def light_proto(model: ir.Model, keep: Collection[str] = ()) -> tuple[onnx.Model
     TVM's importer without a second copy of its weights, and a model over protobuf's 2 GB limit
     has a proto at all."""
     large = {name: t for name, t in large_initializers(model).items() if name not in keep}
+    stubs = {name: ir.ExternalTensor("in-memory", 0, t.nbytes, t.dtype, shape=t.shape, name=name)
+             for name, t in large.items()}
+    return proto_with(model, stubs, keep), {name: _array(t) for name, t in large.items()}
+
+
+def proto_with(model: ir.Model, stand_ins: dict[str, ir.TensorProtocol] | None = None,
+               external: Collection[str] = ()) -> onnx.ModelProto:
+    """ir.to_proto, with the initializers named in `stand_ins` written as those tensors, and the
+    external-data tensors not named in `external` written as data: their readers have no path."""
     values = model.graph.initializers
-    # The other tensors of an external-data file go into the proto as data: its readers have no path.
-    small = {name: v.const_value for name, v in values.items()
-             if isinstance(v.const_value, ir.ExternalTensor) and name not in large and name not in keep}
-    for name, t in large.items():
-        values[name].const_value = ir.ExternalTensor("in-memory", 0, t.nbytes, t.dtype, shape=t.shape, name=name)
-    for name, t in small.items():
-        values[name].const_value = ir.Tensor(t.numpy(), dtype=t.dtype, name=name)
+    stand_ins = dict(stand_ins or {})
+    stand_ins.update({name: ir.Tensor(v.const_value.numpy(), dtype=v.const_value.dtype, name=name)
+                      for name, v in values.items() if isinstance(v.const_value, ir.ExternalTensor)
+                      and name not in stand_ins and name not in external})
+    originals = {name: values[name].const_value for name in stand_ins}
+    for name, t in stand_ins.items():
+        values[name].const_value = t
     try:
-        proto = ir.to_proto(model)
+        return ir.to_proto(model)
     finally:
-        for name, t in {**large, **small}.items():
+        for name, t in originals.items():
             values[name].const_value = t
-    return proto, {name: _array(t) for name, t in large.items()}
 
 
 def _array(t: ir.TensorProtocol) -> np.ndarray:
