@@ -33,8 +33,6 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecc.benchmark.bench import PRESETS, int4_block, ort_int4
-
 EDGECC = [sys.executable, "-m", "edgecc.cli"]
 SCRIPT = [sys.executable, str(Path(__file__).resolve())]
 TINYLLAMA = dict(vocab=32000, hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4,
@@ -86,7 +84,9 @@ def run_worker(kind: str, path: str, out: str) -> None:
 
     from edgecc.core.lm_signature import LMSignature, find
     from edgecc.lm.generate import greedy, ort_step
-    from edgecc.runtime.artifact import Artifact
+    from edgecc.runtime.artifact import Artifact, runtime_only
+
+    runtime_only()
 
     if kind == "ort":
         sig = find(onnx.load(path, load_external_data=False))
@@ -121,6 +121,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.run_worker:
         return run_worker(*args.run_worker)
+    from edgecc.benchmark.bench import PRESETS, int4_block, ort_int4  # not in a worker: it imports the compiler
     if args.model == "smollm2":  # the cached example (exported once, then reused)
         model = Path(subprocess.check_output([*EDGECC, "example", "smollm2", "--print-path"], text=True).strip())
     else:

@@ -79,8 +79,9 @@ def cmd_tune(a: argparse.Namespace) -> int:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from edgecc.runtime.artifact import Artifact
+    from edgecc.runtime.artifact import Artifact, runtime_only
 
+    runtime_only()
     art = Artifact.load(a.artifact)
     runs = 0
 
@@ -161,8 +162,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
         tokenizer_path = path.parent / lm.get("tokenizer", "tokenizer.json")
         has_tokenizer = tokenizer_path.is_file()
     else:
-        from edgecc.runtime.artifact import Artifact
+        from edgecc.runtime.artifact import Artifact, runtime_only
 
+        runtime_only()
         art = Artifact.load(a.artifact)
         sig, lm = lm_signature.of_manifest(art.manifest, str(art.path)), art.manifest.get("lm", {})
         tokenizer_path, has_tokenizer = art.path / lm.get("tokenizer", ""), bool(lm.get("tokenizer"))

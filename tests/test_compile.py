@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -333,3 +334,22 @@ def test_weights_inside_the_model_are_spilled_to_a_file_for_the_compile(example_
 
     gc.collect()
     assert list((tmp_path / "scratch").iterdir()) == []
+
+
+def test_a_run_only_process_loads_tvms_runtime_library_alone(host_artifacts):
+    """`edgecc run`, `generate` and the bench worker load TVM's runtime library, not its compiler."""
+    import subprocess
+    import sys
+
+    art = host_artifacts("mlp")
+    code = ("import numpy as np\n"
+            "from edgecc.runtime.artifact import Artifact, runtime_only\n"
+            "runtime_only()\n"
+            f"art = Artifact.load({str(art.path)!r})\n"
+            "out = art.run({i['name']: np.ones([d if isinstance(d, int) else 1 for d in i['shape']], i['dtype'])\n"
+            "               for i in art.inputs})\n"
+            "maps = open('/proc/self/maps').read()\n"
+            "print(len(out), 'libtvm_runtime.so' in maps, '/libtvm.so' in maps)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TVM_USE_RUNTIME_LIB"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert res.stdout.split() == ["1", "True", "False"], res.stderr[-2000:]
