@@ -39,10 +39,12 @@ _REQUIRED = {"format_version": int, "target": dict, "pipeline": str, "inputs": l
 
 
 def runtime_only() -> None:
-    """For a process that only runs artifacts: TVM loads its runtime library, not the compiler
-    (about 110 MB less resident). Call it before anything imports tvm; it does nothing after."""
+    """For a process that only runs artifacts, what a device has: TVM's runtime library, not its
+    compiler (about 110 MB less resident), and no torch, which tvm_ffi imports whenever it is
+    installed (about 200 MB). Call it before anything imports tvm; it does nothing after."""
     if "tvm" not in sys.modules:
         os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
+        sys.modules.setdefault("torch", None)  # `import torch` raises ImportError, as without torch
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
