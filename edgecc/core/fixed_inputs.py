@@ -13,13 +13,14 @@ is refused at run time rather than silently ignored.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
-import onnx_ir as ir
 
 from edgecc.errors import UserError
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
 
 
 def parse(items: list[str] | None) -> dict[str, list[float]]:
@@ -39,6 +40,8 @@ def parse(items: list[str] | None) -> dict[str, list[float]]:
 def fix(model: ir.Model, values: dict[str, Any], source: str) -> tuple[ir.Model, dict]:
     """`model` with the named graph inputs turned into initializers holding `values` (in place),
     and the manifest's record of them ({name: {dtype, shape, value}})."""
+    import onnx_ir as ir  # here: a device checks fixed inputs (`check`) without onnx
+
     if not values:
         return model, {}
     inputs = {v.name: v for v in model.graph.inputs}
@@ -59,6 +62,8 @@ def fix(model: ir.Model, values: dict[str, Any], source: str) -> tuple[ir.Model,
 
 def _typed(name: str, tensor_type, given: Any) -> np.ndarray:
     """`given` as an array of the input's element type and declared shape, exactly."""
+    import onnx
+
     try:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
     except (KeyError, ValueError):

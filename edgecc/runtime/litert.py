@@ -11,9 +11,6 @@ import dataclasses
 from typing import Callable
 
 import numpy as np
-import onnx
-
-from edgecc.core.verify import ort_session
 
 TFLITE = "model.tflite"
 HOST_MODEL = "host.onnx"
@@ -45,7 +42,10 @@ def _quant(spec: dict) -> Quant:
 def runner(artifact) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
     """A function from the model's own inputs to an Edge TPU artifact's outputs (float32). The host
     part's ONNX Runtime session and the LiteRT interpreter are made once, for every call."""
+    import onnx  # here: a TVM artifact runs without onnx
     from ai_edge_litert.interpreter import Interpreter
+
+    from edgecc.core.verify import ort_session
 
     facts = artifact.manifest["edgetpu"]
     host = ort_session(onnx.load(str(artifact.path / facts["host_model"]))) if facts["host_model"] else None
