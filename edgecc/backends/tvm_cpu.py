@@ -22,7 +22,7 @@ class TVMCPUBackend(TVMBackend):
         # Weights become parameters before anything copies or repacks them (the dense kernel's
         # panels are packed one at a time as the file is written), once what is computed from
         # weights alone (a transposed Gemm weight, a cast) is folded into new constants.
-        mod, arrays = weights.lift(relax.transform.FoldConstant()(lowered.pop()))
+        mod, arrays = weights.lift(_folded(lowered.pop()))
         mod, tuned = apply_records(prepare(mod, tgt, arrays), tgt, self.records)
         mod = schedule_kernels(mod, tgt)
         stored = weights.write(stage_dir / weights.FILE, arrays) if arrays else None  # empties `arrays`
@@ -36,6 +36,20 @@ class TVMCPUBackend(TVMBackend):
         if stored is not None:
             facts["weights"] = {"file": weights.FILE, "tensors": stored}
         return facts
+
+
+def _folded(mod):
+    """relax.transform.FoldConstant, or the module as it is where that pass breaks it: it does on
+    shape_to_tensor of a static shape, which it legalizes into a call of a `shape_func` PrimFunc it
+    never adds to the module. Folding here only spares the run time what is computed from weights
+    alone; the "zero" pipeline folds everything else, as always."""
+    try:
+        folded = relax.transform.FoldConstant()(mod)
+        if relax.analysis.well_formed(folded):
+            return folded
+    except (RuntimeError, ValueError):  # TVM's errors for an ill-formed module
+        pass
+    return mod
 
 
 def schedule_kernels(mod, tgt):
