@@ -61,8 +61,8 @@ def route_symbolic_matmuls(mod, target, weights: list | None = None):
     tile = panel_width(target)
     routed = 0
     weights = weights if weights is not None else []
-    params = list(mod["main"].params) if weights else []
-    lifted = {p.name: (len(params) - len(weights) + i, p) for i, p in enumerate(params[len(params) - len(weights):])}
+    params = list(mod["main"].params)[-len(weights):] if weights else []
+    lifted = {p.name: (i, p) for i, p in enumerate(params)}  # parameter name -> (index in `weights`, it)
     panels: dict[str, relax.Var] = {}  # lifted parameter -> the parameter of its panels
 
     @relax.expr_functor.mutator
@@ -85,8 +85,7 @@ def route_symbolic_matmuls(mod, target, weights: list | None = None):
             if constant:
                 return emit_dense(self.builder_, x, relax.const(pack_panels(w.value.numpy(), tile)), K, N, tile)
             if w.name not in panels:
-                panels[w.name] = relax.Var(f"{w.name}_panels",
-                                                relax.TensorType((-(-N // tile), K, tile), "float32"))
+                panels[w.name] = relax.Var(f"{w.name}_panels", relax.TensorType((-(-N // tile), K, tile), "float32"))
             return emit_dense(self.builder_, x, panels[w.name], K, N, tile)
 
     routed_mod = rewrite_functions(mod, Route)
@@ -106,14 +105,14 @@ def _panel_params(mod, weights: list, lifted: dict, panels: dict, tile: int):
     still_read = {v.name for v in relax.analysis.free_vars(main.body)}
     params, first = list(main.params), len(main.params) - len(weights)
     for name, var in panels.items():
-        position, _ = lifted[name]
-        pack = functools.partial(pack_panels, weights[position - first], tile)
+        i, _ = lifted[name]
+        pack = functools.partial(pack_panels, weights[i], tile)
         if name in still_read:
             params.append(var)
             weights.append(pack)
         else:
-            params[position] = var
-            weights[position - first] = pack
+            params[first + i] = var
+            weights[i] = pack
     out = mod.clone()
     out["main"] = relax.Function(params, main.body, main.ret_ty, main.is_pure, main.attrs, main.span)
     return out

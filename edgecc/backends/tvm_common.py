@@ -20,7 +20,7 @@ from tvm import relax, topi
 
 from edgecc.backends import tvm_report
 from edgecc.backends.base import Backend
-from edgecc.core.ir import light_proto
+from edgecc.core.ir import graph_proto, light_proto
 from edgecc.core.optimize import Optimized
 from edgecc.core.pass_base import Pass, PassContext
 from edgecc.core.target import TargetDesc
@@ -259,5 +259,5 @@ def _verify(artifact: Artifact, runner: Callable, source: ir.Model, optimized: i
             f"({', '.join(p.name for p in lossy)}){hint}")
     how = "native" if artifact.runs_here() else "qemu-user emulation"
     return dict(result.to_json(), **extra, **accuracy, seed=ctx.seed, input_shapes=shapes,
-                inputs_drawn=input_rules(light_proto(source)[0], ctx.dim_values),
+                inputs_drawn=input_rules(graph_proto(source), ctx.dim_values),
                 reference="onnxruntime (optimized model)" if lossy else "onnxruntime", runner=how)

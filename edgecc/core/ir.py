@@ -110,6 +110,7 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
     return ir.to_proto(model)
 
 
+ALIGN = 64  # bytes: what TVM's kernels assume of a buffer's start, and so of a weight it takes as is
 # Weights inside a model's protobuf beyond this are moved to a file for the compile (spill_weights).
 SPILL_BYTES = 64 << 20
 
@@ -127,7 +128,7 @@ def spill_weights(model: ir.Model) -> tuple[ir.Model, tempfile.TemporaryDirector
         return model, None
     directory = tempfile.TemporaryDirectory(prefix="edgecc-weights-")
     path = os.path.join(directory.name, "model.onnx")
-    ir.save(model, path, external_data="model.onnx.data", alignment=64)
+    ir.save(model, path, external_data="model.onnx.data", alignment=ALIGN)
     return ir.load(path), directory
 
 
@@ -172,9 +173,18 @@ def light_proto(model: ir.Model, keep: Collection[str] = ()) -> tuple[onnx.Model
     TVM's importer without a second copy of its weights, and a model over protobuf's 2 GB limit
     has a proto at all."""
     large = {name: t for name, t in large_initializers(model).items() if name not in keep}
+    return _stubbed(model, large, keep), {name: _array(t) for name, t in large.items()}
+
+
+def graph_proto(model: ir.Model) -> onnx.ModelProto:
+    """light_proto's ModelProto alone: for reading a graph's signature, nodes and metadata."""
+    return _stubbed(model, large_initializers(model))
+
+
+def _stubbed(model: ir.Model, large: dict[str, ir.TensorProtocol], keep: Collection[str] = ()) -> onnx.ModelProto:
     stubs = {name: ir.ExternalTensor("in-memory", 0, t.nbytes, t.dtype, shape=t.shape, name=name)
              for name, t in large.items()}
-    return proto_with(model, stubs, keep), {name: _array(t) for name, t in large.items()}
+    return proto_with(model, stubs, keep)
 
 
 def proto_with(model: ir.Model, stand_ins: dict[str, ir.TensorProtocol] | None = None,
@@ -232,9 +242,9 @@ def forget_removed_inputs(model: ir.Model) -> None:
 def shared_copy(model: ir.Model) -> ir.Model:
     """A copy of the model's graph that shares its large initializers' tensors (read-only data)
     with the original: what a pipeline changes in place leaves the copy as it was."""
-    proto, _ = light_proto(model)
-    copy = ir.from_proto(proto)
-    for name, t in large_initializers(model).items():
+    large = large_initializers(model)
+    copy = ir.from_proto(_stubbed(model, large))
+    for name, t in large.items():
         copy.graph.initializers[name].const_value = t
     return copy
 

@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from edgecc.core import fixed_inputs
 from edgecc.core.calibration import load_calibration
-from edgecc.core.ir import (forget_removed_inputs, light_proto, load_model, release_mappings, shared_copy,
+from edgecc.core.ir import (forget_removed_inputs, graph_proto, load_model, release_mappings, shared_copy,
                             spill_weights)
 from edgecc.core.pass_base import PassContext, unknown_message
 from edgecc.core.pass_manager import Instrument, PassManager, PrintIRAfter, VerifyEachPass
@@ -76,19 +76,16 @@ class Optimized:
     pipeline: Pipeline
     ctx: PassContext
     source: ir.Model
+    source_proto: onnx.ModelProto  # `source`'s graph
     optimized: ir.Model
     reports: list
     timings: dict[str, float]
     constants: dict[str, dict]  # graph inputs fixed with --const, as the manifest records them
-    scratch: Any = None  # the temporary directory of the weights it reads (ir.spill_weights), removed with it
+    scratch: Any  # the temporary directory of the weights it reads (ir.spill_weights), removed with it; or None
 
     @functools.cached_property
     def proto(self) -> onnx.ModelProto:
-        return light_proto(self.optimized)[0]
-
-    @functools.cached_property
-    def source_proto(self) -> onnx.ModelProto:
-        return light_proto(self.source)[0]
+        return graph_proto(self.optimized)
 
 
 def run_pipeline(
@@ -122,7 +119,7 @@ def run_pipeline(
     loaded, fixed = fixed_inputs.fix(loaded, options.constants, str(model))
     source = shared_copy(loaded)  # the pipeline changes `loaded` in place
     release.models.append(source)
-    source_proto = light_proto(source)[0]
+    source_proto = graph_proto(source)
     symbolic = {d for spec in graph_inputs(source_proto) for d in spec.shape if isinstance(d, str)}
     graph_outputs(source_proto)  # an output edgecc cannot compile (a sequence) is refused up front
     unknown = sorted(set(options.shapes) - symbolic)
@@ -140,7 +137,7 @@ def run_pipeline(
     for r in reports if options.explain else ():
         for miss in r.stats.get("near_misses", []):
             log(f"{r.name}: near miss: {miss}")
-    return Optimized(tdesc, pipe, ctx, source, optimized, reports, timings, fixed, scratch)
+    return Optimized(tdesc, pipe, ctx, source, source_proto, optimized, reports, timings, fixed, scratch)
 
 
 # A compile's peak resident memory, measured (benchmarks/compile_memory.py: 1.43 x the weights

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from edgecc.core.ir import ALIGN
+
 
 class Rejected(Exception):
     """A check failed; the message says why (passes report it in their stats)."""
@@ -19,9 +21,6 @@ class Rejected(Exception):
 def node_name(node: ir.Node) -> str:
     """The node's name, or its first output's when it has none."""
     return node.name or node.outputs[0].name
-
-
-ALIGN = 64  # bytes: what TVM's kernels assume of a buffer's start
 
 
 def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:

@@ -17,7 +17,7 @@ from onnx import helper
 
 from edgecc.core import lm_signature
 from edgecc.core.dtypes import CODED_DTYPES
-from edgecc.core.ir import large_initializers, light_proto
+from edgecc.core.ir import graph_proto, large_initializers, light_proto
 from edgecc.core.kernel_mark import KernelMark
 from edgecc.errors import UserError
 
@@ -219,7 +219,7 @@ def random_inputs(
     whatever its inputs and dims are called: batch 1, seq 5, past 3 where not pinned, the mask
     over past + seq tokens, positions past .. past + seq - 1, and the cache the model makes of
     `past` random tokens."""
-    graph = light_proto(model)[0] if isinstance(model, ir.Model) else model
+    graph = graph_proto(model) if isinstance(model, ir.Model) else model
     specs, lm = graph_inputs(graph), lm_signature.find(graph)
     ranges = integer_ranges(graph, _input_dims(specs, lm, dim_values))
     return draw_inputs(specs, seed, dim_values, ranges, lm, lambda feeds: run_ort(model, feeds))

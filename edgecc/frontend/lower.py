@@ -19,6 +19,7 @@ import warnings
 import numpy as np
 import onnx
 
+from edgecc.core.ir import ALIGN
 from edgecc.core.kernel_mark import KernelMark
 from edgecc.errors import EdgeccError, UserError
 from edgecc.frontend import converters  # noqa: F401  (registers edgecc's converters)
@@ -118,7 +119,7 @@ def _runtime_tensor(array: np.ndarray):
     """`array` as a TVM tensor: its own memory where TVM can take it (writable, aligned), else a copy."""
     import tvm
 
-    if array.flags.writeable and array.flags.c_contiguous and array.ctypes.data % 64 == 0:
+    if array.flags.writeable and array.flags.c_contiguous and array.ctypes.data % ALIGN == 0:
         return tvm.runtime.from_dlpack(array)
     return tvm.runtime.tensor(np.ascontiguousarray(array))
 
