@@ -81,16 +81,11 @@ def activation_ranges(model: ir.Model, ctx, names: list[str]) -> dict[str, np.nd
 
 def activation_samples(model: ir.Model, ctx, names: list[str]) -> dict[str, np.ndarray]:
     """The named activations over the calibration data, as rows [tokens, channels]."""
-    proto = ir.to_proto(model)
-    known = {o.name for o in proto.graph.output}
-    for name in names:
-        if name not in known:
-            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    session = ort_session(proto)
+    session = ort_session(model, outputs=names)  # weights in an external-data file stay there
     if ctx.calibration is not None:
         batches = [ctx.calibration]
     else:
-        batches = [random_inputs(proto, seed=ctx.seed + i, dim_values=ctx.dim_values)
+        batches = [random_inputs(model, seed=ctx.seed + i, dim_values=ctx.dim_values)
                    for i in range(SYNTHETIC_BATCHES)]
     rows: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for feeds in batches:

@@ -7,7 +7,7 @@ import math
 import os
 import re
 import tempfile
-from typing import Callable
+from typing import Callable, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -336,11 +336,12 @@ def _padding_mask(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarra
 
 
 def ort_session(model: onnx.ModelProto | ir.Model, optimize: bool = False, threads: int = 0,
-                weights: dict[str, np.ndarray] | None = None):
+                weights: dict[str, np.ndarray] | None = None, outputs: Sequence[str] = ()):
     """An ONNX Runtime session; with optimize=False ORT's own fusions cannot hide a bug.
 
     `weights` fill `model`'s data-less initializers (edgecc.core.ir.light_proto); an IR model's
-    large weights reach ORT that way, as the arrays the IR holds."""
+    large weights reach ORT that way, as the arrays the IR holds. `outputs`: intermediate
+    values the session outputs too (calibration reads activations)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -359,6 +360,10 @@ def ort_session(model: onnx.ModelProto | ir.Model, optimize: bool = False, threa
             so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
     elif weights is None:
         model, weights = _weights_apart(model)
+    known = {o.name for o in model.graph.output}
+    if any(name not in known for name in outputs):
+        model = _copy(model)  # the caller's proto stays as it was; its large weights are out of it by now
+        model.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in outputs if n not in known)
     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()]
     if weights:
         so.add_external_initializers(list(weights), values)
@@ -380,6 +385,12 @@ def ort_session(model: onnx.ModelProto | ir.Model, optimize: bool = False, threa
     session.edgecc_weights = values  # ORT reads these arrays in place for as long as the session lives
     session.edgecc_proto = model
     return session
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
 
 
 def _for_ort(model: ir.Model) -> tuple[onnx.ModelProto, dict[str, np.ndarray], str | None]:
