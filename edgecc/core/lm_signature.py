@@ -29,13 +29,14 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
-from google.protobuf.message import DecodeError
-from onnx import helper
 
 from edgecc.errors import UserError
+
+if TYPE_CHECKING:  # a process that only runs an artifact reads its signature from the manifest, without onnx
+    import onnx
 
 # Sizes for symbolic dims of verification inputs: prefill of `SEQ` tokens after `PAST` cached ones.
 BATCH, SEQ, PAST = 1, 5, 3
@@ -153,6 +154,9 @@ def read_graph(path: str | os.PathLike) -> onnx.ModelProto:
     """An .onnx file without its external weights (they stay on disk); a one-line error if unreadable."""
     if not Path(path).is_file():
         raise UserError(f"{path}: no such file")
+    import onnx
+    from google.protobuf.message import DecodeError
+
     try:
         return onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError) as e:
@@ -232,6 +236,8 @@ def _port(spec: dict | None) -> Port | None:
 def _spec(vi: onnx.ValueInfoProto) -> dict:
     tt = vi.type.tensor_type
     dims = [d.dim_value if d.HasField("dim_value") else d.dim_param or None for d in tt.shape.dim]
+    from onnx import helper
+
     return {"name": vi.name, "dtype": np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).name,
             "shape": dims}
 
