@@ -82,35 +82,47 @@ def _int8_matmul_te(x, w, tile: int, K: int, N: int):
 
     k = te.reduce_axis((0, K), "k")
     return te.compute(
-        (x.shape[0], N),
-        lambda m, n: te.sum(x[m, k].astype("int32") * weight(k, n).astype("int32"), axis=k),
+        (*x.shape[:-1], N),
+        lambda *i: te.sum(x[(*i[:-1], k)].astype("int32") * weight(k, i[-1]).astype("int32"), axis=k),
         name="int8_matmul",
     )
 
 
 def emit_int8_matmul(bb, x, w, tile: int, K: int, N: int):
-    """Emit int8 x [M, K] @ weights -> int32 [M, N] into the BlockBuilder `bb`.
+    """Emit int8 x [..., K] @ weights -> int32 [..., N] into the BlockBuilder `bb`.
 
-    w is a relax.Constant from pack_int8(_, tile); M may be symbolic. The PrimFunc is opaque
-    to FuseOps so `schedule` finds it whole.
+    w is a relax.Constant from pack_int8(_, tile) (or a lifted weight); the leading dims may be
+    symbolic. FuseOps may fuse what follows elementwise into it (op pattern kOutEWiseFusable):
+    quantize-int8's rescale to float, which then runs on each panel of accumulators as it is
+    finished instead of on an int32 [..., N] tensor written whole (a 25 MB buffer for
+    SmolLM2's LM head after a 128-token prompt).
     """
     from tvm import tirx
 
     shape = x.ty.shape
-    if len(shape) != 2 or not (isinstance(shape[1], tirx.IntImm) and int(shape[1]) == K):
-        raise ValueError(f"emit_int8_matmul: x must be [M, {K}], got {list(shape)}")
+    if len(shape) < 2 or not (isinstance(shape[-1], tirx.IntImm) and int(shape[-1]) == K):
+        raise ValueError(f"emit_int8_matmul: x must be [..., {K}], got {list(shape)}")
     if str(x.ty.dtype) != "int8" or str(w.ty.dtype) != "int8":
         raise ValueError(f"emit_int8_matmul: operands must be int8, got {x.ty.dtype} x {w.ty.dtype}")
     return bb.emit_te(_int8_matmul_te, x, w, tile, K, N, primfunc_name_hint="int8_matmul",
-                      primfunc_attrs={KERNEL_ATTR: tile, "op_pattern": 8})  # 8: kOpaque
+                      primfunc_attrs={KERNEL_ATTR: tile, "op_pattern": 4})  # 4: kOutEWiseFusable
 
 
 def schedule_panels_cpu(sch, mm, tile: int) -> None:
-    """The CPU schedule of a [M, N] += x[m, k] * w(k, n) block (shared with kernels.dense)."""
-    m, n, k = sch.get_loops(mm)
+    """The CPU schedule of a [..., N] += x[..., k] * w(k, n) block (shared with kernels.dense),
+    and of the elementwise epilogue fused after it: inlined into its last block, which runs on
+    each panel of accumulators once the panel is complete."""
+    *rows, n, k = sch.get_loops(mm)
     n_out, n_in = sch.split(n, [None, tile or UNPACKED_TILE])
-    sch.reorder(n_out, m, k, n_in)
+    sch.reorder(n_out, *rows, k, n_in)
     sch.vectorize(n_in)
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    epilogue = blocks[[sch.get(b).name_hint for b in blocks].index(sch.get(mm).name_hint) + 1:]
+    for block in epilogue[:-1]:
+        sch.compute_inline(block)
+    if epilogue:
+        sch.reverse_compute_at(epilogue[-1], n_out)
+        sch.vectorize(sch.get_loops(epilogue[-1])[-1])
     sch.parallel(n_out)
     init = sch.decompose_reduction(mm, k)
     sch.vectorize(sch.get_loops(init)[-1])
@@ -136,6 +148,26 @@ def unscheduled_kernels(mod, attr: str) -> list:
             and f.attrs is not None and attr in f.attrs and not f.attrs.get("tirx.is_scheduled")]
 
 
+def _kernels(mod) -> list:
+    """(GlobalVar, PrimFunc, tile) of the unscheduled PrimFuncs holding an int8 matmul, alone or
+    with the epilogue FuseOps put after it (a fused function keeps neither the kernel's name nor
+    its attributes, only the block; the weight's layout gives the tile)."""
+    import tvm
+    import tvm_ffi
+
+    found = []
+    for gv, func in mod.functions.items():
+        if not isinstance(func, tvm.tirx.PrimFunc) or (func.attrs is not None and func.attrs.get("tirx.is_scheduled")):
+            continue
+        blocks: list = []
+        tvm_ffi.structural_walk(func.body, [(tvm.s_tir.stmt.SBlock, blocks.append)], order="post")
+        matmul = [b for b in blocks if b.name_hint == "int8_matmul"]
+        if matmul:
+            weight = matmul[0].reads[1].source.shape
+            found.append((gv, func, int(weight[-1]) if len(weight) == 3 else 0))
+    return found
+
+
 def schedule(mod, target):
     """Schedule every int8 kernel in `mod` (after the Relax "zero" pipeline) for `target`.
 
@@ -148,14 +180,14 @@ def schedule(mod, target):
     from tvm.s_tir import dlight as dl
 
     mod = mod.clone()
-    for gv, func in unscheduled_kernels(mod, KERNEL_ATTR):
+    for gv, func, tile in _kernels(mod):
         if "gpu" in target.keys:
             with target:
                 one = dl.ApplyDefaultSchedule(dl.gpu.GEMV(), dl.gpu.Fallback())(tvm.IRModule({"main": func}))
             mod[gv] = one["main"].with_attr("tirx.is_scheduled", True)
             continue
         sch = Schedule(func)
-        schedule_panels_cpu(sch, sch.get_sblock("int8_matmul"), int(func.attrs[KERNEL_ATTR]))
+        schedule_panels_cpu(sch, sch.get_sblock("int8_matmul"), tile)
         mod[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
     return mod
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import tvm
 import tvm_ffi
+from edgecc.kernels.int8 import build_module, pack_int8, panel_width, reference, unpack_int8
 from tvm import relax
 from tvm.support import cc
 
-from edgecc.kernels.int8 import build_module, pack_int8, panel_width, reference, unpack_int8
 from edgecc.runtime import emulator
 from tests.kernels.targets import (
     CROSS_CC,
@@ -60,6 +60,41 @@ def test_kernel_is_exact(tile, M):
     (N = 100 is not a multiple of any panel width)."""
     x, w = _operands(3 if M is None else M, 96, 100)
     np.testing.assert_array_equal(_run(build_module(w, tile, HOST, M=M), x), reference(x, w))
+
+
+@pytest.mark.parametrize("tile", [0, 32])
+def test_rescale_is_fused_into_the_kernel(tile):
+    """quantize-int8's rescale, float(x @ w) * row scale * column scale, on [batch, seq, K] rows
+    with symbolic dims: FuseOps puts it into the kernel's PrimFunc, which runs it panel by panel
+    (no int32 [batch, seq, N] tensor between two kernels), and each value is numpy's float32
+    arithmetic in the same order."""
+    from edgecc.kernels.int8 import emit_int8_matmul
+    from tvm import tirx
+
+    from edgecc.backends.tvm_common import prepare
+    from edgecc.backends.tvm_cpu import schedule_kernels
+
+    K, N = 96, 100
+    x, w = _operands(7, K, N)
+    col = np.linspace(0.01, 0.02, N, dtype=np.float32)
+    batch, seq = tirx.Var("batch", "int64"), tirx.Var("seq", "int64")
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType((batch, seq, K), "int8"))
+    sv = relax.Var("s", relax.TensorType((batch, seq, 1), "float32"))
+    with bb.function("main", [xv, sv]):
+        with bb.dataflow():
+            acc = emit_int8_matmul(bb, xv, relax.const(pack_int8(w, tile)), tile, K, N)
+            out = bb.emit_output(relax.op.multiply(relax.op.multiply(relax.op.astype(acc, "float32"), sv),
+                                                   relax.const(col)))
+        bb.emit_func_output(out)
+    mod = schedule_kernels(prepare(bb.get(), HOST), HOST)
+    kernels = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)]
+    assert len(kernels) == 1 and "int8_matmul" in kernels[0] and "multiply" in kernels[0], kernels
+    vm = relax.VirtualMachine(tvm.compile(mod, target=HOST), tvm.cpu())
+    scale = np.linspace(0.5, 1.0, 7, dtype=np.float32).reshape(1, 7, 1)
+    got = vm["main"](tvm.runtime.tensor(x.reshape(1, 7, K)), tvm.runtime.tensor(scale)).numpy()
+    want = reference(x, w).astype(np.float32).reshape(1, 7, N) * scale * col
+    np.testing.assert_array_equal(got, want)
 
 
 def test_compiled_constants_are_int8():

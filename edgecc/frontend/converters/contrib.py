@@ -53,8 +53,7 @@ def _int8_matmul(bb, x, w, tile: int):
     """x int8 [..., K] @ constant int8 w [K, N] -> int32 with edgecc's int8 kernel."""
     weight = w.value.numpy()
     K, N = weight.shape
-    packed = relax.const(pack_int8(weight, tile))
-    return over_rows(bb, x, K, N, lambda rows: emit_int8_matmul(bb, rows, packed, tile, K, N))
+    return emit_int8_matmul(bb, x, relax.const(pack_int8(weight, tile)), tile, K, N)
 
 
 def _int8_operands(inputs) -> bool:
