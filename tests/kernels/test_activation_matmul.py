@@ -66,7 +66,7 @@ def test_symbolic_attention_matmuls_are_scheduled_and_exact():
 
 def test_static_shapes_are_left_to_tuning():
     desc = load_target("host")
-    scheduled = schedule_kernels(prepare(_attention(4, 4), desc.tvm_target()), desc.tvm_target())
+    scheduled = activation_matmul.schedule(prepare(_attention(4, 4), desc.tvm_target()), desc.tvm_target())
     assert not any(f.attrs.get("tirx.is_scheduled") for f in _matmul_kernels(scheduled).values())
 
 
