@@ -14,7 +14,9 @@ and the processes it waited for (verification runs the module in a forked child)
 issue sets is 1.5 x the fp32 model's bytes + 1.5 GB.
 
 Run time (unless --no-runtime): each engine in its own process loads, prefills 128 seeded
-random tokens and decodes 32 more greedily; its peak is VmHWM. The edgecc artifact of each
+random tokens and decodes 32 more greedily; its peak is VmHWM, also read after loading and
+after the prefill. A worker imports what a device running its engine would: no onnx, no
+compiler (the signature comes from the parent). The edgecc artifact of each
 pipeline against ONNX Runtime at the same precision (fp32: the exported model; int4: ORT's own
 MatMulNBits quantization, edgecc.benchmark.bench.ort_int4), with the greedy tokens compared.
 """
@@ -78,35 +80,45 @@ def tinyllama(directory: Path) -> Path:
     return path
 
 
-def run_worker(kind: str, path: str, out: str) -> None:
-    """One engine: load, prefill PROMPT seeded tokens, decode DECODE greedily; tokens and VmHWM."""
-    import onnx
+def _hwm() -> int:
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 
-    from edgecc.core.lm_signature import LMSignature, find
+
+def run_worker(kind: str, path: str, signature: str, out: str) -> None:
+    """One engine: load, prefill PROMPT seeded tokens, decode DECODE greedily; tokens and VmHWM
+    after loading, after the prefill and at the end. The worker imports what a device running
+    that engine would: neither onnx nor the compiler (the parent read the signature)."""
+    from edgecc.core.lm_signature import LMSignature
     from edgecc.lm.generate import greedy, ort_step
     from edgecc.runtime.artifact import Artifact, runtime_only
 
     runtime_only()
-
+    sig = LMSignature.from_json(json.loads(signature))
     if kind == "ort":
-        sig = find(onnx.load(path, load_external_data=False))
-        step = ort_step(path)
+        run = ort_step(path)
     else:
         art = Artifact.load(path, check_hashes=False)
-        sig = LMSignature.from_json(art.manifest["lm"]["signature"])
         art.load_vm(None)
-        step = lambda feeds: art.run(feeds, as_numpy=False)  # noqa: E731
+        run = lambda feeds: art.run(feeds, as_numpy=False)  # noqa: E731
+    peaks = {"load": _hwm()}
+
+    def step(feeds):
+        outputs = run(feeds)
+        peaks.setdefault("prefill", _hwm())
+        return outputs
+
     prompt = np.random.default_rng(0).integers(0, 1000, PROMPT).tolist()  # ids every vocabulary here has
     t = time.perf_counter()
     gen = greedy(step, sig, prompt, DECODE + 1)
-    hwm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    Path(out).write_text(json.dumps({"tokens": gen.tokens, "peak_rss_bytes": hwm,
+    Path(out).write_text(json.dumps({"tokens": gen.tokens, "peak_rss_bytes": _hwm(),
+                                     "peak_rss_bytes_after": peaks,
+                                     "decode_tokens_per_s": round(gen.decode_tokens_per_s, 1),
                                      "seconds": round(time.perf_counter() - t, 1)}))
 
 
-def runtime(kind: str, path: Path, work: Path) -> dict:
+def runtime(kind: str, path: Path, signature: str, work: Path) -> dict:
     out = work / f"{kind}-{path.name}.json"
-    code, _, _, last = _child([*SCRIPT, "--run-worker", kind, str(path), str(out)])
+    code, _, _, last = _child([*SCRIPT, "--run-worker", kind, str(path), signature, str(out)])
     return json.loads(out.read_text()) if code == 0 else {"error": last}
 
 
@@ -117,17 +129,20 @@ def main() -> None:
     ap.add_argument("--no-verify-too", action="store_true", help="also measure each without verification")
     ap.add_argument("--no-runtime", action="store_true", help="skip the run-time measurements")
     ap.add_argument("--out", help="default: benchmarks/results/compile_memory[_MODEL].json")
-    ap.add_argument("--run-worker", nargs=3, metavar=("KIND", "PATH", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--run-worker", nargs=4, metavar=("KIND", "PATH", "SIGNATURE", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run_worker:
         return run_worker(*args.run_worker)
     from edgecc.benchmark.bench import PRESETS, int4_block, ort_int4  # not in a worker: it imports the compiler
+    from edgecc.core.lm_signature import of_file
+
     if args.model == "smollm2":  # the cached example (exported once, then reused)
         model = Path(subprocess.check_output([*EDGECC, "example", "smollm2", "--print-path"], text=True).strip())
     else:
         model = tinyllama(Path.home() / ".cache" / "edgecc" / "bench" / args.model)
     size = sum(p.stat().st_size for p in model.parent.iterdir() if p.name.startswith(model.name))
     budget = int(1.5 * size + 1.5e9)
+    signature = json.dumps(of_file(model).to_json())
     rows = []
     with tempfile.TemporaryDirectory(dir=model.parent) as d:
         for label in args.pipelines.split(","):
@@ -146,7 +161,8 @@ def main() -> None:
                 baseline = ort_int4(model, int4_block([(label, PRESETS[label])]), Path(d) / "ort-int4")
             else:
                 baseline = model
-            row["runtime"] = {"edgecc": runtime("edgecc", art, Path(d)), "ort": runtime("ort", baseline, Path(d))}
+            row["runtime"] = {"edgecc": runtime("edgecc", art, signature, Path(d)),
+                              "ort": runtime("ort", baseline, signature, Path(d))}
             rt = row["runtime"]
             if "tokens" in rt["edgecc"] and "tokens" in rt["ort"]:
                 rt["same_greedy_tokens"] = rt["edgecc"]["tokens"] == rt["ort"]["tokens"]
