@@ -165,7 +165,6 @@ def _schedule_one(func, lanes: int):
 def schedule(mod, target):
     """Schedule every PrimFunc of `mod` (after the Relax "zero" pipeline, tuning records and
     edgecc's kernels) that is still unscheduled, for a CPU `target`; GPU modules go to dlight."""
-    # (`sch.get_sblock("root")` exists in every PrimFunc the Relax pipeline legalizes.)
     import tvm
     from tvm.s_tir.schedule import ScheduleError
     from tvm.target import codegen

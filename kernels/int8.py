@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-KERNEL_ATTR = "edgecc.int8_tile"  # func attr marking the PrimFuncs `schedule` owns
+KERNEL_ATTR = "edgecc.int8_tile"  # marks the kernel; fused with its epilogue, only its block names it
 ACCUMULATOR_VECTORS = 4
 UNPACKED_TILE = 32  # output columns per task when the weights are not packed
 
