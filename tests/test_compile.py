@@ -303,11 +303,15 @@ def test_model_with_external_data_compiles_and_matches_ort(example_path, tmp_pat
     onnx.save(onnx.ModelProto.FromString(model.SerializeToString()), str(path), save_as_external_data=True,
               location="model.onnx.data", size_threshold=0)  # saving so rewrites the proto it is given
     shutil.copy(example_path("tiny-llama").with_name("tokenizer.json"), path.parent)
-    art = edgecc.compile(path, "host", tmp_path / "art", pipeline)
+    art = edgecc.compile(path, "host", tmp_path / "art", pipeline, keep_reference=True)
     assert art.manifest["verification"]["ok"]
     feeds = random_inputs(model, seed=3, dim_values={"batch": 1, "seq": 4, "past": 2})
     want, got = run_ort(model, feeds), art.run(feeds)
+    # the reference holds its weights beside it, not as references into the source's file
+    reference = run_ort(onnx.load(str(art.reference_path)), feeds)
+    assert {k: v.shape for k, v in reference.items()} == {k: v.shape for k, v in want.items()}
     if pipeline is None:
+        assert compare(want, reference).ok
         assert compare(want, got, across_engines=True).ok
     else:  # int8: near the fp32 model, as verification bounded it
         assert art.manifest["verification"]["relative_rmse_vs_fp32"] < 0.1

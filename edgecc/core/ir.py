@@ -250,10 +250,12 @@ def shared_copy(model: ir.Model) -> ir.Model:
 
 
 def save_model(model: ir.Model, path: str | os.PathLike) -> None:
-    """Save, with weights in an external data file beside it once the model is large."""
+    """Save, with weights in an external data file beside it once the model is large or some of
+    its weights are read from one (the source's, or the compile's spilled file): a reference
+    to another directory's file would not travel with the model."""
     path = Path(path)
-    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    if size > PROTO_LIMIT:
+    values = [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
+    if sum(v.nbytes for v in values) > PROTO_LIMIT or any(isinstance(v, ir.ExternalTensor) for v in values):
         ir.save(model, str(path), external_data=path.name + ".data")
     else:
         ir.save(model, str(path))
