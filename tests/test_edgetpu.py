@@ -359,3 +359,18 @@ def test_an_installed_compiler_is_run_and_compared(built, tmp_path):
     assert diffs[("RSQRT", predict.LIMITATION)] == (0, 1)
     assert "rows where the prediction differed" in (tmp_path / "a" / "report.md").read_text()
     assert Counter(r["status"] for r in compiled["table"])[predict.MAPPED] == 1
+
+
+def test_calibration_ranges_leave_out_infinities():
+    """A mask's -inf (and what it makes) has no int8 level: the range is over the finite values,
+    not an infinite scale and a NaN zero point."""
+    from edgecc.backends.edgetpu import tflite
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    mask = numpy_helper.from_array(np.array([[0, 0, -np.inf, 0]], np.float32), "mask")
+    graph = helper.make_graph([helper.make_node("Add", ["x", "mask"], ["y"])], "g", [x], [y], [mask])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    ranges = tflite.calibrate(model, [{"x": np.array([[-1, 2, 3, 0.5]], np.float32)}])
+    assert ranges["y"] == (-1.0, 2.0)
+    assert np.isfinite(tflite.activation_quant(*ranges["y"]).scale).all()

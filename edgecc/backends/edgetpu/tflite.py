@@ -94,6 +94,10 @@ def calibrate(model: onnx.ModelProto, samples: list[dict[str, np.ndarray]]) -> d
         values = dict(zip(names, session.run(names, feeds)))
         values.update({k: v for k, v in feeds.items() if k in floats})
         for name, v in values.items():
+            # a mask's -inf (or a NaN it makes) has no int8 level: the range is the finite values'
+            v = v[np.isfinite(v)] if not np.isfinite(v).all() else v
+            if v.size == 0:
+                continue
             lo, hi = float(np.min(v)), float(np.max(v))
             old = ranges.get(name)
             ranges[name] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
