@@ -76,19 +76,13 @@ def activation_quant(lo: float, hi: float) -> Quant:
 
 def calibrate(model: onnx.ModelProto, samples: list[dict[str, np.ndarray]]) -> dict[str, tuple[float, float]]:
     """(min, max) of every float tensor of `model` over the samples, from ONNX Runtime."""
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model)
     floats = {
         vi.name
-        for vi in (*proto.graph.input, *proto.graph.value_info, *proto.graph.output)
+        for vi in (*model.graph.input, *model.graph.value_info, *model.graph.output)
         if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     }
-    known = {o.name for o in proto.graph.output}
-    names = [o for n in proto.graph.node for o in n.output if o in floats]
-    for name in names:
-        if name not in known:
-            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    session = ort_session(proto)
+    names = [o for n in model.graph.node for o in n.output if o in floats]
+    session = ort_session(model, outputs=names)
     ranges: dict[str, tuple[float, float]] = {}
     for feeds in samples:
         values = dict(zip(names, session.run(names, feeds)))
