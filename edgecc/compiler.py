@@ -28,8 +28,6 @@ from edgecc.errors import UserError
 from edgecc.runtime.artifact import (REFERENCE_MODEL, Artifact, check_replaceable, staged_output,
                                      write_manifest)
 
-TOKENIZER = "tokenizer.json"
-
 
 def compile(
     model: str | os.PathLike,
@@ -111,6 +109,7 @@ def manifest_head(opt: Optimized, model, options: CompileOptions, builder: str) 
                    for s in inputs],
         "outputs": [s.to_json() for s in outputs],
         **({"constants": opt.constants} if opt.constants else {}),
+        **({"calibration": opt.calibration} if opt.calibration else {}),
         "passes": [r.to_json() for r in opt.reports],
     }
 
@@ -124,19 +123,10 @@ def _lm_facts(source: onnx.ModelProto, model_path: Path, stage_dir: Path) -> dic
     sig = lm_signature.find(source)
     if sig is not None:
         lm["signature"] = sig.to_json()
-        if "tokenizer" not in lm and (model_path.parent / TOKENIZER).is_file():
-            lm["tokenizer"] = TOKENIZER
-    if "tokenizer" in lm:
-        tokenizer = model_path.parent / lm["tokenizer"]
-        # Metadata is data from the model's author: it may name a file beside the model, no other.
-        if not isinstance(lm["tokenizer"], str) or tokenizer.resolve().parent != model_path.resolve().parent:
-            raise UserError(f"{model_path}: its metadata names tokenizer {lm['tokenizer']!r}, which is not "
-                            "a file in the model's directory")
-        if not tokenizer.is_file():
-            raise UserError(f"{model_path}: its metadata names tokenizer '{lm['tokenizer']}', "
-                            f"which is not beside it ({tokenizer})")
-        shutil.copyfile(tokenizer, stage_dir / TOKENIZER)
-        lm["tokenizer"] = TOKENIZER
+    tokenizer = lm_signature.tokenizer_file(model_path, source) if sig is not None or "tokenizer" in lm else None
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, stage_dir / lm_signature.TOKENIZER)
+        lm["tokenizer"] = lm_signature.TOKENIZER
     return lm
 
 

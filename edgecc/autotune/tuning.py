@@ -187,6 +187,8 @@ def tune(
     shapes: dict[str, int] | None = None,
     constants: dict | None = None,
     calibration: str | os.PathLike | None = None,
+    calibration_text: str | os.PathLike | None = None,
+    tokenizer: str | os.PathLike | None = None,
     seed: int = 0,
     log: Callable[[str], None] = lambda _m: None,
     progress: TextIO | None = sys.stderr,
@@ -215,7 +217,8 @@ def tune(
             rpc["workers"] = _board_count(rpc["host"], rpc["port"], rpc["key"])
 
     options = CompileOptions(pipeline=pipeline, shapes=shapes or {}, constants=constants or {},
-                             calibration=calibration, seed=seed)
+                             calibration=calibration, calibration_text=calibration_text,
+                             tokenizer=tokenizer, seed=seed)
     opt = run_pipeline(model, target, options, log, before_load=checks)
     tdesc = opt.target
     free = sorted({d for spec in graph_inputs(opt.source_proto) for d in spec.shape

@@ -1,8 +1,14 @@
 """Calibration data: loading and checking it, and activation ranges measured with it.
 
-Data comes from `--calibration data.npz` (one array per model input, named as the input). Without
-it, passes that need ranges draw seeded synthetic batches (random token ids for LMs, N(0,1)
-floats otherwise): enough to find scales, though real data gives better ones.
+Data comes from `--calibration data.npz` (one array per model input, named as the input), or from
+`--calibration-text FILE` for language models and BERT-style encoders: the text tokenized with the
+model's tokenizer (the one its metadata names or the tokenizer.json beside it, or `--tokenizer`)
+into up to TEXT_WINDOWS windows of TEXT_TOKENS tokens (fewer where the model's context is shorter) for an LM, each a prefill with an empty cache, or
+up to TEXT_SENTENCES sentences padded to the sequence length for an encoder. Windows and sentences are
+taken from the text's end, so that a perplexity measured on its beginning (`edgecc bench`) is on
+text calibration never saw. Without either, passes that need ranges draw seeded synthetic batches
+(random token ids for LMs, N(0,1) floats otherwise): enough to find scales, though real data gives
+better ones, and a language model's activations on random ids are not those on text.
 """
 
 from __future__ import annotations
@@ -10,16 +16,22 @@ from __future__ import annotations
 import math
 import zipfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
-from edgecc.core.verify import graph_inputs, ort_session, random_inputs
+from edgecc.core import lm_signature
+from edgecc.core import text as corpus
+from edgecc.core.ir import graph_proto
+from edgecc.core.verify import graph_inputs, integer_ranges, ort_session, random_inputs
 from edgecc.errors import UserError
 
 SYNTHETIC_BATCHES = 8
+TEXT_WINDOWS, TEXT_TOKENS = 8, 256  # an LM's calibration text: 2,048 tokens
+TEXT_SENTENCES, ENCODER_TOKENS = 64, 128  # an encoder's (ENCODER_TOKENS where its length is symbolic)
 MAX_NPZ_BYTES = 16 << 30  # inputs beyond this are a mistake on a device-sized workflow
 
 
@@ -74,21 +86,98 @@ def load_calibration(path: str | Path, model: onnx.ModelProto) -> dict[str, np.n
     return data
 
 
+def text_calibration(text_path: str | Path, model_path: str | Path, model: onnx.ModelProto,
+                     tokenizer: str | Path | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """Calibration inputs from real text, and a description of them for the manifest."""
+    model_path = Path(model_path)
+    tokenizer = Path(tokenizer) if tokenizer else lm_signature.tokenizer_file(model_path, model)
+    if tokenizer is None:
+        raise UserError(f"{model_path}: no tokenizer to read --calibration-text with: its metadata names "
+                        "none and there is no tokenizer.json beside it; give --tokenizer FILE")
+    if not tokenizer.is_file():
+        raise UserError(f"{tokenizer}: no such tokenizer file")
+    specs = {s.name: s for s in graph_inputs(model)}
+    sig = lm_signature.find(model)
+    if sig is not None:
+        ids, path = corpus.token_ids(tokenizer, text_path)
+        # Windows no longer than the positions the model takes (its context, a position table).
+        ranges = integer_ranges(model)
+        length = min(TEXT_TOKENS, lm_signature.metadata(model, str(model_path)).get("context", TEXT_TOKENS),
+                     *([ranges[sig.positions.name][1]] if sig.positions and sig.positions.name in ranges else []))
+        count = min(TEXT_WINDOWS, len(ids) // length)
+        if count == 0:
+            raise UserError(f"{path}: {len(ids)} tokens, fewer than one calibration window of {length}")
+        ids = np.array(ids[len(ids) - count * length:], np.int64).reshape(count, length)
+        if sig.vocab is not None and ids.max() >= sig.vocab:
+            raise UserError(f"{tokenizer}: token id {ids.max()} is outside the model's vocabulary of "
+                            f"{sig.vocab}: not this model's tokenizer")
+        feeds = {sig.ids.name: ids.astype(sig.ids.dtype)}
+        if sig.mask:
+            feeds[sig.mask.name] = np.ones(ids.shape, sig.mask.dtype)
+        if sig.positions:
+            feeds[sig.positions.name] = np.tile(np.arange(length, dtype=sig.positions.dtype), (count, 1))
+        feeds.update({e.past: e.empty(count) for e in sig.cache})
+        shape = {"windows": count, "tokens": length}
+    elif {"input_ids", "attention_mask"} <= set(specs) <= {"input_ids", "attention_mask", "token_type_ids"}:
+        raw, path = corpus.read_text(text_path)
+        sentences = corpus.sentences(raw, TEXT_SENTENCES, from_end=True)
+        if not sentences:
+            raise UserError(f"{path}: no sentence of 6 to 40 words to calibrate with")
+        seq = specs["input_ids"].shape[1]
+        feeds = corpus.padded(tokenizer, sentences, seq if isinstance(seq, int) else ENCODER_TOKENS)
+        if "token_type_ids" in specs:
+            feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
+        feeds = {k: v.astype(specs[k].dtype) for k, v in feeds.items()}
+        shape = {"sentences": len(sentences), "tokens": feeds["input_ids"].shape[1]}
+    else:
+        raise UserError(f"{model_path}: --calibration-text needs a causal LM with a KV cache or an encoder "
+                        f"(inputs input_ids, attention_mask[, token_type_ids]); its inputs are {sorted(specs)}. "
+                        "Give --calibration DATA.npz instead")
+    source = {"source": "text", "file": str(path), "sha256": corpus.sha256(Path(path)),
+              "tokenizer": str(tokenizer), **shape}
+    return feeds, source
+
+
 def activation_ranges(model: ir.Model, ctx, names: list[str]) -> dict[str, np.ndarray]:
     """Per-channel (last axis) absolute maxima of the named activations over the calibration data."""
-    return {name: np.abs(rows).max(axis=0) for name, rows in activation_samples(model, ctx, names).items()}
+    ranges: dict[str, np.ndarray] = {}
+    for batch in activation_batches(model, ctx, names):
+        for name, rows in batch.items():
+            peak = np.abs(rows).max(axis=0)
+            ranges[name] = np.maximum(ranges[name], peak) if name in ranges else peak
+    return ranges
 
 
 def activation_samples(model: ir.Model, ctx, names: list[str]) -> dict[str, np.ndarray]:
     """The named activations over the calibration data, as rows [tokens, channels]."""
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for batch in activation_batches(model, ctx, names):
+        for name, rows in batch.items():
+            parts[name].append(rows)
+    return {name: np.concatenate(rows) for name, rows in parts.items()}
+
+
+def activation_batches(model: ir.Model, ctx, names: list[str]) -> Iterator[dict[str, np.ndarray]]:
+    """The named activations as rows [tokens, channels], one calibration batch at a time: an LM's
+    calibration runs a window at a time, so what a consumer keeps decides the memory, not the
+    activations of every window at once (SmolLM2's matmul inputs are 0.4 MB a token)."""
     session = ort_session(model, outputs=names)  # weights in an external-data file stay there
-    if ctx.calibration is not None:
-        batches = [ctx.calibration]
-    else:
-        batches = [random_inputs(model, seed=ctx.seed + i, dim_values=ctx.dim_values)
-                   for i in range(SYNTHETIC_BATCHES)]
-    rows: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    for feeds in batches:
-        for name, value in zip(names, session.run(names, feeds)):
-            rows[name].append(value.reshape(-1, value.shape[-1]))
-    return {name: np.concatenate(parts) for name, parts in rows.items()}
+    for feeds in _batches(model, ctx):
+        yield {name: value.reshape(-1, value.shape[-1]) for name, value in zip(names, session.run(names, feeds))}
+
+
+def _batches(model: ir.Model, ctx) -> Iterator[dict[str, np.ndarray]]:
+    if ctx.calibration is None:
+        for i in range(SYNTHETIC_BATCHES):
+            yield random_inputs(model, seed=ctx.seed + i, dim_values=ctx.dim_values)
+        return
+    graph = graph_proto(model)
+    sig = lm_signature.find(graph)
+    batch_dim = sig and next(s.shape[0] for s in graph_inputs(graph) if s.name == sig.ids.name)
+    if not isinstance(batch_dim, str):  # not an LM, or one whose batch is fixed
+        yield ctx.calibration
+        return
+    axes = {sig.ids.name: 0, **({sig.mask.name: 0} if sig.mask else {}),
+            **({sig.positions.name: 0} if sig.positions else {}), **{e.past: e.batch_axis for e in sig.cache}}
+    for i in range(len(ctx.calibration[sig.ids.name])):
+        yield {k: v if axes.get(k) is None else np.take(v, [i], axis=axes[k]) for k, v in ctx.calibration.items()}

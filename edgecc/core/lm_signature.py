@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # a process that only runs an artifact reads its signature fr
 # Sizes for symbolic dims of verification inputs: prefill of `SEQ` tokens after `PAST` cached ones.
 BATCH, SEQ, PAST = 1, 5, 3
 
+TOKENIZER = "tokenizer.json"
 IDS_NAMES = ("input_ids", "ids", "token_ids", "tokens")
 # Ops that move a tensor's values without computing new ones: input indices that carry the data.
 _MOVES = {"Identity": (0,), "Cast": (0,), "Slice": (0,), "Gather": (0,), "Split": (0,), "Squeeze": (0,),
@@ -175,6 +176,23 @@ def metadata(model: onnx.ModelProto, where: str) -> dict:
                 if p.key.startswith("edgecc.lm.")}
     except (json.JSONDecodeError, RecursionError) as e:
         raise UserError(f"{where}: metadata edgecc.lm.* is not JSON: {str(e) or type(e).__name__}") from None
+
+
+def tokenizer_file(model_path: Path, model: onnx.ModelProto) -> Path | None:
+    """The tokenizer of the model at `model_path`: the file its metadata names, else a
+    tokenizer.json beside it; None when there is neither."""
+    named = metadata(model, str(model_path)).get("tokenizer")
+    if named is None:
+        beside = model_path.parent / TOKENIZER
+        return beside if beside.is_file() else None
+    tokenizer = model_path.parent / named if isinstance(named, str) else None
+    # Metadata is data from the model's author: it may name a file beside the model, no other.
+    if tokenizer is None or tokenizer.resolve().parent != model_path.resolve().parent:
+        raise UserError(f"{model_path}: its metadata names tokenizer {named!r}, which is not "
+                        "a file in the model's directory")
+    if not tokenizer.is_file():
+        raise UserError(f"{model_path}: its metadata names tokenizer '{named}', which is not beside it ({tokenizer})")
+    return tokenizer
 
 
 def find(model: onnx.ModelProto) -> LMSignature | None:

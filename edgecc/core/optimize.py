@@ -10,13 +10,15 @@ import dataclasses
 import functools
 import os
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import onnx
 import onnx_ir as ir
 
 from edgecc.core import fixed_inputs
-from edgecc.core.calibration import load_calibration
+from edgecc.core import text as corpus
+from edgecc.core.calibration import load_calibration, text_calibration
 from edgecc.core.ir import (forget_removed_inputs, graph_proto, load_model, release_mappings, shared_copy,
                             spill_weights)
 from edgecc.core.pass_base import PassContext, unknown_message
@@ -40,6 +42,8 @@ class CompileOptions:
     shapes: dict[str, int] = dataclasses.field(default_factory=dict)  # symbolic dims bound in the module
     constants: dict[str, Any] = dataclasses.field(default_factory=dict)  # graph inputs fixed (--const)
     calibration: str | os.PathLike | None = None  # an .npz of representative inputs
+    calibration_text: str | os.PathLike | None = None  # or a text file, tokenized with `tokenizer`
+    tokenizer: str | os.PathLike | None = None  # None: the model's own (metadata, or beside it)
     explain: bool = False  # passes report their near misses
     seed: int = 0  # seeds random inputs and synthetic calibration
     tuning_logs: tuple[str | os.PathLike, ...] = ()  # tuning-record files to apply
@@ -81,6 +85,7 @@ class Optimized:
     reports: list
     timings: dict[str, float]
     constants: dict[str, dict]  # graph inputs fixed with --const, as the manifest records them
+    calibration: dict | None  # where the calibration data came from, as the manifest records it
     scratch: Any  # the temporary directory of the weights it reads (ir.spill_weights), removed with it; or None
 
     @functools.cached_property
@@ -111,6 +116,11 @@ def run_pipeline(
     ctx = PassContext(target=tdesc, seed=options.seed, explain=options.explain,
                       dim_values={**options.dim_values, **options.shapes})
 
+    if options.calibration is not None and options.calibration_text is not None:
+        raise UserError("--calibration and --calibration-text: give one source of calibration data")
+    if options.tokenizer is not None and options.calibration_text is None:
+        raise UserError("--tokenizer: it reads --calibration-text, which is not given")
+
     log(f"loading {model}")
     loaded = load_model(model)
     if options.memory_check:
@@ -126,8 +136,14 @@ def run_pipeline(
     if unknown:
         raise UserError(f"--shape {unknown[0]}: {model} has no symbolic dim of that name "
                         f"(its symbolic dims: {', '.join(sorted(symbolic)) or 'none'})")
+    calibration = None
     if options.calibration is not None:
         ctx.calibration = load_calibration(options.calibration, source_proto)
+        calibration = {"source": "npz", "file": str(options.calibration),
+                       "sha256": corpus.sha256(Path(options.calibration))}
+    elif options.calibration_text is not None:
+        ctx.calibration, calibration = text_calibration(options.calibration_text, model, source_proto,
+                                                        options.tokenizer)
     timings["load"] = round(time.perf_counter() - t, 3)
     log(f"loaded {model}: {len(source_proto.graph.node)} nodes, target {tdesc.name}, pipeline {pipe}")
 
@@ -137,7 +153,8 @@ def run_pipeline(
     for r in reports if options.explain else ():
         for miss in r.stats.get("near_misses", []):
             log(f"{r.name}: near miss: {miss}")
-    return Optimized(tdesc, pipe, ctx, source, source_proto, optimized, reports, timings, fixed, scratch)
+    return Optimized(tdesc, pipe, ctx, source, source_proto, optimized, reports, timings, fixed,
+                     calibration, scratch)
 
 
 # A compile's peak resident memory, measured (benchmarks/compile_memory.py: 1.43 x the weights
