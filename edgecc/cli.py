@@ -42,7 +42,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
     art = compile_model(
         a.model, a.target, a.output, a.pipeline, force=a.force, verify=not a.no_verify,
         verify_each_pass=a.verify, print_ir_after=tuple(a.print_ir_after or ()),
-        dim_values=_parse_dims(a.dim or []), calibration=a.calibration, explain=a.explain, seed=a.seed,
+        dim_values=_parse_dims(a.dim or []), calibration=a.calibration, calibration_text=a.calibration_text,
+        tokenizer=a.tokenizer, explain=a.explain, seed=a.seed,
         shapes=_parse_dims(a.shape or [], "--shape"), constants=fixed_inputs.parse(a.const),
         tuning_logs=tuple(a.tuning_log or ()),
         tuning_store=False if a.no_tuning_store else a.tuning_store, keep_reference=a.keep_reference,
@@ -65,7 +66,8 @@ def cmd_tune(a: argparse.Namespace) -> int:
         a.model, a.target, a.pipeline, trials=a.trials, max_trials_per_task=a.max_trials_per_task,
         store=a.tuning_store, rpc_tracker=a.rpc_tracker, rpc_key=a.rpc_key,
         shapes=_parse_dims(a.shape or [], "--shape"), constants=fixed_inputs.parse(a.const),
-        calibration=a.calibration, seed=a.seed, log=_log,
+        calibration=a.calibration, calibration_text=a.calibration_text, tokenizer=a.tokenizer, seed=a.seed,
+        log=_log,
     )
     for name, ms in sorted(summary["best_ms"].items(), key=lambda kv: -kv[1]):
         print(f"  {name:40} {ms:10.4f} ms")
@@ -242,7 +244,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
                               prompt_lengths=tuple(lengths), past=a.past, decode_steps=a.decode_steps,
                               repeats=a.repeats, windows=a.windows, window_tokens=a.window_tokens,
                               text=a.text, sentences=a.sentences, rounds=a.rounds,
-                              tuning_logs=tuple(a.tuning_log or ()), seed=a.seed)
+                              tuning_logs=tuple(a.tuning_log or ()), seed=a.seed,
+                              float_embeddings=a.float_embeddings)
     result = bench.run(a.model, settings, a.work_dir, log=_log)
     print(bench.table(result))
     for line in result["skipped"]:
@@ -336,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dim", action="append", metavar="NAME=N", help="size of a symbolic dim for verification")
     c.add_argument("--calibration", metavar="DATA.npz",
                    help="model inputs (one array per input name) for passes that calibrate")
+    c.add_argument("--calibration-text", metavar="FILE",
+                   help="or real text (.gz/.dz read too) for an LM or encoder, tokenized with its tokenizer")
+    c.add_argument("--tokenizer", metavar="tokenizer.json",
+                   help="the tokenizer for --calibration-text (default: the model's own, beside it)")
     c.add_argument("--explain", action="store_true", help="report rewrites that almost matched, and why not")
     c.add_argument("--seed", type=int, default=0, help="seed of the random verification inputs")
     c.add_argument("--shape", action="append", metavar="NAME=N",
@@ -373,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--const", action="append", metavar="NAME=V,V,...",
                     help="fix a graph input to these values, as compile does")
     tu.add_argument("--calibration", metavar="DATA.npz", help="inputs for passes that calibrate")
+    tu.add_argument("--calibration-text", metavar="FILE", help="or real text, tokenized with the model's tokenizer")
+    tu.add_argument("--tokenizer", metavar="tokenizer.json", help="the tokenizer for --calibration-text")
     tu.add_argument("--seed", type=int, default=0)
     tu.set_defaults(func=cmd_tune)
 
@@ -406,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--pipelines", default="fp32;int8;int4",
                    help="';'-separated presets (fp32, int8, int4) or LABEL=PIPELINE")
     b.add_argument("--tuning-log", action="append", metavar="PATH", help="tuning records for the compiles")
+    b.add_argument("--float-embeddings", action="store_true",
+                   help="the int8/int4 presets leave embedding tables in float (no quantize-embeddings)")
     b.add_argument("--json", metavar="OUT.json")
     b.add_argument("--plot", metavar="OUT.png")
     b.add_argument("--threads", type=_positive_int, default=2, help="threads for every engine (default 2)")

@@ -16,6 +16,8 @@ ONNX Runtime still runs it as the reference; the layout is recorded on each node
        (AVX-512 VNNI, Arm dotprod) is marked `int4_dot` with the instruction set: the
        lowering stores its nibbles in 16-output tiles for edgecc.kernels.int4_dot, which
        multiplies them with int8 activations.
+  int8 columns (a Gather, axis 1, of a packed int8 weight: quantize-embeddings' lookup of a tied
+       embedding table): marked `int8_columns` with the same tile, so it reads the panels.
   BSR (nodes block-sparsity marked): stored as block columns by construction; counted.
 """
 
@@ -90,6 +92,13 @@ class PackWeights(Pass):
                     dot += 1
             elif (mark := KernelMark.read(node)) is not None and mark.kernel == "bsr":
                 bsr += 1
-        stats = {"int8_packed": int8, "tile": tile, "tile_from": source, "int8_packed_bytes": packed_bytes,
+        # A lookup of a packed weight's columns (a tied embedding) reads the same panels.
+        columns = 0
+        packed = {n.inputs[1] for n in model.graph if (m := KernelMark.read(n)) and m.kernel == "int8"}
+        for node in model.graph:
+            if node.op_type == "Gather" and node.inputs[0] in packed and node.attributes.get_int("axis", 0) == 1:
+                KernelMark("int8_columns", tile=tile).write(node)
+                columns += 1
+        stats = {"int8_packed": int8, "int8_column_lookups": columns, "tile": tile, "tile_from": source, "int8_packed_bytes": packed_bytes,
                  "int4_nibble_packed": int4, "int4_int8_dot": dot, "bsr": bsr}
-        return PassResult(model, int8 + dot > 0, stats)
+        return PassResult(model, int8 + dot + columns > 0, stats)

@@ -16,7 +16,6 @@ reads, and the decode time as a fraction of the memory-bandwidth roofline,
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ from onnx import numpy_helper
 from edgecc.compiler import compile as compile_model
 from edgecc.core.ir import load_model, to_proto
 from edgecc.core.lm_signature import NotAnLM, of_model
+from edgecc.core import text as corpus
 from edgecc.core.pipeline import parse_pipeline
 from edgecc.core.target import load_target
 from edgecc.core.tuning_log import host_device
@@ -45,13 +45,15 @@ from edgecc.errors import EdgeccError, UserError
 # int4: the LM head (the matmul producing the logits) in int8, as LM quantizers keep it above 4 bits;
 # float zero points, each block's min and max exactly on levels 0 and 15; activations rounded to
 # int8 per block (accuracy_level 4), which CPUs with int8 dot products multiply without widening.
+# Both quantized presets store embedding tables int8; a tied head shares its int8 weight with the
+# table (--float-embeddings leaves tables in float).
+EMBEDDINGS = "quantize-embeddings"
 PRESETS = {
     "fp32": "simplify,group-kv-heads,fuse,fuse-siblings",
-    "int8": "simplify,group-kv-heads,fuse,fuse-siblings,quantize-int8{smoothquant=0.5},pack-weights",
+    "int8": f"simplify,group-kv-heads,fuse,fuse-siblings,quantize-int8{{smoothquant=0.5}},{EMBEDDINGS},pack-weights",
     "int4": "simplify,group-kv-heads,fuse,fuse-siblings,quantize-int4{block=32,symmetric=false,zero_points=float,"
-            "skip_outputs=true,accuracy_level=4},quantize-int8,pack-weights",
+            f"skip_outputs=true,accuracy_level=4}},quantize-int8,{EMBEDDINGS},pack-weights",
 }
-DEVIL = Path("/usr/share/dictd/devil.dict.dz")  # Debian's dict-devil: The Devil's Dictionary
 WORKER = [sys.executable, "-m", "edgecc.benchmark.bench_worker"]
 
 
@@ -71,10 +73,12 @@ class Settings:
     rounds: int = 1  # timing runs per configuration, round-robin over the configurations
     tuning_logs: tuple[str, ...] = ()
     seed: int = 0
+    float_embeddings: bool = False  # presets leave embedding tables in float
 
 
-def parse_pipelines(text: str) -> list[tuple[str, str]]:
-    """"fp32;int8;int4" or "name=pipeline;…" (a preset name, or a label and a pass pipeline)."""
+def parse_pipelines(text: str, float_embeddings: bool = False) -> list[tuple[str, str]]:
+    """"fp32;int8;int4" or "name=pipeline;…" (a preset name, or a label and a pass pipeline);
+    `float_embeddings` takes quantize-embeddings out of the presets."""
     out = []
     for item in filter(None, (p.strip() for p in text.split(";"))):
         label, sep, pipeline = item.partition("=")
@@ -83,6 +87,8 @@ def parse_pipelines(text: str) -> list[tuple[str, str]]:
                 raise UserError(f"--pipelines: '{item}' is not a preset ({', '.join(PRESETS)}); "
                                 "write LABEL=PIPELINE for others")
             label, pipeline = item, PRESETS[item]
+            if float_embeddings:
+                pipeline = pipeline.replace(f",{EMBEDDINGS}", "")
         out.append((label.strip(), pipeline.strip()))
     if not out:
         raise UserError("--pipelines: no pipeline given")
@@ -100,27 +106,6 @@ def bandwidth_gbs(threads: int, mib: int = 256, rounds: int = 5) -> float:
             list(pool.map(np.sum, arrays))
             best = max(best, threads * mib * 2**20 / (time.perf_counter() - t) / 1e9)
     return best
-
-
-def read_text(text_path: str | os.PathLike | None) -> tuple[str, Path]:
-    """The accuracy text (default The Devil's Dictionary; .gz/.dz decompressed) and its path."""
-    path = Path(text_path) if text_path else DEVIL
-    if not path.is_file():
-        how = "" if text_path else " (apt-get install dict-devil, or give --text FILE)"
-        raise UserError(f"{path}: no such text file{how}")
-    raw = gzip.open(path).read() if path.suffix in (".gz", ".dz") else path.read_bytes()
-    return raw.decode("utf-8", "replace"), path
-
-
-def text_windows(tokenizer_path: Path, text_path: Path | None, windows: int, length: int) -> tuple[list, str]:
-    """The first `windows` non-overlapping windows of `length` tokens of the text."""
-    from tokenizers import Tokenizer
-
-    text, path = read_text(text_path)
-    ids = Tokenizer.from_file(str(tokenizer_path)).encode(text).ids
-    if len(ids) < windows * length:
-        raise UserError(f"{path}: {len(ids)} tokens, fewer than {windows} windows x {length}")
-    return [ids[i * length:(i + 1) * length] for i in range(windows)], str(path)
 
 
 def weight_bytes_per_token(model: onnx.ModelProto) -> int:
@@ -207,7 +192,7 @@ def run(model: str | os.PathLike, settings: Settings, out_dir: str | os.PathLike
 
 
 def _run(model: Path, settings: Settings, work: Path, log: Callable[[str], None]) -> dict:
-    pipelines = parse_pipelines(settings.pipelines)
+    pipelines = parse_pipelines(settings.pipelines, settings.float_embeddings)
     target = load_target(settings.target)
     source = to_proto(load_model(model))  # a missing or unreadable file is a one-line error
     inputs = [s.to_json() for s in graph_inputs(source)]
@@ -238,7 +223,7 @@ def _run(model: Path, settings: Settings, work: Path, log: Callable[[str], None]
             if not tokenizer.is_file():
                 raise UserError(f"{model}: no tokenizer.json beside it for the perplexity text "
                                 "(give --windows 0 to skip accuracy)")
-            windows, text = text_windows(tokenizer, settings.text, settings.windows, settings.window_tokens)
+            windows, text = corpus.token_windows(tokenizer, settings.text, settings.windows, settings.window_tokens)
         if sig.vocab is None:
             raise UserError(f"{model}: neither the logits nor the embedding table '{sig.ids.name}' indexes "
                             "says the vocabulary size; cannot draw token ids")
@@ -273,6 +258,12 @@ def _run(model: Path, settings: Settings, work: Path, log: Callable[[str], None]
                         "weight_bytes_per_token": weight_bytes_per_token(onnx.load(str(quantized))),
                         **measure("ort-int4-own", "ort", quantized)})
     skipped = [] if runs_here else [f"timing and memory: {target.name} artifacts cannot run on this host"]
+    # Passes that calibrate read real text, from its end: the accuracy text is its beginning.
+    calibration_text = Path(settings.text) if settings.text else corpus.DEVIL
+    calibration = ({"calibration_text": calibration_text, "tokenizer": tokenizer}
+                   if tokenizer.is_file() and calibration_text.is_file() else {})
+    if not calibration:
+        log("no tokenizer.json or text: passes that calibrate use synthetic inputs")
     for label, pipeline in pipelines:
         art_dir = work / f"artifact-{label}"
         log(f"compiling {label}: {pipeline}")
@@ -281,7 +272,7 @@ def _run(model: Path, settings: Settings, work: Path, log: Callable[[str], None]
             # The reference graph gives the weight bytes a token reads, ORT's run of edgecc's quantized
             # graph, and the accuracy of an artifact that cannot run here.
             art = compile_model(model, target, art_dir, pipeline, force=True,
-                                tuning_logs=settings.tuning_logs, keep_reference=True)
+                                tuning_logs=settings.tuning_logs, keep_reference=True, **calibration)
         except (UserError, EdgeccError) as e:
             configs.append({"name": f"edgecc {label}", "pipeline": pipeline, "error": str(e)})
             continue
@@ -291,6 +282,7 @@ def _run(model: Path, settings: Settings, work: Path, log: Callable[[str], None]
         row = {"name": f"edgecc {label}", "engine": "edgecc", "pipeline": pipeline,
                "compile_s": round(compile_s, 1),
                "model_bytes": art.model_bytes,
+               "calibration": art.manifest.get("calibration", {}).get("source", "synthetic"),
                "weight_bytes_per_token": wbytes,
                "verification": {k: art.manifest["verification"].get(k) for k in
                                 ("relative_rmse_vs_fp32", "cosine_vs_fp32", "skipped")}}
@@ -355,38 +347,16 @@ def _dynamic_seq(inputs: list[dict]) -> bool:
     return isinstance(next(i for i in inputs if i["name"] == "input_ids")["shape"][1], str)
 
 
-def text_sentences(text: str, count: int) -> list[str]:
-    """The first `count` distinct sentences of 6 to 40 words."""
-    import re
-
-    out: list[str] = []
-    for para in re.split(r"\n\s*\n", text):
-        for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", " ".join(para.split())):
-            if 6 <= len(sentence.split()) <= 40 and sentence not in out:
-                out.append(sentence)
-                if len(out) == count:
-                    return out
-    return out
-
-
 def encoder_sentences(tokenizer_path: Path, text_path: str | None, count: int, inputs: list[dict],
                       max_length: int, out: Path) -> tuple[dict, str]:
     """`count` sentences of the text, tokenized and padded to the model's sequence length (its
     static one, else `max_length`), saved to `out` (.npz) for the measurement processes."""
-    from tokenizers import Tokenizer
-
-    text, path = read_text(text_path)
-    sentences = text_sentences(text, count)
+    raw, path = corpus.read_text(text_path)
+    sentences = corpus.sentences(raw, count)
     if len(sentences) < count:
         raise UserError(f"{path}: {len(sentences)} sentences of 6 to 40 words, fewer than {count}")
     seq = next(i for i in inputs if i["name"] == "input_ids")["shape"][1]
-    seq = max_length if isinstance(seq, str) else seq
-    tok = Tokenizer.from_file(str(tokenizer_path))
-    tok.enable_truncation(seq)
-    tok.enable_padding(length=seq)
-    encoded = tok.encode_batch(sentences)
-    rows = {"input_ids": np.array([e.ids for e in encoded], np.int64),
-            "attention_mask": np.array([e.attention_mask for e in encoded], np.int64)}
+    rows = corpus.padded(tokenizer_path, sentences, max_length if isinstance(seq, str) else seq)
     if "token_type_ids" in {i["name"] for i in inputs}:
         rows["token_type_ids"] = np.zeros_like(rows["input_ids"])
     np.savez(out, **rows)

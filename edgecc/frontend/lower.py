@@ -23,6 +23,7 @@ from edgecc.core.ir import ALIGN
 from edgecc.core.kernel_mark import KernelMark
 from edgecc.errors import EdgeccError, UserError
 from edgecc.frontend import converters  # noqa: F401  (registers edgecc's converters)
+from edgecc.frontend.converters import contrib
 from edgecc.frontend.converters.narrow_types import to_storage
 from edgecc.frontend.registry import CONVERTERS
 from edgecc.frontend.shape_values import WRAPPED_OPS, ShapeValues, lm_input_shapes
@@ -113,6 +114,7 @@ def _patched_frontend(weights: dict[str, np.ndarray]):
     finally:
         onnx_frontend._get_convert_map, relax.op.take = orig_map, orig_take
         onnx.checker.check_model, importer._parse_array = orig_check, orig_parse
+        contrib.PACKED.clear()
 
 
 def _runtime_tensor(array: np.ndarray):
@@ -170,6 +172,10 @@ def _route_to_kernels(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         if mark.kernel == "int8":
             nodes.append(onnx.helper.make_node("MatMulInt8", node.input, node.output, name=node.name,
+                                               domain="edgecc", tile=mark.tile))
+            continue
+        if mark.kernel == "int8_columns":
+            nodes.append(onnx.helper.make_node("GatherInt8Columns", node.input, node.output, name=node.name,
                                                domain="edgecc", tile=mark.tile))
             continue
         if mark.kernel == "int4_dot":

@@ -14,7 +14,7 @@ from edgecc.frontend.registry import converter
 from edgecc.kernels import int4_dot
 from edgecc.kernels.bsr import emit_bsr_matmul, to_bsr
 from edgecc.kernels.int4 import emit_int4_linear, unpack_int4
-from edgecc.kernels.int8 import emit_int8_matmul, over_rows, pack_int8
+from edgecc.kernels.int8 import emit_int8_columns, emit_int8_matmul, over_rows, pack_int8
 
 
 @converter("SimplifiedLayerNormalization", domain="com.microsoft")
@@ -49,11 +49,22 @@ class SkipSimplifiedLayerNormalization(OnnxOpConverter):
         return relax.Tuple([out, placeholder, placeholder, total])
 
 
+# An int8 weight's constant in a packed layout, by (weight constant, tile): a tied embedding's
+# lookup and the LM head read the same one, so the module stores it once. Cleared after each import
+# (edgecc.frontend.lower).
+PACKED: dict = {}
+
+
+def packed_int8(w: tvm.ir.Constant, tile: int) -> tvm.ir.Constant:
+    if (w, tile) not in PACKED:
+        PACKED[(w, tile)] = relax.const(pack_int8(w.value.numpy(), tile))
+    return PACKED[(w, tile)]
+
+
 def _int8_matmul(bb, x, w, tile: int):
     """x int8 [..., K] @ constant int8 w [K, N] -> int32 with edgecc's int8 kernel."""
-    weight = w.value.numpy()
-    K, N = weight.shape
-    return emit_int8_matmul(bb, x, relax.const(pack_int8(weight, tile)), tile, K, N)
+    K, N = (int(d) for d in w.ty.shape)
+    return emit_int8_matmul(bb, x, packed_int8(w, tile), tile, K, N)
 
 
 def _int8_operands(inputs) -> bool:
@@ -92,6 +103,22 @@ class MatMulInt8(OnnxOpConverter):
         if not _int8_operands(inputs):
             raise ValueError("packed MatMulInteger needs int8 x constant int8 [K, N], no zero points")
         return _int8_matmul(bb, inputs[0], inputs[1], tile=attr["tile"])
+
+
+@converter("GatherInt8Columns", domain="edgecc")
+class GatherInt8Columns(OnnxOpConverter):
+    """Gather(W, ids, axis=1) of a packed MatMulInteger's int8 weight (pack-weights marks it):
+    read from the panels the matmul reads (a tied embedding table)."""
+
+    computed_outputs = (0,)
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        w, ids = inputs[0], inputs[1]
+        if not isinstance(w, tvm.ir.Constant) or str(w.ty.dtype) != "int8" or len(w.ty.shape) != 2:
+            raise ValueError("packed column Gather needs a constant int8 [K, N] weight")
+        K, N = (int(d) for d in w.ty.shape)
+        return emit_int8_columns(bb, packed_int8(w, attr["tile"]), ids, attr["tile"], K, N)
 
 
 def _nbits_operands(inputs, attr):
