@@ -69,9 +69,17 @@ class _ReadsShapes(Pass):
         return PassResult(model, False)
 
 
+class _Warns(Pass):
+    name = "test-warns"
+    description = "test pass that finds nothing to do and says why"
+
+    def run(self, model, ctx):
+        return PassResult(model, False, warnings=["found nothing: no Relu"])
+
+
 @pytest.fixture
 def test_passes():
-    with registered(_Perturb, _Crash, _ReadsShapes):
+    with registered(_Perturb, _Crash, _ReadsShapes, _Warns):
         yield
 
 
@@ -86,6 +94,14 @@ def test_reports_have_timing_stats_and_node_counts():
     assert r.seconds > 0 and r.changed
     assert r.nodes_before == 4 and r.nodes_after < r.nodes_before
     assert r.stats["nodes_removed"] == r.nodes_before - r.nodes_after
+
+
+@pytest.mark.usefixtures("test_passes")
+def test_a_pass_warning_is_logged_after_its_summary():
+    lines = []
+    PassManager("test-warns", log=lines.append).run(_model(), PassContext())
+    assert lines[-1] == "warning: test-warns: found nothing: no Relu"
+    assert lines[-2].startswith("test-warns: no change")
 
 
 @pytest.mark.usefixtures("test_passes")

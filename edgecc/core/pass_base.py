@@ -83,6 +83,9 @@ class PassResult:
     model: ir.Model
     changed: bool
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # What the user should hear even when nothing failed (a requested rewrite that found nothing
+    # to do, and why); the pass manager logs each one.
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

@@ -169,6 +169,8 @@ class PassManager:
             for inst in self.instruments:
                 inst.after_pass(p, model, report)
             self.log(_summary(report))
+            for warning in result.warnings:
+                self.log(f"warning: {resolved}: {warning}")
             reports.append(report)
         return model, reports
 
