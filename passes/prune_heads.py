@@ -2,36 +2,51 @@
 
 Find. Every Softmax is a candidate. Back from it, through the ops that scale and mask the scores
 (Mul, Div, Add, Sub, Where), must lie a MatMul of two computed tensors (Q @ K^T); forward, the
-probabilities must go to one MatMul (P @ V). Those are the attention blocks, numbered in graph
-order ("layers" in the `heads` option and in the stats).
+probabilities must go to one MatMul (P @ V), past the Where(IsNaN(P), 0, P) that
+scaled_dot_product_attention exports. Those are the attention blocks, numbered in graph order
+("layers" in the `heads` option and in the stats).
 
 Check. Q, K and V are each followed back, through the ops that move heads around (Reshape,
-Transpose, Unsqueeze, Squeeze, Expand, Tile, scalar Mul/Div), to the columns of a projection
-with constant weights: MatMul (+ Add), Gemm, or the Reshape -> Gemm -> Reshape that `fuse` makes;
-one per Q/K/V, or one fused projection cut by a Split. Along the way the pass tracks the head
-axis: which tensor axis holds the heads, and which head sits at each position of it. At the two
-attention MatMuls this tells which query heads meet which K/V head: one each (multi-head), or a
-group each (grouped-query: K/V repeated with Unsqueeze+Expand+Reshape as torch's
-repeat_interleave exports, or with Tile as `repeat` does). From P @ V the head axis is followed
-to the output projection. Every shape element that holds a head count or the attention width
-(the Reshape to [b, t, h, d/h], fuse's Reshape to [.., 3*d], the Expand of grouped K/V, the
-Reshape back to [b, t, h*d/h], Split sizes) must be a constant or computed from constants and
-static dims alone, so that it can be rewritten; elements computed at run time from batch and
-sequence sizes are kept, and stay right because pruning changes head axes only. What the pass
-cannot prove it rewrites correctly it leaves alone, saying why in stats["skipped"]: the size of a
-head axis read at run time (Shape of a head axis), a mask or scale with a per-head axis, a value
-of the block used outside it (a KV-cache output), ops the head axis cannot be followed through
-(rotary embeddings, a head axis merged with the batch axis).
+Transpose, Unsqueeze, Squeeze, Expand, Tile, scalar Mul/Div), to the columns of a projection with
+constant weights: MatMul (+ Add), Gemm, or the Reshape -> Gemm -> Reshape that `fuse` makes; one
+per Q/K/V, or a fused QKV or KV projection whose columns a Split or Slices cut, or which is viewed
+as [.., 3, heads, d] with Q, K, V taken off the 3-axis (Gather, or Split/Slice and Squeeze). Along
+the way the pass tracks the head axis: which tensor axis holds the heads, and which head sits at
+each position of it. At the two attention MatMuls this tells which query heads meet which K/V
+head: one each (multi-head), or a group each (grouped-query: K/V repeated with
+Unsqueeze+Expand+Reshape as torch's repeat_interleave exports, or with Tile as `repeat` does).
+From P @ V the head axis is followed to the output projection. Every shape element that holds a
+head count or the attention width (the Reshape to [b, t, h, d/h], fuse's Reshape to [.., 3*d], the
+Expand of grouped K/V, the Reshape back to [b, t, h*d/h] or [-1, h*d/h], Split sizes, Slice
+bounds) must be a constant or computed from constants and static dims alone, so that it can be
+rewritten; elements computed at run time from batch and sequence sizes are kept, and stay right
+because pruning changes head axes only. scaled_dot_product_attention's exports need three
+allowances: a scale computed at run time from the head size (a scalar, the same for every head),
+the dynamo exporter's transpose of K through [-1, t, d] (its Reshape back reads the head count
+from the very tensor it reshapes, so that read follows the pruning), and TorchScript's second
+transpose of K, read only for its length (a use outside the block is fine when it only reaches
+Shapes of other axes). What the pass cannot prove it rewrites correctly it leaves alone, saying
+why in stats["skipped"]: the size of a head axis read at run time (Shape of a head axis), a mask
+or scale with a per-head axis, a value of the block used outside it (a KV-cache output), ops the
+head axis cannot be followed through (rotary embeddings, a head axis merged with the batch axis).
+When a requested pruning removes no head, the pass warns with the reasons (strict=true: an error).
 
 Rewrite. The pruned heads' columns leave the Q/K/V weights and biases, their rows leave the
 output projection, and each shape element above gets its new value (shared shape constants are
 copied, never edited in place). The result computes exactly what the unpruned model computes with
 those heads' attention outputs set to zero. For grouped-query attention a K/V head goes together
 with its whole group of query heads, so the groups stay consistent.
+
+Recover (recover=true). Zeroing heads loses what they added; part of it is predictable from the
+heads that stay. Each pruned block's output projection is refit by least squares on its input X
+in the unpruned model over calibration data: W' = argmin ||X[:, kept] W' - X W||^2, ridge-damped
+normal equations in float64, bias unchanged. The stats give the projection's relative output
+error on that data before and after the refit; the model no longer equals the masked one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -50,12 +65,16 @@ from edgecc.core.static_values import (
     broadcast_dim, dims_read, shape_elements, shape_pieces, node_axes, static_dims, static_value,
 )
 
+# Ops that take one of Q, K, V off the parts axis of a projection viewed as [.., 3, heads, d].
+PICK_OPS = ("Gather", "Split", "Slice")
 # Ops that carry Q, K, V (or the attention output) between a projection and a MatMul.
 CHAIN_OPS = ("Transpose", "Reshape", "Unsqueeze", "Squeeze", "Expand", "Tile", "Mul", "Div", "Cast",
-             "Identity")
+             "Identity") + PICK_OPS
 # Ops between the score MatMul and the Softmax: scaling, masking, additive biases.
 SCORE_OPS = ("Mul", "Div", "Add", "Sub", "Where", "Cast", "Identity")
 MAX_SCORE_OPS = 8
+MAX_REASONS = 3  # reasons named in the warning when no head is removed; stats hold them all
+RIDGE = 1e-2  # the refit's damping, relative to the mean diagonal of its normal equations
 SPLIT_INPUT_OPSET = 13  # Split takes its sizes as an input from opset 13 on
 _PAIR = re.compile(r"^(\d+):(\d+)$")
 
@@ -93,13 +112,18 @@ class HeadAxis:
     """Where a tensor keeps its heads: axis `u`, whose positions hold labels[0] `inner` times,
     then labels[1] `inner` times... (labels are head numbers). `labels` is None on a projection's
     output before its columns are split into heads; `cols` is the number of projection columns
-    per head, known from that split on. `dims` are the tensor's static dims (None: dynamic)."""
+    per head, known from that split on. `dims` are the tensor's static dims (None: dynamic).
+    A fused projection viewed as [.., parts, heads, d] also has a parts axis `part` until one of
+    Q, K, V is taken off it (`picked`, its index)."""
 
     dims: tuple
     u: int
     labels: tuple | None = None
     inner: int = 1
     cols: int | None = None
+    part: int | None = None
+    parts: int = 1
+    picked: int | None = None
 
     @property
     def size(self) -> int:
@@ -136,9 +160,9 @@ def _data_input(node: ir.Node) -> ir.Value:
     return node.inputs[0]
 
 
-def _step(node: ir.Node, ax: HeadAxis, x: ir.Value) -> tuple[HeadAxis, int | None]:
-    """The head axis after `node` (whose head-carrying input is `x`), and the index of the element
-    of its shape input (input 1) that holds the head axis' size and must be rewritten, if any."""
+def _step(node: ir.Node, ax: HeadAxis, x: ir.Value, y: ir.Value) -> tuple[HeadAxis, int | None]:
+    """The head axis on `node`'s output `y` (its head-carrying input is `x`), and the index of the
+    element of its shape input (input 1) that holds the head axis' size and must be rewritten."""
     op, n, u, where = node.op_type, len(ax.dims), ax.u, f"{node.op_type} '{node_name(node)}'"
     if op in ("Identity", "Cast"):
         return ax, None
@@ -149,17 +173,19 @@ def _step(node: ir.Node, ax: HeadAxis, x: ir.Value) -> tuple[HeadAxis, int | Non
         _check_broadcast(other, n, u, where)
         return ax, None
     if op == "Transpose":
-        perm = node.attributes.get_ints("perm", None) or list(range(n))[::-1]
-        return _with(ax, [ax.dims[p] for p in perm], list(perm).index(u)), None
+        perm = list(node.attributes.get_ints("perm", None) or range(n)[::-1])
+        part = None if ax.part is None else perm.index(ax.part)
+        return _with(ax, [ax.dims[p] for p in perm], perm.index(u), part=part), None
     if op == "Unsqueeze":
         axes = node_axes(node)
         if axes is None:
             raise Rejected(f"{where}: axes computed at run time")
-        dims, out = list(ax.dims), n + len(axes)
+        dims, out, part = list(ax.dims), n + len(axes), ax.part
         for a in sorted(a % out for a in axes):
             dims.insert(a, 1)
             u += a <= u
-        return _with(ax, dims, u), None
+            part = None if part is None else part + (a <= part)
+        return _with(ax, dims, u, part=part), None
     if op == "Squeeze":
         axes = node_axes(node)
         if axes is None:
@@ -170,7 +196,12 @@ def _step(node: ir.Node, ax: HeadAxis, x: ir.Value) -> tuple[HeadAxis, int | Non
         if u in axes:
             raise Rejected(f"{where} squeezes the head axis")
         dims = [d for i, d in enumerate(ax.dims) if i not in axes]
-        return _with(ax, dims, u - sum(a < u for a in axes)), None
+        part = None if ax.part is None or ax.part in axes else ax.part - sum(a < ax.part for a in axes)
+        return _with(ax, dims, u - sum(a < u for a in axes), part=part), None
+    if op in PICK_OPS:
+        return _pick(node, ax, y, where), None
+    if ax.part is not None:
+        raise Rejected(f"{where} comes before Q, K and V are taken apart")
     if ax.labels is None and op != "Reshape":
         raise Rejected(f"{where} comes before the projection's columns are split into heads")
     if op == "Tile":
@@ -185,6 +216,47 @@ def _step(node: ir.Node, ax: HeadAxis, x: ir.Value) -> tuple[HeadAxis, int | Non
     if op == "Reshape":
         return _reshape(node, ax, where)
     raise Rejected(f"{where} is not an op the head axis can be followed through")
+
+
+def _pick(node: ir.Node, ax: HeadAxis, y: ir.Value, where: str) -> HeadAxis:
+    """After a Gather, Split or Slice that takes one of Q, K, V off the parts axis."""
+    if ax.part is None or ax.picked is not None:
+        raise Rejected(f"{where} is not an op the head axis can be followed through")
+    p, op = ax.part, node.op_type
+    if op == "Slice":
+        axis, start, stop = _slice_span(node, len(ax.dims), ax.parts)
+        picked = start if stop - start == 1 else None
+    else:
+        axis = node.attributes.get_int("axis", 0) % len(ax.dims)
+        if op == "Split":
+            picked = y.index() if set(_split_sizes(node, ax.parts)) == {1} else None
+        else:
+            index = static_value(node.inputs[1])
+            picked = int(index) % ax.parts if index is not None and index.ndim == 0 else None
+    if axis != p or picked is None:
+        raise Rejected(f"{where} does not take one of Q, K, V off the parts axis (axis {p})")
+    dims = list(ax.dims)
+    if op == "Gather":  # drops the parts axis
+        del dims[p]
+        return _with(ax, dims, ax.u - (p < ax.u), part=None, picked=picked)
+    dims[p] = 1  # a Squeeze drops it later
+    return _with(ax, dims, ax.u, picked=picked)
+
+
+def _slice_span(node: ir.Node, rank: int, size: int) -> tuple[int, int, int]:
+    """(axis, start, stop) of a Slice of one axis of `size` elements with step 1."""
+    where = f"Slice '{node_name(node)}'"
+    inputs = list(node.inputs[1:]) + [None] * (5 - len(node.inputs))
+    defaults = (None, None, np.zeros(1, np.int64), np.ones(1, np.int64))  # axes [0], steps [1]
+    starts, ends, axes, steps = (default if v is None else static_value(v)
+                                 for v, default in zip(inputs, defaults))
+    if any(a is None for a in (starts, ends, axes, steps)):
+        raise Rejected(f"{where}: bounds computed at run time")
+    if starts.size != 1 or steps.reshape(-1).tolist() != [1]:
+        raise Rejected(f"{where} does not take one contiguous range of one axis")
+    axis = int(axes.reshape(-1)[0]) % rank
+    start, stop, _ = slice(int(starts.reshape(-1)[0]), int(ends.reshape(-1)[0])).indices(size)
+    return axis, start, stop
 
 
 def _target(node: ir.Node, where: str) -> list[int | None]:
@@ -219,8 +291,9 @@ def _expand(node: ir.Node, ax: HeadAxis, where: str) -> tuple[HeadAxis, int | No
 
 
 def _reshape(node: ir.Node, ax: HeadAxis, where: str) -> tuple[HeadAxis, int | None]:
-    """Three regroupings keep heads whole: keeping the last axis ([b, t, W] <-> [-1, W]), splitting
-    the head axis ([.., W] -> [.., h, W/h]) and merging it with the next ([.., h, d] -> [.., h*d]),
+    """Four regroupings keep heads whole: keeping the last axis ([b, t, W] <-> [-1, W]), splitting
+    the head axis ([.., W] -> [.., h, W/h]), merging it with the next ([.., h, d] -> [.., h*d]) and
+    splitting a fused projection's columns into parts of heads ([.., W] -> [.., 3, h, W/(3h)]),
     leading and trailing axes unchanged. Anything else mixes heads with other axes."""
     raw = _target(node, where)
     allowzero = node.attributes.get_int("allowzero", 0)
@@ -246,9 +319,16 @@ def _reshape(node: ir.Node, ax: HeadAxis, where: str) -> tuple[HeadAxis, int | N
                 found = _with(ax, dims, u, labels=tuple(range(a)), inner=1, cols=b), u
             elif ax.inner % b == 0:
                 found = _with(ax, dims, u, inner=ax.inner // b), u
+    elif out == n + 2 and ax.labels is None and all(fixed(e) for e in shape[u:u + 3]):
+        parts, heads, cols = shape[u:u + 3]
+        if parts * heads * cols == size:
+            found = _with(ax, dims, u + 1, labels=tuple(range(heads)), cols=cols, part=u, parts=parts), u + 1
     elif (out == n - 1 and ax.labels is not None and u + 1 < n and fixed(ax.dims[u + 1])
           and shape[u] in (size * ax.dims[u + 1], -1)):
         found = _with(ax, dims, u, inner=ax.inner * ax.dims[u + 1]), u
+    elif u == n - 2 and ax.labels is not None and fixed(ax.dims[-1]) and shape[-1] == size * ax.dims[-1]:
+        # [.., h, d] -> [-1, h*d] before a Gemm: the leading axes regroup among themselves
+        found = _with(ax, dims, out - 1, inner=ax.inner * ax.dims[-1]), out - 1
     if found is None:
         raise Rejected(f"{where} to {raw} regroups the head axis (axis {u} of {list(ax.dims)}) in a way "
                        f"the pass does not handle")
@@ -328,12 +408,13 @@ def _keeps_columns(reshape: ir.Node, gemm: ir.Node) -> bool:
 
 @dataclasses.dataclass
 class Part:
-    """The columns [offset, offset + width) of a projection: all of it, or one output of a Split."""
+    """The columns [offset, offset + width) of a projection: all of it, one output of a Split or a
+    Slice of its columns (`cut`), or one of Q, K, V taken off its [.., 3, heads, d] view."""
 
     linear: Linear
     offset: int
     width: int
-    split: ir.Node | None = None
+    cut: ir.Node | None = None
 
 
 def _split_sizes(node: ir.Node, width: int) -> list[int]:
@@ -355,17 +436,19 @@ def _part(value: ir.Value) -> Part | None:
     if linear is not None:
         return Part(linear, 0, linear.width)
     node = value.producer()
-    if node is None or node.op_type != "Split":
-        return None
-    linear = _linear(node.inputs[0])
-    if linear is None:
-        raise Rejected(f"Split '{node_name(node)}' does not cut a projection with constant weights")
+    if node is None or node.op_type not in ("Split", "Slice") or (linear := _linear(node.inputs[0])) is None:
+        return None  # a Split or Slice of anything else may take Q, K or V off a parts axis
     rank = len(static_dims(node.inputs[0]))
-    if node.attributes.get_int("axis", 0) % rank != rank - 1:
-        raise Rejected(f"Split '{node_name(node)}' does not cut the projection's columns")
-    sizes = _split_sizes(node, linear.width)
-    i = value.index()
-    return Part(linear, sum(sizes[:i]), sizes[i], node)
+    if node.op_type == "Slice":
+        axis, start, stop = _slice_span(node, rank, linear.width)
+    else:
+        axis = node.attributes.get_int("axis", 0) % rank
+        sizes = _split_sizes(node, linear.width)
+        start = sum(sizes[:value.index()])
+        stop = start + sizes[value.index()]
+    if axis != rank - 1:
+        raise Rejected(f"{node.op_type} '{node_name(node)}' does not cut the projection's columns")
+    return Part(linear, start, stop - start, node)
 
 
 @dataclasses.dataclass
@@ -380,14 +463,106 @@ class Chain:
     part: Part | None = None
 
 
-def _walk(nodes_and_inputs: list[tuple[ir.Node, ir.Value]], ax: HeadAxis, chain: Chain) -> HeadAxis:
-    for node, x in nodes_and_inputs:
-        ax, index = _step(node, ax, x)
-        chain.nodes.append(node)
-        chain.values[node.outputs[0]] = ax
+def _walk(steps: list[tuple[ir.Node, ir.Value, ir.Value]], ax: HeadAxis, chain: Chain) -> HeadAxis:
+    """The head axis along `steps` (node, head-carrying input, output), recorded in `chain`."""
+    i = 0
+    while i < len(steps):
+        swap = _swap_last_axes(steps[i:i + 3], ax)
+        if swap is None:
+            node, x, y = steps[i]
+            ax, index = _step(node, ax, x, y)
+            done = [(node, y, ax)]
+        else:
+            ax, index, reads = swap
+            chain.nodes += reads
+            # heads merged with the batch on axis 0: any reader of that axis would see it shrink
+            done = [(node, y, HeadAxis(tuple(static_dims(y)), 0)) for node, _, y in steps[i:i + 2]]
+            done.append((steps[i + 2][0], steps[i + 2][2], ax))
+        i += len(done)
+        for node, y, axis in done:
+            chain.nodes.append(node)
+            chain.values[y] = axis
         if index is not None:
-            chain.edits.append((node, index, ax))
+            chain.edits.append((done[-1][0], index, ax))
     return ax
+
+
+def _swap_last_axes(steps: list[tuple[ir.Node, ir.Value, ir.Value]],
+                    ax: HeadAxis) -> tuple[HeadAxis, int | None, list[ir.Node]] | None:
+    """Reshape [.., h, t, d] -> [-1, t, d], Transpose [0, 2, 1], Reshape to [.., h, d, t] with the
+    leading dims read from the first Reshape's input: how the dynamo exporter transposes K in
+    scaled_dot_product_attention. It is one transpose of the last two axes; the head count it
+    reads at run time is that of the tensor it reshapes, so it follows the pruning. Returns the
+    head axis after it, the element of the last Reshape's shape to rewrite, and the Shape nodes
+    it reads; None if `steps` do not start with it."""
+    ops = [node.op_type for node, _, _ in steps]
+    n = len(ax.dims)
+    if (ops != ["Reshape", "Transpose", "Reshape"] or ax.labels is None or ax.part is not None
+            or ax.u >= n - 2 or list(steps[1][0].attributes.get_ints("perm", [])) != [0, 2, 1]):
+        return None
+    (first, x, _), (last, _, _) = steps[0], steps[2]
+    try:
+        merged, back = _shape_reads(first.inputs[1], x), _shape_reads(last.inputs[1], x)
+    except Rejected:
+        return None
+
+    def is_dim(element, i):
+        return element == ("x", i) or ax.dims[i] is not None and element == ax.dims[i]
+
+    order = list(range(n - 2)) + [n - 1, n - 2]
+    if (len(merged) != 3 or merged[0] != -1 or not all(map(is_dim, merged[1:], (n - 2, n - 1)))
+            or len(back) != n or not all(map(is_dim, back, order))):
+        return None
+    where = f"Reshape '{node_name(last)}'"
+    if back[ax.u] != ("x", ax.u):  # a fixed head count: rewritten, not read
+        _check_editable(last.inputs[1], ax.u)
+    shapes = [node for node in dict.fromkeys(x.consumers()) if node.op_type == "Shape"]
+    sized = {first.inputs[1].producer(), last.inputs[1].producer()}
+    for shape in shapes:
+        for user in shape.outputs[0].consumers():
+            picked = _dims_picked(user.outputs[0], x) if user not in sized else []
+            if picked is None:
+                raise Rejected(f"{where}: Shape '{node_name(shape)}' of '{x.name}' is read by "
+                               f"{user.op_type} '{node_name(user)}'")
+            if ax.u in picked and not set(user.outputs[0].consumers()) <= sized:
+                raise Rejected(f"Shape '{node_name(shape)}' reads the head axis of '{x.name}' at run time")
+    dims = [ax.dims[i] for i in order]
+    return _with(ax, dims, ax.u), None if back[ax.u] == ("x", ax.u) else ax.u, shapes
+
+
+def _shape_reads(shape: ir.Value, x: ir.Value) -> list:
+    """The elements of a shape tensor: an int where fixed, ("x", i) where read at run time from
+    dim i of `x`, None otherwise."""
+    elements: list = []
+    for piece in shape_pieces(shape):
+        if piece.ints is not None:
+            elements += piece.ints.tolist()
+        else:
+            picked = _dims_picked(piece.value, x)
+            elements += [("x", i) for i in picked] if picked is not None else [None] * piece.length
+    return elements
+
+
+def _dims_picked(value: ir.Value, x: ir.Value) -> list[int] | None:
+    """The dims of `x` that `value` holds when it is Shape(x), or a constant Slice or Gather of it;
+    None when it is something else."""
+    node = value.producer()
+    shape = node.inputs[0].producer() if node is not None and node.op_type in ("Slice", "Gather") else node
+    if shape is None or shape.op_type != "Shape" or shape.inputs[0] is not x:
+        return None
+    n = len(static_dims(x))
+    dims = list(range(n))[slice(shape.attributes.get_int("start", 0), shape.attributes.get_int("end", n))]
+    if node is shape:
+        return dims
+    args = [static_value(v) for v in node.inputs[1:] if v is not None]
+    if any(a is None for a in args):
+        return None
+    if node.op_type == "Gather":
+        return [dims[i] for i in args[0].reshape(-1).tolist()]
+    if len(args) > 2 and args[2].reshape(-1).tolist() not in ([0], [-1]):
+        return None
+    step = int(args[3].reshape(-1)[0]) if len(args) > 3 else 1
+    return dims[slice(int(args[0].reshape(-1)[0]), int(args[1].reshape(-1)[0]), step)]
 
 
 def _input_chain(operand: ir.Value, what: str) -> Chain:
@@ -399,15 +574,20 @@ def _input_chain(operand: ir.Value, what: str) -> Chain:
             by = f"{node.op_type} '{node_name(node)}'" if node is not None else "a graph input"
             raise Rejected(f"{what} '{value.name}' comes from {by}, not from a projection with "
                            f"constant weights through ops that keep heads apart")
-        value = _data_input(node)
-        steps.append((node, value))
+        steps.append((node, _data_input(node), value))
+        value = steps[-1][1]
     dims = static_dims(value)
     dims[-1] = part.width
     start = HeadAxis(tuple(dims), len(dims) - 1)
     chain = Chain([], start, [], {value: start}, part)
-    chain.axis = _walk(steps[::-1], start, chain)
-    if chain.axis.labels is None:
+    ax = chain.axis = _walk(steps[::-1], start, chain)
+    if ax.labels is None:
         raise Rejected(f"{what}: the projection's columns are never split into heads")
+    if ax.part is not None:
+        raise Rejected(f"{what} keeps the parts axis of its projection's [.., {ax.parts}, heads, d] view")
+    if ax.picked is not None:
+        width = part.width // ax.parts
+        chain.part = dataclasses.replace(part, offset=part.offset + ax.picked * width, width=width)
     return chain
 
 
@@ -428,7 +608,7 @@ def _output_chain(pv: ir.Node, ax: HeadAxis) -> tuple[Chain, ir.Node, int]:
         if node.op_type not in CHAIN_OPS or _data_input(node) is not value:
             raise Rejected(f"the attention output '{value.name}' goes to {node.op_type} '{node_name(node)}', "
                            f"not to an output projection with constant weights")
-        ax = _walk([(node, value)], ax, chain)
+        ax = _walk([(node, value, node.outputs[0])], ax, chain)
         value = node.outputs[0]
     chain.axis = ax
     if ax.u != len(ax.dims) - 1:
@@ -457,7 +637,7 @@ class Block:
     proj_axis: int  # the axis of the output projection's weight that meets the heads
     group: dict[int, int]  # query head -> its K/V head
     linears: list[Linear]
-    splits: list[ir.Node]
+    cuts: list[ir.Node]  # the Splits and Slices that cut fused projections' columns
     values: dict[ir.Value, HeadAxis]  # every value whose head axis shrinks
 
     @property
@@ -471,6 +651,10 @@ class Block:
 
     def queries(self, unit: int) -> list[int]:
         return [q for q in self.heads if self.group[q] == unit]
+
+    def keeps_query(self, removed: set[int]) -> Callable[[int], bool]:
+        """Whether a query head stays once the K/V heads `removed` go."""
+        return lambda head: self.group[head] not in removed
 
     def in_unit(self, unit: int) -> Callable[[int], bool]:
         """Whether a query head belongs to `unit`."""
@@ -490,16 +674,32 @@ def _score_path(value: ir.Value, depth: int = 0) -> list[ir.Node] | None:
     return found[0] + [node] if len(found) == 1 else None
 
 
-def _find(softmax: ir.Node) -> tuple[list[ir.Node], ir.Node]:
-    """(score MatMul and the score ops up to the Softmax, the P @ V MatMul); Rejected if this
-    Softmax is not attention."""
+def _find(softmax: ir.Node) -> tuple[list[ir.Node], list[ir.Node], ir.Node]:
+    """(score MatMul and the score ops up to the Softmax, the NaN guard after it if any, the P @ V
+    MatMul); Rejected if this Softmax is not attention."""
     path = _score_path(softmax.inputs[0])
     if path is None:
         raise Rejected("its input is not a MatMul of two computed tensors (through scale/mask ops)")
-    users = softmax.outputs[0].consumers()
-    if len(users) != 1 or users[0].op_type != "MatMul" or users[0].inputs[0] is not softmax.outputs[0]:
+    guard = _nan_guard(softmax.outputs[0])
+    probs = guard[-1].outputs[0] if guard else softmax.outputs[0]
+    users = probs.consumers()
+    if len(users) != 1 or users[0].op_type != "MatMul" or users[0].inputs[0] is not probs:
         raise Rejected("its output does not go to exactly one MatMul with V")
-    return path, users[0]
+    return path, guard, users[0]
+
+
+def _nan_guard(probs: ir.Value) -> list[ir.Node]:
+    """[IsNaN, Where] of Where(IsNaN(P), c, P), which scaled_dot_product_attention exports to zero
+    fully masked rows; [] if `probs` has none."""
+    users = probs.consumers()
+    isnan = next((u for u in users if u.op_type == "IsNaN"), None)
+    if isnan is None or len(users) != 2:
+        return []
+    where = next(u for u in users if u is not isnan)
+    if (where.op_type != "Where" or where.inputs[0] is not isnan.outputs[0] or where.inputs[2] is not probs
+            or len(isnan.outputs[0].consumers()) != 1):
+        return []
+    return [isnan, where]
 
 
 def _align(a: HeadAxis, b: HeadAxis, node: ir.Node, what: str) -> tuple[HeadAxis, dict[int, int]]:
@@ -525,7 +725,7 @@ def _align(a: HeadAxis, b: HeadAxis, node: ir.Node, what: str) -> tuple[HeadAxis
     return _with(a, dims, n - (na - a.u)), meets
 
 
-def _analyze(score_path: list[ir.Node], softmax: ir.Node, pv: ir.Node) -> Block:
+def _analyze(score_path: list[ir.Node], softmax: ir.Node, guard: list[ir.Node], pv: ir.Node) -> Block:
     """Check one attention block end to end; Rejected says why it must be left alone."""
     score = score_path[0]
     q = _input_chain(score.inputs[0], "Q")
@@ -545,7 +745,10 @@ def _analyze(score_path: list[ir.Node], softmax: ir.Node, pv: ir.Node) -> Block:
     axis = softmax.attributes.get_int("axis", -1) % len(ax.dims)
     if axis <= ax.u:
         raise Rejected(f"Softmax '{node_name(softmax)}' normalizes across heads (axis {axis})")
-    values[softmax.outputs[0]] = ax
+    for node in [softmax] + guard:
+        values[node.outputs[0]] = ax
+    if guard:
+        _check_broadcast(guard[1].inputs[1], len(ax.dims), ax.u, f"Where '{node_name(guard[1])}'")
     ax, q_to_v = _align(ax, v.axis, pv, "P @ V")
     if q_to_v != q_to_k:
         raise Rejected("keys and values are grouped differently over the query heads")
@@ -558,11 +761,14 @@ def _analyze(score_path: list[ir.Node], softmax: ir.Node, pv: ir.Node) -> Block:
     if set(k.axis.labels) != set(q_to_k.values()) or set(v.axis.labels) != set(q_to_k.values()):
         raise Rejected("some K/V heads meet no query head")
 
-    linears, splits = _check_projections([q.part, k.part, v.part], values)
+    shared = {(n, e) for n, e, _ in q.edits} & {(n, e) for c in (k, v) for n, e, _ in c.edits}
+    if shared and any(h != kv for h, kv in q_to_k.items()):
+        raise Rejected("Q and K/V share a head count but are grouped differently")
+    linears, cuts = _check_projections([q.part, k.part, v.part], values)
     region = {n for c in (q, k, v, out) for n in c.nodes} | {n for lin in linears for n in lin.nodes}
-    region |= set(splits) | set(score_path) | {softmax, pv, proj}
+    region |= set(cuts) | set(score_path) | set(guard) | {softmax, pv, proj}
     _check_uses(values, region)
-    return Block(softmax, q, k, v, out, proj, proj_axis, q_to_k, linears, splits, values)
+    return Block(softmax, q, k, v, out, proj, proj_axis, q_to_k, linears, cuts, values)
 
 
 def _check_projections(parts: list[Part], values: dict) -> tuple[list[Linear], list[ir.Node]]:
@@ -570,18 +776,20 @@ def _check_projections(parts: list[Part], values: dict) -> tuple[list[Linear], l
     by_linear: dict[int, list[Part]] = {}
     for part in parts:
         by_linear.setdefault(id(part.linear.matmul), []).append(part)
-    linears, splits = [], []
+    linears, all_cuts = [], []
     for group in by_linear.values():
-        linear, split = group[0].linear, group[0].split
-        spans = sorted((p.offset, p.width) for p in group)
-        if len(set(spans)) != len(spans):
-            raise Rejected("two of Q, K, V come from the same projection columns")
-        if split is None and len(group) > 1:
-            raise Rejected("two of Q, K, V come from the same projection output")
-        if split is not None and len(group) != len(split.outputs):
-            raise Rejected(f"Split '{node_name(split)}' has outputs that are not Q, K or V")
-        if sum(w for _, w in spans) != linear.width:
+        linear, cuts = group[0].linear, list(dict.fromkeys(p.cut for p in group if p.cut is not None))
+        at = 0
+        for offset, width in sorted((p.offset, p.width) for p in group):
+            if offset != at:
+                raise Rejected(f"Q, K and V do not use each of the {linear.width} columns of their "
+                               f"projection once")
+            at += width
+        if at != linear.width:
             raise Rejected(f"Q, K and V do not use all {linear.width} columns of their projection")
+        for cut in cuts:
+            if sum(p.cut is cut for p in group) != len(cut.outputs):
+                raise Rejected(f"Split '{node_name(cut)}' has outputs that are not Q, K or V")
         if linear.bias_node is not None:
             bias = constant_array(linear.bias_node.inputs[linear.bias_input])
             if bias.ndim and bias.shape[-1] not in (1, linear.width):
@@ -591,13 +799,12 @@ def _check_projections(parts: list[Part], values: dict) -> tuple[list[Linear], l
         for node in linear.nodes:
             dims = static_dims(node.outputs[0])
             values[node.outputs[0]] = HeadAxis(tuple(dims), len(dims) - 1)
-        if split is not None:
-            splits.append(split)
-            for out in split.outputs:
-                dims = static_dims(out)
-                values[out] = HeadAxis(tuple(dims), len(dims) - 1)
+        for out in (out for cut in cuts for out in cut.outputs):
+            dims = static_dims(out)
+            values[out] = HeadAxis(tuple(dims), len(dims) - 1)
+        all_cuts += cuts
         linears.append(linear)
-    return linears, splits
+    return linears, all_cuts
 
 
 def _check_uses(values: dict[ir.Value, HeadAxis], region: set[ir.Node]) -> None:
@@ -607,14 +814,28 @@ def _check_uses(values: dict[ir.Value, HeadAxis], region: set[ir.Node]) -> None:
         if value.is_graph_output():
             raise Rejected(f"'{value.name}' is a graph output (a KV cache?)")
         for user in value.consumers():
-            if user in region:
-                continue
-            if user.op_type == "Shape":
-                if ax.u not in dims_read(user, len(ax.dims)):
-                    continue
-                raise Rejected(f"Shape '{node_name(user)}' reads the head axis of '{value.name}' at run time")
-            raise Rejected(f"'{value.name}' is also used by {user.op_type} '{node_name(user)}' outside the "
-                           f"attention block")
+            if user not in region:
+                _check_use_outside(user, value, ax)
+
+
+def _check_use_outside(user: ir.Node, value: ir.Value, ax: HeadAxis) -> None:
+    """Outside the block, a pruned value may only reach Shapes that read other axes, directly or
+    through ops that move its heads (TorchScript's scaled_dot_product_attention transposes K a
+    second time only to read its length)."""
+    if user.op_type == "Shape":
+        if ax.u in dims_read(user, len(ax.dims)):
+            raise Rejected(f"Shape '{node_name(user)}' reads the head axis of '{value.name}' at run time")
+        return
+    out, moved, index = user.outputs[0], None, None
+    if (user.op_type in CHAIN_OPS and len(user.outputs) == 1 and _data_input(user) is value
+            and not out.is_graph_output()):
+        with contextlib.suppress(Rejected):
+            moved, index = _step(user, ax, value, out)
+    if moved is None or index is not None:  # not a head-moving op, or one that sizes the heads
+        raise Rejected(f"'{value.name}' is also used by {user.op_type} '{node_name(user)}' outside the "
+                       f"attention block")
+    for next_user in out.consumers():
+        _check_use_outside(next_user, out, moved)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -687,6 +908,13 @@ class _Rewriter:
         array = np.ascontiguousarray(np.take(constant_array(value), keep, axis=axis))
         node.replace_input_with(index, self.constant(array, f"{value.name}.pruned"))
 
+    def set_bounds(self, node: ir.Node, start: int, stop: int) -> None:
+        """Slice `node` from `start` to `stop` (its starts and ends keep their dtype)."""
+        for index, bound in ((1, start), (2, stop)):
+            dtype = static_value(node.inputs[index]).dtype
+            bounds = self.constant(np.array([bound], dtype), f"{node_name(node)}.bounds")
+            node.replace_input_with(index, bounds)
+
     def set_element(self, node: ir.Node, index: int, element: int, new: int) -> None:
         """Input `index` of `node` (a shape) with element `element` set to `new`."""
         value = node.inputs[index]
@@ -717,17 +945,21 @@ class _Rewriter:
         return node.outputs[0]
 
 
-def _prune(block: Block, removed: set[int], rw: _Rewriter, opset: int) -> None:
-    def keep_q(h):
-        return block.group[h] not in removed
+def _prune(block: Block, removed: set[int], rw: _Rewriter, opset: int,
+           proj_weight: np.ndarray | None) -> None:
+    """Remove the K/V heads `removed` with their query groups; `proj_weight`, if given, replaces
+    what is left of the output projection's weight."""
+    keep_q = block.keeps_query(removed)
 
     def keep_kv(h):
         return h not in removed
 
     keeps = {id(block.q): keep_q, id(block.k): keep_kv, id(block.v): keep_kv, id(block.out): keep_q}
-    for chain in (block.q, block.k, block.v, block.out):
-        for node, element, ax in chain.edits:
-            rw.set_element(node, 1, element, ax.kept(keeps[id(chain)]))
+    # Q, K and V reshaped by one node (a [.., 3, heads, d] view) edit it once
+    sizes = {(node, element): ax.kept(keeps[id(chain)])
+             for chain in (block.q, block.k, block.v, block.out) for node, element, ax in chain.edits}
+    for (node, element), size in sizes.items():
+        rw.set_element(node, 1, element, size)
     for linear in block.linears:
         chains = sorted((c for c in (block.q, block.k, block.v) if c.part.linear.matmul is linear.matmul),
                         key=lambda c: c.part.offset)
@@ -740,10 +972,36 @@ def _prune(block: Block, removed: set[int], rw: _Rewriter, opset: int) -> None:
                 rw.slice_input(linear.bias_node, linear.bias_input, cols, bias.ndim - 1)
         if linear.reshape is not None:
             rw.set_element(linear.reshape, 1, len(shape_elements(linear.reshape.inputs[1])) - 1, len(cols))
-        split = chains[0].part.split
-        if split is not None:
-            _set_split_sizes(split, [len(_columns(c, keeps[id(c)])) for c in chains], rw, opset)
-    rw.slice_input(block.proj, 1, _rows(block.out, keep_q), block.proj_axis)
+        widths = [len(_columns(c, keeps[id(c)])) for c in chains]
+        cut = chains[0].part.cut
+        if cut is not None and cut.op_type == "Split":
+            _set_split_sizes(cut, widths, rw, opset)
+        elif cut is not None:  # one Slice per chain
+            for chain, start, width in zip(chains, np.cumsum([0] + widths), widths):
+                rw.set_bounds(chain.part.cut, int(start), int(start + width))
+    if proj_weight is None:
+        rw.slice_input(block.proj, 1, _rows(block.out, keep_q), block.proj_axis)
+    else:
+        block.proj.replace_input_with(1, rw.constant(proj_weight, f"{block.proj.inputs[1].name}.refit"))
+
+
+def _refit(block: Block, removed: set[int], x: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """The output projection's weight refit on the rows `x` of its unpruned input X: W' = argmin
+    ||X[:, kept] W' - X W||^2 (normal equations damped by RIDGE, in float64), in W's layout; and
+    the relative error of the projection's output on `x` without and with the refit."""
+    kept = _rows(block.out, block.keeps_query(removed))
+    weight = constant_matrix(block.proj.inputs[1], dtype=None)
+    w = (weight if block.proj_axis == 0 else weight.T).astype(np.float64)  # [inputs, outputs]
+    x = x.astype(np.float64)
+    gram = x.T @ x
+    a = gram[np.ix_(kept, kept)]
+    a[np.diag_indices_from(a)] += RIDGE * max(float(np.mean(np.diag(a))), np.finfo(np.float64).tiny)
+    fitted = np.linalg.solve(a, gram[kept] @ w)
+    y = x @ w
+    scale = max(float(np.linalg.norm(y)), np.finfo(np.float64).tiny)
+    before = float(np.linalg.norm(x[:, kept] @ w[kept] - y)) / scale
+    after = float(np.linalg.norm(x[:, kept] @ fitted - y)) / scale
+    return (fitted if block.proj_axis == 0 else fitted.T).astype(weight.dtype), before, after
 
 
 def _set_split_sizes(split: ir.Node, sizes: list[int], rw: _Rewriter, opset: int) -> None:
@@ -781,6 +1039,11 @@ class PruneHeads(Pass):
         Option("importance", str, "weight-norm", "how ratio ranks heads: the L2 norm of their Q/K/V and "
                "output weights, or their mean |attention output| on calibration data",
                choices=("weight-norm", "calibration")),
+        Option("strict", bool, False, "fail, naming the reason, where a requested pruning removes no head "
+               "(instead of a warning)"),
+        Option("recover", bool, False, "refit each pruned block's output projection by least squares so "
+               "that its output on calibration data stays as close to the unpruned one as the remaining "
+               "heads allow"),
     )
     provides = ("pruned",)
     # Removing heads changes what the model computes, by an amount only the model's task can tell
@@ -805,22 +1068,37 @@ class PruneHeads(Pass):
             if node.op_type != "Softmax":
                 continue
             try:
-                path, pv = _find(node)
+                path, guard, pv = _find(node)
             except Rejected as e:
                 not_attention.append(f"Softmax '{node_name(node)}': {e}")
                 continue
             try:
-                layers.append(_analyze(path, node, pv))
+                layers.append(_analyze(path, node, guard, pv))
             except Rejected as e:
                 layers.append(f"Softmax '{node_name(node)}': {e}")
         blocks = {i: b for i, b in enumerate(layers) if isinstance(b, Block)}
-        removal, scores = self._choose(model, ctx, layers, blocks)
+        by_calibration = self.opts["importance"] == "calibration" and not self.opts["heads"].strip()
+        samples = {}  # each block's output-projection input in the unpruned model
+        if blocks and (by_calibration or self.opts["recover"]):
+            rows = activation_samples(model, ctx, sorted({b.proj.inputs[0].name for b in blocks.values()}))
+            samples = {i: rows[b.proj.inputs[0].name] for i, b in blocks.items()}
+        removal, scores = self._choose(layers, blocks, samples)
+        pruned = [i for i, units in removal.items() if units]
+        warnings = []
+        if not pruned and (self.opts["heads"].strip() or self.opts["ratio"] > 0):
+            why = f"removed no head: {_nothing_removed(layers, not_attention, self.opts['ratio'])}"
+            if self.opts["strict"]:
+                raise UserError(f"pass 'prune-heads': {why}")
+            warnings.append(why)
 
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
         rewriter = _Rewriter(model.graph)
-        pruned = [i for i, units in removal.items() if units]
+        errors = {}  # block -> the projection's relative output error without and with the refit
         for i in pruned:
-            _prune(blocks[i], set(removal[i]), rewriter, opset)
+            refit = None
+            if self.opts["recover"]:
+                refit, *errors[i] = _refit(blocks[i], set(removal[i]), samples[i])
+            _prune(blocks[i], set(removal[i]), rewriter, opset, refit)
         for value in (v for i in pruned for v in blocks[i].values):
             value.shape = None  # stale; shape inference fills in the new sizes
         if pruned:
@@ -836,20 +1114,22 @@ class PruneHeads(Pass):
                                for i, b in blocks.items()),
             "weights_removed": weights_before[0] - weights_after[0],
             "bytes_removed": weights_before[1] - weights_after[1],
-            "blocks": {str(i): _block_stats(b, removal[i], scores.get(i)) for i, b in blocks.items()},
+            "blocks": {str(i): _block_stats(b, removal[i], scores.get(i), errors.get(i))
+                       for i, b in blocks.items()},
             "skipped": [f"layer {i} ({why})" for i, why in enumerate(layers) if isinstance(why, str)],
             "not_attention": not_attention,
         }
-        return PassResult(model, bool(pruned), stats)
+        if errors:
+            stats["recover"] = {"error_before": float(np.mean([e[0] for e in errors.values()])),
+                                "error_after": float(np.mean([e[1] for e in errors.values()]))}
+        return PassResult(model, bool(pruned), stats, warnings)
 
-    def _choose(self, model, ctx, layers, blocks) -> tuple[dict[int, list[int]], dict]:
+    def _choose(self, layers, blocks, samples) -> tuple[dict[int, list[int]], dict]:
         """K/V heads (with their query groups) to remove per block, and the importance scores used."""
         if self.opts["heads"].strip():
             return {i: [] for i in blocks} | self._requested(layers), {}
         if self.opts["importance"] == "calibration":
-            names = {i: b.proj.inputs[0].name for i, b in blocks.items()}
-            samples = activation_samples(model, ctx, sorted(set(names.values()))) if names else {}
-            scores = {i: _output_means(b, samples[names[i]]) for i, b in blocks.items()}
+            scores = {i: _output_means(b, samples[i]) for i, b in blocks.items()}
         else:
             scores = {i: _weight_norms(b) for i, b in blocks.items()}
         removal = {}
@@ -879,13 +1159,33 @@ class PruneHeads(Pass):
         return removal
 
 
-def _block_stats(block: Block, removed: list[int], scores: dict | None) -> dict:
+def _layout(block: Block) -> str:
+    if len(block.linears) == 3:
+        return "separate Q/K/V"
+    fused = "fused QKV" if len(block.linears) == 1 else "fused KV"
+    cut = block.k.part.cut
+    return f"{fused} ({cut.op_type if cut is not None else '[.., 3, heads, d] view'})"
+
+
+def _nothing_removed(layers: list, not_attention: list[str], ratio: float) -> str:
+    """Why no head went: the reasons each block was left alone, or what the Softmaxes were."""
+    if not layers:
+        return "no attention block found" + (f": {'; '.join(not_attention)}" if not_attention else
+                                             " (the model has no Softmax)")
+    reasons = [f"layer {i} ({b})" if isinstance(b, str) else
+               f"layer {i} (ratio {ratio:g} of its {len(b.units)} heads rounds down to none)"
+               for i, b in enumerate(layers)]
+    more = len(reasons) - MAX_REASONS
+    return "; ".join(reasons[:MAX_REASONS]) + (f"; and {more} more (stats 'skipped')" if more > 0 else "")
+
+
+def _block_stats(block: Block, removed: list[int], scores: dict | None, errors: list | None) -> dict:
     gone = sorted(q for u in removed for q in block.queries(u))
     grouped = len(block.units) != len(block.heads)
     stats = {
         "softmax": node_name(block.softmax),
         "attention": "grouped-query" if grouped else "multi-head",
-        "projections": {1: "fused QKV (Split)", 3: "separate Q/K/V"}.get(len(block.linears), "fused KV"),
+        "projections": _layout(block),
         "heads_before": len(block.heads),
         "heads_after": len(block.heads) - len(gone),
         "removed_heads": gone,
@@ -895,4 +1195,6 @@ def _block_stats(block: Block, removed: list[int], scores: dict | None) -> dict:
                      removed_kv_heads=list(removed))
     if scores is not None:
         stats["importance"] = {str(u): round(s, 6) for u, s in scores.items()}
+    if errors is not None:
+        stats["output_error"] = {"before_refit": round(errors[0], 6), "after_refit": round(errors[1], 6)}
     return stats

@@ -1,6 +1,8 @@
 """prune-heads: exactness against the same torch model with those heads' attention outputs masked
 to zero, structure, where it fires (both exporters, raw and after simplify,fuse, multi-head and
-grouped-query) and where it must not, option errors, and the compiled pruned LM."""
+grouped-query, separate and fused projections, scaled_dot_product_attention) and where it must not,
+the warning or error when nothing is removed, the refit of the output projection, option errors,
+and the compiled pruned LM."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 import torch
+import torch.nn.functional as F
 from edgecc.passes.prune_heads import PruneHeads
 from onnx import numpy_helper
 from torch import nn
@@ -334,6 +337,132 @@ def test_does_not_prune_a_per_head_score_bias():
 
 
 # ----------------------------------------------------------------------------------------------
+# Fused projections and scaled_dot_product_attention (GPT-2's c_attn, Phi-3's qkv_proj)
+
+
+class FusedQKV(nn.Module):
+    """One Linear(d, d + 2 * kv_heads * d/h) cut into Q, K, V by `cut`, then SDPA (or, with
+    sdpa=False, softmax(Q K^T) V written out). "split" and "slice" cut the columns; "view" and
+    "unbind" view them as [b, t, 3, h, d/h] and take Q, K, V off the 3-axis. With fewer K/V heads,
+    K and V are repeated for SDPA's grouped-query attention (TorchScript exports no enable_gqa)."""
+
+    def __init__(self, cut: str, d: int = 64, heads: int = 4, kv_heads: int = 4, sdpa: bool = True):
+        super().__init__()
+        self.cut, self.h, self.g, self.dh, self.sdpa = cut, heads, kv_heads, d // heads, sdpa
+        self.qkv, self.o = nn.Linear(d, d + 2 * kv_heads * self.dh), nn.Linear(d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        y, kv = self.qkv(x), self.g * self.dh
+        if self.cut in ("view", "unbind"):
+            y = y.view(b, t, 3, self.h, self.dh).permute(2, 0, 3, 1, 4)
+            q, k, v = y.unbind(0) if self.cut == "unbind" else (y[0], y[1], y[2])
+        else:
+            parts = (y.split([d, kv, kv], -1) if self.cut == "split"
+                     else (y[..., :d], y[..., d:d + kv], y[..., d + kv:]))
+            q, k, v = (p.view(b, t, -1, self.dh).transpose(1, 2) for p in parts)
+            k, v = (z.repeat_interleave(self.h // self.g, 1) for z in (k, v))
+        if self.sdpa:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            a = (q @ k.transpose(-1, -2) / math.sqrt(self.dh)).softmax(-1) @ v
+        return self.o(a.transpose(1, 2).reshape(b, t, d))
+
+
+def _fused(cut: str, removed=(), **kwargs) -> nn.Module:
+    torch.manual_seed(2)
+    model = FusedQKV(cut, **kwargs).eval()
+    if removed:
+        _mask_heads(model.o, model.h, removed)
+    return model
+
+
+FUSED = [("split", {}), ("slice", {}), ("view", {}), ("unbind", {}), ("split", {"kv_heads": 2}),
+         ("slice", {"kv_heads": 2, "sdpa": False})]
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("cut,kwargs", FUSED, ids=["split", "slice", "view", "unbind", "split-gqa",
+                                                   "slice-gqa-matmul"])
+def test_fused_qkv_and_sdpa_prune_exactly(cut, kwargs, exporter):
+    x = torch.randn(2, 5, 64)
+    model = _export(_fused(cut, **kwargs), x, exporter, "x", "y")
+    pruned, stats, changed = _run(model, "prune-heads{ratio=0.5}")
+    (block,) = stats["blocks"].values()
+    assert changed and stats["skipped"] == [] and block["projections"].startswith("fused QKV")
+    assert (block["heads_before"], block["heads_after"]) == (4, 2)
+    if kwargs.get("kv_heads") == 2:  # a K/V head goes with its two query heads
+        assert block["attention"] == "grouped-query" and block["kv_heads_after"] == 1
+        (kv,) = block["removed_kv_heads"]
+        assert block["removed_heads"] == [2 * kv, 2 * kv + 1]
+    assert stats["weights_removed"] == 64 * 2 * 16 * (3 if "kv_heads" not in kwargs else 2) + 2 * 16 * 64 + (
+        2 * 16 * 3 if "kv_heads" not in kwargs else 2 * 16 + 16 * 2)
+    _same(_export(_fused(cut, block["removed_heads"], **kwargs), x, "torchscript", "x", "y"), pruned)
+
+
+# ----------------------------------------------------------------------------------------------
+# Nothing removed: a warning with the reasons, or with strict an error
+
+
+def _logged(model: onnx.ModelProto, pipeline: str) -> list[str]:
+    lines: list[str] = []
+    PassManager(pipeline, log=lines.append).run(ir.from_proto(model), PassContext())
+    return [line for line in lines if line.startswith("warning")]
+
+
+@pytest.fixture(scope="module")
+def per_head_bias():
+    return _export(_gqa("interleave", head_bias=True), torch.randn(2, 5, 64), "torchscript", "x", "y")
+
+
+def test_a_requested_pruning_that_removes_nothing_warns_why(per_head_bias, lm):
+    (warning,) = _logged(per_head_bias, "prune-heads{ratio=0.5}")
+    assert warning.startswith("warning: prune-heads{") and "removed no head: layer 0 (" in warning
+    assert "differs per head" in warning
+    (warning,) = _logged(lm["torchscript"], "prune-heads{ratio=0.2}")
+    assert "layer 0 (ratio 0.2 of its 4 heads rounds down to none)" in warning
+    assert _logged(lm["torchscript"], "prune-heads{ratio=0}") == []  # nothing asked, nothing to say
+
+
+def test_strict_makes_it_an_error_naming_the_reason(per_head_bias):
+    with pytest.raises(UserError, match="pass 'prune-heads': removed no head: layer 0 .*differs per head"):
+        _run(per_head_bias, "prune-heads{ratio=0.5,strict=true}")
+    no_softmax = parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[B, 4] x) => (float[B, 4] y) { y = Relu(x) }
+    """)
+    with pytest.raises(UserError, match="no attention block found \\(the model has no Softmax\\)"):
+        _run(no_softmax, "prune-heads{strict=true}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Recovery: the output projection refit on calibration data
+
+
+def test_recover_refits_the_output_projection_closer_on_held_out_inputs():
+    """Inputs of rank 8 in 64 dims, as real activations are correlated: the kept heads then carry
+    part of what the removed ones did, and the refit puts it back."""
+    model = _export(_fused("split"), torch.randn(2, 5, 64), "torchscript", "x", "y")
+    rng = np.random.default_rng(4)
+    mix = rng.standard_normal((8, 64)).astype(np.float32)
+
+    def draw(batch):
+        return {"x": rng.standard_normal((batch, 12, 8)).astype(np.float32) @ mix}
+
+    ctx, held_out = PassContext(calibration=draw(32)), draw(8)
+    reference = run_ort(model, held_out, optimize=False)["y"]
+    errors = {}
+    for recover in ("false", "true"):
+        pruned, stats, _ = _run(model, f"prune-heads{{ratio=0.5,recover={recover}}}", ctx)
+        y = run_ort(pruned, held_out, optimize=False)["y"]
+        errors[recover] = np.linalg.norm(y - reference) / np.linalg.norm(reference)
+    assert errors["true"] < 0.95 * errors["false"]
+    assert stats["recover"]["error_after"] < stats["recover"]["error_before"]
+    assert stats["blocks"]["0"]["output_error"]["after_refit"] == pytest.approx(
+        stats["recover"]["error_after"], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
 # Must not fire, and option errors
 
 
@@ -378,7 +507,7 @@ def test_heads_outside_the_model_name_the_option(lm, heads, fragment):
 
 
 def test_pipeline_text_round_trips():
-    text = "prune-heads{ratio=0.5,heads=0:1;1:3,importance=calibration}"
+    text = "prune-heads{ratio=0.5,heads=0:1;1:3,importance=calibration,strict=true,recover=true}"
     assert str(parse_pipeline(text)) == text
 
 
