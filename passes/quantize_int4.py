@@ -18,9 +18,19 @@ Methods:
   the matmul), which leaves X @ W unchanged before rounding. The exponent a is searched on a grid
   per matmul to minimize the output error on calibration activations (`--calibration`, or seeded
   synthetic batches).
+- `gptq`: GPTQ (Frantar et al., 2022). Rows of W (input channels) are rounded one at a time, and
+  each row's rounding error is spread over the rows not yet rounded so as to minimize the output
+  error on calibration activations X: the update is weighted by the inverse of H = X^T X / n
+  (damped by `damp` x its mean diagonal), through the upper Cholesky factor of H^-1, in lazy
+  batches of 128 rows. With `act_order` the rows with the largest activations go first; their
+  blocks' scales and zero points are still those of the original weights in natural order
+  (static groups), so the stored layout is rtn's. The pass reports each matmul's relative output
+  error ||X W_q - X W||^2 / ||X W||^2 on the calibration rows for gptq and for rtn.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import onnx_ir as ir
@@ -35,6 +45,7 @@ from edgecc.kernels.int4 import dequantize_blockwise, pack_int4, quantize_blockw
 MS_DOMAIN = "com.microsoft"
 AWQ_GRID = np.linspace(0.0, 1.0, 11)
 AWQ_ROWS = 512  # calibration rows used to score each exponent
+GPTQ_LAZY_ROWS = 128  # rows whose error updates reach the rest of W as one matmul (GPTQ's lazy batch)
 
 
 def _pack_zero_points(zeros: np.ndarray) -> np.ndarray:
@@ -45,13 +56,64 @@ def _pack_zero_points(zeros: np.ndarray) -> np.ndarray:
     return (rows[:, 0::2] | (rows[:, 1::2] << 4)).ravel()
 
 
+class HessianFactor(NamedTuple):
+    """What GPTQ needs from the Hessian H = X^T X / n of a matmul's input X; the matmuls that read
+    one input (q, k and v; gate and up) share it."""
+
+    h: np.ndarray  # float32 [K, K], undamped: the output error of any weights on the calibration rows
+    dead: np.ndarray  # bool [K]: inputs that were 0 on every row
+    order: np.ndarray  # the order rows are rounded in
+    u: np.ndarray  # float32 [K, K]: upper Cholesky factor of the damped H^-1, rows and columns in `order`
+
+
+def hessian_factor(x_rows: np.ndarray, damp: float, act_order: bool) -> HessianFactor:
+    x = x_rows.astype(np.float64)
+    h = x.T @ x / len(x)
+    # An input that is 0 on every row has no curvature: as GPTQ's reference does, H_kk = 1 keeps H
+    # invertible and gptq_quantize sets its weights to 0 (nothing says how they should round).
+    dead = np.diag(h) == 0
+    damped = h.copy()
+    damped[dead, dead] = 1
+    order = np.argsort(-np.diag(damped), kind="stable") if act_order else np.arange(len(h))
+    damped = damped[np.ix_(order, order)]
+    damped[np.diag_indices(len(h))] += damp * np.mean(np.diag(damped))
+    u = np.linalg.cholesky(np.linalg.inv(damped)).T  # H^-1 = U^T U
+    return HessianFactor(h.astype(np.float32), dead, order, u.astype(np.float32))
+
+
+def gptq_quantize(w: np.ndarray, factor: HessianFactor, block: int, symmetric: bool, float_zeros: bool):
+    """w float32 [K, N] -> (q, scales, zeros) as quantize_blockwise returns them, rounded by GPTQ
+    (module doc) against its input's Hessian."""
+    K, N = w.shape
+    w = np.where(factor.dead[:, None], 0, w).astype(np.float32)
+    _, scales, zeros = quantize_blockwise(w, block, symmetric, float_zeros)  # static groups
+    zero = np.zeros_like(scales) if zeros is None else zeros.astype(np.float32)
+    lo, hi = (-8, 7) if zeros is None else (0, 15)
+    order, u = factor.order, factor.u
+    w = w[order]
+    q = np.empty((K, N), np.float32)
+    for i1 in range(0, K, GPTQ_LAZY_ROWS):
+        i2 = min(i1 + GPTQ_LAZY_ROWS, K)
+        err = np.empty((i2 - i1, N), np.float32)
+        for i in range(i1, i2):
+            g = order[i] // block  # the row's block in natural order
+            q[i] = np.clip(np.round(w[i] / scales[g] + zero[g]), lo, hi)
+            err[i - i1] = (w[i] - (q[i] - zero[g]) * scales[g]) / u[i, i]
+            w[i + 1:i2] -= np.outer(u[i, i + 1:i2], err[i - i1])
+        w[i2:] -= u[i1:i2, i2:].T @ err
+    q = q[np.argsort(order)]
+    return q.astype(np.int8 if zeros is None else np.uint8), scales, zeros
+
+
 class _Int4Rule(pattern.RewriteRuleClassBase):
-    def __init__(self, opts: dict, samples: dict[str, np.ndarray]):
+    def __init__(self, opts: dict, samples: dict[str, np.ndarray], errors: dict[str, dict]):
         super().__init__()
         self.opts = opts
         self.samples = samples  # activation name -> calibration rows [tokens, K]
+        self.errors = errors  # weight name -> {"gptq": e, "rtn": e}, filled by method=gptq
         self.fired = 0
         self._float_zeros = not opts["symmetric"] and opts["zero_points"] == "float"
+        self._last_factor: tuple[str, HessianFactor] | None = None  # q, k and v share an input
 
     def check(self, context, x, w, y=None, transposed: bool = False, **_) -> pattern.MatchResult:
         result = pattern.MatchResult()
@@ -69,7 +131,7 @@ class _Int4Rule(pattern.RewriteRuleClassBase):
         if weight.shape[0] % self.opts["block"]:
             return result.fail(f"block {self.opts['block']} does not divide K = {weight.shape[0]} "
                                "(left in float; padding K would change the graph's shapes)", w)
-        if self.opts["method"] == "awq" and x.name not in self.samples:
+        if self.opts["method"] != "rtn" and x.name not in self.samples:
             return result.fail(f"no calibration activations for '{x.name}'", x)
         self._weight = weight
         return result
@@ -90,6 +152,25 @@ class _Int4Rule(pattern.RewriteRuleClassBase):
                 best, best_err = s, err
         return best
 
+    def _factor(self, x_name: str) -> HessianFactor:
+        if self._last_factor is None or self._last_factor[0] != x_name:
+            factor = hessian_factor(self.samples[x_name], self.opts["damp"], self.opts["act_order"])
+            self._last_factor = x_name, factor
+        return self._last_factor[1]
+
+    def _gptq(self, w_name: str, x_name: str, w: np.ndarray):
+        """GPTQ's (q, scales, zeros) for w; records its output error and rtn's under w_name."""
+        block, symmetric = self.opts["block"], self.opts["symmetric"]
+        factor = self._factor(x_name)
+        q, scales, zeros = gptq_quantize(w, factor, block, symmetric, self._float_zeros)
+        # ||X D||^2 = n * sum(D * (H D)): the output error over all calibration rows, from H alone
+        signal = float(np.sum(w * (factor.h @ w), dtype=np.float64))
+        rtn = dequantize_blockwise(*quantize_blockwise(w, block, symmetric, self._float_zeros), block)
+        self.errors[w_name] = {
+            method: float(f"{np.sum(d * (factor.h @ d), dtype=np.float64) / max(signal, 1e-30):.4g}")
+            for method, d in (("gptq", dequantize_blockwise(q, scales, zeros, block) - w), ("rtn", rtn - w))}
+        return q, scales, zeros
+
     def _matmul_nbits(self, op, x: ir.Value, w_value: ir.Value, w: np.ndarray) -> ir.Value:
         self.fired += 1
         prefix = f"{w_value.name}_q4_{type(self).__name__}{self.fired}"
@@ -99,7 +180,10 @@ class _Int4Rule(pattern.RewriteRuleClassBase):
             s = self._awq_scales(self.samples[x.name][:AWQ_ROWS].astype(np.float32), w)
             x = op.Mul(x, op.initializer(ir.tensor(1.0 / s), f"{prefix}_awq"))
             w = w * s[:, None]
-        q, scales, zeros = quantize_blockwise(w, block, self.opts["symmetric"], self._float_zeros)
+        if self.opts["method"] == "gptq":
+            q, scales, zeros = self._gptq(w_value.name, x.name, w)
+        else:
+            q, scales, zeros = quantize_blockwise(w, block, self.opts["symmetric"], self._float_zeros)
         packed = pack_int4(q).reshape(N, K // block, block // 2)
         inputs = [x, op.initializer(ir.tensor(packed), f"{prefix}_b"),
                   op.initializer(ir.tensor(np.ascontiguousarray(scales.T).ravel()), f"{prefix}_scales")]
@@ -137,16 +221,20 @@ class Int4Gemm(_Int4Rule):
 @register_pass
 class QuantizeInt4(RewritePass):
     name = "quantize-int4"
-    description = ("weight-only int4 with per-block scales along K (MatMulNBits), round-to-nearest "
-                   "or activation-aware (AWQ-style) scaling from calibration data")
+    description = ("weight-only int4 with per-block scales along K (MatMulNBits), round-to-nearest, "
+                   "activation-aware (AWQ-style) scaling or GPTQ from calibration data")
     options = (
         Option("block", int, 32, "weights per scale along K", choices=(16, 32, 64, 128, 256)),
         Option("symmetric", bool, True, "symmetric blocks (false: a zero point per block)"),
         Option("zero_points", str, "uint8", "asymmetric zero points: uint8 levels, or float (each "
                "block's min and max land exactly on levels 0 and 15, GGUF Q4_1's grid)",
                choices=("uint8", "float")),
-        Option("method", str, "rtn", "rtn: round to nearest; awq: activation-aware channel scaling",
-               choices=("rtn", "awq")),
+        Option("method", str, "rtn", "rtn: round to nearest; awq: activation-aware channel scaling; "
+               "gptq: rounding errors compensated through the calibration Hessian",
+               choices=("rtn", "awq", "gptq")),
+        Option("damp", float, 0.01, "gptq: added to H's diagonal, as a fraction of its mean", low=1e-6),
+        Option("act_order", bool, True, "gptq: round the inputs with the largest activations first "
+               "(scales stay per block in natural order, the layout rtn stores)"),
         Option("min_weights", int, 1024, "leave matmuls with fewer weights in float", low=0),
         Option("skip_outputs", bool, False, "leave matmuls whose result is a graph output (an LM "
                "head) in float, for quantize-int8 after it or fp32"),
@@ -162,8 +250,10 @@ class QuantizeInt4(RewritePass):
     needs_shapes = True  # the dtype check needs the types of values earlier passes made
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        samples = activation_samples(model, ctx, matmul_activations(model)) if self.opts["method"] == "awq" else {}
-        rules = [Int4MatMul.rule(self.opts, samples), Int4Gemm.rule(self.opts, samples)]
+        calibrated = self.opts["method"] != "rtn"
+        samples = activation_samples(model, ctx, matmul_activations(model)) if calibrated else {}
+        errors: dict[str, dict] = {}
+        rules = [Int4MatMul.rule(self.opts, samples, errors), Int4Gemm.rule(self.opts, samples, errors)]
         result = self.apply(model, ctx, [("matmuls", pattern.RewriteRuleSet(rules))])
         if result.changed:
             result.model.opset_imports.setdefault(MS_DOMAIN, 1)
@@ -173,4 +263,8 @@ class QuantizeInt4(RewritePass):
         result.stats.update({
             "int4_bytes": packed, "bits_per_weight": round(8 * packed / weights, 3) if weights else 0.0,
             "calibration": ("given" if ctx.calibration is not None else "synthetic") if samples else "none"})
+        if errors:  # relative output error on the calibration rows, mean over matmuls, and each
+            for method in ("gptq", "rtn"):
+                result.stats[f"{method}_error"] = float(f"{np.mean([e[method] for e in errors.values()]):.4g}")
+            result.stats["gptq_vs_rtn"] = errors
         return result

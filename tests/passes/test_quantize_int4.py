@@ -1,4 +1,4 @@
-"""quantize-int4: structure, numerics vs ORT's MatMulNBits, AWQ, fires / must not fire, compiled."""
+"""quantize-int4: structure, numerics vs ORT's MatMulNBits, AWQ, GPTQ, fires / must not fire, compiled."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from edgecc.core.pass_base import PassContext
 from edgecc.core.pass_manager import run_pass
 from edgecc.core.verify import compare, random_inputs, relative_error, run_ort
 from edgecc.errors import UserError
-from edgecc.kernels.int4 import dequantize_blockwise, quantize_blockwise
+from edgecc.kernels.int4 import dequantize_blockwise, quantize_blockwise, unpack_int4
 from edgecc.passes.quantize_int4 import QuantizeInt4
 from tests.passes.linear_models import K, N, linear_model
 
@@ -132,6 +132,109 @@ def test_skip_outputs_leaves_an_lm_head_for_a_later_pass():
     assert result.changed and len(_nbits(out)) == 1
 
 
+# --- GPTQ ----------------------------------------------------------------------------------------
+
+ZERO_POINTS = [{}, {"symmetric": False}, {"symmetric": False, "zero_points": "float"}]
+
+
+def _correlated_rows(rng: np.random.Generator, rows: int, k: int) -> np.ndarray:
+    """Activations as LMs have them: channels correlated (a few directions carry most of the
+    signal) and of very different scales. The directions and scales are fixed, rows are drawn."""
+    fixed = np.random.default_rng(7)
+    basis, scale = fixed.standard_normal((16, k)), np.exp(fixed.normal(0, 1, k))
+    z = rng.standard_normal((rows, 16))
+    return ((z @ basis + 0.3 * rng.standard_normal((rows, k))) * scale).astype(np.float32)
+
+
+def _stored_weights(model: onnx.ModelProto) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(levels, scales, zeros) [K, N], [K/block, N], [K/block, N] read back from the MatMulNBits blob."""
+    (node,) = _nbits(model)
+    attrs = {a.name: a.i for a in node.attribute}
+    k, n, blocks = attrs["K"], attrs["N"], attrs["K"] // attrs["block_size"]
+    inits = _inits(model)
+    zeros = inits[node.input[3]] if len(node.input) > 3 else None
+    levels = unpack_int4(inits[node.input[1]].reshape(n, k // 2), k, n, signed=zeros is None)
+    scales = inits[node.input[2]].reshape(n, blocks).T
+    if zeros is not None and zeros.dtype == np.uint8:  # two nibbles a byte, N-major
+        nibbles = np.stack([zeros & 15, zeros >> 4], axis=-1).reshape(n, -1)
+        zeros = nibbles[:, :blocks].T
+    elif zeros is not None:
+        zeros = zeros.reshape(n, blocks).T
+    return levels, scales, zeros
+
+
+def _gptq_case(seed: int = 0, k: int = 128, n: int = 64):
+    """The model, calibration from the correlated distribution, and held-out rows from it."""
+    rng = np.random.default_rng(seed)
+    calibration = _correlated_rows(rng, 512, k).reshape(8, 64, k)
+    held_out = _correlated_rows(rng, 256, k).reshape(4, 64, k)
+    return linear_model(k=k, n=n), PassContext(calibration={"x": calibration}), held_out
+
+
+@pytest.mark.parametrize("opts", ZERO_POINTS)
+def test_gptq_beats_rtn_on_held_out_rows_and_ort_computes_the_stored_weights(opts):
+    model, ctx, x = _gptq_case()
+    reference = run_ort(model, {"x": x})["y"]
+    outputs = {m: run_ort(_quantize(model, ctx, method=m, **opts)[1], {"x": x})["y"] for m in ("rtn", "gptq")}
+    errors = {m: float(np.sum((y - reference) ** 2) / np.sum(reference ** 2)) for m, y in outputs.items()}
+    assert errors["gptq"] < 0.2 * errors["rtn"], errors
+    _, out = _quantize(model, ctx, method="gptq", **opts)
+    expected = np.maximum(x @ dequantize_blockwise(*_stored_weights(out), 32), 0)
+    np.testing.assert_allclose(outputs["gptq"], expected, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("opts", [*ZERO_POINTS, {"block": 16}, {"block": 128, "act_order": False}])
+def test_gptq_with_act_order_keeps_rtns_grid_for_every_block(opts):
+    """Static groups: each block's scale and zero point are rtn's, from the original weights, so
+    GPTQ only moves weights between levels of the grid rtn would store; act-order changes the
+    order the rows are rounded in, not the layout."""
+    model, ctx, _ = _gptq_case()
+    gptq = _stored_weights(_quantize(model, ctx, method="gptq", **opts)[1])
+    rtn = _stored_weights(_quantize(model, **opts)[1])
+    np.testing.assert_array_equal(gptq[1], rtn[1])
+    if rtn[2] is not None:
+        np.testing.assert_array_equal(gptq[2], rtn[2])
+    assert gptq[0].dtype == rtn[0].dtype and 0.05 < np.mean(gptq[0] != rtn[0]) < 0.9
+
+
+def test_gptq_on_a_gemm_with_transposed_weight():
+    k, n = 128, 64
+    model = linear_model(gemm_attrs={"transB": 1}, k=k, n=n)
+    rng = np.random.default_rng(1)
+    ctx = PassContext(calibration={"x": _correlated_rows(rng, 512, k)})
+    x = _correlated_rows(rng, 128, k)
+    reference = run_ort(model, {"x": x})["y"]
+    errors = {m: relative_error({"y": reference}, run_ort(_quantize(model, ctx, method=m)[1], {"x": x}))
+              for m in ("rtn", "gptq")}
+    assert errors["gptq"] < 0.5 * errors["rtn"], errors
+
+
+def test_gptq_zeroes_the_weights_of_an_input_calibration_never_saw():
+    """A channel that is 0 on every calibration row has no Hessian row: GPTQ's reference sets its
+    weights to 0 (their rounding cannot be judged) and the factorization stays finite."""
+    model, ctx, x = _gptq_case()
+    ctx.calibration["x"][..., 5] = 0
+    levels, scales, zeros = _stored_weights(_quantize(model, ctx, method="gptq")[1])
+    stored = dequantize_blockwise(levels, scales, zeros, 32)
+    assert np.all(stored[5] == 0) and np.all(np.isfinite(stored)) and np.any(stored[4] != 0)
+
+
+def test_gptq_stats_are_the_output_errors_on_the_calibration_rows():
+    model, ctx, _ = _gptq_case()
+    result, out = _quantize(model, ctx, method="gptq")
+    stats = result.stats
+    assert stats["calibration"] == "given" and set(stats["gptq_vs_rtn"]) == {"w"}
+    x = ctx.calibration["x"].reshape(-1, 128)
+    w = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)
+    stored = {"gptq": dequantize_blockwise(*_stored_weights(out), 32),
+              "rtn": dequantize_blockwise(*_stored_weights(_quantize(model)[1]), 32)}
+    for method, approx in stored.items():
+        measured = np.sum((x @ (approx - w)) ** 2) / np.sum((x @ w) ** 2)
+        assert stats["gptq_vs_rtn"]["w"][method] == pytest.approx(measured, rel=1e-2)
+        assert stats[f"{method}_error"] == stats["gptq_vs_rtn"]["w"][method]
+    assert stats["gptq_error"] < 0.2 * stats["rtn_error"]
+
+
 # --- fires where it should, not where it must not ------------------------------------------------
 
 def test_block_that_does_not_divide_k_leaves_the_matmul_in_float():
@@ -167,7 +270,8 @@ def test_accuracy_level_is_written_for_onnx_runtime_too():
 
 @pytest.mark.parametrize("text,fragment", [
     ("quantize-int4{block=48}", "must be one of 16, 32, 64, 128, 256"),
-    ("quantize-int4{method=gptq}", "must be one of rtn, awq"),
+    ("quantize-int4{method=squeezellm}", "must be one of rtn, awq, gptq"),
+    ("quantize-int4{method=gptq,damp=0}", "option 'damp' must be in"),
     ("quantize-int4{accuracy_level=2}", "must be one of 0, 4"),
 ])
 def test_bad_options(text, fragment):
