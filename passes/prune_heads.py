@@ -14,8 +14,17 @@ as [.., 3, heads, d] with Q, K, V taken off the 3-axis (Gather, or Split/Slice a
 the way the pass tracks the head axis: which tensor axis holds the heads, and which head sits at
 each position of it. At the two attention MatMuls this tells which query heads meet which K/V
 head: one each (multi-head), or a group each (grouped-query: K/V repeated with
-Unsqueeze+Expand+Reshape as torch's repeat_interleave exports, or with Tile as `repeat` does).
-From P @ V the head axis is followed to the output projection. Every shape element that holds a
+Unsqueeze+Expand+Reshape as torch's repeat_interleave exports, or with Tile as `repeat` does,
+or Q viewed as [b, kv, group, t, d] against K/V unsqueezed to [b, kv, 1, t, d] as edgecc's Llama
+export does; such a view must hold whole groups in each row). Two more kinds of step keep heads
+apart. Ops that work on each head alone: from a tensor x, elementwise ops whose other operands
+are the same for every head (size 1 or absent on the head axes: RoPE's cos/sin tables, a norm's
+weight), and Slice, Split, Concat and reductions on other axes with constant parameters; that
+covers rotary embeddings (x * cos + rotate_half(x) * sin, rotate_half a Concat of -x[.., d/2:]
+and x[.., :d/2] on head_dim, both branches from the same x) and RMSNorm per head over head_dim
+(Qwen3's q/k norms). And the KV cache: K (after RoPE) or V concatenated with a past graph input
+on another axis, the Concat's result being both the present output and the attention operand;
+the past holds the same heads at the same positions, so it loses the same ones. From P @ V the head axis is followed to the output projection. Every shape element that holds a
 head count or the attention width (the Reshape to [b, t, h, d/h], fuse's Reshape to [.., 3*d], the
 Expand of grouped K/V, the Reshape back to [b, t, h*d/h] or [-1, h*d/h], Split sizes, Slice
 bounds) must be a constant or computed from constants and static dims alone, so that it can be
@@ -26,16 +35,26 @@ the dynamo exporter's transpose of K through [-1, t, d] (its Reshape back reads 
 from the very tensor it reshapes, so that read follows the pruning), and TorchScript's second
 transpose of K, read only for its length (a use outside the block is fine when it only reaches
 Shapes of other axes). What the pass cannot prove it rewrites correctly it leaves alone, saying
-why in stats["skipped"]: the size of a head axis read at run time (Shape of a head axis), a mask
-or scale with a per-head axis, a value of the block used outside it (a KV-cache output), ops the
-head axis cannot be followed through (rotary embeddings, a head axis merged with the batch axis).
+why in stats["skipped"]: the size of a head axis read at run time (Shape of a head axis), a mask,
+scale or rotary table with a per-head axis, a value of the block used outside it (other than the
+present output of a KV cache), ops the head axis cannot be followed through (a head axis merged
+with the batch axis, a Concat or reduction across heads).
 When a requested pruning removes no head, the pass warns with the reasons (strict=true: an error).
 
 Rewrite. The pruned heads' columns leave the Q/K/V weights and biases, their rows leave the
 output projection, and each shape element above gets its new value (shared shape constants are
 copied, never edited in place). The result computes exactly what the unpruned model computes with
 those heads' attention outputs set to zero. For grouped-query attention a K/V head goes together
-with its whole group of query heads, so the groups stay consistent.
+with its whole group of query heads, so the groups stay consistent. A pruned K/V head also leaves
+the KV cache: the past inputs' and present outputs' head axes shrink (the graph's input and output
+shapes say so), and the pruned model given the unpruned cache without those heads' entries
+returns the unpruned present outputs without them.
+
+Choose. `heads` names what goes; otherwise `ratio` of the units (a K/V head with its query group;
+a head in multi-head attention) ranked by importance: per block (scope=layer), or across all
+blocks at once (scope=model), never every unit of a block. With SmolLM2's 3 K/V heads per layer
+a per-block ratio below 1/3 removes nothing; scope=model removes the least important groups
+wherever they are.
 
 Recover (recover=true). Zeroing heads loses what they added; part of it is predictable from the
 heads that stay. Each pruned block's output projection is refit by least squares on its input X
@@ -60,10 +79,16 @@ from edgecc.core.calibration import activation_samples
 from edgecc.core.ir import infer_shapes
 from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
 from edgecc.core.pass_helpers import Rejected, constant_array, constant_matrix, node_name
-from edgecc.errors import UserError
 from edgecc.core.static_values import (
-    broadcast_dim, dims_read, shape_elements, shape_pieces, node_axes, static_dims, static_value,
+    broadcast_dim,
+    dims_read,
+    node_axes,
+    shape_elements,
+    shape_pieces,
+    static_dims,
+    static_value,
 )
+from edgecc.errors import UserError
 
 # Ops that take one of Q, K, V off the parts axis of a projection viewed as [.., 3, heads, d].
 PICK_OPS = ("Gather", "Split", "Slice")
@@ -114,7 +139,9 @@ class HeadAxis:
     output before its columns are split into heads; `cols` is the number of projection columns
     per head, known from that split on. `dims` are the tensor's static dims (None: dynamic).
     A fused projection viewed as [.., parts, heads, d] also has a parts axis `part` until one of
-    Q, K, V is taken off it (`picked`, its index)."""
+    Q, K, V is taken off it (`picked`, its index). Query heads viewed as [.., kv, group, ..] for
+    grouped-query attention (Llama's 5-d MatMul) continue on axis u + 1: with `split` > 1, axis u
+    has rows of `split` heads, position (i, j) holding head labels[i * split + j] (inner is 1)."""
 
     dims: tuple
     u: int
@@ -124,40 +151,64 @@ class HeadAxis:
     part: int | None = None
     parts: int = 1
     picked: int | None = None
+    split: int = 1
 
     @property
     def size(self) -> int:
-        return self.dims[self.u] if self.labels is None else len(self.labels) * self.inner
+        return self.dims[self.u] if self.labels is None else len(self.labels) * self.inner // self.split
+
+    @property
+    def axes(self) -> tuple[int, ...]:
+        """The axes that hold heads."""
+        return (self.u, self.u + 1) if self.split > 1 else (self.u,)
+
+    def label(self, i: int, j: int = 0) -> int:
+        """The head at position i of axis u (and j of axis u + 1 when split)."""
+        return self.labels[(i * self.split + j) // self.inner]
 
     def kept(self, keep: Callable[[int], bool]) -> int:
-        """The size of this axis once the heads `keep` rejects are gone."""
-        return sum(1 for label in self.labels if keep(label)) * self.inner
+        """The size of axis u once the heads `keep` rejects are gone (whole rows, when split)."""
+        return sum(1 for label in self.labels if keep(label)) * self.inner // self.split
 
 
 def _with(ax: HeadAxis, dims, u: int, **changes) -> HeadAxis:
     dims = list(dims)
     ax = dataclasses.replace(ax, dims=tuple(dims), u=u, **changes)
     dims[u] = ax.size
+    if ax.split > 1:
+        dims[u + 1] = ax.split
     return dataclasses.replace(ax, dims=tuple(dims))
 
 
-def _check_broadcast(value: ir.Value, rank: int, u: int, what: str) -> None:
-    """`value`, combined elementwise with a tensor of `rank` whose heads are on axis `u`, must be
-    the same for every head (size 1 or absent at that axis)."""
+def _check_broadcast(value: ir.Value, ax: HeadAxis, what: str) -> None:
+    """`value`, combined elementwise with a tensor whose heads are where `ax` says, must be the
+    same for every head (size 1 or absent at the head axes)."""
     shape = value.shape
     if shape is None:
         raise Rejected(f"{what}: the shape of '{value.name}' is unknown, so it may differ per head")
-    pos = rank - u  # the head axis, counted from the right
-    if len(shape) >= pos and shape[len(shape) - pos] != 1:
-        raise Rejected(f"{what}: '{value.name}' (shape {list(shape)}) differs per head")
+    for axis in ax.axes:
+        pos = len(ax.dims) - axis  # the head axis, counted from the right
+        if len(shape) >= pos and shape[len(shape) - pos] != 1:
+            raise Rejected(f"{what}: '{value.name}' (shape {list(shape)}) differs per head")
 
 
 def _data_input(node: ir.Node) -> ir.Value:
-    """The input that carries the heads (for Mul: the one that is not a constant)."""
+    """The input that carries the heads (for Mul: the one that is not a constant; for a KV-cache
+    Concat: the new keys or values, not the past)."""
     a, b = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None
     if node.op_type == "Mul" and constant_array(b) is None and constant_array(a) is not None:
         return b
+    if node.op_type == "Concat":
+        return next(v for v in node.inputs if not v.is_graph_input())
     return node.inputs[0]
+
+
+def _cache_past(node: ir.Node) -> ir.Value | None:
+    """The past input of Concat(past, new) that extends a KV cache (a graph input), else None."""
+    if node.op_type != "Concat" or len(node.inputs) != 2:
+        return None
+    pasts = [v for v in node.inputs if v is not None and v.is_graph_input()]
+    return pasts[0] if len(pasts) == 1 else None
 
 
 def _step(node: ir.Node, ax: HeadAxis, x: ir.Value, y: ir.Value) -> tuple[HeadAxis, int | None]:
@@ -170,8 +221,12 @@ def _step(node: ir.Node, ax: HeadAxis, x: ir.Value, y: ir.Value) -> tuple[HeadAx
         if op == "Div" and node.inputs[0] is not x:
             raise Rejected(f"{where} divides by the heads")
         other = node.inputs[1] if node.inputs[0] is x else node.inputs[0]
-        _check_broadcast(other, n, u, where)
+        _check_broadcast(other, ax, where)
         return ax, None
+    if ax.split > 1 and op != "Reshape":
+        raise Rejected(f"{where} comes while the heads span two axes ({u} and {u + 1})")
+    if op == "Concat":
+        return _cache_concat(node, ax, x, y, where), None
     if op == "Transpose":
         perm = list(node.attributes.get_ints("perm", None) or range(n)[::-1])
         part = None if ax.part is None else perm.index(ax.part)
@@ -216,6 +271,22 @@ def _step(node: ir.Node, ax: HeadAxis, x: ir.Value, y: ir.Value) -> tuple[HeadAx
     if op == "Reshape":
         return _reshape(node, ax, where)
     raise Rejected(f"{where} is not an op the head axis can be followed through")
+
+
+def _cache_concat(node: ir.Node, ax: HeadAxis, x: ir.Value, y: ir.Value, where: str) -> HeadAxis:
+    """After Concat(past, x) on a sequence axis: the past cache holds the same heads as `x`, at the
+    same positions (it is this output from the step before), so it loses the same heads."""
+    past = _cache_past(node)
+    if past is None:
+        raise Rejected(f"{where} is not an op the head axis can be followed through")
+    axis = node.attributes.get_int("axis", 0) % len(ax.dims)
+    if axis in ax.axes:
+        raise Rejected(f"{where} concatenates along the head axis")
+    dims = static_dims(past)
+    if len(dims) != len(ax.dims) or dims[ax.u] != ax.size:
+        raise Rejected(f"{where}: the cache '{past.name}' (shape {dims}) does not hold the heads of "
+                       f"'{x.name}' on axis {ax.u}")
+    return _with(ax, static_dims(y), ax.u)
 
 
 def _pick(node: ir.Node, ax: HeadAxis, y: ir.Value, where: str) -> HeadAxis:
@@ -313,20 +384,25 @@ def _reshape(node: ir.Node, ax: HeadAxis, where: str) -> tuple[HeadAxis, int | N
             a = size // b
         if b == -1 and fixed(a) and size % a == 0:
             b = size // a
-        if fixed(a) and fixed(b) and a * b == size:
+        if fixed(a) and fixed(b) and a * b == size and ax.split == 1:
             dims[u + 1] = b
             if ax.labels is None:  # the projection's columns become heads of b columns each
                 found = _with(ax, dims, u, labels=tuple(range(a)), inner=1, cols=b), u
             elif ax.inner % b == 0:
                 found = _with(ax, dims, u, inner=ax.inner // b), u
+            elif ax.inner == 1 and _same_after(shape[u + 2:], ax.dims[u + 1:]):
+                # [.., h, ..] -> [.., h/g, g, ..]: rows of g heads
+                found = _with(ax, dims, u, split=b), u
     elif out == n + 2 and ax.labels is None and all(fixed(e) for e in shape[u:u + 3]):
         parts, heads, cols = shape[u:u + 3]
         if parts * heads * cols == size:
             found = _with(ax, dims, u + 1, labels=tuple(range(heads)), cols=cols, part=u, parts=parts), u + 1
     elif (out == n - 1 and ax.labels is not None and u + 1 < n and fixed(ax.dims[u + 1])
           and shape[u] in (size * ax.dims[u + 1], -1)):
-        found = _with(ax, dims, u, inner=ax.inner * ax.dims[u + 1]), u
-    elif u == n - 2 and ax.labels is not None and fixed(ax.dims[-1]) and shape[-1] == size * ax.dims[-1]:
+        merged = {"split": 1} if ax.split > 1 else {"inner": ax.inner * ax.dims[u + 1]}
+        found = _with(ax, dims, u, **merged), u
+    elif (u == n - 2 and ax.labels is not None and ax.split == 1 and fixed(ax.dims[-1])
+          and shape[-1] == size * ax.dims[-1]):
         # [.., h, d] -> [-1, h*d] before a Gemm: the leading axes regroup among themselves
         found = _with(ax, dims, out - 1, inner=ax.inner * ax.dims[-1]), out - 1
     if found is None:
@@ -341,6 +417,111 @@ def _reshape(node: ir.Node, ax: HeadAxis, where: str) -> tuple[HeadAxis, int | N
         raise Rejected(f"{where} copies a dim (0) into the head axis")
     _check_editable(node.inputs[1], index)
     return new, index
+
+
+def _same_after(shape: list, dims: tuple) -> bool:
+    """Whether a Reshape's trailing target elements keep the input's trailing dims (where known),
+    the last one fixed: the regrouping stays in front of them."""
+    return (len(shape) == len(dims) and bool(shape) and shape[-1] == dims[-1]
+            and all(s == d for s, d in zip(shape, dims) if s is not None and s > 0 and d is not None))
+
+
+# ----------------------------------------------------------------------------------------------
+# Ops that act on each head alone: rotary embeddings, per-head norms
+
+
+LOCAL_OPS = ("Add", "Sub", "Mul", "Div", "Pow", "Neg", "Sqrt", "Reciprocal", "Cast", "Identity",
+             "Slice", "Split", "Concat", "ReduceMean", "ReduceSum")
+MAX_LOCAL_OPS = 24
+AXIS_OPS = ("Slice", "Split", "Concat", "ReduceMean", "ReduceSum")  # what they do stays on some axes
+
+
+@dataclasses.dataclass
+class Local:
+    """y computed from x alone by LOCAL_OPS, with other operands (cos/sin tables, norm weights)
+    that must not differ per head: RoPE's x * cos + rotate_half(x) * sin, where rotate_half is
+    Concat(-x[.., d/2:], x[.., :d/2]), or an RMSNorm over head_dim. Heads stay apart when the
+    ops that move values (Slice, Split, Concat, reductions) work on axes other than the heads."""
+
+    op_type = "Local"  # read by the walker like a node's
+    nodes: list[ir.Node]  # in graph order
+    x: ir.Value
+    y: ir.Value
+
+
+def _local(y: ir.Value) -> Local | None:
+    """The Local region ending at `y`, if `y` is computed by LOCAL_OPS from one tensor x of its
+    shape (where known) and from operands that broadcast to it; None otherwise."""
+    order: list[ir.Node] = []  # the cone of LOCAL_OPS nodes behind y, producers first
+
+    def visit(node):
+        if node in order or len(order) > MAX_LOCAL_OPS:
+            return
+        for v in node.inputs:
+            p = v.producer() if v is not None and static_value(v) is None else None
+            if p is not None and p.op_type in LOCAL_OPS:
+                visit(p)
+        order.append(node)
+
+    visit(y.producer())
+    if len(order) > MAX_LOCAL_OPS or y.shape is None:
+        return None
+    made = {v for node in order for v in node.outputs}
+    leaves = {v for node in order for v in node.inputs
+              if v is not None and v not in made and static_value(v) is None}
+    target = static_dims(y)
+    xs = [v for v in leaves if v.shape is not None and len(v.shape) == len(target)
+          and all(a == b for a, b in zip(static_dims(v), target) if a is not None and b is not None)]
+    if len(xs) != 1:
+        return None  # no tensor, or more than one, could be the heads
+    inside, nodes = {xs[0]}, []
+    for node in order:  # the nodes that compute from x; the rest make side operands
+        if any(v in inside for v in node.inputs):
+            nodes.append(node)
+            inside.update(node.outputs)
+    return Local(nodes, xs[0], y) if y in inside else None
+
+
+def _local_step(local: Local, ax: HeadAxis) -> HeadAxis:
+    """The head axis on local.y: that of x, once every op is checked to keep heads apart."""
+    n, inside = len(ax.dims), {local.x} | {v for node in local.nodes for v in node.outputs}
+    for node in local.nodes:
+        where = f"{node.op_type} '{node_name(node)}'"
+        if any(len(static_dims(v)) != n for v in node.outputs):
+            raise Rejected(f"{where} changes the rank of a tensor with heads")
+        if node.op_type not in AXIS_OPS:  # elementwise: the other operands are the same for every head
+            for v in node.inputs:
+                if v is not None and v not in inside:
+                    _check_broadcast(v, ax, where)
+            continue
+        axes = _local_axes(node, n)
+        if axes is None:
+            raise Rejected(f"{where}: axes, bounds or sizes computed at run time")
+        if set(axes) & set(ax.axes):
+            raise Rejected(f"{where} works across heads (axis {min(set(axes) & set(ax.axes))})")
+        data = node.inputs if node.op_type == "Concat" else node.inputs[:1]
+        if any(v not in inside for v in data):
+            raise Rejected(f"{where} joins the heads with '{next(v for v in data if v not in inside).name}'")
+    return _with(ax, static_dims(local.y), ax.u)
+
+
+def _local_axes(node: ir.Node, rank: int) -> list[int] | None:
+    """The axes a Slice, Split, Concat or reduction works on, when its parameters are constants."""
+    op = node.op_type
+    if op == "Slice":
+        params = [static_value(v) if v is not None else None for v in node.inputs[1:]]
+        if any(p is None for p in params[:2]) or any(
+                v is not None and p is None for v, p in zip(node.inputs[3:], params[2:])):
+            return None
+        axes = params[2] if len(params) > 2 and params[2] is not None else np.arange(params[0].size)
+        return [int(a) % rank for a in axes.reshape(-1)]
+    if op in ("Split", "Concat"):
+        if op == "Split" and len(node.inputs) > 1 and node.inputs[1] is not None and static_value(
+                node.inputs[1]) is None:
+            return None
+        return [node.attributes.get_int("axis", 0) % rank]
+    axes = node_axes(node)
+    return None if not axes else [a % rank for a in axes]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -467,11 +648,20 @@ def _walk(steps: list[tuple[ir.Node, ir.Value, ir.Value]], ax: HeadAxis, chain: 
     """The head axis along `steps` (node, head-carrying input, output), recorded in `chain`."""
     i = 0
     while i < len(steps):
+        node, x, y = steps[i]
+        if isinstance(node, Local):
+            ax = _local_step(node, ax)
+            chain.nodes += node.nodes
+            chain.values.update({v: _with(ax, static_dims(v), ax.u) for n in node.nodes for v in n.outputs})
+            i += 1
+            continue
         swap = _swap_last_axes(steps[i:i + 3], ax)
         if swap is None:
-            node, x, y = steps[i]
             ax, index = _step(node, ax, x, y)
             done = [(node, y, ax)]
+            if node.op_type == "Concat":  # the past cache loses the same heads
+                past = _cache_past(node)
+                chain.values[past] = _with(ax, static_dims(past), ax.u)
         else:
             ax, index, reads = swap
             chain.nodes += reads
@@ -565,16 +755,29 @@ def _dims_picked(value: ir.Value, x: ir.Value) -> list[int] | None:
     return dims[slice(int(args[0].reshape(-1)[0]), int(args[1].reshape(-1)[0]), step)]
 
 
+def _joins_computed(node: ir.Node) -> bool:
+    """Mul or Div of two computed tensors of the output's rank: either may hold the heads (x times
+    its RMS norm), which a Local region tells apart; a scale of lower rank is a chain step."""
+    if node.op_type not in ("Mul", "Div") or node.outputs[0].shape is None:
+        return False
+    rank = len(node.outputs[0].shape)
+    return all(static_value(v) is None and v.shape is not None and len(v.shape) == rank for v in node.inputs)
+
+
 def _input_chain(operand: ir.Value, what: str) -> Chain:
     """Follow `operand` of an attention MatMul back to the projection columns it comes from."""
     value, steps = operand, []
     while (part := _part(value)) is None:
         node = value.producer()
-        if node is None or node.op_type not in CHAIN_OPS:
+        if node is not None and (_cache_past(node) is not None or node.op_type in CHAIN_OPS
+                                 and not _joins_computed(node)):
+            steps.append((node, _data_input(node), value))
+        elif node is not None and node.op_type in LOCAL_OPS and (local := _local(value)) is not None:
+            steps.append((local, local.x, value))
+        else:
             by = f"{node.op_type} '{node_name(node)}'" if node is not None else "a graph input"
             raise Rejected(f"{what} '{value.name}' comes from {by}, not from a projection with "
                            f"constant weights through ops that keep heads apart")
-        steps.append((node, _data_input(node), value))
         value = steps[-1][1]
     dims = static_dims(value)
     dims[-1] = part.width
@@ -705,17 +908,20 @@ def _nan_guard(probs: ir.Value) -> list[ir.Node]:
 def _align(a: HeadAxis, b: HeadAxis, node: ir.Node, what: str) -> tuple[HeadAxis, dict[int, int]]:
     """The head axis of MatMul(a, b)'s output, and which head of b each head of a meets."""
     na, nb = len(a.dims), len(b.dims)
-    if a.u >= na - 2 or b.u >= nb - 2:
+    if max(a.axes) >= na - 2 or max(b.axes) >= nb - 2:
         raise Rejected(f"{what}: the heads are on a matrix axis, not a batch axis")
     if na - a.u != nb - b.u:
         raise Rejected(f"{what}: the operands keep their heads on different axes")
     if a.size != b.size and b.size != 1:
         raise Rejected(f"{what}: {a.size} heads meet {b.size}")
+    if b.split != a.split and (b.split > 1 or b.dims[b.u + 1] != 1):
+        raise Rejected(f"{what}: the operands' heads span different axes")
     meets: dict[int, int] = {}
     for e in range(a.size):
-        la, lb = a.labels[e // a.inner], b.labels[(e if b.size > 1 else 0) // b.inner]
-        if meets.setdefault(la, lb) != lb:
-            raise Rejected(f"{what}: head {la} meets two heads")
+        for j in range(a.split):  # a row of a's heads meets one head of b broadcast over it
+            la, lb = a.label(e, j), b.label(e if b.size > 1 else 0, j if b.split > 1 else 0)
+            if meets.setdefault(la, lb) != lb:
+                raise Rejected(f"{what}: head {la} meets two heads")
     n = max(na, nb)
     batch = [broadcast_dim(a.dims[i - n + na] if i >= n - na else 1, b.dims[i - n + nb] if i >= n - nb else 1)
              for i in range(n - 2)]
@@ -739,16 +945,16 @@ def _analyze(score_path: list[ir.Node], softmax: ir.Node, guard: list[ir.Node], 
         on_path = values.keys()
         for other in node.inputs:
             if other is not None and other not in on_path:
-                _check_broadcast(other, len(ax.dims), ax.u, f"{node.op_type} '{node_name(node)}'")
+                _check_broadcast(other, ax, f"{node.op_type} '{node_name(node)}'")
         ax = _with(ax, static_dims(node.outputs[0]), ax.u)
         values[node.outputs[0]] = ax
     axis = softmax.attributes.get_int("axis", -1) % len(ax.dims)
-    if axis <= ax.u:
+    if axis <= max(ax.axes):
         raise Rejected(f"Softmax '{node_name(softmax)}' normalizes across heads (axis {axis})")
     for node in [softmax] + guard:
         values[node.outputs[0]] = ax
     if guard:
-        _check_broadcast(guard[1].inputs[1], len(ax.dims), ax.u, f"Where '{node_name(guard[1])}'")
+        _check_broadcast(guard[1].inputs[1], ax, f"Where '{node_name(guard[1])}'")
     ax, q_to_v = _align(ax, v.axis, pv, "P @ V")
     if q_to_v != q_to_k:
         raise Rejected("keys and values are grouped differently over the query heads")
@@ -764,10 +970,15 @@ def _analyze(score_path: list[ir.Node], softmax: ir.Node, guard: list[ir.Node], 
     shared = {(n, e) for n, e, _ in q.edits} & {(n, e) for c in (k, v) for n, e, _ in c.edits}
     if shared and any(h != kv for h, kv in q_to_k.items()):
         raise Rejected("Q and K/V share a head count but are grouped differently")
+    for chain, unit in ((q, q_to_k.get), (out, q_to_k.get), (k, int), (v, int)):
+        for node, _, ax in chain.edits:  # a row of heads shrinks only as a whole
+            if any(len({unit(ax.label(i, j)) for j in range(ax.split)}) > 1 for i in range(ax.size)):
+                raise Rejected(f"{node.op_type} '{node_name(node)}' groups heads of different K/V heads")
     linears, cuts = _check_projections([q.part, k.part, v.part], values)
     region = {n for c in (q, k, v, out) for n in c.nodes} | {n for lin in linears for n in lin.nodes}
     region |= set(cuts) | set(score_path) | set(guard) | {softmax, pv, proj}
-    _check_uses(values, region)
+    presents = {n.outputs[0] for n in region if _cache_past(n) is not None}
+    _check_uses(values, region, presents)
     return Block(softmax, q, k, v, out, proj, proj_axis, q_to_k, linears, cuts, values)
 
 
@@ -807,12 +1018,13 @@ def _check_projections(parts: list[Part], values: dict) -> tuple[list[Linear], l
     return linears, all_cuts
 
 
-def _check_uses(values: dict[ir.Value, HeadAxis], region: set[ir.Node]) -> None:
+def _check_uses(values: dict[ir.Value, HeadAxis], region: set[ir.Node], presents: set[ir.Value]) -> None:
     """Every value whose head axis shrinks must be used only inside the block, and its head axis
-    never read at run time: whatever reads it would see the new size."""
+    never read at run time: whatever reads it would see the new size. The KV cache's present
+    outputs shrink with their past inputs."""
     for value, ax in values.items():
-        if value.is_graph_output():
-            raise Rejected(f"'{value.name}' is a graph output (a KV cache?)")
+        if value.is_graph_output() and value not in presents:
+            raise Rejected(f"'{value.name}' is a graph output, not a KV cache that its past input extends")
         for user in value.consumers():
             if user not in region:
                 _check_use_outside(user, value, ax)
@@ -960,6 +1172,12 @@ def _prune(block: Block, removed: set[int], rw: _Rewriter, opset: int,
              for chain in (block.q, block.k, block.v, block.out) for node, element, ax in chain.edits}
     for (node, element), size in sizes.items():
         rw.set_element(node, 1, element, size)
+    for chain in (block.q, block.k, block.v, block.out):  # a KV cache's past inputs and present outputs
+        for value, ax in chain.values.items():
+            if value.is_graph_input() or value.is_graph_output():
+                dims = list(value.shape.dims)
+                dims[ax.u] = ax.kept(keeps[id(chain)])
+                value.shape = ir.Shape(dims)
     for linear in block.linears:
         chains = sorted((c for c in (block.q, block.k, block.v) if c.part.linear.matmul is linear.matmul),
                         key=lambda c: c.part.offset)
@@ -1030,8 +1248,11 @@ class PruneHeads(Pass):
     description = ("remove whole attention heads (multi-head and grouped-query): slice the Q/K/V and "
                    "output-projection weights and rewrite the shapes that hold the head count")
     options = (
-        Option("ratio", float, 0.25, "fraction of each block's heads to remove (rounded down, never all)",
-               low=0.0, high=0.9),
+        Option("ratio", float, 0.25, "fraction of the heads to remove (rounded down; never all of a "
+               "block), of each block's or of the model's as scope says", low=0.0, high=0.9),
+        Option("scope", str, "layer", "where ratio ranks heads: within each block, or across all blocks "
+               "at once (so that blocks with few K/V heads can lose one, and the least important go "
+               "wherever they are)", choices=("layer", "model")),
         Option("heads", str, "", "remove exactly these heads instead, as layer:head pairs joined by ',' "
                "(quoted in a pipeline: heads=\"0:1,1:3\"; ';' also joins); layers count attention "
                "blocks in graph order; in grouped-query attention a head takes its whole group along",
@@ -1086,7 +1307,7 @@ class PruneHeads(Pass):
         pruned = [i for i, units in removal.items() if units]
         warnings = []
         if not pruned and (self.opts["heads"].strip() or self.opts["ratio"] > 0):
-            why = f"removed no head: {_nothing_removed(layers, not_attention, self.opts['ratio'])}"
+            why = f"removed no head: {_nothing_removed(layers, not_attention, self.opts)}"
             if self.opts["strict"]:
                 raise UserError(f"pass 'prune-heads': {why}")
             warnings.append(why)
@@ -1100,7 +1321,8 @@ class PruneHeads(Pass):
                 refit, *errors[i] = _refit(blocks[i], set(removal[i]), samples[i])
             _prune(blocks[i], set(removal[i]), rewriter, opset, refit)
         for value in (v for i in pruned for v in blocks[i].values):
-            value.shape = None  # stale; shape inference fills in the new sizes
+            if not (value.is_graph_input() or value.is_graph_output()):
+                value.shape = None  # stale; shape inference fills in the new sizes
         if pruned:
             RemoveUnusedNodesPass()(model)  # the old weights and shape tensors
             model = infer_shapes(model)
@@ -1132,7 +1354,15 @@ class PruneHeads(Pass):
             scores = {i: _output_means(b, samples[i]) for i, b in blocks.items()}
         else:
             scores = {i: _weight_norms(b) for i, b in blocks.items()}
-        removal = {}
+        removal = {i: [] for i in blocks}
+        if self.opts["scope"] == "model":
+            ranked = sorted((scores[i][u], i, u) for i, b in blocks.items() for u in b.units)
+            count = math.floor(self.opts["ratio"] * len(ranked) + 1e-9)
+            for _, i, u in ranked:
+                if count and len(removal[i]) < len(blocks[i].units) - 1:  # never a whole block
+                    removal[i].append(u)
+                    count -= 1
+            return {i: sorted(units) for i, units in removal.items()}, scores
         for i, block in blocks.items():
             count = min(math.floor(self.opts["ratio"] * len(block.units) + 1e-9), len(block.units) - 1)
             removal[i] = sorted(sorted(block.units, key=lambda u: (scores[i][u], u))[:count])
@@ -1167,11 +1397,14 @@ def _layout(block: Block) -> str:
     return f"{fused} ({cut.op_type if cut is not None else '[.., 3, heads, d] view'})"
 
 
-def _nothing_removed(layers: list, not_attention: list[str], ratio: float) -> str:
+def _nothing_removed(layers: list, not_attention: list[str], opts: dict) -> str:
     """Why no head went: the reasons each block was left alone, or what the Softmaxes were."""
     if not layers:
         return "no attention block found" + (f": {'; '.join(not_attention)}" if not_attention else
                                              " (the model has no Softmax)")
+    ratio, units = opts["ratio"], [len(b.units) for b in layers if not isinstance(b, str)]
+    if opts["scope"] == "model" and units:
+        return f"ratio {ratio:g} of the {sum(units)} K/V heads of {len(units)} blocks rounds down to none"
     reasons = [f"layer {i} ({b})" if isinstance(b, str) else
                f"layer {i} (ratio {ratio:g} of its {len(b.units)} heads rounds down to none)"
                for i, b in enumerate(layers)]
