@@ -248,6 +248,21 @@ def test_hf_model_generates_and_benches(hf_model, arch, exporter, tmp_path):
         assert config["decode"]["tokens_per_s"] > 0 and config["accuracy"]["perplexity"] > 1
 
 
+@pytest.mark.models
+@pytest.mark.parametrize("arch, exporter", [p.values for p in _matrix()])
+@pytest.mark.parametrize("preset", ["int8", "int4"])
+def test_hf_model_presets_pass_verification_calibrated_on_text(hf_model, arch, exporter, preset, tmp_path):
+    """bench's quantized presets, calibrated on text through the byte tokenizer (the vocabulary is
+    the 256 bytes), pass compile's own verification against ONNX Runtime fp32."""
+    path = shutil.copy(hf_model(arch, exporter), tmp_path / "model.onnx")
+    examples._byte_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "text.txt").write_text(TEXT * 4)
+    artifact = edgecc.compile(path, target="host", output=tmp_path / "art", pipeline=bench.PRESETS[preset],
+                              calibration_text=tmp_path / "text.txt")
+    assert artifact.manifest["verification"]["ok"]
+    assert artifact.manifest["calibration"]["source"] == "text"
+
+
 def test_lowering_does_not_run_the_checker_again(monkeypatch):
     """The model was checked when loaded; the importer's own check serializes every weight."""
     model, checked = parse_model(HEAD + "g (float[N] x) => (float[N] y) { y = Relu (x) }"), []

@@ -100,10 +100,7 @@ def text_calibration(text_path: str | Path, model_path: str | Path, model: onnx.
     sig = lm_signature.find(model)
     if sig is not None:
         ids, path = corpus.token_ids(tokenizer, text_path)
-        # Windows no longer than the positions the model takes (its context, a position table).
-        ranges = integer_ranges(model)
-        length = min(TEXT_TOKENS, lm_signature.metadata(model, str(model_path)).get("context", TEXT_TOKENS),
-                     *([ranges[sig.positions.name][1]] if sig.positions and sig.positions.name in ranges else []))
+        length = min(TEXT_TOKENS, *_positions_taken(model, sig, str(model_path)))
         count = min(TEXT_WINDOWS, len(ids) // length)
         if count == 0:
             raise UserError(f"{path}: {len(ids)} tokens, fewer than one calibration window of {length}")
@@ -136,6 +133,24 @@ def text_calibration(text_path: str | Path, model_path: str | Path, model: onnx.
     source = {"source": "text", "file": str(path), "sha256": corpus.sha256(Path(path)),
               "tokenizer": str(tokenizer), **shape}
     return feeds, source
+
+
+def _positions_taken(model: onnx.ModelProto, sig: lm_signature.LMSignature, where: str) -> list[int]:
+    """Bounds on the positions an LM takes: its metadata's context, the range of its positions
+    input, and the rows of every learned position table (a constant float table of 16 rows or more
+    that a Gather reads with indices other than the token ids: GPT-2's wpe)."""
+    bounds = [lm_signature.metadata(model, where).get("context", TEXT_TOKENS)]
+    ranges = integer_ranges(model)
+    if sig.positions and sig.positions.name in ranges:
+        bounds.append(ranges[sig.positions.name][1])
+    tables = {t.name: t.dims for t in model.graph.initializer
+              if len(t.dims) == 2 and t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and node.input[0] in tables and node.input[1] != sig.ids.name:
+            rows = tables[node.input[0]][0]
+            if 16 <= rows < (sig.vocab or rows + 1):
+                bounds.append(rows)
+    return bounds
 
 
 def activation_ranges(model: ir.Model, ctx, names: list[str]) -> dict[str, np.ndarray]:
