@@ -35,6 +35,12 @@ def _parse_dims(items: list[str], flag: str = "--dim") -> dict[str, int]:
     return dims
 
 
+def _warnings_only(message: str) -> None:
+    """--quiet's log: a pass's warning still says what it did not do."""
+    if message.startswith("warning: "):
+        _log(message)
+
+
 def cmd_compile(a: argparse.Namespace) -> int:
     from edgecc.compiler import compile as compile_model
 
@@ -47,7 +53,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
         shapes=_parse_dims(a.shape or [], "--shape"), constants=fixed_inputs.parse(a.const),
         tuning_logs=tuple(a.tuning_log or ()),
         tuning_store=False if a.no_tuning_store else a.tuning_store, keep_reference=a.keep_reference,
-        memory_check=not a.no_memory_check, log=(lambda _m: None) if a.quiet else _log,
+        memory_check=not a.no_memory_check, log=_warnings_only if a.quiet else _log,
     )
     build = art.manifest["build"]
     if "tuned_kernels" in build:

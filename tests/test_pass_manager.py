@@ -104,6 +104,14 @@ def test_a_pass_warning_is_logged_after_its_summary():
     assert lines[-2].startswith("test-warns: no change")
 
 
+def test_quiet_compile_still_prints_warnings(example_path, tmp_path):
+    r = run_cli("compile", example_path("mlp"), "-o", tmp_path / "a", "-q", "--pipeline", "prune-heads{ratio=0.5}")
+    assert r.returncode == 0, r.stderr
+    (warning,) = [line for line in r.stderr.splitlines() if "warning:" in line]
+    assert "prune-heads" in warning and "removed no head" in warning
+    assert "running prune-heads" not in r.stderr  # the progress stays quiet
+
+
 @pytest.mark.usefixtures("test_passes")
 def test_verify_each_pass_names_the_first_pass_that_drifts():
     pm = PassManager("simplify,test-perturb,simplify", instruments=(VerifyEachPass(),))
