@@ -8,6 +8,14 @@ model (`edgecc.kernels.bsr.choose_kernel`, calibrated by benchmarks/bsr_vs_dense
 the block-sparse kernel beats dense, the node gets a `bsr` KernelMark; the lowering then
 stores only the nonzero blocks and calls the BSR kernel. The decision and its reason are
 reported per weight.
+
+Recover (recover=true). Each pruned weight's surviving blocks are refit by least squares, so that
+X @ W' matches the unpruned X @ W on calibration activations as closely as the surviving rows
+allow: per block column, W'[kept, cols] = argmin ||X[:, kept] V - X W[:, cols]||^2, ridge-damped,
+with X^T X accumulated over the calibration batches (`--calibration`, `--calibration-text`, else
+seeded synthetic ones) of the unpruned model. Pruned blocks stay zero, so storage and kernel
+choice are unchanged. The stats give the relative output error on the calibration data before
+and after the refit.
 """
 
 from __future__ import annotations
@@ -15,11 +23,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from edgecc.core.calibration import activation_batches
 from edgecc.core.kernel_mark import KernelMark, parse_block
 from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
-from edgecc.core.pass_helpers import constant_array, constant_matrix, gemm_refusal
+from edgecc.core.pass_helpers import constant_array, constant_matrix, gemm_refusal, output_error, ridge_refit
 from edgecc.errors import UserError
 from edgecc.kernels.bsr import choose_kernel, magnitude_block_prune
+
 
 def _candidate(node: ir.Node) -> tuple[ir.Value, np.ndarray, str] | tuple[None, None, str]:
     """(weight value, W [K, N], "") for a prunable node, or (None, None, why not)."""
@@ -49,6 +59,8 @@ class BlockSparsity(Pass):
                kind="RxC (e.g. 16x16)"),
         Option("sparsity", float, 0.5, "fraction of blocks set to zero", low=0.0, high=0.99),
         Option("min_weights", int, 4096, "leave matmuls with fewer weights dense and unpruned", low=0),
+        Option("recover", bool, False, "refit the surviving blocks by least squares on calibration "
+               "activations, so each matmul's output stays as close to the unpruned one as they allow"),
     )
     provides = ("sparse", "compressed-weights")
     # Pruning changes what the model computes; how much accuracy that costs depends on the model
@@ -67,6 +79,7 @@ class BlockSparsity(Pass):
         gpu = ctx.target is not None and ctx.target.is_gpu
         decisions, skipped = {}, []
         R, C = self.block
+        chosen = []
         for node in list(model.graph):
             value, w, why = _candidate(node)
             if value is None:
@@ -83,8 +96,19 @@ class BlockSparsity(Pass):
             if len(value.uses()) != 1:
                 skipped.append(f"{node.name}: weight '{value.name}' is shared by other nodes")
                 continue
-            value.const_value = ir.tensor(magnitude_block_prune(w, self.block, self.opts["sparsity"]),
-                                          name=value.name)
+            chosen.append((node, value, w))
+        # Grams of the unpruned model's activations, taken before any weight changes.
+        grams = _grams(model, ctx, sorted({n.inputs[0].name for n, _, _ in chosen})) if self.opts["recover"] else {}
+        errors = {}
+        for node, value, w in chosen:
+            K, N = w.shape
+            pruned = magnitude_block_prune(w, self.block, self.opts["sparsity"])
+            if grams:
+                gram = grams[node.inputs[0].name]
+                refit = _refit(pruned, w, gram, self.block)
+                errors[node.name] = [round(output_error(gram, pruned, w), 4), round(output_error(gram, refit, w), 4)]
+                pruned = refit
+            value.const_value = ir.tensor(pruned, name=value.name)
             kind, reason = choose_kernel(K, N, self.block, self.opts["sparsity"], gpu)
             if kind == "bsr":
                 KernelMark("bsr", block=self.block).write(node)
@@ -93,4 +117,32 @@ class BlockSparsity(Pass):
                  "bsr": sum(d.startswith("bsr") for d in decisions.values()),
                  "dense": sum(d.startswith("dense") for d in decisions.values()),
                  "decisions": decisions, "skipped": skipped}
+        if errors:
+            stats["recover"] = {"error_before": float(np.mean([e[0] for e in errors.values()])),
+                                "error_after": float(np.mean([e[1] for e in errors.values()])),
+                                "output_error": errors}
         return PassResult(model, bool(decisions), stats)
+
+
+def _grams(model: ir.Model, ctx: PassContext, names: list[str]) -> dict[str, np.ndarray]:
+    """X^T X (float64) of each named activation over the calibration data, batch by batch."""
+    grams: dict[str, np.ndarray] = {}
+    for batch in activation_batches(model, ctx, names):
+        for name, rows in batch.items():
+            rows = rows.astype(np.float64)
+            grams[name] = grams[name] + rows.T @ rows if name in grams else rows.T @ rows
+    return grams
+
+
+def _refit(pruned: np.ndarray, w: np.ndarray, gram: np.ndarray, block: tuple[int, int]) -> np.ndarray:
+    """The pruned weight with each block column's surviving rows refit to X @ W (ridge_refit)."""
+    R, C = block
+    K, N = w.shape
+    target = gram @ w.astype(np.float64)
+    out = pruned.copy()
+    alive = np.abs(pruned).reshape(K // R, R, N // C, C).max(axis=(1, 3)) > 0  # [K/R, N/C] blocks
+    for j in range(N // C):
+        kept = np.flatnonzero(np.repeat(alive[:, j], R))
+        if kept.size:
+            out[kept, j * C:(j + 1) * C] = ridge_refit(gram, kept, target[:, j * C:(j + 1) * C])
+    return out

@@ -77,3 +77,23 @@ def matmul_activations(model: ir.Model) -> list[str]:
     activations a quantizer calibrates."""
     return sorted({n.inputs[0].name for n in model.graph if n.op_type in ("MatMul", "Gemm")
                    and n.inputs[0] is not None and constant_matrix(n.inputs[1]) is not None})
+
+
+RIDGE = 1e-2  # a refit's damping, relative to the mean diagonal of its normal equations
+
+
+def ridge_refit(gram: np.ndarray, kept: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """V = argmin ||X[:, kept] V - X W||^2, damped by RIDGE x the mean diagonal of the normal
+    equations, from gram = X^T X and target = X^T X W (float64): the weights a pruned layer keeps,
+    refit to make up what the removed ones did, as far as the kept inputs predict it."""
+    a = gram[np.ix_(kept, kept)]
+    a[np.diag_indices_from(a)] += RIDGE * max(float(np.mean(np.diag(a))), np.finfo(np.float64).tiny)
+    return np.linalg.solve(a, target[kept])
+
+
+def output_error(gram: np.ndarray, approx: np.ndarray, w: np.ndarray) -> float:
+    """||X V - X W|| / ||X W|| from gram = X^T X: how far a changed weight V moves the output."""
+    diff = approx.astype(np.float64) - w
+    num = float(np.sum(diff * (gram @ diff)))
+    den = max(float(np.sum(w * (gram @ w))), np.finfo(np.float64).tiny)
+    return float(np.sqrt(max(num, 0.0) / den))
