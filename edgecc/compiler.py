@@ -56,7 +56,7 @@ def compile(
 
     opt = run_pipeline(model, tdesc, opts, log, before_load=checks)
     with staged_output(out_dir, opts.force, protect=(Path(model),)) as stage_dir:
-        lm = _lm_facts(opt.source_proto, Path(model), stage_dir)
+        lm = _lm_facts(opt.source_proto, opt.proto, Path(model), stage_dir)
         t = time.perf_counter()
         built = backend.build(opt, stage_dir)
         opt.timings["build"] = round(time.perf_counter() - t, 3)
@@ -114,7 +114,7 @@ def manifest_head(opt: Optimized, model, options: CompileOptions, builder: str) 
     }
 
 
-def _lm_facts(source: onnx.ModelProto, model_path: Path, stage_dir: Path) -> dict:
+def _lm_facts(source: onnx.ModelProto, optimized: onnx.ModelProto, model_path: Path, stage_dir: Path) -> dict:
     """A language model's facts: its signature recognized from the graph (lm_signature), the
     generation facts of its `edgecc.lm.*` metadata, and the tokenizer the metadata names (else a
     tokenizer.json beside the model) copied into the artifact, so `generate` and `bench` need only
@@ -122,7 +122,10 @@ def _lm_facts(source: onnx.ModelProto, model_path: Path, stage_dir: Path) -> dic
     lm = lm_signature.metadata(source, str(model_path))
     sig = lm_signature.find(source)
     if sig is not None:
-        lm["signature"] = sig.to_json()
+        # the cache as the artifact takes it: a pass may shrink it (prune-heads drops K/V heads)
+        shapes = {s.name: tuple(s.shape) for s in graph_inputs(optimized)}
+        cache = tuple(dataclasses.replace(e, shape=shapes.get(e.past, e.shape)) for e in sig.cache)
+        lm["signature"] = dataclasses.replace(sig, cache=cache).to_json()
     tokenizer = lm_signature.tokenizer_file(model_path, source) if sig is not None or "tokenizer" in lm else None
     if tokenizer is not None:
         shutil.copyfile(tokenizer, stage_dir / lm_signature.TOKENIZER)

@@ -472,14 +472,21 @@ def _local(y: ir.Value) -> Local | None:
     target = static_dims(y)
     xs = [v for v in leaves if v.shape is not None and len(v.shape) == len(target)
           and all(a == b for a, b in zip(static_dims(v), target) if a is not None and b is not None)]
-    if len(xs) != 1:
-        return None  # no tensor, or more than one, could be the heads
-    inside, nodes = {xs[0]}, []
-    for node in order:  # the nodes that compute from x; the rest make side operands
-        if any(v in inside for v in node.inputs):
-            nodes.append(node)
-            inside.update(node.outputs)
-    return Local(nodes, xs[0], y) if y in inside else None
+
+    def computed_from(x):  # the nodes that compute from x; the rest make side operands
+        inside, nodes = {x}, []
+        for node in order:
+            if any(v in inside for v in node.inputs):
+                nodes.append(node)
+                inside.update(node.outputs)
+        return nodes
+
+    regions = sorted(((computed_from(x), x) for x in xs), key=lambda r: -len(r[0]))
+    # x: the one tensor most of the region computes from (RoPE's x feeds both branches, cos one)
+    if not regions or len(regions) > 1 and len(regions[1][0]) == len(regions[0][0]):
+        return None
+    nodes, x = regions[0]
+    return Local(nodes, x, y) if y.producer() in nodes else None
 
 
 def _local_step(local: Local, ax: HeadAxis) -> HeadAxis:

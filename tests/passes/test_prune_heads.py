@@ -2,14 +2,17 @@
 to zero, structure, where it fires (both exporters, raw and after simplify,fuse, multi-head and
 grouped-query, separate and fused projections, scaled_dot_product_attention) and where it must not,
 the warning or error when nothing is removed, the refit of the output projection, option errors,
-and the compiled pruned LM."""
+the compiled pruned LM, and Llama with rotary embeddings and a KV cache (the cache loses the pruned
+K/V heads; scope=model ranks across blocks; a rotary table that differs per head is left alone)."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import math
+import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -22,12 +25,16 @@ from onnx import numpy_helper
 from torch import nn
 
 import edgecc
+from edgecc.core import lm_signature
 from edgecc.core.pass_base import PassContext
 from edgecc.core.pass_manager import PassManager, run_pass
 from edgecc.core.pipeline import parse_pipeline
 from edgecc.core.verify import compare, random_inputs, run_ort
 from edgecc.errors import UserError
-from edgecc.models.examples import _modules
+from edgecc.lm import generate
+from edgecc.models import llama
+from edgecc.models.examples import TINY_LLAMA, _modules
+from edgecc.runtime.artifact import REFERENCE_MODEL
 from tests.conftest import parse_model
 
 D, HEADS, DH = 128, 4, 32  # the tiny-lm example
@@ -524,3 +531,135 @@ def test_pruned_lm_compiles_runs_and_is_smaller(example_path, tmp_path):
     assert verification["relative_error_vs_fp32"] <= 1.0
     assert full.manifest["verification"]["ok"]
     assert pruned.model_bytes < full.model_bytes
+
+
+# ----------------------------------------------------------------------------------------------
+# Llama: rotary embeddings, a KV cache, query heads viewed as [b, kv, group, t, d]
+
+
+def _llama(removed: dict[int, list[int]] | None = None) -> onnx.ModelProto:
+    """The tiny-llama example (same seed, same weights; TorchScript), heads masked if asked."""
+    cfg = llama.LlamaConfig(**TINY_LLAMA)
+    model = llama.build(cfg, seed=0)
+    for layer, heads in (removed or {}).items():
+        _mask_heads(model.layers[layer].o_proj, cfg.heads, heads)
+    with tempfile.TemporaryDirectory() as d:
+        return onnx.load(str(llama.export(model, cfg, Path(d) / "model.onnx")))
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    return _llama()
+
+
+def _llama_feeds(past_kv_heads: dict[int, list[int]], seed: int = 5) -> dict[str, np.ndarray]:
+    """A prompt of 4 tokens after 3 cached ones (batch 2), each layer's cache holding the K/V
+    heads `past_kv_heads` names (the same random entries whichever are kept)."""
+    rng = np.random.default_rng(seed)
+    b, t, past, kv, dh = 2, 4, 3, TINY_LLAMA["kv_heads"], TINY_LLAMA["hidden"] // TINY_LLAMA["heads"]
+    feeds = {"ids": rng.integers(0, TINY_LLAMA["vocab"], (b, t)), "attention_mask": np.ones((b, past + t), np.int64),
+             "position_ids": np.tile(np.arange(past, past + t), (b, 1))}
+    for i, keep in past_kv_heads.items():
+        for kind in ("key", "value"):
+            feeds[f"past.{i}.{kind}"] = rng.standard_normal((b, kv, past, dh)).astype(np.float32)[:, keep]
+    return feeds
+
+
+@pytest.mark.parametrize("prefix", ["", "simplify,group-kv-heads,fuse,fuse-siblings,"],
+                         ids=["raw", "compile-pipeline"])
+def test_llama_with_rope_and_kv_cache_prunes_exactly(tiny_llama, prefix):
+    """The pruned model given the cache without the pruned heads' entries returns the masked model's
+    logits and its present cache without them."""
+    pruned, stats, changed = _run(tiny_llama, prefix + "prune-heads{ratio=0.5}")
+    assert changed and stats["skipped"] == [] and stats["blocks_pruned"] == 2
+    kv, layers = TINY_LLAMA["kv_heads"], TINY_LLAMA["layers"]
+    kept = {int(i): [h for h in range(kv) if h not in b["removed_kv_heads"]] for i, b in stats["blocks"].items()}
+    assert all(len(k) == 1 for k in kept.values())
+    shapes = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+              for v in [*pruned.graph.input, *pruned.graph.output]}
+    assert shapes["past.0.key"] == ["batch", 1, "past", 32] and shapes["present.1.value"] == ["batch", 1, "past + seq", 32]
+    sig = lm_signature.find(pruned)
+    assert sig is not None and [e.shape[1] for e in sig.cache] == [1] * 2 * layers
+
+    reference = run_ort(_llama(_removed(stats)), _llama_feeds({i: list(range(kv)) for i in range(layers)}),
+                        optimize=False)
+    got = run_ort(pruned, _llama_feeds(kept), optimize=False)
+    np.testing.assert_allclose(got["logits"], reference["logits"], rtol=1e-5, atol=1e-5)
+    for i in range(layers):
+        for kind in ("key", "value"):
+            name = f"present.{i}.{kind}"
+            np.testing.assert_allclose(got[name], reference[name][:, kept[i]], rtol=1e-5, atol=1e-5)
+
+
+def test_scope_model_ranks_groups_across_blocks(tiny_llama):
+    """Two blocks of 2 K/V heads: per layer, ratio 0.25 rounds to nothing; model-wide it removes
+    the one group of least weight norm among all 4, and ratio 0.75 removes 3 of 4 only if no block
+    loses all (it removes 2)."""
+    _, stats, changed = _run(tiny_llama, "prune-heads{ratio=0.25}")
+    assert not changed
+    _, stats, changed = _run(tiny_llama, "prune-heads{ratio=0.25,scope=model}")
+    scores = {(int(i), int(u)): s for i, b in stats["blocks"].items() for u, s in b["importance"].items()}
+    removed = [(int(i), u) for i, b in stats["blocks"].items() for u in b["removed_kv_heads"]]
+    assert changed and removed == [min(scores, key=scores.get)]
+    _, stats, _ = _run(tiny_llama, "prune-heads{ratio=0.75,scope=model}")
+    assert [b["kv_heads_after"] for b in stats["blocks"].values()] == [1, 1]
+
+
+class PerHeadRope(nn.Module):
+    """Q/K rotated with x * cos + rotate_half(x) * sin, where cos may differ per head (a learned
+    table [h, t, d]): heads then are not interchangeable with zeros, and pruning must not fire."""
+
+    def __init__(self, per_head: bool, d: int = 64, heads: int = 4, t: int = 5):
+        super().__init__()
+        self.h, self.dh = heads, d // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.cos = nn.Parameter(torch.randn(heads if per_head else 1, t, self.dh))
+        self.sin = nn.Parameter(torch.randn(1, t, self.dh))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        half = self.dh // 2
+
+        def rope(z):
+            rotated = torch.cat((-z[..., half:], z[..., :half]), dim=-1)
+            return z * self.cos + rotated * self.sin
+
+        q, k, v = (p(x).view(b, t, self.h, self.dh).transpose(1, 2) for p in (self.q, self.k, self.v))
+        att = (rope(q) @ rope(k).transpose(-1, -2) / math.sqrt(self.dh)).softmax(-1)
+        return self.o((att @ v).transpose(1, 2).reshape(b, t, d))
+
+
+@pytest.mark.parametrize("per_head", [False, True], ids=["shared-table", "per-head-table"])
+def test_rotary_tables_must_be_the_same_for_every_head(per_head):
+    def rope(removed=()):
+        torch.manual_seed(3)
+        model = PerHeadRope(per_head).eval()
+        if removed:
+            _mask_heads(model.o, model.h, removed)
+        return _export(model, torch.zeros(2, 5, 64), "torchscript", "x", "y")
+
+    pruned, stats, changed = _run(rope(), "prune-heads{ratio=0.5}")
+    if per_head:
+        assert not changed and "differs per head" in stats["skipped"][0]
+        return
+    assert changed and stats["skipped"] == []
+    feeds = {"x": np.random.default_rng(6).standard_normal((2, 5, 64)).astype(np.float32)}
+    np.testing.assert_allclose(run_ort(pruned, feeds, optimize=False)["y"],
+                               run_ort(rope(stats["blocks"]["0"]["removed_heads"]), feeds, optimize=False)["y"],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_pruned_llama_compiles_and_generates_as_the_pruned_model(tiny_llama, tmp_path):
+    """The artifact records the cache it takes (one K/V head a layer) and generates what ONNX
+    Runtime generates with the pruned model. (Verification feeds the source's inputs, whose cache
+    has every head, so it is off here.)"""
+    path = tmp_path / "tiny-llama.onnx"
+    onnx.save(tiny_llama, str(path))
+    art = edgecc.compile(path, "host", tmp_path / "p", "simplify,fuse,prune-heads{ratio=0.5}", verify=False,
+                         keep_reference=True)
+    sig = lm_signature.of_manifest(art.manifest, str(art.path))
+    assert [e.shape[1] for e in sig.cache] == [1] * 2 * TINY_LLAMA["layers"]
+    prompt = [72, 101, 108, 108, 111]
+    want = generate.greedy(generate.ort_step(str(art.path / REFERENCE_MODEL)), sig, prompt, 6).tokens
+    art.load_vm(1)
+    assert generate.greedy(art.run, sig, prompt, 6).tokens == want
