@@ -68,6 +68,7 @@ PIPELINES = {
     "int8-static": ("simplify,fuse,quantize-int8{mode=static}", True),
     "int4": ("simplify,fuse,quantize-int4", False),
     "int4-awq": ("simplify,fuse,quantize-int4{method=awq}", True),
+    "int4-gptq": ("simplify,fuse,quantize-int4{method=gptq}", True),
 }  # name -> (pipeline, uses the calibration .npz)
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
