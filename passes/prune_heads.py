@@ -88,6 +88,7 @@ from edgecc.core.static_values import (
     static_dims,
     static_value,
 )
+from edgecc.core.verify import record_narrowed
 from edgecc.errors import UserError
 
 # Ops that take one of Q, K, V off the parts axis of a projection viewed as [.., 3, heads, d].
@@ -1164,7 +1165,7 @@ class _Rewriter:
         return node.outputs[0]
 
 
-def _prune(block: Block, removed: set[int], rw: _Rewriter, opset: int,
+def _prune(model: ir.Model, block: Block, removed: set[int], rw: _Rewriter, opset: int,
            proj_weight: np.ndarray | None) -> None:
     """Remove the K/V heads `removed` with their query groups; `proj_weight`, if given, replaces
     what is left of the output projection's weight."""
@@ -1185,6 +1186,8 @@ def _prune(block: Block, removed: set[int], rw: _Rewriter, opset: int,
                 dims = list(value.shape.dims)
                 dims[ax.u] = ax.kept(keeps[id(chain)])
                 value.shape = ir.Shape(dims)
+                record_narrowed(model, value.name, ax.u,
+                                [i for i in range(ax.dims[ax.u]) if keeps[id(chain)](ax.label(i))])
     for linear in block.linears:
         chains = sorted((c for c in (block.q, block.k, block.v) if c.part.linear.matmul is linear.matmul),
                         key=lambda c: c.part.offset)
@@ -1326,7 +1329,7 @@ class PruneHeads(Pass):
             refit = None
             if self.opts["recover"]:
                 refit, *errors[i] = _refit(blocks[i], set(removal[i]), samples[i])
-            _prune(blocks[i], set(removal[i]), rewriter, opset, refit)
+            _prune(model, blocks[i], set(removal[i]), rewriter, opset, refit)
         for value in (v for i in pruned for v in blocks[i].values):
             if not (value.is_graph_input() or value.is_graph_output()):
                 value.shape = None  # stale; shape inference fills in the new sizes

@@ -3,6 +3,7 @@ measures, and a compiled module run where its crash cannot end edgecc."""
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import helper
 
@@ -10,7 +11,10 @@ import edgecc
 from edgecc.core.verify import (
     IN_PLACE_BYTES,
     graph_inputs,
+    narrow,
+    narrowed_io,
     random_inputs,
+    record_narrowed,
     relative_error,
     relative_rmse,
     run_ort,
@@ -165,3 +169,16 @@ def test_ort_reads_large_weights_in_place_and_small_ones_from_the_graph():
     np.testing.assert_allclose(got["y"], x @ w + b, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(got["rows"], table[ids])
     assert model.SerializeToString() == before
+
+
+def test_narrowed_inputs_compose_and_select_the_kept_positions():
+    graph = helper.make_graph([helper.make_node("Identity", ["past"], ["y"])], "g",
+                              [helper.make_tensor_value_info("past", onnx.TensorProto.FLOAT, [2, 4, 3])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4, 3])])
+    model = ir.from_proto(helper.make_model(graph))
+    record_narrowed(model, "past", 1, [0, 2, 3])
+    record_narrowed(model, "past", 1, [1, 2])  # a second pass keeps positions 1, 2 of what is left
+    assert narrowed_io(model) == {"past": {"axis": 1, "keep": [2, 3]}}
+    a = np.arange(24).reshape(2, 4, 3)
+    np.testing.assert_array_equal(narrow({"past": a, "x": a}, narrowed_io(model))["past"], a[:, [2, 3]])
+    assert narrow({"x": a}, narrowed_io(model))["x"] is a

@@ -25,7 +25,7 @@ from edgecc.core.optimize import Optimized
 from edgecc.core.pass_base import Pass, PassContext
 from edgecc.core.target import TargetDesc
 from edgecc.core.tuning_log import records_for, to_ms_database
-from edgecc.core.verify import (compare, cosine, input_rules, random_inputs, relative_error, relative_rmse,
+from edgecc.core.verify import (compare, cosine, input_rules, narrow, narrowed_io, random_inputs, relative_error, relative_rmse,
                                 run_ort, with_int8_activations)
 from edgecc.errors import UserError, VerificationError
 from edgecc.frontend import lower as frontend
@@ -216,10 +216,12 @@ def _verify(artifact: Artifact, runner: Callable, source: ir.Model, optimized: i
     far more. Then the module against the fp32 source, within the relative RMS error its lossy
     passes declare together.
     """
-    feeds = random_inputs(source, ctx.seed, ctx.dim_values)
+    source_feeds = random_inputs(source, ctx.seed, ctx.dim_values)
+    narrowed = narrowed_io(optimized)  # a pruned KV cache: the source's feeds and outputs at its heads
+    feeds = narrow(source_feeds, narrowed)
     shapes = {k: list(v.shape) for k, v in feeds.items()}
     described = _describe_shapes(shapes)
-    fp32 = run_ort(source, feeds)  # first: inputs the model itself cannot take are the user's to fix
+    fp32 = narrow(run_ort(source, source_feeds), narrowed)  # first: inputs the model cannot take are the user's to fix
     try:
         got = runner(artifact, feeds)
     except ModuleCrash as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -208,6 +209,32 @@ def _kind(dtype: np.dtype) -> str:
 def _unsigned_float(dtype: np.dtype) -> bool:
     """float8 E8M0, a power of two: it holds no negative value."""
     return dtype == np.dtype(ml_dtypes.float8_e8m0fnu)
+
+
+# Graph inputs and outputs a pass narrowed along one axis (prune-heads shrinks a KV cache's head
+# axis): name -> {"axis": a, "keep": the source's positions it keeps}. Verification gives the
+# optimized model the source's inputs, and compares its outputs with the source's, at those positions.
+NARROWED_KEY = "edgecc.narrowed_io"
+
+
+def narrowed_io(model: ir.Model) -> dict[str, dict]:
+    return json.loads(model.metadata_props.get(NARROWED_KEY, "{}"))
+
+
+def record_narrowed(model: ir.Model, name: str, axis: int, keep: list[int]) -> None:
+    """Record that graph input or output `name` now holds positions `keep` of its `axis`, composed
+    with what an earlier pass narrowed."""
+    narrowed = narrowed_io(model)
+    if name in narrowed:
+        keep = [narrowed[name]["keep"][i] for i in keep]
+    narrowed[name] = {"axis": axis, "keep": [int(i) for i in keep]}
+    model.metadata_props[NARROWED_KEY] = json.dumps(narrowed)
+
+
+def narrow(arrays: dict[str, np.ndarray], narrowed: dict[str, dict]) -> dict[str, np.ndarray]:
+    """The source model's inputs or outputs as the narrowed model takes or returns them."""
+    return {k: np.take(v, narrowed[k]["keep"], axis=narrowed[k]["axis"]) if k in narrowed else v
+            for k, v in arrays.items()}
 
 
 def random_inputs(

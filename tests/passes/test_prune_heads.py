@@ -650,15 +650,18 @@ def test_rotary_tables_must_be_the_same_for_every_head(per_head):
 
 
 def test_pruned_llama_compiles_and_generates_as_the_pruned_model(tiny_llama, tmp_path):
-    """The artifact records the cache it takes (one K/V head a layer) and generates what ONNX
-    Runtime generates with the pruned model. (Verification feeds the source's inputs, whose cache
-    has every head, so it is off here.)"""
+    """The artifact records the cache it takes (one K/V head a layer), passes verification (the
+    source's cache given at the heads kept, its present outputs compared at them) and generates
+    what ONNX Runtime generates with the pruned model."""
     path = tmp_path / "tiny-llama.onnx"
     onnx.save(tiny_llama, str(path))
-    art = edgecc.compile(path, "host", tmp_path / "p", "simplify,fuse,prune-heads{ratio=0.5}", verify=False,
-                         keep_reference=True)
+    # One K/V group of layer 0: half of every head of both layers would move a random-weight
+    # model's logits past prune-heads' drift bound, which verification holds it to.
+    art = edgecc.compile(path, "host", tmp_path / "p", 'simplify,fuse,prune-heads{heads="0:0"}', keep_reference=True)
+    assert art.manifest["verification"]["ok"]
+    assert art.manifest["verification"]["input_shapes"]["past.0.key"][1] == 1
     sig = lm_signature.of_manifest(art.manifest, str(art.path))
-    assert [e.shape[1] for e in sig.cache] == [1] * 2 * TINY_LLAMA["layers"]
+    assert [e.shape[1] for e in sig.cache] == [1, 1] + [2] * 2 * (TINY_LLAMA["layers"] - 1)
     prompt = [72, 101, 108, 108, 111]
     want = generate.greedy(generate.ort_step(str(art.path / REFERENCE_MODEL)), sig, prompt, 6).tokens
     art.load_vm(1)
