@@ -280,6 +280,13 @@ class QuantizeInt4(RewritePass):
         result.stats.update({
             "int4_bytes": packed, "bits_per_weight": round(8 * packed / weights, 3) if weights else 0.0,
             "calibration": ("given" if ctx.calibration is not None else "synthetic") if samples else "none"})
+        if self.opts["method"] == "gptq" and samples:
+            rows, widest = min(len(v) for v in samples.values()), max(v.shape[1] for v in samples.values())
+            if rows < widest:
+                result.warnings.append(
+                    f"GPTQ's Hessians come from {rows} calibration rows, fewer than the {widest} inputs of the "
+                    "widest matmul: they are rank-deficient and the rounding fits those rows, not the model's "
+                    "inputs; give --calibration-text or more --calibration data")
         if errors:  # relative output error on the calibration rows, mean over matmuls, and each
             for method in ("gptq", "rtn"):
                 result.stats[f"{method}_error"] = float(f"{np.mean([e[method] for e in errors.values()]):.4g}")

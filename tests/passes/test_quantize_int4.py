@@ -235,6 +235,14 @@ def test_gptq_stats_are_the_output_errors_on_the_calibration_rows():
     assert stats["gptq_error"] < 0.2 * stats["rtn_error"]
 
 
+def test_gptq_warns_when_calibration_has_fewer_rows_than_inputs():
+    model, _, _ = _gptq_case()
+    few = PassContext(calibration={"x": _correlated_rows(np.random.default_rng(2), 40, 128).reshape(1, 40, 128)})
+    (warning,) = _quantize(model, few, method="gptq")[0].warnings
+    assert "40 calibration rows, fewer than the 128 inputs" in warning
+    assert not _quantize(model, _gptq_case()[1], method="gptq")[0].warnings
+
+
 # --- fires where it should, not where it must not ------------------------------------------------
 
 def test_block_that_does_not_divide_k_leaves_the_matmul_in_float():
