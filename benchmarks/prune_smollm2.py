@@ -4,12 +4,12 @@
         [--out benchmarks/results/prune_smollm2.json] [--work-dir out/prune-smollm2]
 
 SmolLM2 has 30 layers of 9 query heads on 3 K/V heads; prune-heads removes whole K/V groups
-(a K/V head with its 3 query heads), ranked model-wide (scope=model) by their mean |attention
-output| on calibration data, and with recover=true refits each pruned block's o_proj by least
-squares. Every row is compiled for this host (without verification: the pruned model's KV cache
-has fewer heads than the source's, so the two cannot be fed the same inputs), its calibration
-reading the end of The Devil's Dictionary (8 windows of 256 tokens); perplexity is measured on
-the text's first 8 windows of 256 tokens, which calibration never saw. About 6 minutes on 2 cores.
+(a K/V head with its 3 query heads), ranked model-wide (scope=model) by the relative error their
+removal leaves in the block's output on calibration data, and with recover=true refits each
+pruned block's o_proj by least squares. Every row is compiled for this host with verification on
+(the pruned artifact takes the source's cache at the heads it keeps), its calibration reading the
+end of The Devil's Dictionary (8 windows of 256 tokens); perplexity is measured on the text's
+first 8 windows of 256 tokens, which calibration never saw. About 6 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def main() -> int:
         print(f"[prune] {label}: {PIPELINES[label]}", file=sys.stderr, flush=True)
         t = time.perf_counter()
         art = compile_model(model, "host", Path(a.work_dir) / label.replace(" ", "-").replace(",", "").replace("%", ""),
-                            PIPELINES[label], force=True, verify=False, calibration_text=text)
+                            PIPELINES[label], force=True, calibration_text=text)
         compile_s = time.perf_counter() - t
         art.load_vm(2)
         sig = lm_signature.of_manifest(art.manifest, str(art.path))

@@ -54,7 +54,10 @@ Choose. `heads` names what goes; otherwise `ratio` of the units (a K/V head with
 a head in multi-head attention) ranked by importance: per block (scope=layer), or across all
 blocks at once (scope=model), never every unit of a block. With SmolLM2's 3 K/V heads per layer
 a per-block ratio below 1/3 removes nothing; scope=model removes the least important groups
-wherever they are.
+wherever they are. Importance is the L2 norm of a unit's weights, or (importance=calibration) the
+relative error its removal leaves in the block's output on calibration data, after the refit when
+recover is on: on SmolLM2, 25% of the groups pruned so cost perplexity 97 (90 with recover), where
+ranking by mean |attention output|, blind to the output projection, cost 2739 (100).
 
 Recover (recover=true). Zeroing heads loses what they added; part of it is predictable from the
 heads that stay. Each pruned block's output projection is refit by least squares on its input X
@@ -1089,10 +1092,25 @@ def _weight_norms(block: Block) -> dict[int, float]:
     return scores
 
 
-def _output_means(block: Block, rows: np.ndarray) -> dict[int, float]:
-    """Per K/V head: the mean |attention output| of its query heads, from calibration samples."""
-    return {unit: float(np.abs(rows[:, _rows(block.out, block.in_unit(unit))]).mean())
-            for unit in block.units}
+def _output_damage(block: Block, rows: np.ndarray, refit: bool) -> dict[int, float]:
+    """Per K/V head (with its query group): the relative error its removal leaves in the block's
+    output on calibration samples X, ||X' W' - X W||^2 / ||X W||^2, with the output projection refit
+    (ridge_refit) when `refit`, as recover will do. Relative, so that blocks whose outputs are
+    larger do not keep every head (ranking by absolute error did worse on SmolLM2)."""
+    weight = constant_matrix(block.proj.inputs[1], dtype=None)
+    w = (weight if block.proj_axis == 0 else weight.T).astype(np.float64)  # [inputs, outputs]
+    x = rows.astype(np.float64)
+    gram = x.T @ x
+    target = gram @ w
+    signal = max(float(np.sum(w * target)), np.finfo(np.float64).tiny)
+    scores = {}
+    for unit in block.units:
+        kept = np.setdiff1d(np.arange(len(w)), _rows(block.out, block.in_unit(unit)))
+        approx = np.zeros_like(w)
+        approx[kept] = ridge_refit(gram, kept, target) if refit else w[kept]
+        diff = approx - w
+        scores[unit] = float(np.sum(diff * (gram @ diff))) / signal
+    return scores
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1265,7 +1283,8 @@ class PruneHeads(Pass):
                "blocks in graph order; in grouped-query attention a head takes its whole group along",
                kind="layer:head list"),
         Option("importance", str, "weight-norm", "how ratio ranks heads: the L2 norm of their Q/K/V and "
-               "output weights, or their mean |attention output| on calibration data",
+               "output weights, or the relative error their removal leaves in the block's output on calibration "
+               "data (after the refit, with recover)",
                choices=("weight-norm", "calibration")),
         Option("strict", bool, False, "fail, naming the reason, where a requested pruning removes no head "
                "(instead of a warning)"),
@@ -1360,7 +1379,7 @@ class PruneHeads(Pass):
         if self.opts["heads"].strip():
             return {i: [] for i in blocks} | self._requested(layers), {}
         if self.opts["importance"] == "calibration":
-            scores = {i: _output_means(b, samples[i]) for i, b in blocks.items()}
+            scores = {i: _output_damage(b, samples[i], self.opts["recover"]) for i, b in blocks.items()}
         else:
             scores = {i: _weight_norms(b) for i, b in blocks.items()}
         removal = {i: [] for i in blocks}

@@ -144,21 +144,26 @@ def test_ratio_removes_the_smallest_weight_norm_heads_exactly(lm):
     _same(_masked_lm(expected), pruned)
 
 
-def test_calibration_importance_is_the_mean_attention_output(lm):
+def test_calibration_importance_is_the_error_removal_leaves_in_the_block_output(lm):
     ids = np.random.default_rng(3).integers(0, 512, (2, 16)).astype(np.int64)
     model, seen = _tiny_lm(), {}
     for i, block in enumerate(model.blocks):
-        block.proj.register_forward_pre_hook(lambda _m, args, i=i: seen.__setitem__(i, args[0].abs()))
+        block.proj.register_forward_pre_hook(lambda _m, args, i=i: seen.__setitem__(i, args[0].reshape(-1, D)))
     with torch.no_grad():
         model(torch.from_numpy(ids))
-    means = {i: [float(x[..., h * DH:(h + 1) * DH].mean()) for h in range(HEADS)] for i, x in seen.items()}
+    damage = {}
+    for i, x in seen.items():
+        w = model.blocks[i].proj.weight.detach().T.double()  # [inputs, outputs]
+        y = x.double() @ w
+        damage[i] = [float(((x[:, h * DH:(h + 1) * DH].double() @ w[h * DH:(h + 1) * DH]) ** 2).sum() / (y ** 2).sum())
+                     for h in range(HEADS)]
     ctx = PassContext(calibration={"ids": ids})
     _, stats, changed = _run(lm["dynamo"], "prune-heads{importance=calibration}", ctx)
     assert changed
     for i, block in stats["blocks"].items():
         got = [block["importance"][str(h)] for h in range(HEADS)]
-        np.testing.assert_allclose(got, means[int(i)], rtol=1e-4)
-        assert block["removed_heads"] == [int(np.argmin(means[int(i)]))]
+        np.testing.assert_allclose(got, damage[int(i)], rtol=1e-3)
+        assert block["removed_heads"] == [int(np.argmin(damage[int(i)]))]
 
 
 # ----------------------------------------------------------------------------------------------
