@@ -132,3 +132,13 @@ def test_a_model_that_is_neither_lm_nor_encoder_is_refused(example_path, text_fi
     r = run_cli("compile", mlp, "-o", tmp_path / "out", "--calibration-text", text_file,
                 "--tokenizer", tmp_path / "tok.json")
     assert r.returncode == 2 and "needs a causal LM with a KV cache or an encoder" in r.stderr, r.stderr
+
+
+def test_a_pass_after_a_pruned_cache_calibrates_on_the_heads_kept(lm, text_file, tmp_path):
+    """prune-heads narrows the KV-cache inputs; SmoothQuant after it reads the calibration
+    windows' caches at the heads kept, and the artifact verifies."""
+    art = edgecc.compile(lm, target="host", output=tmp_path / "a", calibration_text=text_file,
+                         pipeline='simplify,fuse,prune-heads{heads="0:0"},quantize-int8{smoothquant=0.5}')
+    assert art.manifest["verification"]["ok"]
+    quantize = next(p for p in art.manifest["passes"] if p["name"] == "quantize-int8")
+    assert quantize["stats"]["calibration"] == "given"

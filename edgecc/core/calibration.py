@@ -26,7 +26,7 @@ import onnx_ir as ir
 from edgecc.core import lm_signature
 from edgecc.core import text as corpus
 from edgecc.core.ir import graph_proto
-from edgecc.core.verify import graph_inputs, integer_ranges, ort_session, random_inputs
+from edgecc.core.verify import graph_inputs, integer_ranges, narrow, narrowed_io, ort_session, random_inputs
 from edgecc.errors import UserError
 
 SYNTHETIC_BATCHES = 8
@@ -186,6 +186,12 @@ def _batches(model: ir.Model, ctx) -> Iterator[dict[str, np.ndarray]]:
         for i in range(SYNTHETIC_BATCHES):
             yield random_inputs(model, seed=ctx.seed + i, dim_values=ctx.dim_values)
         return
+    narrowed = narrowed_io(model)  # the source's inputs as a pass that pruned a KV cache left them
+    for feeds in _source_batches(model, ctx):
+        yield narrow(feeds, narrowed)
+
+
+def _source_batches(model: ir.Model, ctx) -> Iterator[dict[str, np.ndarray]]:
     graph = graph_proto(model)
     sig = lm_signature.find(graph)
     batch_dim = sig and next(s.shape[0] for s in graph_inputs(graph) if s.name == sig.ids.name)
