@@ -14,13 +14,14 @@ import pytest
 from onnx import numpy_helper
 
 import edgecc
+from edgecc.core.digest import sha256_file
 from edgecc.core.optimize import CompileOptions
 from edgecc.core.pipeline import parse_pipeline
 from edgecc.core.target import load_target
 from edgecc.core.verify import compare, random_inputs, run_ort
 from edgecc.errors import UserError
 from edgecc.runtime import emulator
-from edgecc.runtime.artifact import Artifact, sha256_file, write_manifest
+from edgecc.runtime.artifact import Artifact, write_manifest
 from tests.conftest import run_cli
 
 EM_AARCH64 = 183

@@ -25,6 +25,7 @@ import onnx_ir as ir
 
 from edgecc.core import lm_signature
 from edgecc.core import text as corpus
+from edgecc.core.digest import sha256_file
 from edgecc.core.ir import graph_proto
 from edgecc.core.verify import graph_inputs, integer_ranges, narrow, narrowed_io, ort_session, random_inputs
 from edgecc.errors import UserError
@@ -130,7 +131,7 @@ def text_calibration(text_path: str | Path, model_path: str | Path, model: onnx.
         raise UserError(f"{model_path}: --calibration-text needs a causal LM with a KV cache or an encoder "
                         f"(inputs input_ids, attention_mask[, token_type_ids]); its inputs are {sorted(specs)}. "
                         "Give --calibration DATA.npz instead")
-    source = {"source": "text", "file": str(path), "sha256": corpus.sha256(Path(path)),
+    source = {"source": "text", "file": str(path), "sha256": sha256_file(Path(path)),
               "tokenizer": str(tokenizer), **shape}
     return feeds, source
 

@@ -17,8 +17,8 @@ import onnx
 import onnx_ir as ir
 
 from edgecc.core import fixed_inputs
-from edgecc.core import text as corpus
 from edgecc.core.calibration import load_calibration, text_calibration
+from edgecc.core.digest import sha256_file
 from edgecc.core.ir import (forget_removed_inputs, graph_proto, load_model, release_mappings, shared_copy,
                             spill_weights)
 from edgecc.core.pass_base import PassContext, unknown_message
@@ -140,7 +140,7 @@ def run_pipeline(
     if options.calibration is not None:
         ctx.calibration = load_calibration(options.calibration, source_proto)
         calibration = {"source": "npz", "file": str(options.calibration),
-                       "sha256": corpus.sha256(Path(options.calibration))}
+                       "sha256": sha256_file(Path(options.calibration))}
     elif options.calibration_text is not None:
         ctx.calibration, calibration = text_calibration(options.calibration_text, model, source_proto,
                                                         options.tokenizer)

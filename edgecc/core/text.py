@@ -8,7 +8,6 @@ measured on a text's beginning is on text that calibration never saw.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import re
 from pathlib import Path
@@ -31,14 +30,6 @@ def read_text(text_path: str | os.PathLike | None) -> tuple[str, Path]:
     except (OSError, EOFError) as e:
         raise UserError(f"{path}: cannot read it: {e}") from None
     return raw.decode("utf-8", "replace"), path
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def tokenizer(path: str | os.PathLike):

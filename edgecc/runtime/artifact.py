@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from edgecc.core import fixed_inputs
+from edgecc.core.digest import sha256_file
 from edgecc.core.dtypes import stored
 from edgecc.errors import UserError
 from edgecc.runtime import litert, weights
@@ -51,14 +52,6 @@ def runtime_only() -> None:
     if "tvm" not in sys.modules:
         os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
         sys.modules.setdefault("torch", None)  # `import torch` raises ImportError, as without torch
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def is_artifact(path: Path) -> bool:
     return (path / MANIFEST).is_file() and (path / MANIFEST_DIGEST).is_file()
