@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import onnx
 import pytest
@@ -89,17 +87,6 @@ def test_encoder_sentences_are_padded_to_its_length(tmp_path, text_file):
     assert feeds["input_ids"][0].tolist() == first
 
 
-def test_compile_records_the_text_and_calibrates_with_it(lm, text_file, tmp_path):
-    art = edgecc.compile(lm, target="host", output=tmp_path / "a", verify=False,
-                         pipeline="simplify,quantize-int8{mode=static}", calibration_text=text_file)
-    manifest = json.loads((art.path / "manifest.json").read_text())
-    assert manifest["calibration"]["source"] == "text"
-    assert manifest["calibration"]["file"] == str(text_file)
-    assert manifest["options"]["calibration_text"] == str(text_file)
-    quantize = next(p for p in manifest["passes"] if p["name"] == "quantize-int8")
-    assert quantize["stats"]["calibration"] == "given"
-
-
 def test_a_tokenizer_beyond_the_vocabulary_is_refused(lm, text_file, tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -112,33 +99,41 @@ def test_a_tokenizer_beyond_the_vocabulary_is_refused(lm, text_file, tmp_path):
                                      tmp_path / "wide.json")
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--calibration-text", "{missing}"], "no such text file"),
-    (["--calibration-text", "{text}", "--calibration", "{text}"], "give one source of calibration data"),
-    (["--tokenizer", "{text}"], "--tokenizer: it reads --calibration-text"),
-    (["--calibration-text", "{text}", "--tokenizer", "{text}"], "not a readable tokenizer.json"),
+def test_a_missing_text_is_one_line_exit_2_and_writes_nothing(lm, tmp_path):
+    r = run_cli("compile", lm, "-o", tmp_path / "out", "--no-verify", "--calibration-text", tmp_path / "none.txt")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    (line,) = [x for x in r.stderr.splitlines() if x.startswith("edgecc: error: ")]
+    assert "none.txt: no such text file" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("options, fragment", [
+    ({"calibration_text": "{text}", "calibration": "{text}"}, "give one source of calibration data"),
+    ({"tokenizer": "{text}"}, "--tokenizer: it reads --calibration-text"),
+    ({"calibration_text": "{text}", "tokenizer": "{text}"}, "not a readable tokenizer.json"),
 ])
-def test_mistakes_are_one_line(lm, text_file, tmp_path, args, fragment):
-    args = [a.format(missing=tmp_path / "none.txt", text=text_file) for a in args]
-    r = run_cli("compile", lm, "-o", tmp_path / "out", "--no-verify", *args)
-    assert r.returncode == 2, r.stderr
-    assert fragment in r.stderr and "Traceback" not in r.stderr
+def test_mistakes_name_the_option(lm, text_file, tmp_path, options, fragment):
+    options = {k: v.format(text=text_file) for k, v in options.items()}
+    with pytest.raises(UserError, match=fragment):
+        edgecc.compile(lm, target="host", output=tmp_path / "out", verify=False, **options)
     assert not (tmp_path / "out").exists()
 
 
 def test_a_model_that_is_neither_lm_nor_encoder_is_refused(example_path, text_file, tmp_path):
-    mlp = example_path("mlp")
     _byte_tokenizer().save(str(tmp_path / "tok.json"))
-    r = run_cli("compile", mlp, "-o", tmp_path / "out", "--calibration-text", text_file,
-                "--tokenizer", tmp_path / "tok.json")
-    assert r.returncode == 2 and "needs a causal LM with a KV cache or an encoder" in r.stderr, r.stderr
+    with pytest.raises(UserError, match="needs a causal LM with a KV cache or an encoder"):
+        edgecc.compile(example_path("mlp"), target="host", output=tmp_path / "out", calibration_text=text_file,
+                       tokenizer=tmp_path / "tok.json")
 
 
 def test_a_pass_after_a_pruned_cache_calibrates_on_the_heads_kept(lm, text_file, tmp_path):
     """prune-heads narrows the KV-cache inputs; SmoothQuant after it reads the calibration
-    windows' caches at the heads kept, and the artifact verifies."""
+    windows' caches at the heads kept, the artifact verifies, and its manifest records the text."""
     art = edgecc.compile(lm, target="host", output=tmp_path / "a", calibration_text=text_file,
                          pipeline='simplify,fuse,prune-heads{heads="0:0"},quantize-int8{smoothquant=0.5}')
     assert art.manifest["verification"]["ok"]
     quantize = next(p for p in art.manifest["passes"] if p["name"] == "quantize-int8")
     assert quantize["stats"]["calibration"] == "given"
+    assert art.manifest["calibration"]["source"] == "text"  # the manifest records the text
+    assert art.manifest["calibration"]["file"] == str(text_file)
+    assert art.manifest["options"]["calibration_text"] == str(text_file)
