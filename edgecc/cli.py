@@ -56,11 +56,12 @@ def cmd_compile(a: argparse.Namespace) -> int:
         memory_check=not a.no_memory_check, log=_warnings_only if a.quiet else _log,
     )
     build = art.manifest["build"]
+    log = _warnings_only if a.quiet else _log
     if "tuned_kernels" in build:
-        _log(f"schedules: {build['tuned_kernels']} of {build['kernels']} kernels tuned, "
-             f"{build['default_schedule_kernels']} on default or edgecc schedules")
+        log(f"schedules: {build['tuned_kernels']} of {build['kernels']} kernels tuned, "
+            f"{build['default_schedule_kernels']} on default or edgecc schedules")
     size = sum(f["bytes"] for f in art.manifest["files"].values())
-    _log(f"wrote {art.path} ({size / 1e6:.2f} MB) in {time.perf_counter() - start:.1f} s")
+    log(f"wrote {art.path} ({size / 1e6:.2f} MB) in {time.perf_counter() - start:.1f} s")
     print(art.path)
     return 0
 
