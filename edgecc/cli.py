@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(a second copy of every weight)")
     c.add_argument("--no-memory-check", action="store_true",
                    help="compile even when the estimated peak memory exceeds what is available")
-    c.add_argument("-q", "--quiet", action="store_true")
+    c.add_argument("-q", "--quiet", action="store_true", help="print only warnings and the artifact's path")
     c.set_defaults(func=cmd_compile)
 
     tu = sub.add_parser("tune", help="tune a model's kernels for a target with MetaSchedule, here or "
