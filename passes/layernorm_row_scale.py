@@ -27,10 +27,10 @@ from onnxscript.rewriter import pattern
 
 from edgecc.core.pass_base import Option, PassContext, PassResult, register_pass
 from edgecc.core.pass_helpers import constant_array, constant_matrix
+from edgecc.core.calibration import single_samples
 from edgecc.core.rewrite_pass import RewritePass
-from edgecc.core.verify import ort_session, random_inputs
+from edgecc.core.verify import ort_session
 
-SYNTHETIC_SAMPLES = 8  # seeded random inputs when no --calibration is given (as the backend does)
 EPS_MARGIN = 1e4  # p^2 * variance stays this many times above LayerNorm's epsilon
 
 
@@ -95,13 +95,6 @@ def _candidates(model: ir.Model) -> dict[str, float]:
     return found
 
 
-def _samples(proto: onnx.ModelProto, ctx: PassContext) -> list[dict[str, np.ndarray]]:
-    if ctx.calibration is None:
-        return [random_inputs(proto, ctx.seed + i, ctx.dim_values) for i in range(SYNTHETIC_SAMPLES)]
-    count = len(next(iter(ctx.calibration.values())))
-    return [{k: v[i : i + 1] for k, v in ctx.calibration.items()} for i in range(count)]
-
-
 def row_scales(model: ir.Model, ctx: PassContext, ratio: float) -> dict[str, np.ndarray]:
     """Per candidate residual sum: the row scales p, where some row exceeds ratio x the median row."""
     eps = _candidates(model)
@@ -114,7 +107,7 @@ def row_scales(model: ir.Model, ctx: PassContext, ratio: float) -> dict[str, np.
     session = ort_session(proto)
     peak: dict[str, np.ndarray] = {}
     low_var: dict[str, np.ndarray] = {}
-    for feeds in _samples(proto, ctx):
+    for feeds in single_samples(proto, ctx):
         for name, value in zip(names, session.run(names, feeds)):
             rows = value.reshape(-1, value.shape[-2], value.shape[-1])
             m, v = np.abs(rows).max(axis=(0, 2)), rows.var(axis=2).min(axis=0)

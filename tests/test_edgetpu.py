@@ -42,12 +42,16 @@ def built(tmp_path_factory):
     return get
 
 
-def _flatbuffer(art: Artifact):
+def _flatbuffer(art: Artifact, file: str = "tpu0.tflite"):
     from ai_edge_litert import schema_py_generated as fb
 
-    model = fb.ModelT.InitFromPackedBuf((art.path / "model.tflite").read_bytes(), 0)
+    model = fb.ModelT.InitFromPackedBuf((art.path / file).read_bytes(), 0)
     names = {v: k for k, v in vars(fb.BuiltinOperator).items() if not k.startswith("_")}
     return fb, model, names
+
+
+def _tpu_files(art: Artifact) -> list[str]:
+    return [s["file"] for s in art.manifest["edgetpu"]["segments"] if s["kind"] == "edgetpu"]
 
 
 # --- the target ---------------------------------------------------------------------------------
@@ -106,8 +110,11 @@ def test_tuning_a_tflite_target_is_a_clear_error(built):
 def test_maps_fully_and_matches_fp32(built, name):
     _, _, art = built(name)
     p = json.loads((art.path / "edgetpu_predict.json").read_text())
-    assert p["mac_coverage"] == 1.0 and p["ops_on_cpu"] == 0 and p["segment_ends_at"] is None
-    assert all(o["status"] == predict.MAPPED for o in p["ops"])
+    assert p["mac_coverage"] == 1.0 and p["segments_on_edgetpu"] == 1 and p["segments_on_host"] == 0
+    assert [s["kind"] for s in art.manifest["edgetpu"]["segments"]] == ["edgetpu"]  # one segment, whole
+    assert all(r["status"] == predict.MAPPED for r in p["segments"][0]["table"])
+    passes = {r["pipeline_entry"].split("{")[0]: r for r in art.manifest["passes"]}
+    assert not passes["equalize-channels"]["changed"]  # its tensors quantize well: nothing to cut
     v = art.manifest["verification"]
     assert (
         v["cosine_vs_fp32"] >= v["min_cosine"] == 0.98
@@ -116,34 +123,71 @@ def test_maps_fully_and_matches_fp32(built, name):
     assert v["relative_rmse_vs_fp32"] < 0.03  # int8 end to end on a small model: about 1%
     log = (art.path / "edgetpu_compiler.log").read_text()
     assert log.startswith(predict.LABEL) and "Operator                       Count      Status" in log
+    # The model's input and output cross to the TPU and back: the transfers are their int8 bytes.
+    x, y = art.manifest["inputs"][0], art.manifest["outputs"][0]
+    assert p["transfers"] == {"count": 2, "bytes": int(np.prod(x["shape"]) + np.prod(y["shape"]))}
 
 
-def test_transformer_block_maps_up_to_its_first_activation_matmul(built):
+def test_transformer_block_is_cut_around_attention(built):
     _, _, art = built("transformer")
-    p = art.manifest["edgetpu"]["prediction"]
-    end = p["segment_ends_at"]
-    assert end["op"] == "BATCH_MATMUL" and end["status"] == predict.NOT_SUPPORTED
-    _, model, names = _flatbuffer(art)
-    ops = [names[model.operatorCodes[o.opcodeIndex].builtinCode] for o in model.subgraphs[0].operators]
-    assert ops.index("BATCH_MATMUL") == end["index"]  # the first one ends the segment
-    assert ops[: end["index"]].count("CONV_2D") == 1  # the QKV projection, as a 1x1 conv, is on the TPU
-    assert 0.1 < p["mac_coverage"] < 0.5
+    facts = art.manifest["edgetpu"]
+    p = json.loads((art.path / "edgetpu_predict.json").read_text())
+    kinds = [s["kind"] for s in facts["segments"]]
+    assert "host" in kinds and "edgetpu" in kinds
+    host_why = {w["why"].split(":")[0] for r in p["segments"] if r["kind"] == "host" for w in r["why"]}
+    assert "BATCH_MATMUL" in host_why  # Q.K^T and attention x V: activation x activation
+    # Every linear layer (a 1x1 CONV_2D after linear-to-conv) is on the TPU, every op there maps.
+    convs = 0
+    for file in _tpu_files(art):
+        _, model, names = _flatbuffer(art, file)
+        convs += sum(names[model.operatorCodes[o.opcodeIndex].builtinCode] == "CONV_2D"
+                     for o in model.subgraphs[0].operators)
+    assert convs == 4  # QKV, output projection, the MLP's two
+    assert all(t["status"] == predict.MAPPED for r in p["segments"] if r["kind"] == "edgetpu" for t in r["table"])
+    assert p["mac_coverage"] > 0.9 and p["macs_total"] == sum(r["macs"] for r in p["segments"])
+    tpu = [r for r in p["segments"] if r["kind"] == "edgetpu"]
+    assert p["transfers"]["count"] == sum(len(r["inputs"]) + len(r["outputs"]) for r in tpu) > 2
     report = (art.path / "report.md").read_text()
-    assert (
-        "PREDICTED — not compiled" in report
-        and "the segment ends at op" in report
-        and "BATCH_MATMUL" in report
-    )
+    assert "What runs where — PREDICTED — not compiled" in report and "BATCH_MATMUL" in report
     assert art.manifest["verification"]["cosine_vs_fp32"] > 0.99
+
+
+def test_values_crossing_a_cut_keep_one_scale_and_zero_point(built):
+    """What an Edge TPU segment writes, a host segment reads with the same scale and zero point,
+    and the reverse: nothing is requantized at a seam."""
+    _, _, art = built("transformer")
+    facts = art.manifest["edgetpu"]
+    seen = 0
+    for seg in facts["segments"]:
+        if seg["kind"] == "edgetpu":
+            fb, model, _ = _flatbuffer(art, seg["file"])
+            sub = model.subgraphs[0]
+            for i in (*sub.inputs, *sub.outputs):
+                t = sub.tensors[i]
+                q = facts["int8"][t.name.decode()]
+                assert (t.quantization.scale[0], t.quantization.zeroPoint[0]) == (
+                    pytest.approx(q["scale"], rel=1e-6), q["zero_point"])
+                seen += 1
+        else:
+            host = onnx.load(str(art.path / seg["file"]))
+            inits = {t.name: numpy_helper.to_array(t) for t in host.graph.initializer}
+            for n in host.graph.node:
+                if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+                    name = n.output[0] if n.op_type == "QuantizeLinear" else n.input[0]
+                    q = facts["int8"][name]
+                    assert float(inits[n.input[1]]) == pytest.approx(q["scale"], rel=1e-6)
+                    assert int(inits[n.input[2]]) == q["zero_point"]
+                    seen += 1
+    assert seen >= 8
 
 
 # --- the flatbuffer itself ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["convnet", "transformer"])
-def test_flatbuffer_is_fully_int8_static_with_no_edge_conversions(built, name):
+@pytest.mark.parametrize("name,file", [("convnet", "tpu0.tflite"), ("transformer", "tpu1.tflite")])
+def test_flatbuffer_is_fully_int8_static_with_no_edge_conversions(built, name, file):
     _, _, art = built(name)
-    fb, model, names = _flatbuffer(art)
+    fb, model, names = _flatbuffer(art, file)
     sub = model.subgraphs[0]
     codes = {names[model.operatorCodes[o.opcodeIndex].builtinCode] for o in sub.operators}
     assert not codes & {"QUANTIZE", "DEQUANTIZE"}
@@ -155,8 +199,9 @@ def test_flatbuffer_is_fully_int8_static_with_no_edge_conversions(built, name):
             assert t.type == fb.TensorType.INT32
     for i in (*sub.inputs, *sub.outputs):
         assert sub.tensors[i].type == fb.TensorType.INT8
-    io = {s["name"]: s for s in art.manifest["edgetpu"]["tflite_inputs"]}
-    assert io["x"]["scale"] > 0 and -128 <= io["x"]["zero_point"] <= 127
+    for i in sub.inputs:
+        q = art.manifest["edgetpu"]["int8"][sub.tensors[i].name.decode()]
+        assert q["scale"] > 0 and -128 <= q["zero_point"] <= 127
     for op in sub.operators:
         code = model.operatorCodes[op.opcodeIndex]
         name = names[code.builtinCode]
@@ -177,7 +222,7 @@ def test_flatbuffer_is_fully_int8_static_with_no_edge_conversions(built, name):
 
 def test_run_cli_runs_the_artifact_in_litert(built, tmp_path):
     path, _, art = built("convnet")
-    assert "model.opt.onnx" not in art.manifest["files"]  # the device needs model.tflite, not the graph
+    assert "model.opt.onnx" not in art.manifest["files"]  # the device needs its segments, not the graph
     x = edgetpu_models.calibration("convnet", 1, seed=5)["x"]
     np.savez(tmp_path / "in.npz", x=x)
     res = run_cli("run", art.path, "--inputs", tmp_path / "in.npz", "--output", tmp_path / "out.npz")
@@ -233,9 +278,12 @@ def test_embedding_lookup_is_left_to_the_host(tmp_path):
         str(path), target="coral-edgetpu", output=str(tmp_path / "a"), calibration=str(tmp_path / "cal.npz")
     )
     facts = art.manifest["edgetpu"]
-    assert facts["host_model"] == "host.onnx" and facts["host_outputs"] == ["emb"]
-    assert [s["name"] for s in facts["tflite_inputs"]] == ["emb"]
-    assert "Host part" in (art.path / "report.md").read_text()
+    assert [(s["kind"], s["file"], s["inputs"], s["outputs"]) for s in facts["segments"]] == [
+        ("host", "host0.onnx", ["ids"], ["emb"]),
+        ("edgetpu", "tpu0.tflite", ["emb"], ["y"]),
+    ]
+    assert "ids" not in facts["int8"] and "emb" in facts["int8"]  # ids stay int64; emb crosses as int8
+    assert "reads an integer tensor" in (art.path / "report.md").read_text()
     from edgecc.runtime.litert import run_artifact
 
     out = run_artifact(art, {"ids": np.array([[1, 2, 3, 4, 5, 6]], np.int64)})
@@ -267,7 +315,6 @@ def _relu_model(path, shape, op: str = "Relu"):
     [
         ([2, 8], "Relu", "input 'x' has batch 2 (dim 0): the Edge TPU target compiles batch 1"),
         (["batch", "seq", 8], "Relu", "input 'x': dim 1 ('seq') is symbolic"),
-        ([1, 8], "Sin", "node 'Sin_0' (Sin): no int8 TFLite form"),
     ],
 )
 def test_bad_models_get_one_line_errors(tmp_path, shape, op, fragment):
@@ -277,12 +324,28 @@ def test_bad_models_get_one_line_errors(tmp_path, shape, op, fragment):
     assert not (tmp_path / "a").exists()
 
 
-def test_a_tensor_with_more_than_three_inner_dims_is_reported(tmp_path):
-    path = _relu_model(tmp_path / "m.onnx", [1, 2, 3, 4, 5])
-    art = edgecc.compile(str(path), target="coral-edgetpu", output=str(tmp_path / "a"))
+@pytest.mark.parametrize(
+    "shape,op,why",
+    [
+        ([1, 2, 3, 4, 5], "Relu", "RELU: Tensor has unsupported rank (up to 3 innermost dimensions mapped) "
+                                  "(tensor 'x' [1, 2, 3, 4, 5] has a dim > 1 outside the 3 innermost)"),
+        ([1, 8], "Sin", "node 'Sin_0' (Sin): no int8 TFLite form"),
+    ],
+)
+def test_what_cannot_run_on_the_tpu_runs_on_the_host_and_says_why(tmp_path, shape, op, why):
+    path = _relu_model(tmp_path / "m.onnx", shape, op)
+    res = run_cli("compile", path, "--target", "coral-edgetpu", "-o", tmp_path / "a")
+    assert res.returncode == 0, res.stderr
+    assert "warning: no op of this model is predicted to map to the Edge TPU" in res.stderr
+    art = Artifact.load(tmp_path / "a")
     p = art.manifest["edgetpu"]["prediction"]
-    assert p["table"] == [{"operator": "RELU", "count": 1, "status": predict.RANK}]
-    assert "dim > 1 outside the 3 innermost" in p["segment_ends_at"]["why"]
+    assert p["segments_on_edgetpu"] == 0 and p["mac_coverage"] == 0.0
+    assert p["segments"][0]["why"][0]["why"].startswith(why)
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    from edgecc.runtime.litert import run_artifact
+
+    np.testing.assert_allclose(run_artifact(art, {"x": x})["y"], np.maximum(x, 0) if op == "Relu" else np.sin(x),
+                               rtol=1e-6)
 
 
 def test_outside_the_verification_bounds_the_compile_fails(built, tmp_path):
@@ -338,13 +401,18 @@ def test_parse_log_reads_the_compilers_table():
         predict.parse_log("Edge TPU Compiler version 16.0\nInvalid model: model.tflite\n")
 
 
-def test_an_installed_compiler_is_run_and_compared(built, tmp_path):
+def test_an_installed_compiler_co_compiles_every_segment_and_is_compared(built, tmp_path):
     path, cal, _ = built("transformer")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake = bin_dir / "edgetpu_compiler"
     (tmp_path / "log.txt").write_text(COMPILER_LOG)
-    fake.write_text(f"#!/bin/sh\ncat {tmp_path / 'log.txt'}\n")
+    # As the real one: -s -o DIR model... ; one <stem>_edgetpu.log per model, the models in one call.
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'shift; shift; out="$1"; shift; echo "$@" > {tmp_path / "args.txt"}\n'
+        f'for m in "$@"; do cp {tmp_path / "log.txt"} "$out/$(basename "$m" .tflite)_edgetpu.log"; done\n'
+    )
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     res = run_cli(
@@ -352,13 +420,15 @@ def test_an_installed_compiler_is_run_and_compared(built, tmp_path):
     )
     assert res.returncode == 0, res.stderr
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    tpu = [s["file"] for s in manifest["edgetpu"]["segments"] if s["kind"] == "edgetpu"]
+    assert [Path(a).name for a in (tmp_path / "args.txt").read_text().split()] == tpu and len(tpu) > 1
     compiled = manifest["edgetpu"]["compiler"]
-    assert compiled["ops_on_edgetpu"] == 17 and (tmp_path / "a" / compiled["log"]).is_file()
-    diffs = {(d["operator"], d["status"]): (d["predicted"], d["compiler"]) for d in compiled["differences"]}
-    assert ("MEAN", predict.MAPPED) not in diffs  # both put the two LayerNorm means on the TPU
-    assert diffs[("RSQRT", predict.LIMITATION)] == (0, 1)
+    assert sorted(compiled["models"]) == sorted(tpu) and (tmp_path / "a" / compiled["log"]).is_file()
+    for entry in compiled["models"].values():
+        assert entry["ops_on_edgetpu"] == 17
+        diffs = {(d["operator"], d["status"]): (d["predicted"], d["compiler"]) for d in entry["differences"]}
+        assert diffs[("BATCH_MATMUL", predict.NOT_SUPPORTED)] == (0, 2)  # the prediction kept them off the TPU
     assert "rows where the prediction differed" in (tmp_path / "a" / "report.md").read_text()
-    assert Counter(r["status"] for r in compiled["table"])[predict.MAPPED] == 1
 
 
 def test_calibration_ranges_leave_out_infinities():
@@ -374,3 +444,24 @@ def test_calibration_ranges_leave_out_infinities():
     ranges = tflite.calibrate(model, [{"x": np.array([[-1, 2, 3, 0.5]], np.float32)}])
     assert ranges["y"] == (-1.0, 2.0)
     assert np.isfinite(tflite.activation_quant(*ranges["y"]).scale).all()
+
+
+@pytest.mark.parametrize(
+    "edit,fragment",
+    [
+        (lambda e: e["segments"][0].update(file="../evil.onnx"), "edgetpu.segments[0].file"),
+        (lambda e: e["segments"][0].update(kind="python"), "edgetpu.segments[0] is not an object with a kind"),
+        (lambda e: e["segments"][0].update(inputs="x"), "edgetpu.segments[0] is not an object with a kind"),
+        (lambda e: e.update(segments=[]), "edgetpu.segments is not a non-empty list"),
+        (lambda e: e["int8"].update(x={"scale": -1.0, "zero_point": 0}), "edgetpu.int8 is not an object"),
+    ],
+)
+def test_a_tampered_chain_is_refused_before_anything_is_opened(built, tmp_path, edit, fragment):
+    import shutil
+
+    from tests.test_artifact_safety import _load_error, _rewrite_manifest
+
+    _, _, art = built("mlp")
+    copy = shutil.copytree(art.path, tmp_path / "art")
+    _rewrite_manifest(copy, lambda m: edit(m["edgetpu"]))
+    assert fragment in _load_error(copy)

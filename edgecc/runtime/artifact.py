@@ -215,6 +215,8 @@ def _check_shape(manifest: dict[str, Any], mpath: Path) -> None:
     for key in ("lm", "edgetpu", "constants"):
         if key in manifest and not isinstance(manifest[key], dict):
             raise bad(key, "an object")
+    if "edgetpu" in manifest:
+        _check_edgetpu(manifest["edgetpu"], bad)
     for name, fixed in manifest.get("constants", {}).items():
         where = f"constants.{name}"
         if not (isinstance(fixed, dict) and isinstance(fixed.get("dtype"), str)
@@ -222,6 +224,25 @@ def _check_shape(manifest: dict[str, Any], mpath: Path) -> None:
                 and isinstance(fixed.get("value"), list)
                 and all(isinstance(v, (int, float)) for v in fixed["value"])):
             raise bad(where, "an object with a dtype, a static shape and a list of numbers")
+
+
+def _check_edgetpu(edgetpu: dict[str, Any], bad) -> None:
+    """The chain of an Edge TPU artifact: typed segments, and int8 values with a scale and zero point."""
+    segments = edgetpu.get("segments")
+    if not isinstance(segments, list) or not segments:
+        raise bad("edgetpu.segments", "a non-empty list")
+    for i, seg in enumerate(segments):
+        if not (isinstance(seg, dict) and seg.get("kind") in ("edgetpu", "host")
+                and isinstance(seg.get("file"), str)
+                and all(isinstance(seg.get(k), list) and all(isinstance(n, str) for n in seg[k])
+                        for k in ("inputs", "outputs"))):
+            raise bad(f"edgetpu.segments[{i}]", "an object with a kind (edgetpu or host), a file, "
+                      "and lists of input and output names")
+    int8 = edgetpu.get("int8")
+    if not isinstance(int8, dict) or not all(
+            isinstance(q, dict) and isinstance(q.get("scale"), float) and q["scale"] > 0
+            and _is_int(q.get("zero_point")) and -128 <= q["zero_point"] <= 127 for q in int8.values()):
+        raise bad("edgetpu.int8", "an object of {scale > 0, zero_point in [-128, 127]} per value")
 
 
 def _referenced_files(manifest: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -234,8 +255,8 @@ def _referenced_files(manifest: dict[str, Any]) -> list[tuple[str, Any]]:
     if isinstance(lm, dict) and "tokenizer" in lm:
         refs.append(("lm.tokenizer", lm["tokenizer"]))
     edgetpu = manifest.get("edgetpu")
-    if isinstance(edgetpu, dict) and edgetpu.get("host_model"):
-        refs.append(("edgetpu.host_model", edgetpu["host_model"]))
+    if isinstance(edgetpu, dict):
+        refs += [(f"edgetpu.segments[{i}].file", seg["file"]) for i, seg in enumerate(edgetpu["segments"])]
     return refs
 
 

@@ -1,8 +1,12 @@
-"""Running an Edge TPU artifact here: the host part in ONNX Runtime, model.tflite in LiteRT.
+"""Running an Edge TPU artifact here: its chain of segments, Edge TPU ones in LiteRT, host ones in
+ONNX Runtime.
 
-LiteRT's interpreter runs the int8 model with its CPU kernels (the reference for what the Edge TPU
-computes, minus the TPU); inputs are quantized with the scale and zero point the manifest records,
-outputs dequantized. This is what `edgecc run` and the compile-time verification use.
+LiteRT's interpreter runs each int8 `tpuN.tflite` with its CPU kernels (the reference for what the
+Edge TPU computes, minus the TPU); `hostN.onnx` runs in ONNX Runtime. Values pass between segments
+as the manifest types them: int8 where an Edge TPU segment writes or reads them, float elsewhere.
+The model's own inputs are quantized with the scale and zero point the manifest records where a
+TPU segment reads them, and int8 outputs dequantized. This is what `edgecc run` and the
+compile-time verification use.
 """
 
 from __future__ import annotations
@@ -12,8 +16,6 @@ from typing import Callable
 
 import numpy as np
 
-TFLITE = "model.tflite"
-HOST_MODEL = "host.onnx"
 INT8_MIN, INT8_MAX = -128, 127
 
 
@@ -40,35 +42,49 @@ def _quant(spec: dict) -> Quant:
 
 
 def runner(artifact) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
-    """A function from the model's own inputs to an Edge TPU artifact's outputs (float32). The host
-    part's ONNX Runtime session and the LiteRT interpreter are made once, for every call."""
-    import onnx  # here: a TVM artifact runs without onnx
-    from ai_edge_litert.interpreter import Interpreter
-
-    from edgecc.core.verify import ort_session
-
+    """A function from the model's own inputs to an Edge TPU artifact's outputs (float32). Every
+    segment's ONNX Runtime session or LiteRT interpreter is made once, for every call."""
     facts = artifact.manifest["edgetpu"]
-    host = ort_session(onnx.load(str(artifact.path / facts["host_model"]))) if facts["host_model"] else None
-    interpreter = Interpreter(model_path=str(artifact.path / TFLITE))
-    interpreter.allocate_tensors()
-    index = {
-        d["name"]: d["index"] for d in (*interpreter.get_input_details(), *interpreter.get_output_details())
-    }
+    int8 = {name: _quant(spec) for name, spec in facts["int8"].items()}
+    steps = [_step(artifact.path / seg["file"], seg) for seg in facts["segments"]]
+    outputs = [o["name"] for o in artifact.outputs]
 
     def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         artifact.check_inputs(feeds)
-        values = dict(feeds)
-        if host is not None:
-            names = [o.name for o in host.get_outputs()]
-            values.update(zip(names, host.run(names, feeds)))
-        for spec in facts["tflite_inputs"]:
-            value = np.asarray(values[spec["name"]], np.float32).reshape(spec["shape"])
-            interpreter.set_tensor(index[spec["name"]], quantize(value, _quant(spec)))
-        interpreter.invoke()
-        return {
-            spec["name"]: dequantize(interpreter.get_tensor(index[spec["name"]]), _quant(spec))
-            for spec in facts["tflite_outputs"]
+        values = {
+            name: quantize(np.asarray(v, np.float32), int8[name]) if name in int8 else v
+            for name, v in feeds.items()
         }
+        for step in steps:
+            values.update(step(values))
+        return {name: dequantize(values[name], int8[name]) if name in int8 else values[name] for name in outputs}
+
+    return run
+
+
+def _step(path, seg: dict) -> Callable[[dict], dict]:
+    """One segment as a function of the values computed so far to the values it adds."""
+    if seg["kind"] == "host":
+        import onnx  # here: a TVM artifact runs without onnx
+
+        from edgecc.core.verify import ort_session
+
+        session = ort_session(onnx.load(str(path)))
+        return lambda values: dict(
+            zip(seg["outputs"], session.run(seg["outputs"], {n: values[n] for n in seg["inputs"]}))
+        )
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    ins = {d["name"]: d for d in interpreter.get_input_details()}
+    outs = {d["name"]: d for d in interpreter.get_output_details()}
+
+    def run(values: dict) -> dict:
+        for name in seg["inputs"]:
+            interpreter.set_tensor(ins[name]["index"], np.asarray(values[name]).reshape(ins[name]["shape"]))
+        interpreter.invoke()
+        return {name: interpreter.get_tensor(outs[name]["index"]) for name in seg["outputs"]}
 
     return run
 

@@ -1,16 +1,17 @@
-"""The Edge TPU backend (`--target coral-edgetpu`): the optimized model as a fully-int8 TFLite.
+"""The Edge TPU backend (`--target coral-edgetpu`): the optimized model as a chain of fully-int8
+TFLite segments for the Edge TPU and ONNX segments for the host.
 
 `build`, after the target's pipeline (static shapes, legalizations):
-1. the host cut recorded by `host-embedding`: its nodes become `host.onnx` (ONNX Runtime), the
-   rest is the device part whose inputs are the cut's tensors;
-2. calibration: the batch-1 samples of `--calibration` (arrays stacked along the batch dim), or,
+1. calibration: the batch-1 samples of `--calibration` (arrays stacked along the batch dim), or,
    without it, SYNTHETIC_SAMPLES seeded random batches with a warning (what quantize-int8's static
    mode does): scales from random inputs are a guess, and the manifest says which was used;
-3. `model.tflite` (edgecc.backends.edgetpu.tflite), its predicted mapping (`edgetpu_predict.json`,
-   `edgetpu_compiler.log`) and, when edgetpu_compiler is installed, its real one beside it.
+2. segmentation (edgecc.backends.edgetpu.segment): every node that maps goes to an Edge TPU segment
+   (`tpuN.tflite`, fully int8), the rest to host segments (`hostN.onnx`, float, ONNX Runtime);
+3. the predicted mapping of the whole chain (`edgetpu_predict.json`, `edgetpu_compiler.log`) and,
+   when edgetpu_compiler is installed, its real one beside it (the segments co-compiled).
 
-`verify` runs the artifact as `edgecc run` runs it (LiteRT) on the calibration inputs against
-ONNX Runtime fp32 on the source model, within the target's cosine and relative RMS error bounds.
+`verify` runs the chain as `edgecc run` runs it (LiteRT and ONNX Runtime) on the calibration inputs
+against ONNX Runtime fp32 on the source model, within the target's cosine and relative RMS bounds.
 """
 
 from __future__ import annotations
@@ -23,17 +24,15 @@ from typing import Callable
 
 import numpy as np
 import onnx
-import onnx.utils
 import onnx_ir as ir
 
 from edgecc.backends.base import Backend
-from edgecc.backends.edgetpu import predict, tflite
+from edgecc.backends.edgetpu import predict, segment, tflite
 from edgecc.backends.edgetpu.report import render
 from edgecc.core.optimize import Optimized
 from edgecc.core.target import TargetDesc
 from edgecc.core.verify import cosine, graph_inputs, ort_session, random_inputs, relative_rmse
 from edgecc.errors import UserError, VerificationError
-from edgecc.passes.host_embedding import HOST_OUTPUTS_KEY, host_nodes
 from edgecc.runtime import litert
 from edgecc.runtime.artifact import Artifact
 
@@ -41,8 +40,7 @@ SYNTHETIC_SAMPLES = 8
 PREDICT_JSON = "edgetpu_predict.json"
 PREDICT_LOG = "edgetpu_compiler.log"
 COMPILER_LOG = "edgetpu_compiler.actual.log"
-PREDICTION_KEYS = ("label", "compiler_version", "ops_total", "ops_on_edgetpu", "ops_on_cpu", "macs_total",
-                   "macs_on_edgetpu", "mac_coverage", "segment_ends_at", "table")
+SEGMENT_KEYS = ("index", "kind", "file", "nodes", "ops", "macs", "transfer_bytes", "why")
 
 
 def _samples(
@@ -71,23 +69,6 @@ def _samples(
     return samples, "calibration data"
 
 
-def _host_split(opt) -> tuple[set[int], list[str]]:
-    """Indices of the host nodes and the names of the tensors the device part reads from them."""
-    if HOST_OUTPUTS_KEY not in opt.optimized.metadata_props:
-        ints = [s for s in graph_inputs(opt.proto) if s.dtype.kind in "iub"]
-        if ints:
-            raise UserError(
-                f"input '{ints[0].name}' is {ints[0].dtype}: the Edge TPU computes int8 activations "
-                "only; add host-embedding to the pipeline to leave lookups to the host"
-            )
-        return set(), []
-    host = set(host_nodes(opt.optimized.graph))
-    return (
-        {i for i, n in enumerate(opt.optimized.graph) if n in host},
-        json.loads(opt.optimized.metadata_props[HOST_OUTPUTS_KEY]),
-    )
-
-
 class EdgeTPUBackend(Backend):
     builder = "ai-edge-litert"
 
@@ -101,42 +82,48 @@ class EdgeTPUBackend(Backend):
         t = time.perf_counter()
         model = ir.to_proto(opt.optimized)  # with its weights: the TFLite writer reads them from the proto
         self.samples, self.origin = _samples(model, opt.ctx.calibration, self.options.seed, self.log)
-        skip, host_outputs = _host_split(opt)
-        device_inputs = host_outputs + [s.name for s in graph_inputs(model) if s.dtype.kind == "f"]
         ranges = tflite.calibrate(model, self.samples)
         opt.timings["calibrate"] = round(time.perf_counter() - t, 3)
-        self.log(f"writing {litert.TFLITE}")
+        self.log("cutting the graph into Edge TPU and host segments")
         t = time.perf_counter()
-        exported = tflite.export(model, ranges, skip, device_inputs)
+        plan = segment.plan(model, ranges, self.target.edgetpu)
+        files = _file_names(plan.segments)
+        for s, file in zip(plan.segments, files):
+            if s.kind == segment.EDGETPU:
+                (stage_dir / file).write_bytes(s.exported.flatbuffer)
+            else:
+                onnx.save(segment.host_model(model, s, plan.int8), stage_dir / file)
         opt.timings["export"] = round(time.perf_counter() - t, 3)
-        prediction = predict.predict(exported.flatbuffer, self.target.edgetpu)
+        prediction = predict.summarize(plan, files, self.target.edgetpu["compiler_version"])
         self.log(
-            f"predicted: {prediction['ops_on_edgetpu']} of {prediction['ops_total']} ops on the Edge TPU, "
-            f"{prediction['mac_coverage']:.1%} of MACs ({predict.LABEL})"
+            f"predicted: {prediction['segments_on_edgetpu']} Edge TPU segment(s) holding "
+            f"{prediction['mac_coverage']:.1%} of MACs, {prediction['segments_on_host']} host segment(s), "
+            f"{prediction['transfers']['bytes']:,} bytes host<->TPU per inference ({predict.LABEL})"
         )
-        (stage_dir / litert.TFLITE).write_bytes(exported.flatbuffer)
-        if host_outputs:
-            ints = [s.name for s in graph_inputs(model) if s.dtype.kind in "iub"]
-            onnx.save(onnx.utils.Extractor(model).extract_model(ints, host_outputs),
-                      stage_dir / litert.HOST_MODEL)
+        if not prediction["segments_on_edgetpu"]:
+            self.log("warning: no op of this model is predicted to map to the Edge TPU: all of it runs on the host")
         (stage_dir / PREDICT_JSON).write_text(json.dumps(prediction, indent=2) + "\n")
-        (stage_dir / PREDICT_LOG).write_text(predict.render_log(prediction, litert.TFLITE))
-        compiled = _run_compiler(self.target, stage_dir, prediction, self.log)
+        (stage_dir / PREDICT_LOG).write_text(predict.render_log(prediction))
+        tpu_files = [f for s, f in zip(plan.segments, files) if s.kind == segment.EDGETPU]
+        compiled = _run_compiler(self.target, stage_dir, tpu_files, prediction, self.log)
         return {
             "build": {
                 "format": "tflite",
-                "library": litert.TFLITE,
+                "library": files[0],
                 "runtime": "litert",
-                "ops": prediction["ops_total"],
-                "tflite_bytes": len(exported.flatbuffer),
+                "segments": len(files),
+                "ops": prediction["ops_on_edgetpu"],
+                "tflite_bytes": sum((stage_dir / f).stat().st_size for f in tpu_files),
             },
             "edgetpu": {
-                "tflite_inputs": exported.inputs,
-                "tflite_outputs": exported.outputs,
-                "host_model": litert.HOST_MODEL if host_outputs else None,
-                "host_outputs": host_outputs,
+                "segments": [
+                    {"kind": s.kind, "file": f, "inputs": s.inputs, "outputs": s.outputs}
+                    for s, f in zip(plan.segments, files)
+                ],
+                "int8": {name: q.to_json() for name, q in sorted(plan.int8.items())},
                 "calibration": {"source": self.origin, "samples": len(self.samples)},
-                "prediction": {k: prediction[k] for k in PREDICTION_KEYS},
+                "prediction": {k: v for k, v in prediction.items() if k != "segments"}
+                | {"segments": [{k: r[k] for k in SEGMENT_KEYS if k in r} for r in prediction["segments"]]},
                 "compiler": compiled,
             },
         }
@@ -151,28 +138,37 @@ class EdgeTPUBackend(Backend):
         return render(manifest)
 
 
-def _run_compiler(target: TargetDesc, stage_dir: Path, prediction: dict, log) -> dict | None:
-    """edgetpu_compiler's own mapping, when it is installed, and where the prediction differed."""
+def _file_names(segments: list) -> list[str]:
+    count = {segment.EDGETPU: 0, segment.HOST: 0}
+    names = []
+    for s in segments:
+        names.append(f"{'tpu' if s.kind == segment.EDGETPU else 'host'}{count[s.kind]}"
+                     f".{'tflite' if s.kind == segment.EDGETPU else 'onnx'}")
+        count[s.kind] += 1
+    return names
+
+
+def _run_compiler(target: TargetDesc, stage_dir: Path, files: list[str], prediction: dict, log) -> dict | None:
+    """edgetpu_compiler's own mapping of every Edge TPU segment (co-compiled), when it is installed,
+    and where the prediction differed."""
     exe = target.toolchain.get("edgetpu_compiler", "edgetpu_compiler")
+    predicted = {r["file"]: r["table"] for r in prediction["segments"] if r["kind"] == segment.EDGETPU}
     with tempfile.TemporaryDirectory() as tmp:
-        result = predict.run_compiler(exe, stage_dir / litert.TFLITE, Path(tmp))
+        result = predict.run_compiler(exe, [stage_dir / f for f in files], Path(tmp))
         if result is None:
             return None
-        if result.get("compiled_model"):
-            (stage_dir / "model_edgetpu.tflite").write_bytes(
-                (Path(tmp) / result["compiled_model"]).read_bytes()
-            )
-            result["compiled_model"] = "model_edgetpu.tflite"
+        for entry in result["models"].values():
+            if entry["compiled_model"]:
+                (stage_dir / entry["compiled_model"]).write_bytes((Path(tmp) / entry["compiled_model"]).read_bytes())
     (stage_dir / COMPILER_LOG).write_text(result.pop("log"))
     result["log"] = COMPILER_LOG
-    if "table" in result:
-        result["differences"] = predict.differences(prediction["table"], result["table"])
-        log(
-            f"edgetpu_compiler: {result['ops_on_edgetpu']} ops on the Edge TPU; "
-            f"{len(result['differences'])} rows differ from the prediction"
-        )
-    else:
-        log(f"edgetpu_compiler failed: {result['error']}")
+    for file, entry in result["models"].items():
+        if "table" in entry:
+            entry["differences"] = predict.differences(predicted[file], entry["table"])
+            log(f"edgetpu_compiler: {file}: {entry['ops_on_edgetpu']} ops on the Edge TPU; "
+                f"{len(entry['differences'])} rows differ from the prediction")
+        else:
+            log(f"edgetpu_compiler failed on {file}: {entry['error']}")
     return result
 
 

@@ -1,14 +1,16 @@
 """What edgetpu_compiler would map: a prediction from the target's table, and the real compiler's log.
 
-edgetpu_compiler puts one contiguous segment of supported ops on the TPU: it walks the ops in
-order, and from the first op it cannot map on, everything runs on the CPU. `predict` does the same
-walk against the target's `[edgetpu]` table (supported ops and their highest version, the
-3-innermost-dims rule, the limitations column) and reports per op the status string the compiler
-prints, plus the multiply-accumulates (MACs) inside the segment. It is a prediction, labelled so:
-the compiler's own rules are closed and partly unwritten.
+`op_statuses` reads each op of a TFLite model against the target's `[edgetpu]` table (supported ops
+and their highest version, the 3-innermost-dims rule, the limitations column) and gives the status
+string the compiler prints, plus the op's multiply-accumulates (MACs). The segmentation
+(`segment.py`) uses it to place nodes; `summarize` is the whole model's prediction: per segment its
+ops or host nodes, the MAC coverage of the Edge TPU segments, and the int8 bytes each inference
+moves between host and TPU. It is a prediction, labelled so: the compiler's own rules are closed
+and partly unwritten.
 
-When `edgetpu_compiler` is on PATH, `run_compiler` runs it and `parse_log` reads its table, so the
-artifact shows both and where they differ. edgecc itself never writes Edge TPU custom ops.
+When `edgetpu_compiler` is on PATH, `run_compiler` co-compiles every Edge TPU segment (one call,
+so they share the on-chip parameter cache) and `parse_log` reads each one's table, so the artifact
+shows both and where they differ. edgecc itself never writes Edge TPU custom ops.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ VERSION = "Operation version not supported"
 DTYPE = "Operation is working on an unsupported data type"
 RANK = "Tensor has unsupported rank (up to 3 innermost dimensions mapped)"
 LIMITATION = "Operation is otherwise supported, but not mapped due to some unspecified limitation"
-AFTER_SEGMENT = "More than one subgraph is not supported"
 LABEL = "PREDICTED — not compiled"
 COMPILER_TIMEOUT_S = 600
 
@@ -73,7 +74,8 @@ def _status(
     inner = table["max_inner_dims"]
     for t in activations:
         if any(d > 1 for d in list(t.shape)[:-inner]):
-            return RANK, f"tensor '{t.name}' {list(t.shape)} has a dim > 1 outside the {inner} innermost"
+            name = t.name.decode() if isinstance(t.name, bytes) else t.name
+            return RANK, f"tensor '{name}' {[int(d) for d in t.shape]} has a dim > 1 outside the {inner} innermost"
     options = op.builtinOptions
     if op_name in limits["no_fused_activation"] and getattr(options, "fusedActivationFunction", 0):
         return LIMITATION, f"{op_name} with a fused activation"
@@ -93,7 +95,7 @@ def _status(
                 f"{limits['mean_channel_multiple']}",
             )
     if op_name == "SOFTMAX":
-        shape = list(ins[0].shape)
+        shape = [int(d) for d in ins[0].shape]
         if (
             math.prod(shape) > limits["softmax_max_elements"]
             or sum(d > 1 for d in shape) > limits["softmax_max_dims"]
@@ -106,29 +108,18 @@ def _status(
     return MAPPED, ""
 
 
-def predict(flatbuffer: bytes, table: dict) -> dict:
-    """Per-op statuses, the compiler-style table and MAC coverage of the single TPU segment."""
+def op_statuses(flatbuffer: bytes, table: dict) -> list[dict]:
+    """Per op of a TFLite model: its name, version, predicted status (and why) and MACs."""
     fb, names = _names()
     model = fb.ModelT.InitFromPackedBuf(flatbuffer, 0)
     sub = model.subgraphs[0]
-    ops, segment_open, first = [], True, None
+    ops = []
     for i, op in enumerate(sub.operators):
         code = model.operatorCodes[op.opcodeIndex]
         name = names[max(code.builtinCode, code.deprecatedBuiltinCode)]
         ins = [sub.tensors[j] for j in op.inputs if j >= 0]
         outs = [sub.tensors[j] for j in op.outputs]
         status, why = _status(name, code.version, op, ins, outs, table, model.buffers)
-        if segment_open and status != MAPPED:
-            segment_open = False
-            first = {
-                "index": i,
-                "op": name,
-                "status": status,
-                "why": why,
-                "output": outs[0].name.decode() if isinstance(outs[0].name, bytes) else outs[0].name,
-            }
-        elif not segment_open and status == MAPPED:
-            status, why = AFTER_SEGMENT, "after the first op that is not mapped"
         ops.append(
             {
                 "index": i,
@@ -139,21 +130,7 @@ def predict(flatbuffer: bytes, table: dict) -> dict:
                 "macs": int(_macs(name, ins, outs)),
             }
         )
-    total = sum(o["macs"] for o in ops)
-    on_tpu = sum(o["macs"] for o in ops if o["status"] == MAPPED)
-    return {
-        "label": LABEL,
-        "compiler_version": table["compiler_version"],
-        "ops_total": len(ops),
-        "ops_on_edgetpu": sum(o["status"] == MAPPED for o in ops),
-        "ops_on_cpu": sum(o["status"] != MAPPED for o in ops),
-        "macs_total": total,
-        "macs_on_edgetpu": on_tpu,
-        "mac_coverage": on_tpu / total if total else 1.0,
-        "segment_ends_at": first,
-        "table": table_rows(ops),
-        "ops": ops,
-    }
+    return ops
 
 
 def table_rows(ops: list[dict]) -> list[dict]:
@@ -163,32 +140,76 @@ def table_rows(ops: list[dict]) -> list[dict]:
     return [{"operator": op, "count": counts[(op, status)], "status": status} for op, status in seen]
 
 
-def render_log(prediction: dict, model_name: str) -> str:
-    """The prediction in edgetpu_compiler's log format, labelled as a prediction."""
+def summarize(plan, files: list[str], compiler_version: str) -> dict:
+    """The whole model's prediction from a segmentation plan and the segments' file names."""
+    segments = []
+    for i, (s, file) in enumerate(zip(plan.segments, files)):
+        row = {
+            "index": i,
+            "kind": s.kind,
+            "file": file,
+            "nodes": len(s.nodes),
+            "macs": sum(plan.macs[n.name] for n in s.nodes),
+            "inputs": s.inputs,
+            "outputs": s.outputs,
+        }
+        if s.ops is not None:
+            moved = [*s.inputs, *s.outputs]
+            row.update(
+                ops=len(s.ops),
+                table=table_rows(s.ops),
+                transfer_bytes=sum(math.prod(plan.shapes[name]) for name in moved),
+            )
+        else:
+            why = Counter(plan.host[n.name] for n in s.nodes)
+            row["why"] = [{"why": w, "nodes": c} for w, c in why.most_common()]
+        segments.append(row)
+    tpu = [r for r in segments if r["kind"] == "edgetpu"]
+    total = sum(r["macs"] for r in segments)
+    on_tpu = sum(r["macs"] for r in tpu)
+    return {
+        "label": LABEL,
+        "compiler_version": compiler_version,
+        "segments_on_edgetpu": len(tpu),
+        "segments_on_host": len(segments) - len(tpu),
+        "ops_on_edgetpu": sum(r["ops"] for r in tpu),
+        "nodes_on_host": sum(r["nodes"] for r in segments if r["kind"] == "host"),
+        "macs_total": total,
+        "macs_on_edgetpu": on_tpu,
+        "mac_coverage": on_tpu / total if total else (1.0 if tpu else 0.0),
+        "transfers": {
+            "count": sum(len(r["inputs"]) + len(r["outputs"]) for r in tpu),
+            "bytes": sum(r["transfer_bytes"] for r in tpu),
+        },
+        "segments": segments,
+    }
+
+
+def render_log(prediction: dict) -> str:
+    """The prediction in edgetpu_compiler's log format, one table per Edge TPU segment, labelled."""
     lines = [
         f"{LABEL}: edgecc's reading of the Edge TPU supported-ops table (edgetpu_compiler "
         f"{prediction['compiler_version']}); run edgetpu_compiler for the real mapping.",
-        f"Input: {model_name}",
         "",
     ]
-    if prediction["ops_on_cpu"]:
-        lines += [
-            f"Number of operations that will run on Edge TPU: {prediction['ops_on_edgetpu']}",
-            f"Number of operations that will run on CPU: {prediction['ops_on_cpu']}",
-            "",
-        ]
-    lines += [_row("Operator", "Count", "Status"), ""]
-    lines += [_row(r["operator"], r["count"], r["status"]) for r in prediction["table"]]
-    end = prediction["segment_ends_at"]
+    for r in prediction["segments"]:
+        if r["kind"] != "edgetpu":
+            continue
+        lines += [f"Input: {r['file']}", "", _row("Operator", "Count", "Status"), ""]
+        lines += [_row(t["operator"], t["count"], t["status"]) for t in r["table"]]
+        lines.append("")
+    host = [r for r in prediction["segments"] if r["kind"] == "host"]
+    if host:
+        lines.append(f"On the host (CPU), {prediction['nodes_on_host']} ONNX nodes in {len(host)} segments:")
+        for r in host:
+            lines.append(f"  {r['file']}: " + "; ".join(f"{w['nodes']} x {w['why']}" for w in r["why"]))
+        lines.append("")
+    t = prediction["transfers"]
     lines += [
-        "",
-        f"MAC coverage of the Edge TPU segment: {prediction['mac_coverage']:.1%} "
+        f"MAC coverage of the Edge TPU segments: {prediction['mac_coverage']:.1%} "
         f"({prediction['macs_on_edgetpu']:,} of {prediction['macs_total']:,} MACs)",
+        f"Host <-> Edge TPU transfers per inference: {t['count']} tensors, {t['bytes']:,} bytes (int8)",
     ]
-    if end:
-        lines.append(
-            f"The segment ends at op {end['index']} ({end['op']}, output '{end['output']}'): {end['why']}."
-        )
     return "\n".join(lines) + "\n"
 
 
@@ -229,26 +250,28 @@ def differences(predicted: list[dict], actual: list[dict]) -> list[dict]:
     ]
 
 
-def run_compiler(executable: str, tflite: Path, out_dir: Path) -> dict | None:
-    """Run edgetpu_compiler on the model when it is installed; None when it is not on PATH."""
+def run_compiler(executable: str, models: list[Path], out_dir: Path) -> dict | None:
+    """Co-compile the Edge TPU segments when edgetpu_compiler is installed; None when it is not.
+    Per model: its parsed table (or the error), and the compiled model's name when one was written."""
     exe = shutil.which(executable)
-    if exe is None:
+    if exe is None or not models:
         return None
     proc = subprocess.run(
-        [exe, "-s", "-o", str(out_dir), str(tflite)],
+        [exe, "-s", "-o", str(out_dir), *map(str, models)],
         capture_output=True,
         text=True,
         timeout=COMPILER_TIMEOUT_S,
     )
-    log_file = out_dir / f"{tflite.stem}_edgetpu.log"
-    text = proc.stdout + (
-        log_file.read_text() if log_file.is_file() and "Operator" not in proc.stdout else ""
-    )
-    result = {"executable": exe, "returncode": proc.returncode, "log": text + proc.stderr}
-    try:
-        result.update(parse_log(text))
-    except ValueError as e:
-        result["error"] = f"{e}; exit code {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-300:]}"
-    compiled = out_dir / f"{tflite.stem}_edgetpu.tflite"
-    result["compiled_model"] = compiled.name if compiled.is_file() else None
+    result = {"executable": exe, "returncode": proc.returncode, "log": proc.stdout + proc.stderr, "models": {}}
+    for model in models:
+        log_file = out_dir / f"{model.stem}_edgetpu.log"
+        text = log_file.read_text() if log_file.is_file() else (proc.stdout if len(models) == 1 else "")
+        entry: dict = {}
+        try:
+            entry.update(parse_log(text))
+        except ValueError as e:
+            entry["error"] = f"{e}; exit code {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-300:]}"
+        compiled = out_dir / f"{model.stem}_edgetpu.tflite"
+        entry["compiled_model"] = compiled.name if compiled.is_file() else None
+        result["models"][model.name] = entry
     return result

@@ -12,66 +12,60 @@ def render(m: dict) -> str:
         "",
         f"- target: **{t['name']}** — {t['description']}",
         f"- pipeline: `{m['pipeline']}`",
-        f"- `model.tflite`: {m['build']['tflite_bytes']:,} bytes, {m['build']['ops']} ops, fully int8 "
-        f"(int32 biases), static shapes, batch 1",
+        f"- {p['segments_on_edgetpu']} Edge TPU segment(s) (`tpuN.tflite`: fully int8, int32 biases, static "
+        f"shapes, batch 1; {m['build']['tflite_bytes']:,} bytes, {p['ops_on_edgetpu']} ops) and "
+        f"{p['segments_on_host']} host segment(s) (`hostN.onnx`, float, ONNX Runtime)",
         f"- calibration: {e['calibration']['samples']} {e['calibration']['source']} samples",
         "",
-    ]
-    if e["host_model"]:
-        lines += [
-            "## Host part",
-            "",
-            f"Embedding lookups and integer index arithmetic run on the host (`{e['host_model']}`, ONNX "
-            f"Runtime): the Edge TPU model's inputs are {', '.join(f'`{n}`' for n in e['host_outputs'])}.",
-            "",
-        ]
-    lines += [
-        f"## Edge TPU mapping — {LABEL}",
+        f"## What runs where — {LABEL}",
         "",
         f"edgecc's reading of the supported-ops table for edgetpu_compiler {p['compiler_version']} "
         f"(`targets/{t['name']}.toml`); the compiler itself was "
-        f"{'run: see below' if e['compiler'] else 'not installed'}.",
+        f"{'run: see below' if e['compiler'] else 'not installed'}. The segments run in this order; "
+        "values crossing between a host and an Edge TPU segment are int8 with one scale and zero point.",
         "",
-        f"- ops on the Edge TPU: {p['ops_on_edgetpu']} of {p['ops_total']}",
-        f"- MAC coverage of the single Edge TPU segment: **{p['mac_coverage']:.1%}** "
+        f"- MAC coverage of the Edge TPU segments: **{p['mac_coverage']:.1%}** "
         f"({p['macs_on_edgetpu']:,} of {p['macs_total']:,})",
+        f"- host <-> Edge TPU transfers per inference: {p['transfers']['count']} tensors, "
+        f"{p['transfers']['bytes']:,} bytes",
+        "",
+        "| # | runs on | file | ops / nodes | MACs | inputs | outputs |",
+        "|---|---|---|---|---|---|---|",
     ]
-    end = p["segment_ends_at"]
-    if end:
+    for seg, r in zip(e["segments"], p["segments"]):
+        size = f"{r['ops']} ops" if seg["kind"] == "edgetpu" else f"{r['nodes']} nodes"
         lines.append(
-            f"- the segment ends at op {end['index']}, {end['op']} (output `{end['output']}`): "
-            f"{end['status']} — {end['why']}; every op after it runs on the CPU"
+            f"| {r['index']} | {'Edge TPU' if seg['kind'] == 'edgetpu' else 'host'} | `{seg['file']}` | {size} | "
+            f"{r['macs']:,} | {len(seg['inputs'])} | {len(seg['outputs'])} |"
         )
-    lines += ["", "| Operator | Count | Status |", "|---|---|---|"]
-    lines += [f"| {r['operator']} | {r['count']} | {r['status']} |" for r in p["table"]]
+    host = [r for r in p["segments"] if r["kind"] == "host"]
+    if host:
+        lines += ["", "Why nodes run on the host:", ""]
+        lines += [f"- `{r['file']}`: " + "; ".join(f"{w['nodes']} × {w['why']}" for w in r["why"]) for r in host]
     compiled = e["compiler"]
     if compiled:
-        lines += ["", "## edgetpu_compiler (compiled)", ""]
-        if "error" in compiled:
-            lines.append(f"- failed: {compiled['error']}")
-        else:
+        lines += ["", "## edgetpu_compiler (co-compiled)", "", f"- log `{compiled['log']}`"]
+        for file, entry in compiled["models"].items():
+            if "error" in entry:
+                lines.append(f"- `{file}`: failed: {entry['error']}")
+                continue
+            diffs = entry["differences"]
             lines.append(
-                f"- {compiled['ops_on_edgetpu']} ops on the Edge TPU, {compiled['ops_on_cpu']} on the CPU; "
-                f"log `{compiled['log']}`"
+                f"- `{file}`: {entry['ops_on_edgetpu']} ops on the Edge TPU, {entry['ops_on_cpu']} on the CPU; "
+                f"rows where the prediction differed: {len(diffs) or 'none'}"
             )
-            diffs = compiled["differences"]
-            lines.append(f"- rows where the prediction differed: {len(diffs) or 'none'}")
             lines += [
                 f"  - {d['operator']} / {d['status']}: predicted {d['predicted']}, compiler {d['compiler']}"
                 for d in diffs
             ]
     lines += [
         "",
-        "## Inputs and outputs of model.tflite (int8: q = round(x / scale) + zero_point)",
+        "## int8 values at the seams and the model's int8 inputs and outputs (q = round(x / scale) + zero_point)",
         "",
-        "| | name | shape | scale | zero point |",
-        "|---|---|---|---|---|",
+        "| name | scale | zero point |",
+        "|---|---|---|",
     ]
-    for kind in ("tflite_inputs", "tflite_outputs"):
-        for s in e[kind]:
-            lines.append(
-                f"| {kind[7:-1]} | `{s['name']}` | {s['shape']} | {s['scale']:.6g} | {s['zero_point']} |"
-            )
+    lines += [f"| `{name}` | {q['scale']:.6g} | {q['zero_point']} |" for name, q in e["int8"].items()]
     lines += ["", "## Passes", "", "| pass | changed | nodes | stats |", "|---|---|---|---|"]
     for r in m["passes"]:
         stats = ", ".join(

@@ -127,47 +127,96 @@ class _UnionFind:
         self.parent[self.find(a)] = self.find(b)
 
 
+def plan_quants(
+    nodes: list[onnx.NodeProto], ranges: dict[str, tuple[float, float]], consts: set[str]
+) -> dict[str, Quant]:
+    """Per ONNX value: one Quant, shared across the groups that int8 kernels require. Planned once
+    for the whole graph, so a tensor crossing from one segment to another has one scale and zero
+    point on both sides."""
+    uf = _UnionFind()
+    fixed: dict[str, Quant] = {}
+    for n in nodes:
+        acts = [x for x in n.input if x and x not in consts]
+        if n.op_type in SAME_SCALE_OPS:
+            shared = acts if n.op_type == "Concat" else acts[:1]
+            for name in (*shared, *n.output):
+                if name:
+                    uf.union(name, n.output[0])
+        if n.op_type in FIXED_OUTPUT_QUANT:
+            scale, zp = FIXED_OUTPUT_QUANT[n.op_type]
+            fixed[n.output[0]] = Quant((scale,), (zp,))
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name in ranges:
+        groups[uf.find(name)].append(name)
+    quants: dict[str, Quant] = {}
+    for members in groups.values():
+        pinned = [fixed[m] for m in members if m in fixed]
+        if pinned:
+            q = pinned[0]
+        else:
+            q = activation_quant(min(ranges[m][0] for m in members), max(ranges[m][1] for m in members))
+        quants.update(dict.fromkeys(members, q))
+    return quants
+
+
 @dataclasses.dataclass
 class Exported:
     flatbuffer: bytes
     inputs: list[dict]  # name, shape, dtype, scale, zero_point (what a caller quantizes with)
     outputs: list[dict]
-    quants: dict[str, Quant]  # tflite tensor name -> quantization of the model's inputs/outputs
+    origins: list[list[str]]  # per op of the flatbuffer: the ONNX nodes it was written for
+    failed: dict[str, str]  # probe mode: node name -> why it has no int8 TFLite form
+
+
+@dataclasses.dataclass
+class Graph:
+    """What every export of one ONNX graph reads: static shapes and constant values."""
+
+    graph: onnx.GraphProto
+    shapes: dict[str, tuple[int, ...]]
+    consts: dict[str, np.ndarray]
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> "Graph":
+        g = model.graph
+        shapes = {}
+        for vi in (*g.input, *g.value_info, *g.output):
+            dims = vi.type.tensor_type.shape.dim
+            if all(d.HasField("dim_value") for d in dims):
+                shapes[vi.name] = tuple(int(d.dim_value) for d in dims)
+        consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        for n in g.node:
+            if n.op_type == "Constant":
+                consts[n.output[0]] = numpy_helper.to_array(onnx.helper.get_attribute_value(n.attribute[0]))
+        return cls(g, shapes, consts)
 
 
 class Exporter:
-    """One ONNX graph (its device part) -> one TFLite subgraph."""
+    """Some nodes of one ONNX graph, fed by `inputs`, producing `outputs` -> one TFLite subgraph.
+
+    In probe mode a node with no int8 TFLite form does not stop the walk: it is recorded in
+    `failed` and its outputs become inputs of the subgraph, as they will be when it runs on the host.
+    """
 
     def __init__(
         self,
-        model: onnx.ModelProto,
-        ranges: dict[str, tuple[float, float]],
-        skip_nodes: set[int] = frozenset(),
-        inputs: list[str] | None = None,
+        g: Graph,
+        quants: dict[str, Quant],
+        nodes: list[onnx.NodeProto],
+        inputs: list[str],
+        outputs: list[str],
+        probe: bool = False,
     ):
         self.fb = _schema()
-        self.model = model
-        self.graph = model.graph
-        self.nodes = [n for i, n in enumerate(self.graph.node) if i not in skip_nodes]
-        self.ranges = ranges
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        for vi in (*self.graph.input, *self.graph.value_info, *self.graph.output):
-            dims = vi.type.tensor_type.shape.dim
-            if all(d.HasField("dim_value") for d in dims):
-                self.shapes[vi.name] = tuple(int(d.dim_value) for d in dims)
-        self.consts: dict[str, np.ndarray] = {
-            t.name: numpy_helper.to_array(t) for t in self.graph.initializer
-        }
-        for n in self.nodes:
-            if n.op_type == "Constant":
-                self.consts[n.output[0]] = numpy_helper.to_array(
-                    onnx.helper.get_attribute_value(n.attribute[0])
-                )
-        inits = set(self.consts)
-        self.input_names = (
-            inputs if inputs is not None else [i.name for i in self.graph.input if i.name not in inits]
-        )
-        self.output_names = [o.name for o in self.graph.output]
+        self.graph = g.graph
+        self.nodes = [n for n in nodes if n.op_type != "Constant"]
+        self.shapes = g.shapes
+        self.consts = g.consts
+        self.quants = quants
+        self.input_names = list(inputs)
+        self.output_names = list(outputs)
+        self.probe = probe
+        self.failed: dict[str, str] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         for n in self.nodes:
             for name in n.input:
@@ -180,38 +229,7 @@ class Exporter:
         self.layouts: dict[tuple[str, tuple[int, ...]], int] = {}
         self.skip: set[int] = set()  # ids of nodes folded into an earlier op
         self.renamed: dict[str, str] = {}  # an op's output -> the name of the activation/bias folded into it
-        self.quants = self._plan_quants()
-
-    # --- quantization plan ---------------------------------------------------------------------
-
-    def _plan_quants(self) -> dict[str, Quant]:
-        """Per ONNX value: one Quant, shared across the groups that int8 kernels require."""
-        uf = _UnionFind()
-        fixed: dict[str, Quant] = {}
-        for n in self.nodes:
-            acts = [x for x in n.input if x and x not in self.consts]
-            if n.op_type in SAME_SCALE_OPS:
-                shared = acts if n.op_type == "Concat" else acts[:1]
-                for name in (*shared, *n.output):
-                    if name:
-                        uf.union(name, n.output[0])
-            if n.op_type in FIXED_OUTPUT_QUANT:
-                scale, zp = FIXED_OUTPUT_QUANT[n.op_type]
-                fixed[n.output[0]] = Quant((scale,), (zp,))
-        groups: dict[str, list[str]] = defaultdict(list)
-        for name in self.ranges:
-            groups[uf.find(name)].append(name)
-        quants: dict[str, Quant] = {}
-        for members in groups.values():
-            pinned = [fixed[m] for m in members if m in fixed]
-            if pinned:
-                q = pinned[0]
-            else:
-                q = activation_quant(
-                    min(self.ranges[m][0] for m in members), max(self.ranges[m][1] for m in members)
-                )
-            quants.update(dict.fromkeys(members, q))
-        return quants
+        self.current = ""  # the node being written: each op records it as its origin
 
     def quant(self, name: str) -> Quant:
         name = self.renamed.get(name, name)
@@ -261,6 +279,7 @@ class Exporter:
         o.outputs = list(outputs)
         o.builtinOptionsType = options_type
         o.builtinOptions = options
+        o.origin = [self.current]
         self.ops.append(o)
 
     def act_tensor(self, name: str, shape, quant: Quant | None = None) -> int:
@@ -280,7 +299,7 @@ class Exporter:
 
     def layout(self, name: str, want: tuple[int, ...]) -> int:
         """The tensor holding ONNX value `name` in layout `want` (a TRANSPOSE written on demand)."""
-        idx, perm = self.vals[name]
+        idx, perm = self.val(name)
         if perm == want:
             return idx
         key = (name, want)
@@ -297,6 +316,11 @@ class Exporter:
             )
             self.layouts[key] = out
         return self.layouts[key]
+
+    def val(self, name: str) -> tuple[int, tuple[int, ...]]:
+        if name not in self.vals:
+            raise UserError(f"tensor '{name}' is not an int8 tensor of the device part")
+        return self.vals[name]
 
     def plain(self, name: str) -> int:
         return self.layout(name, tuple(range(len(self.shape(name)))))
@@ -363,20 +387,41 @@ class Exporter:
 
     def run(self) -> Exported:
         for name in self.input_names:
-            self.vals[name] = (self.act_tensor(name, self.shape(name)), tuple(range(len(self.shape(name)))))
+            self._input(name)
         for node in self.nodes:
-            if id(node) in self.skip or node.op_type == "Constant":
+            if id(node) in self.skip:
                 continue
+            self.current = node.name
             handler = getattr(self, f"_op_{node.op_type}", None)
             if handler is None or node.domain not in ("", "ai.onnx"):
-                raise UserError(
+                self._fail(node, UserError(
                     f"node '{node.name}' ({node.domain + '.' if node.domain else ''}{node.op_type}): "
                     "no int8 TFLite form in edgecc's Edge TPU exporter (supported: "
                     f"{', '.join(sorted(k[4:] for k in dir(self) if k.startswith('_op_')))})"
-                )
-            handler(node)
-        outputs = [self.plain(name) for name in self.output_names]
-        return self._finish(outputs)
+                ))
+                continue
+            saved = len(self.ops), dict(self.layouts), set(self.skip), dict(self.renamed), dict(self.vals)
+            try:
+                handler(node)
+            except UserError as e:
+                self.ops = self.ops[: saved[0]]
+                self.layouts, self.skip, self.renamed, self.vals = saved[1:]
+                self._fail(node, e)
+        self.output_names = [name for name in self.output_names if name in self.vals]
+        return self._finish([self.plain(name) for name in self.output_names])
+
+    def _input(self, name: str) -> None:
+        self.vals[name] = (self.act_tensor(name, self.shape(name)), tuple(range(len(self.shape(name)))))
+
+    def _fail(self, node: onnx.NodeProto, error: UserError) -> None:
+        """Outside probe mode, the error; in it, the node's outputs become the subgraph's inputs."""
+        if not self.probe:
+            raise error
+        self.failed[node.name] = str(error)
+        for name in node.output:
+            if name and name in self.quants and name in self.shapes:
+                self._input(name)
+                self.input_names.append(name)
 
     # element-wise -------------------------------------------------------------------------------
 
@@ -391,7 +436,7 @@ class Exporter:
             raise UserError(
                 f"node '{node.name}' ({node.op_type}) has only constant inputs; run simplify first"
             )
-        perms = {self.vals[n][1] for n in acts}
+        perms = {self.val(n)[1] for n in acts}
         ranks = {len(self.shape(n)) for n in acts}
         perm = perms.pop() if len(perms) == 1 and len(ranks) == 1 else None
         out_rank = len(self.shape(node.output[0]))
@@ -444,7 +489,7 @@ class Exporter:
         exponent = self.consts.get(node.input[1])
         if exponent is None or exponent.size != 1 or float(exponent.reshape(-1)[0]) != 2.0:
             raise UserError(f"node '{node.name}' (Pow): only x^2 (a MUL) has an int8 TFLite form")
-        idx, perm = self.vals[node.input[0]]
+        idx, perm = self.val(node.input[0])
         self.op(
             self.fb.BuiltinOperator.MUL,
             [idx, idx],
@@ -463,7 +508,7 @@ class Exporter:
         plain: bool = False,
     ) -> None:
         source = source or node.input[0]
-        idx, perm = (self.plain(source), None) if plain else self.vals[source]
+        idx, perm = (self.plain(source), None) if plain else self.val(source)
         quant = None
         if node.op_type in FIXED_OUTPUT_QUANT:
             scale, zp = FIXED_OUTPUT_QUANT[node.op_type]
@@ -504,7 +549,7 @@ class Exporter:
         self._unary(user, self.fb.BuiltinOperator.RSQRT, source=node.input[0])
 
     def _op_Identity(self, node):
-        self.vals[node.output[0]] = self.vals[node.input[0]]
+        self.vals[node.output[0]] = self.val(node.input[0])
 
     _op_Dropout = _op_Identity
 
@@ -526,7 +571,7 @@ class Exporter:
     _op_Reshape = _op_Flatten = _op_Squeeze = _op_Unsqueeze = _reshape
 
     def _op_Transpose(self, node):
-        idx, perm = self.vals[node.input[0]]
+        idx, perm = self.val(node.input[0])
         attrs = _attrs(node)
         s = list(attrs.get("perm", reversed(range(len(perm)))))
         self.vals[node.output[0]] = (idx, tuple(s.index(p) for p in perm))  # no op: a new view
@@ -537,7 +582,7 @@ class Exporter:
         axis %= rank
         q = self.quant(node.output[0])
         acts = [x for x in node.input if x not in self.consts]
-        perms = {self.vals[x][1] for x in acts}
+        perms = {self.val(x)[1] for x in acts}
         perm = perms.pop() if len(perms) == 1 else tuple(range(rank))
         inputs = []
         for i, x in enumerate(node.input):
@@ -603,7 +648,7 @@ class Exporter:
         axes = self._axes(node)
         axes = sorted(a % rank for a in (axes if axes is not None else range(rank)))
         keep = bool(attrs.get("keepdims", 1))
-        idx, perm = self.vals[node.input[0]]
+        idx, perm = self.val(node.input[0])
         if not keep:
             idx, perm = self.plain(node.input[0]), tuple(range(rank))
         options = self.fb.ReducerOptionsT()
@@ -848,7 +893,7 @@ class Exporter:
 
         def chain_end(op) -> bool:  # not read by exactly one more movement op
             users = consumers[op.outputs[0]]
-            return not (uses[op.outputs[0]] == 1 and users[0].opcodeIndex in movement)
+            return not (uses[op.outputs[0]] == 1 and users and users[0].opcodeIndex in movement)
 
         kept = []
         for op in self.ops:
@@ -875,6 +920,7 @@ class Exporter:
                     merged.outputs = list(last.outputs)
                     merged.builtinOptionsType = self.fb.BuiltinOptions.ReshapeOptions
                     merged.builtinOptions = options
+                    merged.origin = sorted({o for c in tail for o in c.origin})
                     kept = [k for k in kept if not any(k is c for c in tail)]
                     kept.append(merged)
                     continue
@@ -971,20 +1017,22 @@ class Exporter:
                 )
             return out
 
-        quants = {
-            tensors[i].name: Quant(
-                (float(tensors[i].quantization.scale[0]),), (int(tensors[i].quantization.zeroPoint[0]),)
-            )
-            for i in (*sub.inputs, *sub.outputs)
-        }
-        return Exported(bytes(builder.Output()), io(sub.inputs), io(sub.outputs), quants)
+        return Exported(
+            bytes(builder.Output()),
+            io(sub.inputs),
+            io(sub.outputs),
+            [op.origin for op in self.ops],
+            self.failed,
+        )
 
 
 def export(
-    model: onnx.ModelProto,
-    ranges: dict[str, tuple[float, float]],
-    skip_nodes: set[int] = frozenset(),
-    inputs: list[str] | None = None,
+    g: Graph,
+    quants: dict[str, Quant],
+    nodes: list[onnx.NodeProto],
+    inputs: list[str],
+    outputs: list[str],
+    probe: bool = False,
 ) -> Exported:
-    """The device part of `model` (all but `skip_nodes`, fed by `inputs`) as an int8 TFLite model."""
-    return Exporter(model, ranges, skip_nodes, inputs).run()
+    """`nodes` of the graph, fed by `inputs`, as an int8 TFLite model producing `outputs`."""
+    return Exporter(g, quants, nodes, inputs, outputs, probe).run()
