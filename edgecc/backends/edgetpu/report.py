@@ -85,6 +85,9 @@ def render(m: dict) -> str:
             f"(≥ {v['min_cosine']}), relative RMS error {v['relative_rmse_vs_fp32']:.4f} "
             f"(≤ {v['max_relative_rmse']})"
         )
+        if "positions" in v:
+            lines.append(f"- positions compared: {v['positions']}; cosine over every position "
+                         f"{v['cosine_all_positions']:.5f}")
     lines += ["", "## Files", "", "| file | bytes |", "|---|---|"]
     lines += [f"| {name} | {info['bytes']:,} |" for name, info in m["files"].items()]
     return "\n".join(lines) + "\n"

@@ -71,6 +71,9 @@ def plan(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], table: 
     host.update(_probe(model, g, quants, nodes, host, table))
     while True:
         segments = _group(model, nodes, host)
+        for s in segments:  # a TPU op reads shapes from its static ones: integer shape operands stay behind
+            if s.kind == EDGETPU:
+                s.inputs = [x for x in s.inputs if x in quants]
         idle = [s for s in segments if s.kind == EDGETPU and not any(macs[n.name] for n in s.nodes)]
         if idle and any(macs.values()):
             host.update({n.name: NO_MACS for s in idle for n in s.nodes})
