@@ -1,12 +1,14 @@
-"""ONNX (static shapes, legalized) -> a fully int8 TFLite flatbuffer, written from the schema.
+"""Nodes of an ONNX graph (static shapes, legalized) -> a fully int8 TFLite flatbuffer, written from
+the schema: one per Edge TPU segment (segment.py), and one of the whole graph in probe mode, to see
+which nodes can be written at all and how each op would map.
 
 The flatbuffer is built with the object API classes that ship in ai-edge-litert
 (`schema_py_generated`: ModelT, SubGraphT, TensorT, OperatorT ...), so no TensorFlow is needed.
 Quantization follows what the TFLite converter does for full-integer models:
 
-- activations: int8, per tensor, asymmetric, from ranges calibrated in ONNX Runtime (`calibrate`);
-  the model's inputs and outputs are int8 too (no QUANTIZE/DEQUANTIZE at the edges), and their
-  scale and zero point are returned for the manifest;
+- activations: int8, per tensor, asymmetric, from ranges calibrated in ONNX Runtime (`calibrate`),
+  planned once for the whole graph (`plan_quants`); the segment's inputs and outputs are int8 too
+  (no QUANTIZE/DEQUANTIZE at the edges), with the plan's scale and zero point;
 - CONV_2D / DEPTHWISE_CONV_2D weights: int8, symmetric, per output channel; FULLY_CONNECTED weights:
   int8, symmetric, per tensor; biases int32 with scale = input scale x weight scale, zero point 0;
 - ops whose int8 kernels do not rescale (RESHAPE, TRANSPOSE, pools, CONCATENATION, SPLIT) share one
@@ -162,8 +164,6 @@ def plan_quants(
 @dataclasses.dataclass
 class Exported:
     flatbuffer: bytes
-    inputs: list[dict]  # name, shape, dtype, scale, zero_point (what a caller quantizes with)
-    outputs: list[dict]
     origins: list[list[str]]  # per op of the flatbuffer: the ONNX nodes it was written for
     failed: dict[str, str]  # probe mode: node name -> why it has no int8 TFLite form
 
@@ -172,7 +172,6 @@ class Exported:
 class Graph:
     """What every export of one ONNX graph reads: static shapes and constant values."""
 
-    graph: onnx.GraphProto
     shapes: dict[str, tuple[int, ...]]
     consts: dict[str, np.ndarray]
 
@@ -188,7 +187,7 @@ class Graph:
         for n in g.node:
             if n.op_type == "Constant":
                 consts[n.output[0]] = numpy_helper.to_array(onnx.helper.get_attribute_value(n.attribute[0]))
-        return cls(g, shapes, consts)
+        return cls(shapes, consts)
 
 
 class Exporter:
@@ -208,7 +207,6 @@ class Exporter:
         probe: bool = False,
     ):
         self.fb = _schema()
-        self.graph = g.graph
         self.nodes = [n for n in nodes if n.op_type != "Constant"]
         self.shapes = g.shapes
         self.consts = g.consts
@@ -1002,28 +1000,7 @@ class Exporter:
         builder = flatbuffers.Builder(1024)
         builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
 
-        def io(indices: list[int]) -> list[dict]:
-            out = []
-            for i in indices:
-                t = tensors[i]
-                out.append(
-                    {
-                        "name": t.name,
-                        "shape": list(t.shape),
-                        "dtype": "int8",
-                        "scale": float(t.quantization.scale[0]),
-                        "zero_point": int(t.quantization.zeroPoint[0]),
-                    }
-                )
-            return out
-
-        return Exported(
-            bytes(builder.Output()),
-            io(sub.inputs),
-            io(sub.outputs),
-            [op.origin for op in self.ops],
-            self.failed,
-        )
+        return Exported(bytes(builder.Output()), [op.origin for op in self.ops], self.failed)
 
 
 def export(
