@@ -115,7 +115,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.emulate:
         _log("ran under qemu-user emulation: its timings say nothing about the device, none shown")
     elif art.manifest["build"].get("runtime") == "litert":
-        _log("ran model.tflite in LiteRT's interpreter on this CPU (not on an Edge TPU): no timing shown")
+        _log("ran the Edge TPU segments in LiteRT's interpreter on this CPU (not on an Edge TPU), the host "
+             "segments in ONNX Runtime: no timing shown")
     else:
         loading = " (first run, includes loading)" if runs == 1 else ""
         _log(f"ran in {(time.perf_counter() - start) * 1000:.1f} ms{loading}")

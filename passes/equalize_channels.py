@@ -75,10 +75,9 @@ def _linears(graph: ir.Graph) -> list[tuple[ir.Node, np.ndarray, ir.Node | None,
 
 
 def _calibrate(model: ir.Model, ctx: PassContext, names: list[str]) -> dict[str, _Stats]:
-    proto = ir.to_proto(model)
-    session = ort_session(proto, outputs=names)
+    session = ort_session(model, outputs=names)  # weights in an external-data file stay there
     stats = {name: _Stats() for name in names}
-    for feeds in single_samples(proto, ctx):
+    for feeds in single_samples(model, ctx):
         for name, value in zip(names, session.run(names, feeds)):
             stats[name].add(value)
     return stats

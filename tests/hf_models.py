@@ -29,6 +29,8 @@ ARCHITECTURES = {
     "gpt2": ("gpt2", {}),  # learned positions, fused c_attn, MHA
 }
 EXPORTERS = ("dynamo", "torchscript")
+# Encoders (sentence embedding, classification backbones): model_type -> config overrides
+ENCODERS = {"bert": {}, "roberta": {"pad_token_id": 1}, "distilbert": {}}
 
 
 def config(arch: str):
@@ -101,3 +103,42 @@ def export_model(model, exporter: str, path: str | Path) -> Path:
     else:
         raise ValueError(f"exporter {exporter!r} is not one of {EXPORTERS}")
     return path
+
+
+def export_encoder(arch: str, exporter: str, path: str | Path, seq: int = 16, seed: int = 0) -> Path:
+    """A random-weight transformers encoder as users export it: input_ids and attention_mask
+    [batch, seq] -> last_hidden_state, dynamic batch; the dynamo exporter's weights in its default
+    external-data file beside the model."""
+    import warnings
+
+    import torch
+
+    import_transformers()
+    from transformers import AutoConfig, AutoModel
+
+    cfg = AutoConfig.for_model(arch, vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, max_position_embeddings=64, **ENCODERS[arch])
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(cfg).eval()
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    ids, mask = torch.randint(0, 256, (1, seq)), torch.ones(1, seq, dtype=torch.int64)
+    names = ["input_ids", "attention_mask"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            batch = torch.export.Dim("batch", max=64)
+            torch.onnx.export(Encoder(), (ids, mask), str(path), dynamo=True, input_names=names,
+                              output_names=["last_hidden_state"], dynamic_shapes=({0: batch}, {0: batch}))
+        else:
+            torch.onnx.export(Encoder(), (ids, mask), str(path), dynamo=False, input_names=names,
+                              output_names=["last_hidden_state"], opset_version=17,
+                              dynamic_axes={n: {0: "batch"} for n in (*names, "last_hidden_state")})
+    return Path(path)

@@ -497,3 +497,28 @@ def test_an_encoders_padding_positions_are_left_out_of_verification(tmp_path):
     v = art.manifest["verification"]
     assert v["positions"].startswith(f"{mask.sum()} of {mask.size} (attention_mask = 1")
     assert v["cosine_all_positions"] > 0.99 and v["cosine_vs_fp32"] > 0.99
+
+
+@pytest.mark.parametrize(
+    "arch,exporter",
+    [pytest.param(a, e, marks=() if (a, e) == ("bert", "dynamo") else pytest.mark.models)
+     for a in ("bert", "roberta", "distilbert") for e in ("dynamo", "torchscript")],
+)
+def test_transformers_encoders_put_their_linear_layers_on_the_tpu(tmp_path, arch, exporter):
+    """Encoders as users export them: the mask arithmetic and attention run on the host, every linear
+    layer on the TPU, and the chain verifies against ONNX Runtime on padded inputs."""
+    from tests import hf_models
+
+    path = hf_models.export_encoder(arch, exporter, tmp_path / "enc.onnx")
+    rng = np.random.default_rng(0)
+    mask = np.ones((8, 16), np.int64)
+    mask[::2, 8:] = 0
+    np.savez(tmp_path / "cal.npz", input_ids=rng.integers(0, 256, (8, 16)), attention_mask=mask)
+    art = edgecc.compile(str(path), target="coral-edgetpu", output=str(tmp_path / "a"),
+                         calibration=str(tmp_path / "cal.npz"))
+    p = json.loads((art.path / "edgetpu_predict.json").read_text())
+    assert p["mac_coverage"] > 0.9 and p["segments_on_host"] >= 1
+    convs = sum(t["count"] for r in p["segments"] if r["kind"] == "edgetpu" for t in r["table"]
+                if t["operator"] == "CONV_2D")
+    assert convs == 2 * 6  # q, k, v, output, and the MLP's two per layer
+    assert art.manifest["verification"]["positions"].startswith(f"{mask.sum()} of {mask.size}")

@@ -173,11 +173,11 @@ def activation_samples(model: ir.Model, ctx, names: list[str]) -> dict[str, np.n
     return {name: np.concatenate(rows) for name, rows in parts.items()}
 
 
-def single_samples(proto: onnx.ModelProto, ctx) -> list[dict[str, np.ndarray]]:
+def single_samples(model: ir.Model, ctx) -> list[dict[str, np.ndarray]]:
     """Batch-1 feeds of a model whose batch is fixed at 1: each calibration sample alone, or
     SYNTHETIC_BATCHES seeded random inputs without calibration data (as the Edge TPU backend does)."""
     if ctx.calibration is None:
-        return [random_inputs(proto, ctx.seed + i, ctx.dim_values) for i in range(SYNTHETIC_BATCHES)]
+        return [random_inputs(model, ctx.seed + i, ctx.dim_values) for i in range(SYNTHETIC_BATCHES)]
     count = len(next(iter(ctx.calibration.values())))
     return [{k: v[i : i + 1] for k, v in ctx.calibration.items()} for i in range(count)]
 

@@ -403,7 +403,8 @@ class Artifact:
         """Outputs by name, as numpy arrays; with `as_numpy=False` as the module's TVM tensors,
         which `run` takes back as inputs uncopied (a decoding loop's KV cache: copying ~60
         tensors in and out of the runtime each step cost SmolLM2 a third of its decode time).
-        An Edge TPU artifact runs in LiteRT's interpreter on this CPU (float32 outputs)."""
+        An Edge TPU artifact runs its chain of segments: the Edge TPU ones in LiteRT's interpreter on
+        this CPU, the host ones in ONNX Runtime (float32 outputs)."""
         import tvm
 
         if self.manifest["build"].get("runtime") == "litert":

@@ -81,7 +81,9 @@ class EdgeTPUBackend(Backend):
     def build(self, opt: Optimized, stage_dir: Path) -> dict:
         self.log("calibrating int8 ranges in ONNX Runtime")
         t = time.perf_counter()
-        model = ir.to_proto(opt.optimized)  # with its weights: the TFLite writer reads them from the proto
+        # With its weights in memory (an exporter may keep them in a .data file beside the model):
+        # the TFLite writer reads them from the proto, and host segments carry their own.
+        model = ir.to_proto(ir.external_data.load_to_model(opt.optimized))
         self.samples, self.origin = _samples(model, opt.ctx.calibration, self.options.seed, self.log)
         ranges = tflite.calibrate(model, self.samples)
         opt.timings["calibrate"] = round(time.perf_counter() - t, 3)
