@@ -522,3 +522,21 @@ def test_transformers_encoders_put_their_linear_layers_on_the_tpu(tmp_path, arch
                 if t["operator"] == "CONV_2D")
     assert convs == 2 * 6  # q, k, v, output, and the MLP's two per layer
     assert art.manifest["verification"]["positions"].startswith(f"{mask.sum()} of {mask.size}")
+
+
+def test_a_model_fixed_at_batch_1_takes_stacked_calibration_samples(tmp_path):
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "cal.npz", x=np.random.default_rng(1).standard_normal((5, 8)).astype(np.float32))
+    art = edgecc.compile(str(tmp_path / "m.onnx"), target="coral-edgetpu", output=str(tmp_path / "a"),
+                         calibration=str(tmp_path / "cal.npz"))
+    assert art.manifest["edgetpu"]["calibration"] == {"source": "calibration data", "samples": 5}
+    np.savez(tmp_path / "bad.npz", x=np.zeros((5, 9), np.float32))
+    res = run_cli("compile", tmp_path / "m.onnx", "--target", "coral-edgetpu", "--calibration",
+                  tmp_path / "bad.npz", "-o", tmp_path / "b")
+    assert res.returncode == 2 and "'x' has shape [5, 9], the model expects [1, 8]" in res.stderr

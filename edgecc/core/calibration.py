@@ -68,7 +68,8 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def load_calibration(path: str | Path, model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Read an .npz of model inputs and check names, dtypes and ranks against the model."""
+    """Read an .npz of model inputs and check names, dtypes and shapes against the model (a batch
+    fixed at 1 may hold several samples stacked along it)."""
     path = Path(path)
     data = read_npz(path)
     specs = {s.name: s for s in graph_inputs(model)}
@@ -80,7 +81,9 @@ def load_calibration(path: str | Path, model: onnx.ModelProto) -> dict[str, np.n
         a = data[name]
         if a.dtype != spec.dtype:
             raise UserError(f"{path}: '{name}' has dtype {a.dtype}, the model expects {spec.dtype}")
-        fixed_dims_differ = any(isinstance(d, int) and d != s for d, s in zip(spec.shape, a.shape))
+        # A batch fixed at 1 takes samples stacked along it, as a symbolic batch does.
+        dims = list(zip(spec.shape, a.shape))[1 if spec.shape and spec.shape[0] == 1 else 0:]
+        fixed_dims_differ = any(isinstance(d, int) and d != s for d, s in dims)
         if a.ndim != len(spec.shape) or fixed_dims_differ:
             raise UserError(f"{path}: '{name}' has shape {list(a.shape)}, "
                             f"the model expects {list(spec.shape)}")
@@ -206,7 +209,12 @@ def _source_batches(model: ir.Model, ctx) -> Iterator[dict[str, np.ndarray]]:
     sig = lm_signature.find(graph)
     batch_dim = sig and next(s.shape[0] for s in graph_inputs(graph) if s.name == sig.ids.name)
     if not isinstance(batch_dim, str):  # not an LM, or one whose batch is fixed
-        yield ctx.calibration
+        specs = graph_inputs(graph)
+        if all(s.shape and s.shape[0] == 1 for s in specs):  # batch-1 samples stacked: one at a time
+            yield from ({k: v[i : i + 1] for k, v in ctx.calibration.items()}
+                        for i in range(len(next(iter(ctx.calibration.values())))))
+        else:
+            yield ctx.calibration
         return
     axes = {sig.ids.name: 0, **({sig.mask.name: 0} if sig.mask else {}),
             **({sig.positions.name: 0} if sig.positions else {}), **{e.past: e.batch_axis for e in sig.cache}}
