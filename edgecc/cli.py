@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -248,12 +249,19 @@ def cmd_bench(a: argparse.Namespace) -> int:
             raise UserError(f"{flag} {value}: must be at least 1")
     if a.windows < 0:
         raise UserError(f"--windows {a.windows}: must be 0 (no accuracy) or more")
+    if a.gguf:
+        if not Path(a.gguf).is_file():
+            raise UserError(f"--gguf {a.gguf}: no such file")
+        if shutil.which(a.llama_bench) is None:
+            raise UserError(f"--llama-bench {a.llama_bench}: not an executable (build llama.cpp's llama-bench "
+                            "and give its path)")
     settings = bench.Settings(target=a.target, pipelines=a.pipelines, threads=a.threads,
                               prompt_lengths=tuple(lengths), past=a.past, decode_steps=a.decode_steps,
                               repeats=a.repeats, windows=a.windows, window_tokens=a.window_tokens,
                               text=a.text, sentences=a.sentences, rounds=a.rounds,
                               tuning_logs=tuple(a.tuning_log or ()), seed=a.seed,
-                              float_embeddings=a.float_embeddings)
+                              float_embeddings=a.float_embeddings, gguf=a.gguf,
+                              llama_bench=shutil.which(a.llama_bench) if a.gguf else a.llama_bench)
     result = bench.run(a.model, settings, a.work_dir, log=_log)
     print(bench.table(result))
     for line in result["skipped"]:
@@ -441,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--text", help="accuracy text (default: The Devil's Dictionary from dict-devil)")
     b.add_argument("--work-dir", help="keep the artifacts and per-configuration results here")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--gguf", metavar="FILE", help="the same LM as a GGUF: llama.cpp is timed beside the others")
+    b.add_argument("--llama-bench", default="llama-bench", metavar="PATH",
+                   help="llama.cpp's llama-bench binary, for --gguf (default: on PATH)")
     b.set_defaults(func=cmd_bench)
 
     em = sub.add_parser("emulator", help="the cached aarch64 environment that runs Pi artifacts here")

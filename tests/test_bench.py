@@ -157,6 +157,55 @@ def test_bad_input(example_path, tmp_path):
     assert r.returncode == 2 and "--prompt-lengths" in r.stderr
 
 
+FAKE_LLAMA_BENCH = """#!{python}
+import json, sys
+a = sys.argv[1:]
+arg = lambda flag: a[a.index(flag) + 1]
+assert arg("-t") == "2" and arg("-o") == "json" and arg("-m").endswith(".gguf")
+reps = int(arg("-r"))
+if arg("-n") == "0":  # prefill per prompt length
+    out = [{{"n_prompt": int(n), "n_gen": 0, "n_depth": 0, "samples_ns": [n * 1e6 * (1 + i) for i in range(reps)]}}
+           for n in map(int, arg("-p").split(","))]
+else:  # decode after a context of -d tokens
+    out = [{{"n_prompt": 0, "n_gen": int(arg("-n")), "n_depth": int(arg("-d")),
+            "samples_ts": [100.0 + i for i in range(reps)]}}]
+print(json.dumps(out))
+"""
+
+
+def test_llama_cpp_and_ort_int8_are_timed_beside_the_others(example_path, tmp_path):
+    """--gguf adds llama.cpp (its llama-bench, same threads, lengths and context), timed in the same
+    rounds; an int8-only pipeline adds ONNX Runtime's own int8 model."""
+    import sys
+
+    fake = tmp_path / "llama-bench"
+    fake.write_text(FAKE_LLAMA_BENCH.format(python=sys.executable))
+    fake.chmod(0o755)
+    (tmp_path / "m.gguf").write_bytes(b"GGUF" + bytes(60))
+    (tmp_path / "t.txt").write_text(TEXT)
+    r = run_cli("bench", example_path("tiny-llama"), "--pipelines", "int8", "--prompt-lengths", "8,16",
+                "--past", "8", "--decode-steps", "2", "--repeats", "3", "--windows", "1", "--window-tokens", "32",
+                "--text", tmp_path / "t.txt", "--rounds", "2", "--gguf", tmp_path / "m.gguf",
+                "--llama-bench", fake, "--json", tmp_path / "r.json")
+    assert r.returncode == 0, r.stderr
+    configs = {c["name"]: c for c in json.loads((tmp_path / "r.json").read_text())["configs"]}
+    assert list(configs) == ["ort fp32", "llama.cpp", "ort int8 (own quantizer)", "edgecc int8", "ort int8"]
+    llama = configs["llama.cpp"]
+    assert llama["prefill_ms"]["16"]["p50"] == 32.0  # samples 16, 32, 48 ms: the median
+    assert llama["decode"]["tokens_per_s"] == 101.0 and len(llama["decode"]["runs"]) == 2
+    assert "accuracy" not in llama and "accuracy" in configs["ort int8 (own quantizer)"]
+    assert "llama.cpp" in r.stdout
+
+
+def test_bad_llama_cpp_options_are_one_line_errors(example_path, tmp_path):
+    r = run_cli("bench", example_path("tiny-llama"), "--gguf", tmp_path / "none.gguf")
+    assert r.returncode == 2 and "--gguf" in r.stderr and "no such file" in r.stderr
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    r = run_cli("bench", example_path("tiny-llama"), "--gguf", tmp_path / "m.gguf", "--llama-bench",
+                tmp_path / "nope")
+    assert r.returncode == 2 and "--llama-bench" in r.stderr and "Traceback" not in r.stderr
+
+
 def _tiny_encoder(path):
     """A one-layer BERT-style encoder over the byte tokenizer's ids: input_ids, attention_mask
     [batch, 16] -> last_hidden_state, with the padding mask applied to the attention scores."""

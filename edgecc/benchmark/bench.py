@@ -2,7 +2,9 @@
 
 Configurations: ONNX Runtime fp32 on the model (ORT_ENABLE_ALL, the same thread count); when a
 pipeline quantizes to int4, ONNX Runtime's own int4 (its MatMulNBits quantizer on the fp32 model,
-the pipeline's block size, accuracy_level 4: its fastest CPU path); then per pipeline the edgecc
+the pipeline's block size, accuracy_level 4: its fastest CPU path); when one quantizes to int8 and
+none to int4, ORT's own int8 (quantize_dynamic, per channel); with `gguf`, llama.cpp on the same
+model as a GGUF (its llama-bench, the same threads and lengths); then per pipeline the edgecc
 artifact and ONNX Runtime on the artifact's optimized ONNX (where its ops allow; fp32's is the
 source model again and is left out). Each configuration is measured in
 its own process (edgecc.benchmark.bench_worker): prefill latency p50/p90 per prompt length, decode
@@ -74,6 +76,8 @@ class Settings:
     tuning_logs: tuple[str, ...] = ()
     seed: int = 0
     float_embeddings: bool = False  # presets leave embedding tables in float
+    gguf: str | None = None  # the same model as a GGUF, timed by llama.cpp's llama-bench alongside
+    llama_bench: str = "llama-bench"
 
 
 def parse_pipelines(text: str, float_embeddings: bool = False) -> list[tuple[str, str]]:
@@ -147,6 +151,23 @@ def ort_int4(model: Path, block: int, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "model.onnx"
     quantizer.model.save_model_to_file(str(path), use_external_data_format=True)
+    return path
+
+
+def int8_only(pipelines: list[tuple[str, str]]) -> bool:
+    """A pipeline quantizes weights to int8 and none to int4: ORT's own int8 is the baseline to beat."""
+    names = [spec.name for _, p in pipelines for spec in parse_pipeline(p).passes]
+    return "quantize-int8" in names and "quantize-int4" not in names
+
+
+def ort_int8(model: Path, out: Path) -> Path:
+    """ONNX Runtime's own int8 model: quantize_dynamic, int8 weights per output channel."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "model.onnx"
+    quantize_dynamic(str(model), str(path), weight_type=QuantType.QInt8, per_channel=True,
+                     use_external_data_format=True)
     return path
 
 
@@ -238,7 +259,7 @@ def _run(model: Path, settings: Settings, work: Path, log: Callable[[str], None]
 
     def measure(name: str, kind: str, path: Path, timed_here: bool = True) -> dict:
         log(f"measuring {name} ...")
-        spec = dict(base, kind=kind, path=str(path), time=timed_here and runs_here)
+        spec = dict(base, kind=kind, path=str(path), time=timed_here and runs_here, llama_bench=settings.llama_bench)
         if encoder:
             spec["embeddings"] = str(work / f"{name}.embeddings.npy")
         result = _run_worker(spec, work, name)
@@ -257,6 +278,20 @@ def _run(model: Path, settings: Settings, work: Path, log: Callable[[str], None]
                         "pipeline": f"MatMulNBitsQuantizer(block_size={block}, is_symmetric=False, accuracy_level=4)",
                         "weight_bytes_per_token": weight_bytes_per_token(onnx.load(str(quantized))),
                         **measure("ort-int4-own", "ort", quantized)})
+    if settings.gguf:
+        if encoder:
+            raise UserError("--gguf: llama.cpp is timed on causal LMs only")
+        gguf = Path(settings.gguf)
+        configs.append({"name": "llama.cpp", "engine": "llama.cpp", "pipeline": f"llama-bench on {gguf.name}",
+                        "model_bytes": gguf.stat().st_size, "weight_bytes_per_token": gguf.stat().st_size,
+                        **measure("llama-cpp", "llama.cpp", gguf)})
+    if int8_only(pipelines):
+        log("quantizing with ONNX Runtime's quantize_dynamic (int8, per channel) ...")
+        quantized = ort_int8(model, work / "ort-int8")
+        configs.append({"name": "ort int8 (own quantizer)", "engine": "onnxruntime",
+                        "pipeline": "quantize_dynamic(weight_type=QInt8, per_channel=True)",
+                        "weight_bytes_per_token": weight_bytes_per_token(onnx.load(str(quantized))),
+                        **measure("ort-int8-own", "ort", quantized)})
     skipped = [] if runs_here else [f"timing and memory: {target.name} artifacts cannot run on this host"]
     # Passes that calibrate read real text, from its end: the accuracy text is its beginning.
     calibration_text = Path(settings.text) if settings.text else corpus.DEVIL

@@ -2,12 +2,15 @@
 
     python -m edgecc.benchmark.bench_worker SPEC.json OUT.json
 
-SPEC: {"kind": "ort" | "edgecc", "path": model .onnx or artifact dir, "threads": n, "vocab": n,
+SPEC: {"kind": "ort" | "edgecc" | "llama.cpp", "path": model .onnx, artifact dir or .gguf, "threads": n, "vocab": n,
        "signature": the LM's signature (edgecc.core.lm_signature, JSON; the same for every configuration),
        "prompt_lengths": [...], "past": n, "decode_steps": n, "repeats": n, "seed": n,
        "windows": [[token ids], ...]}  (windows: perplexity text, may be empty)
 OUT: latencies, decode tokens/s, perplexity, peak RSS. Timing is skipped with "time": false
 (a target that cannot run here measures accuracy through ONNX Runtime on its optimized model).
+
+"llama.cpp" runs SPEC "llama_bench" (llama.cpp's own benchmark binary) on the GGUF: prefill per prompt
+length, and decode after `past` tokens of context, at the same thread count; no perplexity.
 
 An encoder (SPEC "mode": "encoder") instead gets "sentences": an .npz of tokenized rows
 (input_ids, attention_mask, token_type_ids [n, seq]) and, optionally, "embeddings": where to
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import subprocess
 import sys
 import time
 
@@ -87,6 +91,32 @@ def perplexity(step, sig: LMSignature, windows: list[list[int]]) -> dict:
     return {"perplexity": float(np.exp(nll / count)), "tokens": count, "windows": len(windows)}
 
 
+def llama_cpp(spec: dict) -> dict:
+    """llama-bench's prefill latencies and decode rate for the GGUF, in this worker's units."""
+    base = [spec["llama_bench"], "-m", spec["path"], "-t", str(spec["threads"]), "-o", "json"]
+
+    def records(args: list[str]) -> list[dict]:
+        r = subprocess.run(base + args, capture_output=True, text=True)
+        if r.returncode != 0:
+            tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"llama-bench failed (exit {r.returncode}): {tail}")
+        return json.loads(r.stdout)
+
+    result: dict = {"prefill_ms": {}}
+    lengths = ",".join(str(n) for n in spec["prompt_lengths"])
+    for rec in records(["-p", lengths, "-n", "0", "-r", str(spec["repeats"])]):
+        ms = np.asarray(rec["samples_ns"]) / 1e6
+        result["prefill_ms"][str(rec["n_prompt"])] = {
+            "p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)), "runs": len(ms)}
+    rec = records(["-p", "0", "-n", str(spec["decode_steps"]), "-d", str(spec["past"]),
+                   "-r", str(max(3, spec["repeats"] // 3))])[0]
+    rates = rec["samples_ts"]
+    result["decode"] = {"tokens_per_s": float(np.median(rates)), "rounds": [round(r, 3) for r in rates],
+                        "past": spec["past"], "steps": spec["decode_steps"]}
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return result
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory. VmHWM belongs to the address space exec made;
     getrusage's ru_maxrss survives fork and exec on Linux, so it would report the parent's peak
@@ -137,6 +167,8 @@ def main(argv: list[str]) -> int:
         result = encoder(spec)
         result["peak_rss_mb"] = peak_rss_mb()
         return _write(result, argv[1])
+    if spec["kind"] == "llama.cpp":
+        return _write(llama_cpp(spec), argv[1])
     rng = np.random.default_rng(spec["seed"])
     step, sig = _engine(spec), LMSignature.from_json(spec["signature"])
     result: dict = {}
