@@ -246,9 +246,10 @@ def test_an_encoder_is_measured_by_latency_and_embedding_cosine(tmp_path):
     result = bench.run(model, settings, tmp_path / "out")
     assert result["kind"] == "encoder"
     names = [c["name"] for c in result["configs"]]
-    assert names == ["ort fp32", "edgecc fp32", "edgecc int8", "ort int8"]
+    assert names == ["ort fp32", "ort int8 (own quantizer)", "edgecc fp32", "edgecc int8", "ort int8"]
     acc = {c["name"]: c["accuracy"]["mean_cosine_vs_ort_fp32"] for c in result["configs"]}
     assert acc["ort fp32"] == pytest.approx(1.0) and acc["edgecc fp32"] > 0.99999
+    assert 0.9 < acc["ort int8 (own quantizer)"] < 1
     assert 0.9 < acc["edgecc int8"] < 1 and acc["edgecc int8"] == pytest.approx(acc["ort int8"], abs=0.01)
     for c in result["configs"]:
         assert c["prefill_ms"]["16"]["p50"] > 0 and "decode" not in c and c["accuracy"]["sentences"] == 2

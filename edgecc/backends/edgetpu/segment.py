@@ -81,7 +81,7 @@ def plan(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], table: 
         unmapped = {}
         for s in segments:
             if s.kind == EDGETPU:
-                s.exported = tflite.export(g, quants, s.nodes, s.inputs, s.outputs)
+                s.exported = tflite.Exporter(g, quants, s.nodes, s.inputs, s.outputs).run()
                 s.ops = predict.op_statuses(s.exported.flatbuffer, table)
                 unmapped.update(_unmapped(s.ops, s.exported.origins))
         if not unmapped:
@@ -148,7 +148,7 @@ def _probe(model, g, quants, nodes, host, table) -> dict[str, str]:
         x for n in device for x in n.input if x and x not in made and x not in g.consts and x in quants
     ))
     outputs = [o.name for o in model.graph.output if o.name in made]
-    probe = tflite.export(g, quants, device, inputs, outputs, probe=True)
+    probe = tflite.Exporter(g, quants, device, inputs, outputs, probe=True).run()
     return {**probe.failed, **_unmapped(predict.op_statuses(probe.flatbuffer, table), probe.origins)}
 
 

@@ -999,17 +999,5 @@ class Exporter:
         model.buffers = buffers
         builder = flatbuffers.Builder(1024)
         builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-
         return Exported(bytes(builder.Output()), [op.origin for op in self.ops], self.failed)
 
-
-def export(
-    g: Graph,
-    quants: dict[str, Quant],
-    nodes: list[onnx.NodeProto],
-    inputs: list[str],
-    outputs: list[str],
-    probe: bool = False,
-) -> Exported:
-    """`nodes` of the graph, fed by `inputs`, as an int8 TFLite model producing `outputs`."""
-    return Exporter(g, quants, nodes, inputs, outputs, probe).run()
