@@ -21,10 +21,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from edgecc.core.calibration import single_samples
+from edgecc.core.calibration import activation_batches
 from edgecc.core.pass_base import Option, Pass, PassContext, PassResult, register_pass
 from edgecc.core.pass_helpers import constant_array, constant_matrix
-from edgecc.core.verify import ort_session
 
 PLACEMENT_KEY = "edgecc.placement"
 LEVELS = 255  # int8 steps between a tensor's calibrated min and max
@@ -75,11 +74,10 @@ def _linears(graph: ir.Graph) -> list[tuple[ir.Node, np.ndarray, ir.Node | None,
 
 
 def _calibrate(model: ir.Model, ctx: PassContext, names: list[str]) -> dict[str, _Stats]:
-    session = ort_session(model, outputs=names)  # weights in an external-data file stay there
     stats = {name: _Stats() for name in names}
-    for feeds in single_samples(model, ctx):
-        for name, value in zip(names, session.run(names, feeds)):
-            stats[name].add(value)
+    for batch in activation_batches(model, ctx, names):
+        for name, rows in batch.items():
+            stats[name].add(rows)
     return stats
 
 

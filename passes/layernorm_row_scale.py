@@ -26,7 +26,7 @@ from onnxscript.rewriter import pattern
 
 from edgecc.core.pass_base import Option, PassContext, PassResult, register_pass
 from edgecc.core.pass_helpers import constant_array, constant_matrix
-from edgecc.core.calibration import single_samples
+from edgecc.core.calibration import calibration_feeds
 from edgecc.core.rewrite_pass import RewritePass
 from edgecc.core.verify import ort_session
 
@@ -103,7 +103,7 @@ def row_scales(model: ir.Model, ctx: PassContext, ratio: float) -> dict[str, np.
     session = ort_session(model, outputs=names)  # weights in an external-data file stay there
     peak: dict[str, np.ndarray] = {}
     low_var: dict[str, np.ndarray] = {}
-    for feeds in single_samples(model, ctx):
+    for feeds in calibration_feeds(model, ctx):
         for name, value in zip(names, session.run(names, feeds)):
             rows = value.reshape(-1, value.shape[-2], value.shape[-1])
             m, v = np.abs(rows).max(axis=(0, 2)), rows.var(axis=2).min(axis=0)

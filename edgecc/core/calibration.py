@@ -176,13 +176,9 @@ def activation_samples(model: ir.Model, ctx, names: list[str]) -> dict[str, np.n
     return {name: np.concatenate(rows) for name, rows in parts.items()}
 
 
-def single_samples(model: ir.Model, ctx) -> list[dict[str, np.ndarray]]:
-    """Batch-1 feeds of a model whose batch is fixed at 1: each calibration sample alone, or
-    SYNTHETIC_BATCHES seeded random inputs without calibration data (as the Edge TPU backend does)."""
-    if ctx.calibration is None:
-        return [random_inputs(model, ctx.seed + i, ctx.dim_values) for i in range(SYNTHETIC_BATCHES)]
-    count = len(next(iter(ctx.calibration.values())))
-    return [{k: v[i : i + 1] for k, v in ctx.calibration.items()} for i in range(count)]
+def one_at_a_time(data: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Samples stacked along dim 0, as batch-1 feeds."""
+    return [{k: v[i : i + 1] for k, v in data.items()} for i in range(len(next(iter(data.values()))))]
 
 
 def activation_batches(model: ir.Model, ctx, names: list[str]) -> Iterator[dict[str, np.ndarray]]:
@@ -190,11 +186,13 @@ def activation_batches(model: ir.Model, ctx, names: list[str]) -> Iterator[dict[
     calibration runs a window at a time, so what a consumer keeps decides the memory, not the
     activations of every window at once (SmolLM2's matmul inputs are 0.4 MB a token)."""
     session = ort_session(model, outputs=names)  # weights in an external-data file stay there
-    for feeds in _batches(model, ctx):
+    for feeds in calibration_feeds(model, ctx):
         yield {name: value.reshape(-1, value.shape[-1]) for name, value in zip(names, session.run(names, feeds))}
 
 
-def _batches(model: ir.Model, ctx) -> Iterator[dict[str, np.ndarray]]:
+def calibration_feeds(model: ir.Model, ctx) -> Iterator[dict[str, np.ndarray]]:
+    """The model's inputs for calibration, a batch at a time: the calibration data (an LM's a
+    window at a time, a batch-1 model's a sample at a time), or seeded random batches without it."""
     if ctx.calibration is None:
         for i in range(SYNTHETIC_BATCHES):
             yield random_inputs(model, seed=ctx.seed + i, dim_values=ctx.dim_values)
@@ -211,8 +209,7 @@ def _source_batches(model: ir.Model, ctx) -> Iterator[dict[str, np.ndarray]]:
     if not isinstance(batch_dim, str):  # not an LM, or one whose batch is fixed
         specs = graph_inputs(graph)
         if all(s.shape and s.shape[0] == 1 for s in specs):  # batch-1 samples stacked: one at a time
-            yield from ({k: v[i : i + 1] for k, v in ctx.calibration.items()}
-                        for i in range(len(next(iter(ctx.calibration.values())))))
+            yield from one_at_a_time(ctx.calibration)
         else:
             yield ctx.calibration
         return
