@@ -249,10 +249,11 @@ def cmd_bench(a: argparse.Namespace) -> int:
             raise UserError(f"{flag} {value}: must be at least 1")
     if a.windows < 0:
         raise UserError(f"--windows {a.windows}: must be 0 (no accuracy) or more")
+    llama_bench = shutil.which(a.llama_bench)
     if a.gguf:
         if not Path(a.gguf).is_file():
             raise UserError(f"--gguf {a.gguf}: no such file")
-        if shutil.which(a.llama_bench) is None:
+        if llama_bench is None:
             raise UserError(f"--llama-bench {a.llama_bench}: not an executable (build llama.cpp's llama-bench "
                             "and give its path)")
     settings = bench.Settings(target=a.target, pipelines=a.pipelines, threads=a.threads,
@@ -261,7 +262,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
                               text=a.text, sentences=a.sentences, rounds=a.rounds,
                               tuning_logs=tuple(a.tuning_log or ()), seed=a.seed,
                               float_embeddings=a.float_embeddings, gguf=a.gguf,
-                              llama_bench=shutil.which(a.llama_bench) if a.gguf else a.llama_bench)
+                              llama_bench=llama_bench or a.llama_bench)
     result = bench.run(a.model, settings, a.work_dir, log=_log)
     print(bench.table(result))
     for line in result["skipped"]:

@@ -259,7 +259,9 @@ def _run(model: Path, settings: Settings, work: Path, log: Callable[[str], None]
 
     def measure(name: str, kind: str, path: Path, timed_here: bool = True) -> dict:
         log(f"measuring {name} ...")
-        spec = dict(base, kind=kind, path=str(path), time=timed_here and runs_here, llama_bench=settings.llama_bench)
+        spec = dict(base, kind=kind, path=str(path), time=timed_here and runs_here)
+        if kind == "llama.cpp":
+            spec["llama_bench"] = settings.llama_bench
         if encoder:
             spec["embeddings"] = str(work / f"{name}.embeddings.npy")
         result = _run_worker(spec, work, name)
@@ -282,8 +284,9 @@ def _run(model: Path, settings: Settings, work: Path, log: Callable[[str], None]
         if encoder:
             raise UserError("--gguf: llama.cpp is timed on causal LMs only")
         gguf = Path(settings.gguf)
+        size = gguf.stat().st_size  # every weight is read per token (a tied head reads the whole table)
         configs.append({"name": "llama.cpp", "engine": "llama.cpp", "pipeline": f"llama-bench on {gguf.name}",
-                        "model_bytes": gguf.stat().st_size, "weight_bytes_per_token": gguf.stat().st_size,
+                        "model_bytes": size, "weight_bytes_per_token": size,
                         **measure("llama-cpp", "llama.cpp", gguf)})
     if int8_only(pipelines):
         log("quantizing with ONNX Runtime's quantize_dynamic (int8, per channel) ...")

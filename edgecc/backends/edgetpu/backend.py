@@ -29,6 +29,7 @@ import onnx_ir as ir
 from edgecc.backends.base import Backend
 from edgecc.backends.edgetpu import predict, segment, tflite
 from edgecc.backends.edgetpu.report import render
+from edgecc.core.calibration import one_at_a_time
 from edgecc.core.optimize import Optimized
 from edgecc.core.target import TargetDesc
 from edgecc.core.verify import cosine, graph_inputs, ort_session, random_inputs, relative_rmse
@@ -60,7 +61,7 @@ def _samples(
         raise UserError(
             f"--calibration: inputs hold different numbers of samples along dim 0: {sorted(counts)}"
         )
-    samples = [{s.name: data[s.name][i : i + 1] for s in specs} for i in range(counts.pop())]
+    samples = one_at_a_time({s.name: data[s.name] for s in specs})
     for s in specs:
         if tuple(samples[0][s.name].shape) != tuple(s.shape):
             raise UserError(
@@ -116,7 +117,7 @@ class EdgeTPUBackend(Backend):
                 "runtime": "litert",
                 "segments": len(files),
                 "ops": prediction["ops_on_edgetpu"],
-                "tflite_bytes": sum((stage_dir / f).stat().st_size for f in tpu_files),
+                "tflite_bytes": sum(len(s.exported.flatbuffer) for s in plan.segments if s.exported),
             },
             "edgetpu": {
                 "segments": [

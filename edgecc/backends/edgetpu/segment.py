@@ -189,15 +189,18 @@ def _group(model: onnx.ModelProto, nodes: list[onnx.NodeProto], host: dict[str, 
     consts = {t.name for t in model.graph.initializer} | {
         n.output[0] for n in model.graph.node if n.op_type == "Constant"
     }
+    readers: dict[str, set[int]] = defaultdict(set)
+    for n in nodes:
+        for x in n.input:
+            readers[x].add(id(n))
     segments = []
     for side, members in runs:
         made = {o for n in members for o in n.output if o}
         ids = {id(n) for n in members}
-        read_outside = {x for n in nodes if id(n) not in ids for x in n.input}
         inputs = list(dict.fromkeys(
             x for n in members for x in n.input if x and x not in made and x not in consts
         ))
-        outputs = [o for n in members for o in n.output if o and (o in model_outputs or o in read_outside)]
+        outputs = [o for n in members for o in n.output if o and (o in model_outputs or readers[o] - ids)]
         segments.append(Segment(side, members, inputs, outputs))
     return segments
 
