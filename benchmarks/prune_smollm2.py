@@ -3,20 +3,20 @@
     .venv/bin/python benchmarks/prune_smollm2.py [--only LABEL,...]
         [--out benchmarks/results/prune_smollm2.json] [--work-dir out/prune-smollm2]
 
-SmolLM2 has 30 layers of 9 query heads on 3 K/V heads; prune-heads removes whole K/V groups
-(a K/V head with its 3 query heads), ranked model-wide (scope=model) by the relative error their
-removal leaves in the block's output on calibration data, and with recover=true refits each
-pruned block's o_proj by least squares. Every row is compiled for this host with verification on
+SmolLM2 has 30 layers of 9 query heads on 3 K/V heads. prune-heads removes whole K/V groups (a
+K/V head with its 3 query heads; unit=group, the KV cache shrinks) or single query heads
+(unit=query), chosen model-wide (scope=model) one at a time, each the one whose removal adds the
+least error to its block's output on calibration data; with recover=true each pruned block's
+o_proj is refit by least squares. Every row is compiled for this host with verification on
 (the pruned artifact takes the source's cache at the heads it keeps), its calibration reading the
 end of The Devil's Dictionary (8 windows of 256 tokens); perplexity is measured on the text's
-first 8 windows of 256 tokens, which calibration never saw. About 6 minutes on 2 cores.
+first 8 windows of 256 tokens, which calibration never saw. About 10 minutes on 2 cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -25,24 +25,14 @@ from edgecc.benchmark.bench_worker import perplexity
 from edgecc.compiler import compile as compile_model
 from edgecc.core import lm_signature
 from edgecc.core import text as corpus
+from edgecc.core.tuning_log import cpu_model
 from edgecc.models import examples
 
 BASE = "simplify,group-kv-heads,fuse,fuse-siblings"
-PRUNE = BASE + ",prune-heads{{ratio={},scope=model,importance=calibration,recover={}}}"
-PIPELINES = {
-    "fp32": BASE,
-    "prune 25%": PRUNE.format(0.25, "false"),
-    "prune 25%, recover": PRUNE.format(0.25, "true"),
-    "prune 50%": PRUNE.format(0.5, "false"),
-    "prune 50%, recover": PRUNE.format(0.5, "true"),
-}
-
-
-def cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
+PRUNE = BASE + ",prune-heads{{ratio={},scope=model,importance=calibration,unit={},recover={}}}"
+PIPELINES = {"fp32": BASE} | {
+    f"{unit} {ratio:.0%}{', recover' if recover else ''}": PRUNE.format(ratio, unit, str(recover).lower())
+    for unit in ("group", "query") for ratio in (0.25, 0.5) for recover in (False, True)}
 
 
 def main() -> int:
@@ -83,7 +73,7 @@ def main() -> int:
     out = Path(a.out)
     previous = json.loads(out.read_text())["rows"] if a.only and out.exists() else []
     kept = [r for r in previous if r["label"] not in labels]
-    out.write_text(json.dumps({"benchmark": "prune_smollm2", "cpu": cpu(), "model": str(model), "text": text,
+    out.write_text(json.dumps({"benchmark": "prune_smollm2", "cpu": cpu_model(), "model": str(model), "text": text,
                                "eval_windows": "first 8 x 256 tokens", "calibration": "last 8 x 256 tokens",
                                "rows": kept + rows}, indent=2) + "\n")
     return 0

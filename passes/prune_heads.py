@@ -44,20 +44,28 @@ When a requested pruning removes no head, the pass warns with the reasons (stric
 Rewrite. The pruned heads' columns leave the Q/K/V weights and biases, their rows leave the
 output projection, and each shape element above gets its new value (shared shape constants are
 copied, never edited in place). The result computes exactly what the unpruned model computes with
-those heads' attention outputs set to zero. For grouped-query attention a K/V head goes together
-with its whole group of query heads, so the groups stay consistent. A pruned K/V head also leaves
-the KV cache: the past inputs' and present outputs' head axes shrink (the graph's input and output
-shapes say so), and the pruned model given the unpruned cache without those heads' entries
-returns the unpruned present outputs without them.
+those heads' attention outputs set to zero. A K/V head goes when none of its query heads stays;
+it then also leaves the KV cache: the past inputs' and present outputs' head axes shrink (the
+graph's input and output shapes say so), and the pruned model given the unpruned cache without
+those heads' entries returns the unpruned present outputs without them. When a group loses only
+some of its query heads (unit=query), the groups no longer have one size: Q and the attention
+output are then viewed one head per row (Llama's [b, kv, group, t, d] becomes [b, heads, 1, t, d],
+the group element of each such Reshape set to 1) and K and V reach the two attention MatMuls
+through a Gather that gives each remaining query head its K/V head. The cache keeps its layout.
 
-Choose. `heads` names what goes; otherwise `ratio` of the units (a K/V head with its query group;
-a head in multi-head attention) ranked by importance: per block (scope=layer), or across all
-blocks at once (scope=model), never every unit of a block. With SmolLM2's 3 K/V heads per layer
-a per-block ratio below 1/3 removes nothing; scope=model removes the least important groups
-wherever they are. Importance is the L2 norm of a unit's weights, or (importance=calibration) the
-relative error its removal leaves in the block's output on calibration data, after the refit when
-recover is on: on SmolLM2, 25% of the groups pruned so cost perplexity 97 (90 with recover), where
-ranking by mean |attention output|, blind to the output projection, cost 2739 (100).
+Choose. `heads` names what goes; otherwise `ratio` of the units: in grouped-query attention a
+K/V head with its group of query heads (unit=group), or single query heads (unit=query); a head
+in multi-head attention. Units go per block (scope=layer) or across all blocks at once
+(scope=model), never every unit of a block, one at a time: each is the unit whose removal adds
+least to what its block has lost so far. Importance is the L2 norm of a unit's weights, or
+(importance=calibration) the error its removal leaves in the block's output on calibration data,
+after the refit when recover is on, against the geometric mean of the energies of that output and
+of the residual stream it joins (class _Damage). With SmolLM2's 3 K/V heads per layer a
+per-block ratio below 1/3 removes nothing; scope=model removes the least important units wherever
+they are. On SmolLM2 (fp32 perplexity 54.7) a quarter of the heads so removed, with recover,
+cost perplexity 67.1 as K/V groups and 59.3 as query heads (benchmarks/prune_smollm2.py); ranking
+groups each alone by their error relative to the block's output cost 90.3, by mean |attention
+output|, blind to the output projection, 100.
 
 Recover (recover=true). Zeroing heads loses what they added; part of it is predictable from the
 heads that stay. Each pruned block's output projection is refit by least squares on its input X
@@ -70,6 +78,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import heapq
 import math
 import re
 from collections.abc import Callable
@@ -652,6 +661,9 @@ class Chain:
     edits: list[tuple[ir.Node, int, HeadAxis]]  # (Reshape/Expand, shape element, head axis it sizes)
     values: dict[ir.Value, HeadAxis]  # every value computed, with its head axis
     part: Part | None = None
+    # The shape elements that hold the size of a row of heads (a Reshape to [.., kv, group, ..]),
+    # which ungrouping sets to 1; None when one of them is computed at run time.
+    groups: list[tuple[ir.Node, int]] | None = dataclasses.field(default_factory=list)
 
 
 def _walk(steps: list[tuple[ir.Node, ir.Value, ir.Value]], ax: HeadAxis, chain: Chain) -> HeadAxis:
@@ -667,7 +679,10 @@ def _walk(steps: list[tuple[ir.Node, ir.Value, ir.Value]], ax: HeadAxis, chain: 
             continue
         swap = _swap_last_axes(steps[i:i + 3], ax)
         if swap is None:
+            before = ax
             ax, index = _step(node, ax, x, y)
+            if ax.split > 1 and before.split == 1 and chain.groups is not None:
+                chain.groups = _group_element(node, ax.u + 1, chain.groups)
             done = [(node, y, ax)]
             if node.op_type == "Concat":  # the past cache loses the same heads
                 past = _cache_past(node)
@@ -685,6 +700,16 @@ def _walk(steps: list[tuple[ir.Node, ir.Value, ir.Value]], ax: HeadAxis, chain: 
         if index is not None:
             chain.edits.append((done[-1][0], index, ax))
     return ax
+
+
+def _group_element(reshape: ir.Node, element: int, found: list) -> list | None:
+    """`found` with the element of `reshape`'s shape that holds its rows' group size, or None if
+    that element is computed at run time."""
+    try:
+        _check_editable(reshape.inputs[1], element)
+    except Rejected:
+        return None
+    return found + [(reshape, element)]
 
 
 def _swap_last_axes(steps: list[tuple[ir.Node, ir.Value, ir.Value]],
@@ -852,26 +877,40 @@ class Block:
     linears: list[Linear]
     cuts: list[ir.Node]  # the Splits and Slices that cut fused projections' columns
     values: dict[ir.Value, HeadAxis]  # every value whose head axis shrinks
+    score: ir.Node  # Q @ K^T
+    pv: ir.Node  # P @ V
 
     @property
     def heads(self) -> list[int]:
         return sorted(self.group)
 
     @property
-    def units(self) -> list[int]:
-        """What is removed: a K/V head together with its group of query heads."""
+    def kv_heads(self) -> list[int]:
         return sorted(set(self.group.values()))
 
-    def queries(self, unit: int) -> list[int]:
-        return [q for q in self.heads if self.group[q] == unit]
+    @property
+    def grouped(self) -> bool:
+        return len(self.kv_heads) != len(self.heads)
 
-    def keeps_query(self, removed: set[int]) -> Callable[[int], bool]:
-        """Whether a query head stays once the K/V heads `removed` go."""
-        return lambda head: self.group[head] not in removed
+    @property
+    def splits_groups(self) -> bool:
+        """Whether single query heads of a group can go: Q and the attention output can be
+        viewed one head per row (see _prune)."""
+        return self.q.groups is not None and self.out.groups is not None
 
-    def in_unit(self, unit: int) -> Callable[[int], bool]:
-        """Whether a query head belongs to `unit`."""
-        return lambda head: self.group[head] == unit
+    def queries(self, kv: int) -> list[int]:
+        return [q for q in self.heads if self.group[q] == kv]
+
+    def units(self, unit: str) -> dict[int, list[int]]:
+        """What ratio counts and removes, with the query heads each takes: a K/V head with its
+        group (unit=group), or one query head (unit=query, where the groups can be split)."""
+        if unit == "query" and (not self.grouped or self.splits_groups):
+            return {q: [q] for q in self.heads}
+        return {kv: self.queries(kv) for kv in self.kv_heads}
+
+    def removed_kv(self, removed: set[int]) -> set[int]:
+        """The K/V heads none of whose query heads stay once the query heads `removed` go."""
+        return {kv for kv in self.kv_heads if set(self.queries(kv)) <= removed}
 
 
 def _score_path(value: ir.Value, depth: int = 0) -> list[ir.Node] | None:
@@ -989,7 +1028,7 @@ def _analyze(score_path: list[ir.Node], softmax: ir.Node, guard: list[ir.Node], 
     region |= set(cuts) | set(score_path) | set(guard) | {softmax, pv, proj}
     presents = {n.outputs[0] for n in region if _cache_past(n) is not None}
     _check_uses(values, region, presents)
-    return Block(softmax, q, k, v, out, proj, proj_axis, q_to_k, linears, cuts, values)
+    return Block(softmax, q, k, v, out, proj, proj_axis, q_to_k, linears, cuts, values, score, pv)
 
 
 def _check_projections(parts: list[Part], values: dict) -> tuple[list[Linear], list[ir.Node]]:
@@ -1076,41 +1115,101 @@ def _rows(out: Chain, keep: Callable[[int], bool]) -> list[int]:
     return [i * ax.inner + j for i, h in enumerate(ax.labels) if keep(h) for j in range(ax.inner)]
 
 
-def _weight_norms(block: Block) -> dict[int, float]:
-    """Per K/V head (with its query group): the L2 norm of its Q, K, V columns and output rows."""
+def _weight_norms(block: Block, units: dict[int, list[int]]) -> dict[int, float]:
+    """Per unit: the L2 norm of its query heads' Q columns and output rows, and of the K and V
+    columns of the K/V heads it leaves without a query head."""
     scores = {}
-    for unit in block.units:
-        in_unit, own = block.in_unit(unit), unit.__eq__
+    for unit, queries in units.items():
+        gone_q, gone_kv = set(queries), block.removed_kv(set(queries))
         total = 0.0
-        for chain, keep in ((block.q, in_unit), (block.k, own), (block.v, own)):
+        for chain, keep in ((block.q, gone_q.__contains__), (block.k, gone_kv.__contains__),
+                            (block.v, gone_kv.__contains__)):
             linear = chain.part.linear
             w = constant_matrix(linear.matmul.inputs[1], dtype=None)
             total += float((np.take(w, _columns(chain, keep), axis=linear.out_axis) ** 2).sum())
         w = constant_matrix(block.proj.inputs[1], dtype=None)
-        total += float((np.take(w, _rows(block.out, in_unit), axis=block.proj_axis) ** 2).sum())
+        total += float((np.take(w, _rows(block.out, gone_q.__contains__), axis=block.proj_axis) ** 2).sum())
         scores[unit] = math.sqrt(total)
     return scores
 
 
-def _output_damage(block: Block, rows: np.ndarray, refit: bool) -> dict[int, float]:
-    """Per K/V head (with its query group): the relative error its removal leaves in the block's
-    output on calibration samples X, ||X' W' - X W||^2 / ||X W||^2, with the output projection refit
-    (ridge_refit) when `refit`, as recover will do. Relative, so that blocks whose outputs are
-    larger do not keep every head (ranking by absolute error did worse on SmolLM2)."""
-    weight = constant_matrix(block.proj.inputs[1], dtype=None)
-    w = (weight if block.proj_axis == 0 else weight.T).astype(np.float64)  # [inputs, outputs]
-    x = rows.astype(np.float64)
-    gram = x.T @ x
-    target = gram @ w
-    signal = max(float(np.sum(w * target)), np.finfo(np.float64).tiny)
-    scores = {}
-    for unit in block.units:
-        kept = np.setdiff1d(np.arange(len(w)), _rows(block.out, block.in_unit(unit)))
-        approx = np.zeros_like(w)
-        approx[kept] = ridge_refit(gram, kept, target) if refit else w[kept]
-        diff = approx - w
-        scores[unit] = float(np.sum(diff * (gram @ diff))) / signal
-    return scores
+class _Damage:
+    """The error that removing query heads leaves in a block's output on calibration samples X,
+    ||X' W' - X W||^2, with the output projection refit (ridge_refit) when `refit`, as recover
+    will do. It is measured against the geometric mean of the block output's energy ||X W||^2 and
+    that of the residual stream it is added to (where the block has one), so that blocks rank
+    fairly whatever their scale: removing 25% of SmolLM2's query heads so cost perplexity 59.3,
+    against 63.9 relative to the block's output alone and 61.9 relative to the stream alone."""
+
+    def __init__(self, block: Block, rows: np.ndarray, stream: np.ndarray | None, refit: bool):
+        weight = constant_matrix(block.proj.inputs[1], dtype=None)
+        self.w = (weight if block.proj_axis == 0 else weight.T).astype(np.float64)  # [inputs, outputs]
+        x = rows.astype(np.float64)
+        self.gram = x.T @ x
+        self.target = self.gram @ self.w
+        energy = float(np.sum(self.w * self.target))
+        if stream is not None:
+            energy = math.sqrt(energy * float(np.sum(stream.astype(np.float64) ** 2)))
+        self.scale = max(energy, np.finfo(np.float64).tiny)
+        self.block, self.refit = block, refit
+
+    def __call__(self, removed: set[int]) -> float:
+        if not removed:
+            return 0.0
+        kept = np.array(_rows(self.block.out, lambda h: h not in removed))
+        approx = np.zeros_like(self.w)
+        approx[kept] = ridge_refit(self.gram, kept, self.target) if self.refit else self.w[kept]
+        diff = approx - self.w
+        return float(np.sum(diff * (self.gram @ diff))) / self.scale
+
+
+def _stream(block: Block) -> ir.Value | None:
+    """The residual stream after the block's output joins it: the Add, past a bias and the
+    Reshapes `fuse` puts around a Gemm, that adds the projection's output to a computed tensor."""
+    value = block.proj.outputs[0]
+    while len(value.consumers()) == 1:
+        node = value.consumers()[0]
+        if node.op_type == "Add":
+            other = node.inputs[1] if node.inputs[0] is value else node.inputs[0]
+            if constant_array(other) is None:
+                return node.outputs[0]
+        elif node.op_type not in ("Reshape", "Identity"):
+            return None
+        value = node.outputs[0]
+    return None
+
+
+def _greedy(units: dict[int, dict[int, list[int]]], cost: Callable[[int, list[int]], float],
+            counts: dict[int, int] | int) -> dict[int, list[int]]:
+    """Units to remove, one at a time, each the one that adds the least cost to what its block
+    has lost so far (removals in one block compound: their costs are not added up alone); per
+    block as `counts` says, or (an int) that many across all blocks. A block keeps one unit."""
+    removal: dict[int, list[int]] = {i: [] for i in units}
+
+    def best(i):
+        left = [u for u in units[i] if u not in removal[i]]
+        if len(left) <= 1:
+            return None
+        base = cost(i, removal[i])
+        extra, unit = min((cost(i, removal[i] + [u]) - base, u) for u in left)
+        return extra, i, unit
+
+    if isinstance(counts, dict):
+        for i, count in counts.items():
+            for _ in range(count):
+                if (found := best(i)) is not None:
+                    removal[i].append(found[2])
+        return removal
+    heap = [found for i in units if (found := best(i)) is not None]
+    heapq.heapify(heap)
+    for _ in range(counts):
+        if not heap:
+            break
+        _, i, unit = heapq.heappop(heap)
+        removal[i].append(unit)
+        if (found := best(i)) is not None:
+            heapq.heappush(heap, found)
+    return removal
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1126,7 +1225,7 @@ class _Rewriter:
         self.names |= {v.name for n in graph for v in n.outputs}
         self.shapes: dict[tuple, ir.Value] = {}
 
-    def _unique(self, base: str) -> str:
+    def unique(self, base: str) -> str:
         name, i = base, 1
         while name in self.names:
             name, i = f"{base}_{i}", i + 1
@@ -1134,7 +1233,7 @@ class _Rewriter:
         return name
 
     def constant(self, array: np.ndarray, base: str) -> ir.Value:
-        name = self._unique(base)
+        name = self.unique(base)
         value = ir.Value(name=name, const_value=ir.tensor(array, name=name), shape=ir.Shape(array.shape),
                          type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
         self.graph.register_initializer(value)
@@ -1176,7 +1275,7 @@ class _Rewriter:
                 inputs.append(p.value)
             at += p.length
         concat = value.producer()
-        name = self._unique(f"{value.name}.pruned")
+        name = self.unique(f"{value.name}.pruned")
         node = ir.node("Concat", inputs, {"axis": 0}, name=name, outputs=[ir.Value(name=name)])
         self.graph.insert_after(concat, node)  # every user of the old shape comes after it
         return node.outputs[0]
@@ -1184,19 +1283,32 @@ class _Rewriter:
 
 def _prune(model: ir.Model, block: Block, removed: set[int], rw: _Rewriter, opset: int,
            proj_weight: np.ndarray | None) -> None:
-    """Remove the K/V heads `removed` with their query groups; `proj_weight`, if given, replaces
-    what is left of the output projection's weight."""
-    keep_q = block.keeps_query(removed)
+    """Remove the query heads `removed`, and the K/V heads none of whose query heads stay;
+    `proj_weight`, if given, replaces what is left of the output projection's weight.
 
-    def keep_kv(h):
+    Where a group loses only some of its query heads (unit=query), the groups no longer have one
+    size, so Q and the attention output are viewed one head per row ([.., kv, group, ..] becomes
+    [.., heads, 1, ..]) and K and V reach the attention MatMuls through a Gather that gives each
+    remaining query head its K/V head: the KV cache keeps its layout, one copy per step."""
+    gone_kv = block.removed_kv(removed)
+
+    def keep_q(h):
         return h not in removed
 
+    def keep_kv(h):
+        return h not in gone_kv
+
+    ungroup = any(block.group[h] not in gone_kv for h in removed)
     keeps = {id(block.q): keep_q, id(block.k): keep_kv, id(block.v): keep_kv, id(block.out): keep_q}
     # Q, K and V reshaped by one node (a [.., 3, heads, d] view) edit it once
-    sizes = {(node, element): ax.kept(keeps[id(chain)])
+    sizes = {(node, element): _kept_size(ax, keeps[id(chain)], ungroup)
              for chain in (block.q, block.k, block.v, block.out) for node, element, ax in chain.edits}
+    if ungroup:
+        sizes.update({(node, element): 1 for chain in (block.q, block.out) for node, element in chain.groups})
     for (node, element), size in sizes.items():
         rw.set_element(node, 1, element, size)
+    if ungroup:
+        _gather_kv(block, keep_q, keep_kv, rw)
     for chain in (block.q, block.k, block.v, block.out):  # a KV cache's past inputs and present outputs
         for value, ax in chain.values.items():
             if value.is_graph_input() or value.is_graph_output():
@@ -1230,11 +1342,39 @@ def _prune(model: ir.Model, block: Block, removed: set[int], rw: _Rewriter, opse
         block.proj.replace_input_with(1, rw.constant(proj_weight, f"{block.proj.inputs[1].name}.refit"))
 
 
+def _kept_size(ax: HeadAxis, keep: Callable[[int], bool], ungroup: bool) -> int:
+    """The size of head axis `ax` once the heads `keep` rejects are gone: whole rows of a group,
+    or, ungrouped, one head per row."""
+    if ungroup and ax.split > 1:
+        return sum(1 for label in ax.labels if keep(label))
+    return ax.kept(keep)
+
+
+def _gather_kv(block: Block, keep_q: Callable[[int], bool], keep_kv: Callable[[int], bool],
+               rw: _Rewriter) -> None:
+    """Feed each attention MatMul, in place of its K or V operand, the K/V head of every query
+    head that stays, in the order of the ungrouped query heads."""
+    q = block.q.axis
+    kept = [i for i in range(q.size) for j in range(q.split) if keep_q(q.label(i, j))]
+    for matmul, chain in ((block.score, block.k), (block.pv, block.v)):
+        ax = chain.axis
+        if ax.size == 1:  # one K/V head, broadcast over every query head
+            continue
+        positions = [e for e in range(ax.size) if keep_kv(ax.label(e))]
+        indices = np.array([positions.index(i) for i in kept], np.int64)
+        operand = matmul.inputs[1]
+        name = rw.unique(f"{operand.name}.per_query")
+        gather = ir.node("Gather", [operand, rw.constant(indices, f"{name}.indices")], {"axis": ax.u},
+                         name=name, outputs=[ir.Value(name=name)])
+        rw.graph.insert_before(matmul, gather)
+        matmul.replace_input_with(1, gather.outputs[0])
+
+
 def _refit(block: Block, removed: set[int], x: np.ndarray) -> tuple[np.ndarray, float, float]:
     """The output projection's weight refit on the rows `x` of its unpruned input X: W' = argmin
     ||X[:, kept] W' - X W||^2 (pass_helpers.ridge_refit), in W's layout; and
     the relative error of the projection's output on `x` without and with the refit."""
-    kept = _rows(block.out, block.keeps_query(removed))
+    kept = _rows(block.out, lambda h: h not in removed)
     weight = constant_matrix(block.proj.inputs[1], dtype=None)
     w = (weight if block.proj_axis == 0 else weight.T).astype(np.float64)  # [inputs, outputs]
     x = x.astype(np.float64)
@@ -1288,6 +1428,9 @@ class PruneHeads(Pass):
                choices=("weight-norm", "calibration")),
         Option("strict", bool, False, "fail, naming the reason, where a requested pruning removes no head "
                "(instead of a warning)"),
+        Option("unit", str, "group", "what ratio counts and removes in grouped-query attention: a K/V head "
+               "with its group of query heads (the KV cache shrinks), or single query heads (far less "
+               "accuracy lost; a K/V head goes only with its last query head)", choices=("group", "query")),
         Option("recover", bool, False, "refit each pruned block's output projection by least squares so "
                "that its output on calibration data stays as close to the unpruned one as the remaining "
                "heads allow"),
@@ -1327,12 +1470,15 @@ class PruneHeads(Pass):
                 layers.append(f"Softmax '{node_name(node)}': {e}")
         blocks = {i: b for i, b in enumerate(layers) if isinstance(b, Block)}
         by_calibration = self.opts["importance"] == "calibration" and not self.opts["heads"].strip()
-        samples = {}  # each block's output-projection input in the unpruned model
+        samples, streams = {}, {}  # each block's output-projection input, and the residual stream after it
         if blocks and (by_calibration or self.opts["recover"]):
-            rows = activation_samples(model, ctx, sorted({b.proj.inputs[0].name for b in blocks.values()}))
+            after = {i: v.name for i, b in blocks.items() if by_calibration and (v := _stream(b)) is not None}
+            names = sorted({b.proj.inputs[0].name for b in blocks.values()} | set(after.values()))
+            rows = activation_samples(model, ctx, names)
             samples = {i: rows[b.proj.inputs[0].name] for i, b in blocks.items()}
-        removal, scores = self._choose(layers, blocks, samples)
-        pruned = [i for i, units in removal.items() if units]
+            streams = {i: rows[name] for i, name in after.items()}
+        removal, scores = self._choose(layers, blocks, samples, streams)
+        pruned = [i for i, heads in removal.items() if heads]
         warnings = []
         if not pruned and (self.opts["heads"].strip() or self.opts["ratio"] > 0):
             why = f"removed no head: {_nothing_removed(layers, not_attention, self.opts)}"
@@ -1346,8 +1492,8 @@ class PruneHeads(Pass):
         for i in pruned:
             refit = None
             if self.opts["recover"]:
-                refit, *errors[i] = _refit(blocks[i], set(removal[i]), samples[i])
-            _prune(model, blocks[i], set(removal[i]), rewriter, opset, refit)
+                refit, *errors[i] = _refit(blocks[i], removal[i], samples[i])
+            _prune(model, blocks[i], removal[i], rewriter, opset, refit)
         for value in (v for i in pruned for v in blocks[i].values):
             if not (value.is_graph_input() or value.is_graph_output()):
                 value.shape = None  # stale; shape inference fills in the new sizes
@@ -1360,8 +1506,7 @@ class PruneHeads(Pass):
             "blocks_pruned": len(pruned),
             "blocks_skipped": len(layers) - len(blocks),
             "heads_before": sum(len(b.heads) for b in blocks.values()),
-            "heads_after": sum(len(b.heads) - sum(len(b.queries(u)) for u in removal[i])
-                               for i, b in blocks.items()),
+            "heads_after": sum(len(b.heads) - len(removal[i]) for i, b in blocks.items()),
             "weights_removed": weights_before[0] - weights_after[0],
             "bytes_removed": weights_before[1] - weights_after[1],
             "blocks": {str(i): _block_stats(b, removal[i], scores.get(i), errors.get(i))
@@ -1374,29 +1519,33 @@ class PruneHeads(Pass):
                                 "error_after": float(np.mean([e[1] for e in errors.values()]))}
         return PassResult(model, bool(pruned), stats, warnings)
 
-    def _choose(self, layers, blocks, samples) -> tuple[dict[int, list[int]], dict]:
-        """K/V heads (with their query groups) to remove per block, and the importance scores used."""
+    def _choose(self, layers, blocks, samples, streams) -> tuple[dict[int, set[int]], dict]:
+        """The query heads to remove per block, and the importance of each unit."""
+        units = {i: b.units(self.opts["unit"]) for i, b in blocks.items()}
         if self.opts["heads"].strip():
-            return {i: [] for i in blocks} | self._requested(layers), {}
+            return {i: set() for i in blocks} | self._requested(layers, units), {}
         if self.opts["importance"] == "calibration":
-            scores = {i: _output_damage(b, samples[i], self.opts["recover"]) for i, b in blocks.items()}
-        else:
-            scores = {i: _weight_norms(b) for i, b in blocks.items()}
-        removal = {i: [] for i in blocks}
-        if self.opts["scope"] == "model":
-            ranked = sorted((scores[i][u], i, u) for i, b in blocks.items() for u in b.units)
-            count = math.floor(self.opts["ratio"] * len(ranked) + 1e-9)
-            for _, i, u in ranked:
-                if count and len(removal[i]) < len(blocks[i].units) - 1:  # never a whole block
-                    removal[i].append(u)
-                    count -= 1
-            return {i: sorted(units) for i, units in removal.items()}, scores
-        for i, block in blocks.items():
-            count = min(math.floor(self.opts["ratio"] * len(block.units) + 1e-9), len(block.units) - 1)
-            removal[i] = sorted(sorted(block.units, key=lambda u: (scores[i][u], u))[:count])
-        return removal, scores
+            damage = {i: _Damage(b, samples[i], streams.get(i), self.opts["recover"]) for i, b in blocks.items()}
 
-    def _requested(self, layers: list) -> dict[int, list[int]]:
+            def cost(i, chosen):
+                return damage[i](set().union(*(units[i][u] for u in chosen)))
+
+            scores = {i: {u: cost(i, [u]) for u in units[i]} for i in blocks}
+        else:
+            scores = {i: _weight_norms(b, units[i]) for i, b in blocks.items()}
+
+            def cost(i, chosen):
+                return sum(scores[i][u] for u in chosen)
+
+        ratio = self.opts["ratio"]
+        if self.opts["scope"] == "model":
+            counts = math.floor(ratio * sum(len(u) for u in units.values()) + 1e-9)
+        else:
+            counts = {i: math.floor(ratio * len(u) + 1e-9) for i, u in units.items()}
+        removal = _greedy(units, cost, counts)
+        return {i: set().union(*(units[i][u] for u in chosen)) for i, chosen in removal.items()}, scores
+
+    def _requested(self, layers: list, units: dict[int, dict[int, list[int]]]) -> dict[int, set[int]]:
         where = "pass 'prune-heads': option 'heads'"
         removal = {}
         for layer, heads in sorted(self.requested.items()):
@@ -1410,10 +1559,10 @@ class PruneHeads(Pass):
             if bad:
                 raise UserError(f"{where}: head {bad[0]} is out of range; layer {layer} has "
                                 f"{len(block.heads)} heads (0..{len(block.heads) - 1})")
-            units = sorted({block.group[h] for h in heads})
-            if len(units) == len(block.units):
+            removed = {q for queries in units[layer].values() if heads & set(queries) for q in queries}
+            if len(removed) == len(block.heads):
                 raise UserError(f"{where}: would remove every head of layer {layer}")
-            removal[layer] = units
+            removal[layer] = removed
         return removal
 
 
@@ -1430,30 +1579,36 @@ def _nothing_removed(layers: list, not_attention: list[str], opts: dict) -> str:
     if not layers:
         return "no attention block found" + (f": {'; '.join(not_attention)}" if not_attention else
                                              " (the model has no Softmax)")
-    ratio, units = opts["ratio"], [len(b.units) for b in layers if not isinstance(b, str)]
-    if opts["scope"] == "model" and units:
-        return f"ratio {ratio:g} of the {sum(units)} K/V heads of {len(units)} blocks rounds down to none"
+    ratio, unit = opts["ratio"], opts["unit"]
+    blocks = [b for b in layers if not isinstance(b, str)]
+
+    def what(b):  # what ratio counts in block b
+        return "heads" if len(b.units(unit)) == len(b.heads) else "K/V groups"
+
+    if opts["scope"] == "model" and blocks:
+        kinds = " or ".join(sorted({what(b) for b in blocks}))
+        return (f"ratio {ratio:g} of the {sum(len(b.units(unit)) for b in blocks)} {kinds} of {len(blocks)} "
+                f"blocks rounds down to none")
     reasons = [f"layer {i} ({b})" if isinstance(b, str) else
-               f"layer {i} (ratio {ratio:g} of its {len(b.units)} heads rounds down to none)"
+               f"layer {i} (ratio {ratio:g} of its {len(b.units(unit))} {what(b)} rounds down to none)"
                for i, b in enumerate(layers)]
     more = len(reasons) - MAX_REASONS
     return "; ".join(reasons[:MAX_REASONS]) + (f"; and {more} more (stats 'skipped')" if more > 0 else "")
 
 
-def _block_stats(block: Block, removed: list[int], scores: dict | None, errors: list | None) -> dict:
-    gone = sorted(q for u in removed for q in block.queries(u))
-    grouped = len(block.units) != len(block.heads)
+def _block_stats(block: Block, removed: set[int], scores: dict | None, errors: list | None) -> dict:
     stats = {
         "softmax": node_name(block.softmax),
-        "attention": "grouped-query" if grouped else "multi-head",
+        "attention": "grouped-query" if block.grouped else "multi-head",
         "projections": _layout(block),
         "heads_before": len(block.heads),
-        "heads_after": len(block.heads) - len(gone),
-        "removed_heads": gone,
+        "heads_after": len(block.heads) - len(removed),
+        "removed_heads": sorted(removed),
     }
-    if grouped:
-        stats.update(kv_heads_before=len(block.units), kv_heads_after=len(block.units) - len(removed),
-                     removed_kv_heads=list(removed))
+    if block.grouped:
+        gone_kv = block.removed_kv(removed)
+        stats.update(kv_heads_before=len(block.kv_heads), kv_heads_after=len(block.kv_heads) - len(gone_kv),
+                     removed_kv_heads=sorted(gone_kv))
     if scores is not None:
         stats["importance"] = {str(u): round(s, 6) for u, s in scores.items()}
     if errors is not None:

@@ -145,17 +145,23 @@ def test_ratio_removes_the_smallest_weight_norm_heads_exactly(lm):
 
 
 def test_calibration_importance_is_the_error_removal_leaves_in_the_block_output(lm):
+    """A head's importance: the energy of its share of the output projection's output, over the
+    geometric mean of that output's energy and the residual stream's after the block adds it."""
     ids = np.random.default_rng(3).integers(0, 512, (2, 16)).astype(np.int64)
-    model, seen = _tiny_lm(), {}
+    model, seen, residual, added = _tiny_lm(), {}, {}, {}
     for i, block in enumerate(model.blocks):
         block.proj.register_forward_pre_hook(lambda _m, args, i=i: seen.__setitem__(i, args[0].reshape(-1, D)))
+        block.register_forward_pre_hook(lambda _m, args, i=i: residual.__setitem__(i, args[0].reshape(-1, D)))
+        block.proj.register_forward_hook(lambda _m, _a, out, i=i: added.__setitem__(i, out.reshape(-1, D)))
     with torch.no_grad():
         model(torch.from_numpy(ids))
     damage = {}
     for i, x in seen.items():
         w = model.blocks[i].proj.weight.detach().T.double()  # [inputs, outputs]
         y = x.double() @ w
-        damage[i] = [float(((x[:, h * DH:(h + 1) * DH].double() @ w[h * DH:(h + 1) * DH]) ** 2).sum() / (y ** 2).sum())
+        stream = ((residual[i] + added[i]).double() ** 2).sum()
+        scale = float(((y ** 2).sum() * stream).sqrt())
+        damage[i] = [float(((x[:, h * DH:(h + 1) * DH].double() @ w[h * DH:(h + 1) * DH]) ** 2).sum()) / scale
                      for h in range(HEADS)]
     ctx = PassContext(calibration={"ids": ids})
     _, stats, changed = _run(lm["dynamo"], "prune-heads{importance=calibration}", ctx)
@@ -332,6 +338,21 @@ def test_grouped_query_removes_whole_groups_exactly(gqa_exports, repeat, exporte
 
 
 @pytest.mark.parametrize("prefix", PIPELINES, ids=["raw", "simplify-fuse"])
+@pytest.mark.parametrize("repeat,exporter", GQA_FORMS)
+def test_unit_query_removes_single_query_heads_exactly(gqa_exports, repeat, exporter, prefix):
+    """Three query heads: one K/V head loses both of its query heads and goes, another loses one
+    of two and stays, so the groups differ in size and K/V are gathered per query head."""
+    pruned, stats, changed = _run(gqa_exports(repeat, exporter), prefix + 'prune-heads{unit=query,heads="0:1,0:4,0:5"}')
+    (block,) = stats["blocks"].values()
+    assert changed and block["removed_heads"] == [1, 4, 5] and block["heads_after"] == 5
+    # interleaved, query heads 2k and 2k + 1 share K/V head k; tiled, heads j and j + 4 share j % 4
+    assert block["removed_kv_heads"] == ([1] if repeat == "tile" else [2])
+    assert any(n.op_type == "Gather" and n.name.endswith(".per_query") for n in pruned.graph.node)
+    x = torch.randn(2, 5, 64)
+    _same(_export(_gqa(repeat, [1, 4, 5]), x, "torchscript", "x", "y"), pruned)
+
+
+@pytest.mark.parametrize("prefix", PIPELINES, ids=["raw", "simplify-fuse"])
 def test_does_not_guess_a_head_count_computed_at_run_time(gqa_exports, prefix):
     """TorchScript's expand+reshape reads the K/V head count with Shape at run time."""
     model = gqa_exports("expand", "torchscript")
@@ -410,6 +431,19 @@ def test_fused_qkv_and_sdpa_prune_exactly(cut, kwargs, exporter):
     assert stats["weights_removed"] == 64 * 2 * 16 * (3 if "kv_heads" not in kwargs else 2) + 2 * 16 * 64 + (
         2 * 16 * 3 if "kv_heads" not in kwargs else 2 * 16 + 16 * 2)
     _same(_export(_fused(cut, block["removed_heads"], **kwargs), x, "torchscript", "x", "y"), pruned)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_unit_query_on_fused_grouped_qkv_and_sdpa(exporter):
+    """One of the two query heads of K/V head 0 goes: the fused projection loses its Q columns
+    only, and SDPA's repeated K/V are gathered per query head."""
+    x = torch.randn(2, 5, 64)
+    model = _export(_fused("split", kv_heads=2), x, exporter, "x", "y")
+    pruned, stats, changed = _run(model, 'prune-heads{unit=query,heads="0:1"}')
+    (block,) = stats["blocks"].values()
+    assert changed and block["removed_heads"] == [1] and block["removed_kv_heads"] == []
+    assert stats["weights_removed"] == 64 * 16 + 16 + 16 * 64  # Q columns and bias, output rows
+    _same(_export(_fused("split", [1], kv_heads=2), x, "torchscript", "x", "y"), pruned)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -594,6 +628,43 @@ def test_llama_with_rope_and_kv_cache_prunes_exactly(tiny_llama, prefix):
         for kind in ("key", "value"):
             name = f"present.{i}.{kind}"
             np.testing.assert_allclose(got[name], reference[name][:, kept[i]], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("prefix", ["", "simplify,group-kv-heads,fuse,fuse-siblings,"],
+                         ids=["raw", "compile-pipeline"])
+def test_llama_unit_query_keeps_the_cache_of_a_group_that_keeps_a_head(tiny_llama, prefix):
+    """Llama's [b, kv, group, t, d] view: layer 0 loses one query head of each group, layer 1 both
+    heads of K/V head 1. The cache keeps layer 0's K/V heads and loses layer 1's head 1; the
+    logits are the masked model's."""
+    pruned, stats, changed = _run(tiny_llama, prefix + 'prune-heads{unit=query,heads="0:0,0:3,1:2,1:3"}')
+    assert changed and stats["skipped"] == []
+    assert [stats["blocks"][i]["removed_kv_heads"] for i in "01"] == [[], [1]]
+    kept = {0: [0, 1], 1: [0]}
+    sig = lm_signature.find(pruned)
+    assert [e.shape[1] for e in sig.cache] == [2, 2, 1, 1]
+    kv = list(range(TINY_LLAMA["kv_heads"]))
+    reference = run_ort(_llama({0: [0, 3], 1: [2, 3]}), _llama_feeds({0: kv, 1: kv}), optimize=False)
+    got = run_ort(pruned, _llama_feeds(kept), optimize=False)
+    np.testing.assert_allclose(got["logits"], reference["logits"], rtol=1e-5, atol=1e-5)
+    for i, heads in kept.items():
+        for kind in ("key", "value"):
+            name = f"present.{i}.{kind}"
+            np.testing.assert_allclose(got[name], reference[name][:, heads], rtol=1e-5, atol=1e-5)
+
+
+def test_unit_query_ratio_counts_query_heads_across_blocks(tiny_llama):
+    """scope=model with calibration importance removes floor(ratio x 8) query heads, never all of
+    a block's, each the least costly given what its block lost already; the result is exact."""
+    ctx = PassContext(seed=3)
+    pruned, stats, changed = _run(tiny_llama, "prune-heads{unit=query,ratio=0.5,scope=model,importance=calibration}", ctx)
+    assert changed and stats["heads_after"] == 4
+    removed = _removed(stats)
+    assert all(len(heads) < TINY_LLAMA["heads"] for heads in removed.values())
+    kept = {i: [h for h in range(TINY_LLAMA["kv_heads"]) if h not in stats["blocks"][str(i)]["removed_kv_heads"]]
+            for i in range(TINY_LLAMA["layers"])}
+    reference = run_ort(_llama(removed), _llama_feeds({i: list(range(2)) for i in range(2)}), optimize=False)
+    got = run_ort(pruned, _llama_feeds(kept), optimize=False)
+    np.testing.assert_allclose(got["logits"], reference["logits"], rtol=1e-5, atol=1e-5)
 
 
 def test_scope_model_ranks_groups_across_blocks(tiny_llama):
