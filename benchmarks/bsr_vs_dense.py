@@ -25,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import tvm
+from edgecc.kernels import bsr
 from tvm import relax
 
-from edgecc.kernels import bsr
+from edgecc.core.tuning_log import cpu_model
 
 SHAPES = [(2048, 2048), (768, 3072)]
 ROWS = [1, 32]
@@ -83,7 +84,7 @@ def main() -> int:
         print(f"  W {c['K']}x{c['N']} M={c['M']:<3} block {c['block']:>5}: {_fmt(c['crossover'])}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    machine = {"cpu": _cpu_model(), "platform": platform.platform(), "python": sys.version.split()[0],
+    machine = {"cpu": cpu_model(), "platform": platform.platform(), "python": sys.version.split()[0],
                "tvm": tvm.__version__, "tvm_target": str(target), "threads": tvm.runtime.num_threads(),
                "load_average_before_after": [load_before, os.getloadavg()[0]]}
     out.write_text(json.dumps({"machine": machine, "rounds": args.rounds, "rows": rows,
@@ -117,13 +118,6 @@ def _crossover(points: list[tuple[float, float]]) -> float | None:
 
 def _fmt(cross: float | None) -> str:
     return "never" if cross is None else f"{cross:.2f}"
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from edgecc.benchmark import bench  # noqa: E402
 from edgecc.benchmark.bench_worker import decode_tokens_per_s  # noqa: E402
 from edgecc.compiler import compile as compile_model  # noqa: E402
 from edgecc.core import lm_signature
-from edgecc.core.tuning_log import host_device  # noqa: E402
+from edgecc.core.tuning_log import cpu_model  # noqa: E402
 from edgecc.lm import generate
 from edgecc.models import examples
 from tests import hf_models  # noqa: E402
@@ -67,7 +67,7 @@ def main() -> int:
     mine = user_export(examples.examples_dir() / "smollm2-byo")
     theirs = examples.cached("smollm2")
     result: dict = {"model": str(mine), "threads": THREADS,
-                    "machine": {"cpu": host_device().removeprefix("host:"), "platform": platform.platform()}}
+                    "machine": {"cpu": cpu_model(), "platform": platform.platform()}}
     with tempfile.TemporaryDirectory(prefix="edgecc-byo-") as work:
         work = Path(work)
         t = time.perf_counter()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import edgecc
 from edgecc.core.target import list_targets
+from edgecc.core.tuning_log import cpu_model
 from edgecc.models.examples import EXAMPLES, build_example
 
 
@@ -65,20 +66,10 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     machine = {"platform": platform.platform(), "machine": platform.machine(),
-               "cpu": _cpu_model(), "python": sys.version.split()[0]}
+               "cpu": cpu_model(), "python": sys.version.split()[0]}
     out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

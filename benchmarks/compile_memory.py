@@ -35,18 +35,13 @@ from pathlib import Path
 
 import numpy as np
 
+from edgecc.core.tuning_log import cpu_model
+
 EDGECC = [sys.executable, "-m", "edgecc.cli"]
 SCRIPT = [sys.executable, str(Path(__file__).resolve())]
 TINYLLAMA = dict(vocab=32000, hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4,
                  rope_theta=10000.0, rms_eps=1e-5, context=2048)
 PROMPT, DECODE = 128, 32
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def _child(cmd: list[str]) -> tuple[int, int, float, list[str]]:
@@ -133,7 +128,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.run_worker:
         return run_worker(*args.run_worker)
-    from edgecc.benchmark.bench import PRESETS, int4_block, ort_int4  # not in a worker: it imports the compiler
+    from edgecc.benchmark.bench import (  # not in a worker: it imports the compiler
+        PRESETS,
+        int4_block,
+        ort_int4,
+    )
     from edgecc.core.lm_signature import of_file
 
     if args.model == "smollm2":  # the cached example (exported once, then reused)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from edgecc.benchmark.bench_worker import perplexity
 from edgecc.compiler import compile as compile_model
 from edgecc.core import lm_signature
 from edgecc.core import text as corpus
+from edgecc.core.tuning_log import cpu_model
 from edgecc.models import examples
 
 BASE = bench.PRESETS["fp32"]
@@ -44,13 +44,6 @@ PIPELINES = {
     "int4 sym b128 awq": f"{BASE},{SYMMETRIC.format('awq')}",
     "int4 sym b128 gptq": f"{BASE},{SYMMETRIC.format('gptq')}",
 }
-
-
-def cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main() -> int:
@@ -91,7 +84,7 @@ def main() -> int:
     for r in rows:
         print(f"{r['label']:34} {r['perplexity']:10.2f} {r.get('perplexity_vs_fp32', 0):8.3f} "
               f"{r['model_bytes'] / 1e6:8.1f} {r.get('size_vs_fp32', 0):8.3f}")
-    out.write_text(json.dumps({"benchmark": "compression_smollm2", "cpu": cpu(), "model": str(model),
+    out.write_text(json.dumps({"benchmark": "compression_smollm2", "cpu": cpu_model(), "model": str(model),
                                "text": text, "eval_windows": "first 8 x 256 tokens",
                                "calibration": "last 8 x 256 tokens", "rows": rows}, indent=2) + "\n")
     return 0

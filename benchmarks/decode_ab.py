@@ -27,7 +27,7 @@ from edgecc.benchmark import bench
 from edgecc.benchmark.bench_worker import decode_tokens_per_s
 from edgecc.compiler import compile as compile_model
 from edgecc.core import lm_signature
-from edgecc.core.tuning_log import host_device
+from edgecc.core.tuning_log import cpu_model
 from edgecc.lm.generate import ort_step
 from edgecc.models import examples
 
@@ -64,7 +64,7 @@ def main() -> int:
     edgecc = np.array(rates["edgecc int4"])
     result = {
         "model": str(model), "rounds": a.rounds, "steps": a.steps, "past": a.past, "threads": THREADS,
-        "machine": {"cpu": host_device().removeprefix("host:"), "platform": platform.platform()},
+        "machine": {"cpu": cpu_model(), "platform": platform.platform()},
         "tokens_per_s": {n: {"median": float(np.median(v)), "runs": [round(x, 2) for x in v]} for n, v in rates.items()},
         "edgecc_int4_over": {n: {"median_ratio": float(np.median(edgecc / np.array(v))),
                                  "min_ratio": float((edgecc / np.array(v)).min()),

@@ -49,8 +49,9 @@ sys.path.append(str(Path(__file__).resolve().parent.parent))  # after site-packa
 
 import edgecc  # noqa: E402
 from edgecc.core import text as corpus  # noqa: E402
+from edgecc.core.tuning_log import cpu_model  # noqa: E402
 from edgecc.core.verify import cosine, ort_session, relative_rmse  # noqa: E402
-from edgecc.runtime.litert import dequantize, quantize, Quant, segment_steps  # noqa: E402
+from edgecc.runtime.litert import Quant, dequantize, quantize, segment_steps  # noqa: E402
 from tests import edgetpu_models  # noqa: E402
 
 DICT_FILE = Path("/usr/share/dictd/devil.dict.dz")
@@ -212,7 +213,7 @@ def main() -> int:
         "here); time_ms.edgetpu_model is a model (4 TOPS, USB 3 at 320 MB/s, 8 MiB parameter cache), "
         "the rest is measured on this CPU",
         "machine": {"arch": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "cpu": _cpu()},
+                    "cpu": cpu_model()},
         "versions": {
             d: edgecc.compiler._version(d)
             for d in ("edgecc", "ai-edge-litert", "onnx", "onnxruntime", "torch", "transformers",
@@ -227,13 +228,6 @@ def main() -> int:
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 if __name__ == "__main__":

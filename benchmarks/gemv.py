@@ -36,7 +36,6 @@ os.environ["TVM_NUM_THREADS"] = "2"  # read when TVM's thread pool starts
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -44,25 +43,19 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import tvm
+from edgecc.kernels import int8
+from edgecc.kernels.int4 import build_module, dequantize_blockwise, pack_int4, quantize_blockwise
 from onnx import TensorProto, helper, numpy_helper
 from tvm import relax
 from tvm.s_tir import Schedule
 
-from edgecc.kernels import int8
-from edgecc.kernels.int4 import build_module, dequantize_blockwise, pack_int4, quantize_blockwise
+from edgecc.core.tuning_log import cpu_model
 
 SHAPES = [(576, 1536), (1536, 576), (2048, 2048)]
 BLOCK = 32
 THREADS = 2
 CALLS = 200  # warm calls per variant per round
 COLD_CALLS = 30  # cold calls per variant per round (each costs a cache flush)
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def l3_bytes() -> int:

@@ -58,7 +58,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgecc.benchmark.bench_worker import mean_pool  # sentence-transformers' pooling, as `edgecc bench` computes it
+from edgecc.benchmark.bench_worker import (
+    mean_pool,  # sentence-transformers' pooling, as `edgecc bench` computes it
+)
+from edgecc.core.tuning_log import cpu_model
 
 DICT_FILE = Path("/usr/share/dictd/devil.dict.dz")
 PIPELINES = {
@@ -85,16 +88,6 @@ def _version(dist: str) -> str:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def devil_sentences() -> list[str]:
@@ -379,7 +372,7 @@ def main() -> int:
 
     result = {
         "benchmark": "minilm_accuracy",
-        "machine": {"cpu": _cpu_model(), "arch": platform.machine(), "cpus": os.cpu_count(),
+        "machine": {"cpu": cpu_model(), "arch": platform.machine(), "cpus": os.cpu_count(),
                     "python": platform.python_version()},
         "versions": {d: _version(d) for d in ("edgecc", "apache-tvm", "apache-tvm-ffi", "onnx", "onnxruntime",
                                               "onnx-ir", "onnxscript", "onnxsim", "torch", "transformers",

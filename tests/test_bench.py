@@ -119,6 +119,19 @@ def test_kv_bytes_are_what_the_cache_holds(result, example_path):
     assert result["kv_bytes_per_token_at_past"] == sum(out[e.present].nbytes for e in sig.cache)
 
 
+def test_a_pruned_cache_is_fed_at_its_own_size(example_path, tmp_path):
+    """prune-heads takes K/V heads out of the cache: the artifact and ORT on its graph are fed and
+    charged the smaller cache, not the source's."""
+    settings = bench.Settings(pipelines='pruned=simplify,fuse,prune-heads{heads="0:0"}', prompt_lengths=(8,),
+                              past=8, decode_steps=2, repeats=1, windows=0, rounds=1)
+    result = bench.run(example_path("tiny-llama"), settings, tmp_path / "out")
+    configs = {c["name"]: c for c in result["configs"]}
+    for name in ("edgecc pruned", "ort pruned"):
+        assert "error" not in configs[name], configs[name]
+        assert configs[name]["decode"]["tokens_per_s"] > 0
+        assert configs[name]["kv_bytes_at_past"] == result["kv_bytes_per_token_at_past"] * 3 // 4
+
+
 def test_cli_table_json_and_plot(example_path, tmp_path):
     (tmp_path / "t.txt").write_text(TEXT)
     r = run_cli("bench", example_path("tiny-llama"), "--pipelines", "fp32", "--prompt-lengths", "8",

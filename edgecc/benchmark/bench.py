@@ -35,12 +35,13 @@ import onnx
 from onnx import numpy_helper
 
 from edgecc.compiler import compile as compile_model
+from edgecc.core import lm_signature
+from edgecc.core import text as corpus
 from edgecc.core.ir import load_model, to_proto
 from edgecc.core.lm_signature import NotAnLM, of_model
-from edgecc.core import text as corpus
 from edgecc.core.pipeline import parse_pipeline
 from edgecc.core.target import load_target
-from edgecc.core.tuning_log import host_device
+from edgecc.core.tuning_log import cpu_model
 from edgecc.core.verify import graph_inputs
 from edgecc.errors import EdgeccError, UserError
 
@@ -257,9 +258,14 @@ def _run(model: Path, settings: Settings, work: Path, log: Callable[[str], None]
 
     timed: list[tuple[str, dict]] = []  # (name, spec) of every timed measurement, for later rounds
 
-    def measure(name: str, kind: str, path: Path, timed_here: bool = True) -> dict:
+    def measure(name: str, kind: str, path: Path, timed_here: bool = True, own=None) -> dict:
+        """`own`: the signature of a compiled LM, whose KV cache a pass may have changed (prune-heads)."""
         log(f"measuring {name} ...")
         spec = dict(base, kind=kind, path=str(path), time=timed_here and runs_here)
+        extra = {}
+        if own is not None:
+            spec["signature"] = own.to_json()
+            extra["kv_bytes_at_past"] = own.kv_bytes_per_token() * settings.past
         if kind == "llama.cpp":
             spec["llama_bench"] = settings.llama_bench
         if encoder:
@@ -268,7 +274,7 @@ def _run(model: Path, settings: Settings, work: Path, log: Callable[[str], None]
         if spec["time"] and "error" not in result:
             timed.append((name, spec))
             result["_measured"] = name
-        return dict(result, **({"embeddings": spec["embeddings"]} if encoder else {}))
+        return dict(result, **extra, **({"embeddings": spec["embeddings"]} if encoder else {}))
 
     configs = [{"name": "ort fp32", "engine": "onnxruntime", "pipeline": None,
                 "weight_bytes_per_token": weight_bytes_per_token(source), **measure("ort-fp32", "ort", model)}]
@@ -324,16 +330,17 @@ def _run(model: Path, settings: Settings, work: Path, log: Callable[[str], None]
                "weight_bytes_per_token": wbytes,
                "verification": {k: art.manifest["verification"].get(k) for k in
                                 ("relative_rmse_vs_fp32", "cosine_vs_fp32", "skipped")}}
+        own = None if encoder else lm_signature.of_manifest(art.manifest, str(art.path))
         if runs_here:
-            row.update(measure(f"edgecc-{label}", "edgecc", art.path))
+            row.update(measure(f"edgecc-{label}", "edgecc", art.path, own=own))
         elif accuracy_wanted:  # accuracy of what the artifact computes, through ORT on its optimized model
             row["accuracy_via"] = "onnxruntime on model.opt.onnx"
-            row.update(measure(f"edgecc-{label}-ref", "ort", optimized, timed_here=False))
+            row.update(measure(f"edgecc-{label}-ref", "ort", optimized, timed_here=False, own=own))
         configs.append(row)
         if pipeline != PRESETS["fp32"]:
             configs.append({"name": f"ort {label}", "engine": "onnxruntime", "pipeline": pipeline,
                             "model": "edgecc's model.opt.onnx", "weight_bytes_per_token": wbytes,
-                            **measure(f"ort-{label}", "ort", optimized)})
+                            **measure(f"ort-{label}", "ort", optimized, own=own)})
     by_name = {c["_measured"]: c for c in configs if "_measured" in c}
     for r in range(2, settings.rounds + 1):
         for name, spec in timed:
@@ -355,13 +362,13 @@ def _run(model: Path, settings: Settings, work: Path, log: Callable[[str], None]
     for c in (c for c in configs if c.get("decode")):
         rate = c["decode"]["tokens_per_s"]
         if bandwidth:
-            bound_s = (c["weight_bytes_per_token"] + kv_bytes) / (bandwidth * 1e9)
+            bound_s = (c["weight_bytes_per_token"] + c.get("kv_bytes_at_past", kv_bytes)) / (bandwidth * 1e9)
             c["roofline_fraction"] = float(f"{bound_s * rate:.3g}")  # a tiny model's is tiny, not 0
         if ort_rate:
             c["decode_speedup_vs_ort_fp32"] = round(rate / ort_rate, 2)
     return {
         "model": str(model), "target": target.name, "settings": dataclasses.asdict(settings) | {"text": text},
-        "machine": {"cpu": host_device().removeprefix("host:"),
+        "machine": {"cpu": cpu_model(),
                     "platform": platform.platform(), "logical_cpus": os.cpu_count(),
                     "bandwidth_gbs": bandwidth},
         "kind": "encoder" if encoder else "causal LM",

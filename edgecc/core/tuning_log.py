@@ -544,19 +544,20 @@ def edgecc_version() -> str:
         return "0.0.0+unknown"
 
 
-def host_device() -> str:
-    """'host:<cpu model>', naming the machine that measured a record."""
-    model = ""
+def cpu_model() -> str:
+    """This machine's CPU model, as /proc/cpuinfo names it."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.lower().startswith(("model name", "hardware", "cpu model")):
-                model = line.split(":", 1)[1].strip()
-                break
-    if not model:
-        import platform
+                return line.split(":", 1)[1].strip()
+    import platform
 
-        model = platform.processor() or platform.machine() or "unknown"
-    return f"host:{model}"
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def host_device() -> str:
+    """'host:<cpu model>', naming the machine that measured a record."""
+    return f"host:{cpu_model()}"
 
 
 def utc_now() -> str:
