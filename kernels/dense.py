@@ -4,9 +4,14 @@ MetaSchedule tunes only static shapes, and TVM's default CPU code for a matmul i
 single-threaded loop (SmolLM2-135M decoding: 1.5 tokens/s). A causal LM compiled once for
 prefill and decode has a symbolic sequence length, so on CPU targets every `matmul(x, W)` with a
 constant 2-D fp32 W and symbolic rows comes here instead: W is stored in panels of `tile`
-columns ([ceil(N/t), K, t], kernels.int8.pack_panels) and the kernel is int8's CPU schedule,
-parallel over panels, the t accumulators vectorized, each panel streamed once per call. Static
-shapes keep TVM's path, where tuning records apply.
+columns ([ceil(N/t), K, t], kernels.int8.pack_panels), and the kernel, parallel over panels,
+computes a block of `rows` rows by `tile` columns in registers at a time: per k it loads the
+panel's `tile` weights once and multiplies them by each row's x[r, k], so a prompt's rows share
+every weight load (row-blocked, the micro-kernel of BLAS libraries). Rows past the last whole
+block, and a decode step's single row, go one at a time, each panel streamed once. On a 2-core
+AVX-512 host a [128, 576] x [576, 1536] product runs at 224 GFLOP/s, level with ONNX Runtime's
+MLAS (227), where one row at a time ran at 107. Static shapes keep TVM's path, where tuning
+records apply.
 
 tvm is imported inside the functions that need it.
 """
@@ -16,27 +21,73 @@ from __future__ import annotations
 import numpy as np
 
 from edgecc.kernels.common import rewrite_functions
-from edgecc.kernels.int8 import over_rows, pack_panels, panel_width, schedule_panels_cpu, unscheduled_kernels
+from edgecc.kernels.int8 import ACCUMULATOR_VECTORS, over_rows, pack_panels, panel_width
 
 KERNEL_ATTR = "edgecc.dense_tile"  # func attr marking the PrimFuncs `schedule` owns
 
 
-def _dense_te(x, w, tile: int, K: int):
-    from tvm import te
+def block_rows(target) -> int:
+    """Rows a block computes at once: their accumulators, ACCUMULATOR_VECTORS a row, take half
+    the vector registers (32 on AVX-512 and Arm, 16 on AVX2), leaving the panel's vectors and the
+    broadcasts room (on AVX-512, 4 rows ran at 224 GFLOP/s, 6 at 222, 8 at 184)."""
+    from tvm.target import codegen
 
-    k = te.reduce_axis((0, K), "k")
-    return te.compute((x.shape[0], w.shape[0] * tile),
-                      lambda m, n: te.sum(x[m, k] * w[n // tile, k, n % tile], axis=k), name="dense")
+    with target:
+        wide = codegen.llvm_get_vector_width(target) >= 512
+    registers = 32 if wide or "aarch64" in str(target.attrs.get("mtriple", "")) else 16
+    return registers // 2 // ACCUMULATOR_VECTORS
 
 
-def emit_dense(bb, x, panels, K: int, N: int, tile: int):
+def dense_primfunc(K: int, panels: int, tile: int, rows: int):
+    """x [m, K] @ the panels [panels, K, tile] -> [m, panels * tile], m symbolic; scheduled as
+    written (see the module docstring)."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    K, P, t, R = (tirx.IntImm("int64", v) for v in (K, panels, tile, rows))
+
+    @T.prim_func(private=True)
+    def dense(var_x: T.handle, w: T.Buffer((P, K, t), "float32"), var_y: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, KERNEL_ATTR: tile})
+        m = T.int64()
+        x = T.match_buffer(var_x, (m, K), "float32")
+        y = T.match_buffer(var_y, (m, P * t), "float32")
+        for p in T.parallel(P):
+            acc = T.decl_buffer((R, t), "float32", scope="local")
+            for block in range(m // R):
+                for r in T.unroll(R):
+                    for j in T.vectorized(t):
+                        acc[r, j] = T.float32(0)
+                for k in range(K):
+                    for r in T.unroll(R):
+                        for j in T.vectorized(t):
+                            acc[r, j] = acc[r, j] + x[block * R + r, k] * w[p, k, j]
+                for r in T.unroll(R):
+                    for j in T.vectorized(t):
+                        y[block * R + r, p * t + j] = acc[r, j]
+            for row in range(m // R * R, m):
+                for j in T.vectorized(t):
+                    acc[0, j] = T.float32(0)
+                for k in range(K):
+                    for j in T.vectorized(t):
+                        acc[0, j] = acc[0, j] + x[row, k] * w[p, k, j]
+                for j in T.vectorized(t):
+                    y[row, p * t + j] = acc[0, j]
+
+    return dense
+
+
+def emit_dense(bb, x, panels, K: int, N: int, tile: int, rows: int):
     """Emit fp32 x [..., K] @ W [K, N] into `bb`, W given as its `panels` (pack_panels' layout, a
     constant or a parameter); leading dims may be symbolic."""
     from tvm import relax
 
-    def emit(rows):
-        y = bb.emit_te(_dense_te, rows, panels, tile, K, primfunc_name_hint="dense",
-                       primfunc_attrs={KERNEL_ATTR: tile, "op_pattern": 8})  # 8: kOpaque, kept whole
+    count = -(-N // tile)
+    gv = bb.add_func(dense_primfunc(K, count, tile, rows), "dense")  # one per shape, shared by layers
+
+    def emit(x2):
+        m = x2.ty.shape.values[0]
+        y = bb.emit(relax.call_tir(gv, [x2, panels], out_ty=relax.TensorType((m, count * tile), "float32")))
         if N % tile == 0:
             return y
         return bb.normalize(relax.op.strided_slice(y, axes=[1], begin=[0], end=[N]))  # padded panels
@@ -58,7 +109,7 @@ def route_symbolic_matmuls(mod, target, weights: list | None = None):
     import tvm
     from tvm import relax, tirx
 
-    tile = panel_width(target)
+    tile, rows = panel_width(target), block_rows(target)
     routed = 0
     weights = weights if weights is not None else []
     params = list(mod["main"].params)[-len(weights):] if weights else []
@@ -83,10 +134,10 @@ def route_symbolic_matmuls(mod, target, weights: list | None = None):
             routed += 1
             K, N = (int(d) for d in w.ty.shape)
             if constant:
-                return emit_dense(self.builder_, x, relax.const(pack_panels(w.value.numpy(), tile)), K, N, tile)
+                return emit_dense(self.builder_, x, relax.const(pack_panels(w.value.numpy(), tile)), K, N, tile, rows)
             if w.name not in panels:
                 panels[w.name] = relax.Var(f"{w.name}_panels", relax.TensorType((-(-N // tile), K, tile), "float32"))
-            return emit_dense(self.builder_, x, panels[w.name], K, N, tile)
+            return emit_dense(self.builder_, x, panels[w.name], K, N, tile, rows)
 
     routed_mod = rewrite_functions(mod, Route)
     if panels:
@@ -116,18 +167,6 @@ def _panel_params(mod, weights: list, lifted: dict, panels: dict, tile: int):
     out = mod.clone()
     out["main"] = relax.Function(params, main.body, main.ret_ty, main.is_pure, main.attrs, main.span)
     return out
-
-
-def schedule(mod, target):
-    """Schedule the dense kernels in `mod` (after the "zero" pipeline) for a CPU `target`."""
-    from tvm.s_tir import Schedule
-
-    mod = mod.clone()
-    for gv, func in unscheduled_kernels(mod, KERNEL_ATTR):
-        sch = Schedule(func)
-        schedule_panels_cpu(sch, sch.get_sblock("dense"), int(func.attrs[KERNEL_ATTR]))
-        mod[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
-    return mod
 
 
 def reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from tvm.support import cc as tvm_cc
 
 from edgecc.backends.tvm_common import (LIBRARY_NAME, TVMBackend, apply_records, prepare, require_tool,
                                         tuning_facts)
-from edgecc.kernels import activation_matmul, bsr, dense, fallback, int4, int8
+from edgecc.kernels import activation_matmul, bsr, fallback, int4, int8
 from edgecc.runtime import weights
 
 
@@ -55,6 +55,6 @@ def _folded(mod):
 def schedule_kernels(mod, tgt):
     """edgecc's kernels get their hand schedules, unless a tuning record scheduled them already;
     so do the activation matmuls with symbolic shapes, which no tuning can reach."""
-    for kernels in (int8, int4, bsr, dense, activation_matmul, fallback):
+    for kernels in (int8, int4, bsr, activation_matmul, fallback):
         mod = kernels.schedule(mod, tgt)
     return mod

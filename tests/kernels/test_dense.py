@@ -1,5 +1,8 @@
 """fp32 dense kernel for symbolic rows: numerics against numpy, routing, and the CPU targets."""
 
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tvm
@@ -10,7 +13,7 @@ from edgecc.backends.tvm_common import prepare
 from edgecc.backends.tvm_cpu import schedule_kernels
 from edgecc.core.target import load_target
 from edgecc.kernels.dense import KERNEL_ATTR, reference, route_symbolic_matmuls
-from edgecc.runtime import weights
+from edgecc.runtime import emulator, weights
 from tests.kernels.targets import CROSS_CC, EM_AARCH64, HOST, e_machine, needs_cross_cc
 
 
@@ -39,7 +42,7 @@ def _build(w, rows, target_name="host"):
 
 
 @pytest.mark.parametrize("N", [96, 100])  # 100: not a multiple of the panel width, sliced back
-@pytest.mark.parametrize("M", [1, 7])
+@pytest.mark.parametrize("M", [1, 7, 16])  # 2 x M rows: single rows, blocks and a remainder, blocks only
 def test_matches_numpy_for_every_row_count(M, N):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((72, N)).astype(np.float32)
@@ -111,3 +114,34 @@ def test_rpi4_cross_compile(tmp_path):
     lib = tmp_path / "dense.so"
     ex.export_library(str(lib), fcompile=cc.cross_compiler(CROSS_CC))
     assert e_machine(lib) == EM_AARCH64
+
+
+_EMULATED_RUN = """
+import sys, numpy as np, tvm
+from tvm.runtime.vm import VirtualMachine
+d = sys.argv[1]
+vm = VirtualMachine(tvm.runtime.load_module(d + "/dense.so"), tvm.cpu())
+np.save(d + "/out.npy", vm["main"](tvm.runtime.tensor(np.load(d + "/x.npy"))).numpy())
+"""
+
+
+@needs_cross_cc
+@pytest.mark.emulation
+def test_rpi4_numerics_under_qemu(tmp_path):
+    """NEON: 11 rows, two blocks of 4 and 3 rows one at a time."""
+    st = emulator.status()
+    if not st["ok"]:
+        pytest.skip(f"aarch64 emulator not set up: {st['reason']}")
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((64, 40)).astype(np.float32)
+    x = rng.standard_normal((11, 64)).astype(np.float32)
+    _, ex = _build(w, (tirx.Var("s", "int64"),), "rpi4")
+    ex.export_library(str(tmp_path / "dense.so"), fcompile=cc.cross_compiler(CROSS_CC))
+    np.save(tmp_path / "x.npy", x)
+    p = emulator._paths(Path(st["path"]))
+    subprocess.run(
+        [emulator.QEMU, "-cpu", "cortex-a72", "-L", str(p["rootfs"]), str(p["python"]),
+         "-c", _EMULATED_RUN, str(tmp_path)],
+        env=emulator._env(p["site"]), check=True, timeout=300,
+    )
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), reference(x, w) + 1, rtol=1e-5, atol=1e-5)
