@@ -19,7 +19,6 @@ tvm is imported inside the functions that need it.
 from __future__ import annotations
 
 import numpy as np
-
 from edgecc.kernels.common import rewrite_functions
 from edgecc.kernels.int8 import ACCUMULATOR_VECTORS, over_rows, pack_panels, panel_width
 

@@ -127,7 +127,7 @@ def emit_int8_columns(bb, w, ids, tile: int, K: int, N: int):
 
 
 def schedule_panels_cpu(sch, mm, tile: int) -> None:
-    """The CPU schedule of a [..., N] += x[..., k] * w(k, n) block (shared with kernels.dense),
+    """The CPU schedule of a [..., N] += x[..., k] * w(k, n) block,
     and of the elementwise epilogue fused after it: inlined into its last block, which runs on
     each panel of accumulators once the panel is complete."""
     *rows, n, k = sch.get_loops(mm)
@@ -155,15 +155,6 @@ def over_rows(bb, x, K: int, N: int, emit):
     if len(lead) == 1:
         return emit(x)
     return relax.op.reshape(emit(bb.normalize(relax.op.reshape(x, (-1, K)))), (*lead, N))
-
-
-def unscheduled_kernels(mod, attr: str) -> list:
-    """(GlobalVar, PrimFunc) of the kernels in `mod` marked with `attr` that nothing scheduled yet
-    (kernels.dense shares it)."""
-    import tvm
-
-    return [(gv, f) for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)
-            and f.attrs is not None and attr in f.attrs and not f.attrs.get("tirx.is_scheduled")]
 
 
 def _kernels(mod) -> list:

@@ -6,13 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tvm
+from edgecc.kernels.dense import KERNEL_ATTR, reference, route_symbolic_matmuls
 from tvm import relax, tirx
 from tvm.support import cc
 
 from edgecc.backends.tvm_common import prepare
 from edgecc.backends.tvm_cpu import schedule_kernels
 from edgecc.core.target import load_target
-from edgecc.kernels.dense import KERNEL_ATTR, reference, route_symbolic_matmuls
 from edgecc.runtime import emulator, weights
 from tests.kernels.targets import CROSS_CC, EM_AARCH64, HOST, e_machine, needs_cross_cc
 
