@@ -3,6 +3,8 @@
 
 import shutil
 import struct
+import subprocess
+from pathlib import Path
 
 import pytest
 import tvm
@@ -42,3 +44,21 @@ def cuda_source(ex) -> str:
             return m.inspect_source("")
         stack.extend(m.imports)
     raise AssertionError("no CUDA module in the executable")
+
+
+def emulated_python():
+    """A function that runs a Python script, its argv[1] a directory, in the cached aarch64
+    environment under qemu (cortex-a72, a Raspberry Pi 4's core); skips the test when the
+    emulator is not set up (`edgecc emulator setup`)."""
+    from edgecc.runtime import emulator
+
+    st = emulator.status()
+    if not st["ok"]:
+        pytest.skip(f"aarch64 emulator not set up: {st['reason']}")
+    p = emulator._paths(Path(st["path"]))
+
+    def run(script: str, directory) -> None:
+        subprocess.run([emulator.QEMU, "-cpu", "cortex-a72", "-L", str(p["rootfs"]), str(p["python"]),
+                        "-c", script, str(directory)], env=emulator._env(p["site"]), check=True, timeout=300)
+
+    return run

@@ -1,8 +1,5 @@
 """fp32 dense kernel for symbolic rows: numerics against numpy, routing, and the CPU targets."""
 
-import subprocess
-from pathlib import Path
-
 import numpy as np
 import pytest
 import tvm
@@ -13,8 +10,8 @@ from tvm.support import cc
 from edgecc.backends.tvm_common import prepare
 from edgecc.backends.tvm_cpu import schedule_kernels
 from edgecc.core.target import load_target
-from edgecc.runtime import emulator, weights
-from tests.kernels.targets import CROSS_CC, EM_AARCH64, HOST, e_machine, needs_cross_cc
+from edgecc.runtime import weights
+from tests.kernels.targets import CROSS_CC, EM_AARCH64, HOST, e_machine, emulated_python, needs_cross_cc
 
 
 def _module(w: np.ndarray, rows):
@@ -129,19 +126,12 @@ np.save(d + "/out.npy", vm["main"](tvm.runtime.tensor(np.load(d + "/x.npy"))).nu
 @pytest.mark.emulation
 def test_rpi4_numerics_under_qemu(tmp_path):
     """NEON: 11 rows, two blocks of 4 and 3 rows one at a time."""
-    st = emulator.status()
-    if not st["ok"]:
-        pytest.skip(f"aarch64 emulator not set up: {st['reason']}")
+    run = emulated_python()
     rng = np.random.default_rng(3)
     w = rng.standard_normal((64, 40)).astype(np.float32)
     x = rng.standard_normal((11, 64)).astype(np.float32)
     _, ex = _build(w, (tirx.Var("s", "int64"),), "rpi4")
     ex.export_library(str(tmp_path / "dense.so"), fcompile=cc.cross_compiler(CROSS_CC))
     np.save(tmp_path / "x.npy", x)
-    p = emulator._paths(Path(st["path"]))
-    subprocess.run(
-        [emulator.QEMU, "-cpu", "cortex-a72", "-L", str(p["rootfs"]), str(p["python"]),
-         "-c", _EMULATED_RUN, str(tmp_path)],
-        env=emulator._env(p["site"]), check=True, timeout=300,
-    )
+    run(_EMULATED_RUN, tmp_path)
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), reference(x, w) + 1, rtol=1e-5, atol=1e-5)

@@ -1,8 +1,5 @@
 """Int4 weight-only kernels: quantization, packing, and the compiled dequant-matmul."""
 
-import subprocess
-from pathlib import Path
-
 import numpy as np
 import pytest
 import tvm
@@ -21,7 +18,6 @@ from tvm import relax, tirx
 from tvm.support import cc
 
 from edgecc.errors import UserError
-from edgecc.runtime import emulator
 from tests.kernels.targets import (
     CROSS_CC,
     EM_AARCH64,
@@ -30,6 +26,7 @@ from tests.kernels.targets import (
     RPI4,
     cuda_source,
     e_machine,
+    emulated_python,
     needs_cross_cc,
     needs_nvcc,
 )
@@ -168,9 +165,7 @@ np.savez(d + "/out.npz", gemv=vms["gemv"]["main"](tvm.runtime.tensor(x[:1])).num
 @pytest.mark.emulation
 def test_rpi4_numerics_under_qemu(tmp_path):
     """The NEON code (cortex-a72) computes what numpy does: GEMV and symbolic-M kernels."""
-    st = emulator.status()
-    if not st["ok"]:
-        pytest.skip(f"aarch64 emulator not set up: {st['reason']}")
+    run = emulated_python()
     K, N, block = 256, 72, 32
     w = _weights(K, N)
     for name, M in (("gemv", 1), ("any", None)):
@@ -178,12 +173,7 @@ def test_rpi4_numerics_under_qemu(tmp_path):
         ex.export_library(str(tmp_path / f"{name}.so"), fcompile=cc.cross_compiler(CROSS_CC))
     x = np.random.default_rng(4).standard_normal((3, K)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
-    p = emulator._paths(Path(st["path"]))
-    subprocess.run(
-        [emulator.QEMU, "-cpu", "cortex-a72", "-L", str(p["rootfs"]), str(p["python"]),
-         "-c", _EMULATED_RUN, str(tmp_path)],
-        env=emulator._env(p["site"]), check=True, timeout=300,
-    )
+    run(_EMULATED_RUN, tmp_path)
     q, scales, zeros = quantize_blockwise(w, block, symmetric=False)
     ref = x.astype(np.float64) @ dequantize_blockwise(q, scales, zeros, block)
     with np.load(tmp_path / "out.npz") as out:

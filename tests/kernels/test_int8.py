@@ -1,8 +1,5 @@
 """int8 matmul kernel: packing, exactness against numpy, schedules, and the three targets."""
 
-import subprocess
-from pathlib import Path
-
 import numpy as np
 import pytest
 import tvm
@@ -11,7 +8,6 @@ from edgecc.kernels.int8 import build_module, pack_int8, panel_width, reference,
 from tvm import relax
 from tvm.support import cc
 
-from edgecc.runtime import emulator
 from tests.kernels.targets import (
     CROSS_CC,
     EM_AARCH64,
@@ -20,6 +16,7 @@ from tests.kernels.targets import (
     RPI4,
     cuda_source,
     e_machine,
+    emulated_python,
     needs_cross_cc,
     needs_nvcc,
 )
@@ -132,19 +129,12 @@ np.save(d + "/out.npy", vm["main"](tvm.runtime.tensor(x)).numpy())
 @needs_cross_cc
 @pytest.mark.emulation
 def test_rpi4_numerics_under_qemu(tmp_path):
-    st = emulator.status()
-    if not st["ok"]:
-        pytest.skip(f"aarch64 emulator not set up: {st['reason']}")
+    run = emulated_python()
     x, w = _operands(3, 128, 40)
     build_module(w, 16, RPI4, M=None).export_library(str(tmp_path / "int8.so"),
                                                     fcompile=cc.cross_compiler(CROSS_CC))
     np.save(tmp_path / "x.npy", x)
-    p = emulator._paths(Path(st["path"]))
-    subprocess.run(
-        [emulator.QEMU, "-cpu", "cortex-a72", "-L", str(p["rootfs"]), str(p["python"]),
-         "-c", _EMULATED_RUN, str(tmp_path)],
-        env=emulator._env(p["site"]), check=True, timeout=300,
-    )
+    run(_EMULATED_RUN, tmp_path)
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), reference(x, w))
 
 
