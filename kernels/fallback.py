@@ -146,18 +146,20 @@ def _schedule_one(func, lanes: int, keep_shared: bool = True):
     before = len(blocks)
     blocks = _inline_producers(sch, blocks, keep_shared)
     changed = sch if len(blocks) < before else None
+    # an intermediate kept to be computed per row; with no rows to compute it by, it is inlined after all
+    held = keep_shared and any(_spatial(sch, b) and _read_by_reduction_and_more(sch, b) for b in blocks[:-1])
     last = blocks[-1]
     loops = sch.get_loops(last)
     extents = [sch.get(loop).extent for loop in loops]
     if not _spatial(sch, last) or not loops or any(isinstance(e, tirx.IntImm) and e.value == 0 for e in extents):
-        return _schedule_one(func, lanes, keep_shared=False) if keep_shared else changed
+        return _schedule_one(func, lanes, keep_shared=False) if held else changed
     inner, extent = loops[-1], extents[-1]
     # after inlining: a bool intermediate (an isnan) inlined away no longer stops vectorization
     vector = isinstance(extent, tirx.IntImm) and extent.value % lanes == 0 and _vectorizable(sch.mod["main"])
     if len(blocks) > 1:  # reductions (a norm's mean, a softmax's max and sum) before the last block
         n = _shared_rows(sch, blocks)
-        if n == 0:  # no rows to compute an intermediate by: inline it after all, not a whole buffer
-            return _schedule_one(func, lanes, keep_shared=False) if keep_shared else changed
+        if n == 0:
+            return _schedule_one(func, lanes, keep_shared=False) if held else changed
         rows = sch.fuse(*loops[:n]) if n > 1 else loops[0]
         sch.parallel(rows)
         for block in reversed(blocks[:-1]):
