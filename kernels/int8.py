@@ -108,17 +108,20 @@ def emit_int8_matmul(bb, x, w, tile: int, K: int, N: int):
                       primfunc_attrs={KERNEL_ATTR: tile, "op_pattern": 4})  # 4: kOutEWiseFusable
 
 
-def emit_int8_columns(bb, w, ids, tile: int, K: int, N: int):
-    """Emit Gather(W, ids, axis=1) -> int8 [K, *ids.shape] from the weight in its `tile` layout:
-    the columns of a packed matmul weight looked up without a second, unpacked copy of it (a tied
-    embedding table, passes/quantize_embeddings.py). Negative ids count from the end, as ONNX's;
-    ids out of range are clipped, as the importer's Gather is."""
+def emit_int8_columns(bb, w, ids, tile: int, K: int, N: int, dot: bool = False):
+    """Emit Gather(W, ids, axis=1) -> int8 [K, *ids.shape] from the weight in its `tile` layout
+    (`dot`: kernels.int8_dot's, four k per column): the columns of a packed matmul weight looked
+    up without a second, unpacked copy of it (a tied embedding table,
+    passes/quantize_embeddings.py). Negative ids count from the end, as ONNX's; ids out of range
+    are clipped, as the importer's Gather is."""
     from tvm import te, tirx
 
     def columns(w, ids):
         def at(k, *i):
             n, size = ids[i].astype("int64"), tirx.const(N, "int64")
             n = tirx.Min(tirx.Max(tirx.Select(n < 0, n + size, n), tirx.const(0, "int64")), size - 1)
+            if dot:
+                return w[n // tile, k // 4, n % tile, k % 4]
             return w[k, n] if tile == 0 else w[n // tile, k, n % tile]
 
         return te.compute((K, *ids.shape), at, name="int8_columns")

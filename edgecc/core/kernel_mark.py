@@ -19,7 +19,8 @@ from edgecc.errors import UserError
 KERNEL_KEY = "edgecc.kernel"
 PARAM_KEYS = {"tile": "edgecc.tile", "isa": "edgecc.isa", "block": "edgecc.block"}
 # The parameters each kernel takes; every one is required.
-KERNELS = {"int8": ("tile",), "int8_columns": ("tile",), "int4_dot": ("isa",), "bsr": ("block",)}
+KERNELS = {"int8": ("tile",), "int8_dot": ("tile", "isa"), "int8_columns": ("tile",), "int4_dot": ("isa",),
+           "bsr": ("block",)}
 _BLOCK = re.compile(r"^(\d+)x(\d+)$")
 
 
@@ -34,8 +35,8 @@ def parse_block(text: str) -> tuple[int, int]:
 @dataclasses.dataclass(frozen=True)
 class KernelMark:
     kernel: str  # one of KERNELS
-    tile: int | None = None  # int8, int8_columns: output columns per pre-transposed weight panel
-    isa: str | None = None  # int4_dot: the int8 dot-product instruction set
+    tile: int | None = None  # int8, int8_dot, int8_columns: output columns per pre-transposed weight panel
+    isa: str | None = None  # int8_dot, int4_dot: the int8 dot-product instruction set
     block: tuple[int, int] | None = None  # bsr: rows (along K) x columns (along N) of a block
 
     def __post_init__(self):

@@ -157,7 +157,8 @@ def _route_to_kernels(model: onnx.ModelProto) -> onnx.ModelProto:
 
     The optimized ONNX keeps standard ops (ORT runs it as the reference); here a MatMul, or a
     Gemm's product, with a `bsr` KernelMark becomes edgecc's BlockSparseMatMul, a MatMulInteger
-    marked `int8` (by pack-weights) edgecc's MatMulInt8, and a MatMulNBits marked `int4_dot`
+    marked `int8` (by pack-weights) edgecc's MatMulInt8, one marked `int8_dot` with the rescale
+    quantize-int8 put after it edgecc's MatMulInt8Dot, and a MatMulNBits marked `int4_dot`
     edgecc's MatMulNBitsDot (same inputs and attributes, plus the instruction set pack-weights
     chose).
     """
@@ -165,18 +166,41 @@ def _route_to_kernels(model: onnx.ModelProto) -> onnx.ModelProto:
     if not any(marks):
         return model
     model = copy.deepcopy(model)
+    graph = model.graph
+    readers: dict[str, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        for name in node.input:
+            readers.setdefault(name, []).append(i)
+    # int8_dot: the MatMulInteger and its rescale become one node, where the rescale ends.
+    fused = {}  # index of the rescale's last node -> the fused node
+    folded = set()  # indices of the nodes it replaces
+    for i, mark in enumerate(marks):
+        chain = mark is not None and mark.kernel == "int8_dot" and _int8_rescale(graph, i, readers)
+        if chain:
+            indices, operands = chain
+            node = graph.node[i]
+            fused[indices[-1]] = onnx.helper.make_node(
+                "MatMulInt8Dot", [*node.input[:2], *operands], graph.node[indices[-1]].output, name=node.name,
+                domain="edgecc", tile=mark.tile, isa=mark.isa)
+            folded.update([i, *indices])
+    dot_weights = {graph.node[i].input[1] for i in folded if graph.node[i].op_type == "MatMulInteger"}
     nodes = []
-    for node, mark in zip(model.graph.node, marks):
+    for i, (node, mark) in enumerate(zip(graph.node, marks)):
+        if i in fused:
+            nodes.append(fused[i])
+            continue
+        if i in folded:
+            continue
         if mark is None:
             nodes.append(node)
             continue
-        if mark.kernel == "int8":
+        if mark.kernel in ("int8", "int8_dot"):  # int8_dot without quantize-int8's rescale after it
             nodes.append(onnx.helper.make_node("MatMulInt8", node.input, node.output, name=node.name,
                                                domain="edgecc", tile=mark.tile))
             continue
         if mark.kernel == "int8_columns":
             nodes.append(onnx.helper.make_node("GatherInt8Columns", node.input, node.output, name=node.name,
-                                               domain="edgecc", tile=mark.tile))
+                                               domain="edgecc", tile=mark.tile, dot=int(node.input[0] in dot_weights)))
             continue
         if mark.kernel == "int4_dot":
             routed = copy.deepcopy(node)
@@ -195,6 +219,41 @@ def _route_to_kernels(model: onnx.ModelProto) -> onnx.ModelProto:
     model.graph.node.extend(nodes)
     model.opset_import.append(onnx.helper.make_opsetid("edgecc", 1))
     return model
+
+
+def _int8_rescale(graph: onnx.GraphProto, matmul: int, readers: dict[str, list[int]]):
+    """quantize-int8's rescale after the MatMulInteger graph.node[matmul]: Cast to float, Mul by the
+    rows' scale, Mul by the constant column scales, and a Gemm's Add of a constant bias if there is
+    one, each the only reader of the one before. Returns (their indices, [x_scale, w_scale(, bias)]),
+    or None."""
+    constants = {t.name for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+
+    def only_reader(i, op_type):
+        out = graph.node[i].output[0]
+        found = readers.get(out, [])
+        if out in outputs or len(found) != 1:
+            return None
+        node = graph.node[found[0]]
+        return found[0] if node.op_type == op_type and node.domain in ("", "ai.onnx") else None
+
+    def other(i, prev):  # the input of binary node i that node prev does not give
+        a, b = graph.node[i].input[:2]
+        return b if a == graph.node[prev].output[0] else a
+
+    cast = only_reader(matmul, "Cast")
+    if cast is None or next((a.i for a in graph.node[cast].attribute if a.name == "to"), None) != onnx.TensorProto.FLOAT:
+        return None
+    by_rows = only_reader(cast, "Mul")
+    by_columns = only_reader(by_rows, "Mul") if by_rows is not None else None
+    if by_columns is None or other(by_columns, by_rows) not in constants:
+        return None
+    chain, operands = [cast, by_rows, by_columns], [other(by_rows, cast), other(by_columns, by_rows)]
+    bias = only_reader(by_columns, "Add")
+    if bias is not None and other(bias, by_columns) in constants:
+        chain.append(bias)
+        operands.append(other(bias, by_columns))
+    return chain, operands
 
 
 def to_relax(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None = None):

@@ -115,9 +115,11 @@ def test_a_wrong_packed_layout_fails_the_compile(example_path, tmp_path, monkeyp
     """The end-of-compile check must catch a kernel that reads the wrong weights."""
     from edgecc.errors import VerificationError
     from edgecc.frontend.converters import contrib  # where the int8 converter packs the weights
+    from edgecc.kernels import int8_dot  # the layout on targets with int8 dot products
 
-    real = contrib.pack_int8
-    monkeypatch.setattr(contrib, "pack_int8", lambda w, tile: np.roll(real(w, tile), 1, axis=-1))
+    for module, name in ((contrib, "pack_int8"), (int8_dot, "pack")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda w, tile, real=real: np.roll(real(w, tile), 1, axis=-1))
     with pytest.raises(VerificationError, match="disagrees with the optimized model in ONNX Runtime"):
         edgecc.compile(example_path("tiny-lm"), "host", tmp_path / "bad", "simplify,fuse,quantize-int8,pack-weights")
     assert not (tmp_path / "bad").exists()

@@ -11,7 +11,7 @@ from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
 from edgecc.frontend.converters.common import axes_from
 from edgecc.frontend.registry import converter
-from edgecc.kernels import int4_dot
+from edgecc.kernels import int4_dot, int8_dot
 from edgecc.kernels.bsr import emit_bsr_matmul, to_bsr
 from edgecc.kernels.int4 import emit_int4_linear, unpack_int4
 from edgecc.kernels.int8 import emit_int8_columns, emit_int8_matmul, over_rows, pack_int8
@@ -49,16 +49,17 @@ class SkipSimplifiedLayerNormalization(OnnxOpConverter):
         return relax.Tuple([out, placeholder, placeholder, total])
 
 
-# An int8 weight's constant in a packed layout, by (weight constant, tile): a tied embedding's
-# lookup and the LM head read the same one, so the module stores it once. Cleared after each import
-# (edgecc.frontend.lower).
+# An int8 weight's constant in a packed layout, by (weight constant, tile, dot layout): a tied
+# embedding's lookup and the LM head read the same one, so the module stores it once. Cleared after
+# each import (edgecc.frontend.lower).
 PACKED: dict = {}
 
 
-def packed_int8(w: tvm.ir.Constant, tile: int) -> tvm.ir.Constant:
-    if (w, tile) not in PACKED:
-        PACKED[(w, tile)] = relax.const(pack_int8(w.value.numpy(), tile))
-    return PACKED[(w, tile)]
+def packed_int8(w: tvm.ir.Constant, tile: int, dot: bool = False) -> tvm.ir.Constant:
+    if (w, tile, dot) not in PACKED:
+        pack = int8_dot.pack if dot else pack_int8
+        PACKED[(w, tile, dot)] = relax.const(pack(w.value.numpy(), tile))
+    return PACKED[(w, tile, dot)]
 
 
 def _int8_matmul(bb, x, w, tile: int):
@@ -105,6 +106,29 @@ class MatMulInt8(OnnxOpConverter):
         return _int8_matmul(bb, inputs[0], inputs[1], tile=attr["tile"])
 
 
+@converter("MatMulInt8Dot", domain="edgecc")
+class MatMulInt8Dot(OnnxOpConverter):
+    """quantize-int8's product and rescale, Cast(MatMulInteger(xq, W), float) * x_scale * w_scale
+    (+ bias), on an int8 dot-product instruction set (pack-weights marks it `int8_dot`;
+    the lowering gathers the chain into this op): edgecc.kernels.int8_dot. Inputs: xq, W, x_scale,
+    w_scale, and optionally bias; W, w_scale and bias constants."""
+
+    computed_outputs = (0,)
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        xq, w, x_scale, w_scale = inputs[:4]
+        bias = inputs[4] if len(inputs) > 4 else None
+        if not _int8_operands(inputs[:2]) or not all(isinstance(c, tvm.ir.Constant) for c in inputs[3:]):
+            raise ValueError("int8 dot product needs int8 x constant int8 [K, N] and constant scales and bias")
+        N = int(w.ty.shape[1])
+        sw, b = (c.value.numpy().astype(np.float32) if c is not None else None for c in (w_scale, bias))
+        if sw.size not in (1, N) or (b is not None and b.size != N):
+            raise ValueError(f"int8 dot product: weight scales {list(sw.shape)} and bias must be per column (N = {N})")
+        tile, isa = attr["tile"], attr["isa"].decode() if isinstance(attr["isa"], bytes) else attr["isa"]
+        return int8_dot.emit(bb, xq, x_scale, w.value.numpy(), sw, b, tile, isa, packed=packed_int8(w, tile, dot=True))
+
+
 @converter("GatherInt8Columns", domain="edgecc")
 class GatherInt8Columns(OnnxOpConverter):
     """Gather(W, ids, axis=1) of a packed MatMulInteger's int8 weight (pack-weights marks it):
@@ -118,7 +142,8 @@ class GatherInt8Columns(OnnxOpConverter):
         if not isinstance(w, tvm.ir.Constant) or str(w.ty.dtype) != "int8" or len(w.ty.shape) != 2:
             raise ValueError("packed column Gather needs a constant int8 [K, N] weight")
         K, N = (int(d) for d in w.ty.shape)
-        return emit_int8_columns(bb, packed_int8(w, attr["tile"]), ids, attr["tile"], K, N)
+        dot = bool(attr.get("dot", 0))
+        return emit_int8_columns(bb, packed_int8(w, attr["tile"], dot), ids, attr["tile"], K, N, dot)
 
 
 def _nbits_operands(inputs, attr):
