@@ -252,6 +252,23 @@ def test_gelu_forms_compile_to_fast_math_within_fp32_tolerance(tmp_path, op, dom
     assert compare(run_ort(onnx.load(str(path)), x), art.run(x)).ok
 
 
+def test_sigmoid_compiles_to_fast_exp_within_fp32_tolerance(tmp_path):
+    """Sigmoid runs on fast_exp, which clamps its argument: exact enough at both ends (|x| to 100)
+    and in between, as SiLU (x * sigmoid(x)) reads it."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Sigmoid", ["x"], ["s"]), helper.make_node("Mul", ["x", "s"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 64]),
+         helper.make_tensor_value_info("s", TensorProto.FLOAT, [4, 64])])
+    path = tmp_path / "silu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), path)
+    art = edgecc.compile(path, "host", tmp_path / "a", "simplify")
+    x = {"x": np.concatenate([np.linspace(-100, 100, 128), np.linspace(-8, 8, 128)]).astype(np.float32).reshape(4, 64)}
+    assert compare(run_ort(onnx.load(str(path)), x), art.run(x)).ok
+
+
 def test_positions_from_range_of_shape_keep_their_length(tmp_path):
     """`torch.arange(ids.shape[1])` exports as Range(0, Gather(Shape(ids), 1), 1). TVM's importer
     gives its result a fresh length, and the sum with the token embeddings loses its shape;

@@ -137,13 +137,21 @@ def unfused_dim_readers(mod):
     return mod
 
 
+def _fast_sigmoid(x):
+    """1 / (1 + e^-x) on fast_exp. fast_exp clamps its argument to +-88.4, so a very negative x
+    gives 1e-38 rather than 0, and a very positive one 1."""
+    return topi.divide(1.0, topi.add(1.0, topi.fast_exp(topi.negative(x))))
+
+
 def fast_math(mod):
     """relax.transform.FastMathTransform, except on tensors whose shape Relax does not know (an
-    ONNX Reshape to a computed shape makes one): TVM's pass asserts on those; they keep the exact op."""
+    ONNX Reshape to a computed shape makes one): TVM's pass asserts on those; they keep the exact op.
+    Sigmoid too, which TVM's pass leaves exact (SiLU: 9 of SmolLM2's 204 ms prefill at 128 tokens)."""
     fast = {"relax.nn.softmax": lambda b, c: b.call_te(topi.nn.fast_softmax, c.args[0], c.attrs.axis),
             "relax.exp": lambda b, c: b.call_te(topi.fast_exp, c.args[0]),
             "relax.erf": lambda b, c: b.call_te(topi.fast_erf, c.args[0]),
-            "relax.tanh": lambda b, c: b.call_te(topi.fast_tanh, c.args[0])}
+            "relax.tanh": lambda b, c: b.call_te(topi.fast_tanh, c.args[0]),
+            "relax.sigmoid": lambda b, c: b.call_te(_fast_sigmoid, c.args[0])}
 
     @relax.expr_functor.mutator
     class FastMath(relax.PyExprMutator):
