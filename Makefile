@@ -11,12 +11,12 @@ demo: setup
 	.venv/bin/edgecc compile "$$model" --target host -o out/smollm2-host --force
 	.venv/bin/edgecc generate out/smollm2-host --prompt "The capital of France is" --max-new-tokens 16
 
-# The emulation tier needs the cached aarch64 environment; build it first when missing.
 test: setup
-	.venv/bin/edgecc emulator setup >/dev/null || echo "aarch64 emulator unavailable: emulation tests will skip" >&2
 	.venv/bin/python -m pytest -q
 
 # The long tiers CI runs after `make test`: every transformers architecture x exporter, the ONNX
-# backend node tests, and five thousand more fuzz cases.
+# backend node tests, five thousand more fuzz cases, and the aarch64 checks under qemu (which need
+# the cached aarch64 environment; built first when missing).
 test-long: setup
-	.venv/bin/python -m pytest -q -m "models or conformance or fuzz"
+	.venv/bin/edgecc emulator setup >/dev/null || echo "aarch64 emulator unavailable: emulation tests will skip" >&2
+	.venv/bin/python -m pytest -q -m "models or conformance or fuzz or emulation"

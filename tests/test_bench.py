@@ -31,8 +31,8 @@ def _config(result, name):
 
 def test_every_configuration_is_measured(result):
     names = [c["name"] for c in result["configs"]]
-    assert names == ["ort fp32", "ort int4 (own quantizer)", "edgecc fp32", "edgecc int8", "ort int8",
-                     "edgecc int4", "ort int4"]
+    assert names == ["ort fp32", "ort int4 (own quantizer)", "ort int8 (own quantizer)", "edgecc fp32",
+                     "edgecc int8", "ort int8", "edgecc int4", "ort int4"]
     for c in result["configs"]:
         assert "error" not in c, c
         assert set(c["prefill_ms"]) == {"8", "16"} and c["prefill_ms"]["16"]["p50"] > 0
