@@ -131,10 +131,14 @@ def test_without_a_rescale_the_widening_kernel_takes_it():
 
 
 @needs_vnni
-def test_compiles_and_matches_onnx_runtime(tmp_path):
+@pytest.mark.parametrize("options, gemm", [("", False), (",mode=static", False), (",per_channel=false", False),
+                                           ("", True)])
+def test_compiles_and_matches_onnx_runtime(tmp_path, options, gemm):
+    """Row scales per token or one static scale, column scales per channel or one, a Gemm's bias."""
     model = tmp_path / "m.onnx"
-    onnx.save(linear_model(k=256, n=96), model)
-    art = edgecc.compile(model, "host", tmp_path / "a", INT8, keep_reference=True)
+    onnx.save(linear_model(k=256, n=96, gemm_attrs={} if gemm else None), model)
+    pipeline = f"quantize-int8{{min_weights=0{options}}},pack-weights"
+    art = edgecc.compile(model, "host", tmp_path / "a", pipeline, keep_reference=True)
     assert art.manifest["passes"][-1]["stats"]["int8_dot"] == 1
     v = art.manifest["verification"]
     assert v["ok"] and v["relative_rmse_vs_reference"] < 1e-6
