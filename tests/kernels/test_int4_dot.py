@@ -54,7 +54,7 @@ def test_matches_numpy_for_any_row_count(block):
     levels, scales, zeros = quantize_blockwise(w, block, symmetric=False, float_zeros=True)
     ex = tvm.compile(_module(levels, scales, zeros, block), target=HOST_TARGET)
     vm = relax.VirtualMachine(ex, tvm.cpu())
-    for rows in (1, 5):
+    for rows in (1, 3, 5, 8):  # single rows, blocks of int4_dot.ROWS and what is left over
         x = np.random.default_rng(rows).standard_normal((rows, K)).astype(np.float32)
         x[0, :block] = 0  # an all-zero block of activations has no scale
         got = vm["main"](tvm.runtime.tensor(x)).numpy()
