@@ -5,8 +5,9 @@ at each thread count, every configuration timed in the same round-robin.
         [--llama-bench PATH] [--rounds 3] [--out benchmarks/results/anchors.json]
 
 Each (model, threads) pair is one `edgecc bench` run (edgecc/benchmark/bench.py): the fp32, int8
-and int4 presets beside ONNX Runtime fp32, ONNX Runtime's own int4 (MatMulNBits) and, for
-SmolLM2 with --llama-bench, llama.cpp on the GGUF the example was exported from; each timing is
+and int4 presets beside ONNX Runtime fp32, ONNX Runtime's own int4 (MatMulNBits) and int8
+(quantize_dynamic) and, for SmolLM2 with --llama-bench, llama.cpp on the GGUF the example was
+exported from; each timing is
 the median of --rounds round-robin runs. SmolLM2: prefill at 32 and 128 tokens, decode after a
 128-token cache. all-MiniLM-L6-v2: the latency of one sentence at 64 and at 128 tokens (two
 exports). The JSON keeps every bench result and a summary of speed ratios to ORT fp32 (min-max
