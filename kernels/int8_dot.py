@@ -105,13 +105,15 @@ def _step(isa: str, lanes: int, vectors: int):
                     w.vload([p, g, v * lanes, 0], "int8x64"))
         return step
 
+    # Operands are written inline: a name bound in TVMScript becomes a buffer, which LLVM then
+    # reloads after every accumulator update.
     @T.macro
     def step(x, w, acc, p, g, row, r):
-        x_s8 = T.reinterpret("int8x16", T.broadcast(T.reinterpret("int32", x.vload([row, g * GROUP], "int8x4")), lanes))
         for v in T.unroll(vectors):
             acc[r, T.ramp(v * lanes, 1, lanes)] = T.call_llvm_pure_intrin(
                 "int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", acc[r, T.ramp(v * lanes, 1, lanes)],
-                w.vload([p, g, v * lanes, 0], "int8x16"), x_s8)
+                w.vload([p, g, v * lanes, 0], "int8x16"),
+                T.reinterpret("int8x16", T.broadcast(T.reinterpret("int32", x.vload([row, g * GROUP], "int8x4")), lanes)))
     return step
 
 
