@@ -9,9 +9,9 @@ computes a block of `rows` rows by `tile` columns in registers at a time: per k 
 panel's `tile` weights once and multiplies them by each row's x[r, k], so a prompt's rows share
 every weight load (row-blocked, the micro-kernel of BLAS libraries). Rows past the last whole
 block, and a decode step's single row, go one at a time, each panel streamed once. On a 2-core
-AVX-512 host (AMD EPYC) a [128, 576] x [576, 1536] product runs at 150 GFLOP/s, against 212 for
-ONNX Runtime's MLAS in the same session and 73 when the accumulators sat in a heap workspace
-(block_rows). Static shapes keep TVM's path, where tuning records apply.
+AVX-512 host (AMD EPYC) a [128, 576] x [576, 1536] product runs at 180-200 GFLOP/s, 0.85-0.95x
+ONNX Runtime's MLAS (benchmarks/gemm.py), and ran at 73 when the accumulators sat in a heap
+workspace (rows_for). Static shapes keep TVM's path, where tuning records apply.
 
 tvm is imported inside the functions that need it.
 """
