@@ -140,7 +140,8 @@ def unfused_dim_readers(mod):
 def _fast_sigmoid(x):
     """1 / (1 + e^-x) on fast_exp. fast_exp clamps its argument to +-88.4, so a very negative x
     gives 1e-38 rather than 0, and a very positive one 1."""
-    return topi.divide(1.0, topi.add(1.0, topi.fast_exp(topi.negative(x))))
+    one = tvm.tirx.const(1, x.dtype)  # float16 stays float16 (fast_exp is exp there)
+    return topi.divide(one, topi.add(one, topi.fast_exp(topi.negative(x))))
 
 
 def fast_math(mod):
