@@ -46,6 +46,22 @@ def cuda_source(ex) -> str:
     raise AssertionError("no CUDA module in the executable")
 
 
+def require_emulator():
+    """Set up the cached aarch64 environment, or skip the test with the reason (in CI, where the
+    emulation tier must run rather than vanish, fail)."""
+    import os
+
+    from edgecc.errors import UserError
+    from edgecc.runtime import emulator
+
+    try:
+        emulator.setup()
+    except UserError as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"aarch64 emulator unavailable: {e}")
+
+
 def emulated_python():
     """A function that runs a Python script, its argv[1] a directory, in the cached aarch64
     environment under qemu (cortex-a72, a Raspberry Pi 4's core); skips the test when the

@@ -1,7 +1,6 @@
 """int4 x int8 dot-product kernel: layout, numerics against numpy (VNNI here, Arm dotprod under
 qemu), and where it is (not) chosen."""
 
-import os
 
 import numpy as np
 import onnx
@@ -15,11 +14,9 @@ from edgecc.core.pass_base import PassContext
 from edgecc.core.pass_manager import PassManager
 from edgecc.core.target import load_target
 from edgecc.core.verify import random_inputs, run_ort, with_int8_activations
-from edgecc.errors import UserError
 from edgecc.kernels import int4_dot
 from edgecc.kernels.int4 import quantize_blockwise
-from edgecc.runtime import emulator
-from tests.kernels.targets import RPI4
+from tests.kernels.targets import RPI4, require_emulator
 from tests.passes.linear_models import linear_model
 
 HOST_TARGET = load_target("host").tvm_target()
@@ -112,12 +109,7 @@ def test_without_accuracy_level_4_the_float_kernel_stays(tmp_path):
 
 @pytest.mark.emulation
 def test_rpi5_sdot_kernel_matches_its_reference_under_qemu(tmp_path):
-    try:
-        emulator.setup()
-    except UserError as e:
-        if os.environ.get("CI"):  # in CI the emulation tier must run, not vanish
-            raise
-        pytest.skip(f"aarch64 emulator unavailable: {e}")
+    require_emulator()
     art = _compile(tmp_path, "pi5", ",symmetric=false,zero_points=float", target="rpi5")
     assert art.manifest["passes"][-1]["stats"]["int4_int8_dot"] == 1
     v = art.manifest["verification"]

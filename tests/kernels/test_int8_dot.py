@@ -1,7 +1,6 @@
 """int8 x int8 dot-product kernel: layout, numerics against numpy (VNNI here, Arm dotprod under
 qemu), where pack-weights chooses it, and how the lowering folds quantize-int8's rescale into it."""
 
-import os
 
 import numpy as np
 import onnx
@@ -16,10 +15,9 @@ from edgecc.core.kernel_mark import KernelMark
 from edgecc.core.pass_base import PassContext
 from edgecc.core.pass_manager import PassManager
 from edgecc.core.target import load_target
-from edgecc.errors import UserError
 from edgecc.frontend.lower import _route_to_kernels
 from edgecc.kernels import int4_dot, int8_dot
-from edgecc.runtime import emulator
+from tests.kernels.targets import require_emulator
 from tests.passes.linear_models import linear_model
 
 HOST_TARGET = load_target("host").tvm_target()
@@ -160,12 +158,7 @@ def test_an_int32_output_compiles_through_the_widening_kernel(tmp_path):
 
 @pytest.mark.emulation
 def test_rpi5_sdot_kernel_matches_onnx_runtime_under_qemu(tmp_path):
-    try:
-        emulator.setup()
-    except UserError as e:
-        if os.environ.get("CI"):  # in CI the emulation tier must run, not vanish
-            raise
-        pytest.skip(f"aarch64 emulator unavailable: {e}")
+    require_emulator()
     model = tmp_path / "m.onnx"
     onnx.save(linear_model(k=256, n=96), model)
     art = edgecc.compile(model, "rpi5", tmp_path / "pi5", INT8, keep_reference=True)
