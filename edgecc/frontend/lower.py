@@ -167,15 +167,18 @@ def _route_to_kernels(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     model = copy.deepcopy(model)
     graph = model.graph
-    readers: dict[str, list[int]] = {}
+    readers: dict[str, list[int | None]] = {}
     for i, node in enumerate(graph.node):
         for name in node.input:
             readers.setdefault(name, []).append(i)
+    for out in graph.output:
+        readers.setdefault(out.name, []).append(None)  # the caller reads it: it cannot be folded
+    constants = {t.name for t in graph.initializer}
     # int8_dot: the MatMulInteger and its rescale become one node, where the rescale ends.
     fused = {}  # index of the rescale's last node -> the fused node
     folded = set()  # indices of the nodes it replaces
     for i, mark in enumerate(marks):
-        chain = mark is not None and mark.kernel == "int8_dot" and _int8_rescale(graph, i, readers)
+        chain = mark is not None and mark.kernel == "int8_dot" and _int8_rescale(graph, i, readers, constants)
         if chain:
             indices, operands = chain
             node = graph.node[i]
@@ -221,18 +224,16 @@ def _route_to_kernels(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _int8_rescale(graph: onnx.GraphProto, matmul: int, readers: dict[str, list[int]]):
+def _int8_rescale(graph: onnx.GraphProto, matmul: int, readers: dict[str, list[int | None]], constants: set[str]):
     """quantize-int8's rescale after the MatMulInteger graph.node[matmul]: Cast to float, Mul by the
     rows' scale, Mul by the constant column scales, and a Gemm's Add of a constant bias if there is
     one, each the only reader of the one before. Returns (their indices, [x_scale, w_scale(, bias)]),
-    or None."""
-    constants = {t.name for t in graph.initializer}
-    outputs = {o.name for o in graph.output}
+    or None. `readers`: value name -> the indices of the nodes reading it, a graph output read by
+    None too; `constants`: the initializers' names."""
 
     def only_reader(i, op_type):
-        out = graph.node[i].output[0]
-        found = readers.get(out, [])
-        if out in outputs or len(found) != 1:
+        found = readers.get(graph.node[i].output[0], [])
+        if len(found) != 1 or found[0] is None:
             return None
         node = graph.node[found[0]]
         return found[0] if node.op_type == op_type and node.domain in ("", "ai.onnx") else None
