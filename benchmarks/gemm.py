@@ -91,8 +91,9 @@ def variants(K: int, N: int, M: int) -> dict:
         out[name] = call
 
     xt, xqt = tvm.runtime.tensor(x), tvm.runtime.tensor(xq)
-    vm = _vm(lambda bb, v: dense.emit_dense(bb, v, relax.const(int8.pack_panels(w, tile)), K, N, tile,
-                                            dense.block_rows(target, tile)), K, "float32")
+    ft = dense.dense_tile(target)
+    vm = _vm(lambda bb, v: dense.emit_dense(bb, v, relax.const(int8.pack_panels(w, ft)), K, N, ft,
+                                            dense.block_rows(target, ft)), K, "float32")
     check("fp32 dense", lambda: vm["main"](xt).numpy(), x @ w)
     vm8 = _vm(lambda bb, v: int8.emit_int8_matmul(bb, v, relax.const(int8.pack_int8(wq, tile)), tile, K, N),
               K, "int8")

@@ -34,7 +34,7 @@ import functools
 
 import numpy as np
 
-from edgecc.kernels.int8 import pack_panels
+from edgecc.kernels.int8 import ACCUMULATOR_VECTORS, pack_panels
 
 KERNEL_ATTR = "edgecc.int8_dot"
 GROUP = 4  # k per dot-product lane
@@ -52,7 +52,7 @@ def block_rows(tile: int) -> int:
     have 32)."""
     from edgecc.kernels.dense import rows_for
 
-    return rows_for(32, tile)
+    return rows_for(32, ACCUMULATOR_VECTORS, tile)
 
 
 def pack(w: np.ndarray, tile: int) -> np.ndarray:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import tvm
-from edgecc.kernels.dense import KERNEL_ATTR, reference, route_symbolic_matmuls
+from edgecc.kernels.dense import KERNEL_ATTR, block_rows, dense_tile, reference, route_symbolic_matmuls
 from tvm import relax, tirx
 from tvm.support import cc
 
@@ -11,7 +11,7 @@ from edgecc.backends.tvm_common import prepare
 from edgecc.backends.tvm_cpu import schedule_kernels
 from edgecc.core.target import load_target
 from edgecc.runtime import weights
-from tests.kernels.targets import CROSS_CC, EM_AARCH64, HOST, e_machine, emulated_python, needs_cross_cc
+from tests.kernels.targets import CROSS_CC, EM_AARCH64, HOST, RPI4, e_machine, emulated_python, needs_cross_cc
 
 
 def _module(w: np.ndarray, rows):
@@ -135,3 +135,10 @@ def test_rpi4_numerics_under_qemu(tmp_path):
     np.save(tmp_path / "x.npy", x)
     run(_EMULATED_RUN, tmp_path)
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), reference(x, w) + 1, rtol=1e-5, atol=1e-5)
+
+
+def test_panel_and_block_per_vector_width():
+    """AVX-512: two-vector panels, 7 rows of accumulators; NEON: four vectors, 4 rows."""
+    avx512 = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"})
+    assert (dense_tile(avx512), block_rows(avx512, dense_tile(avx512))) == (32, 7)
+    assert (dense_tile(RPI4), block_rows(RPI4, dense_tile(RPI4))) == (16, 4)
