@@ -26,7 +26,8 @@ KERNEL_ATTR = "edgecc.dense_tile"  # func attr marking the PrimFuncs `schedule` 
 STACK_BYTES = 1024  # TVM puts a constant-size buffer under this on the stack (runtime::kMaxStackAlloca)
 
 
-def _vector_bits(target) -> int:
+def vector_bits(target) -> int:
+    """The width of `target`'s vector registers, in bits."""
     from tvm.target import codegen
 
     with target:
@@ -40,12 +41,12 @@ def dense_tile(target) -> int:
     EPYC). Elsewhere pack-weights' four vectors (kernels.int8.panel_width), not measured
     against two."""
     tile = panel_width(target)
-    return tile // 2 if _vector_bits(target) >= 512 else tile
+    return tile // 2 if vector_bits(target) >= 512 else tile
 
 
 def block_rows(target, tile: int) -> int:
     """Rows a block computes at once on `target`, `tile` columns wide (rows_for)."""
-    lanes = _vector_bits(target) // 32
+    lanes = vector_bits(target) // 32
     arm = "aarch64" in str(target.attrs.get("mtriple", ""))
     return rows_for(32 if lanes >= 16 or arm else 16, -(-tile // lanes), tile)
 

@@ -1,5 +1,6 @@
-"""Schedule for attention's activation matmuls with symbolic shapes: which kernels it takes, and
-that they compute exactly what TVM's default code computes."""
+"""Schedule for activation matmuls with symbolic shapes: which kernels it takes, and that they
+compute exactly what TVM's default code computes. The attention here has a softcap (tanh, as
+Gemma 2 writes it), which kernels.attention does not take."""
 
 import numpy as np
 import tvm
@@ -13,10 +14,11 @@ from edgecc.kernels import activation_matmul
 from tests.kernels.targets import CROSS_CC, EM_AARCH64, e_machine, needs_cross_cc
 
 HEADS, DIM = 3, 16
+CAP = 5.0
 
 
 def _attention(seq, total):
-    """softmax(q @ k^T * scale + mask) @ v, the way an exported causal LM writes it."""
+    """softmax(CAP * tanh(q @ k^T * scale / CAP) + mask) @ v."""
     bb = relax.BlockBuilder()
     q = relax.Var("q", relax.TensorType((1, HEADS, seq, DIM), "float32"))
     k = relax.Var("k", relax.TensorType((1, HEADS, total, DIM), "float32"))
@@ -26,7 +28,9 @@ def _attention(seq, total):
         with bb.dataflow():
             kt = bb.emit(relax.op.permute_dims(k, [0, 1, 3, 2]))
             scores = bb.emit(relax.op.matmul(q, kt))
-            scores = bb.emit(relax.op.add(relax.op.multiply(scores, relax.const(0.25, "float32")), mask))
+            scores = bb.emit(relax.op.multiply(scores, relax.const(0.25 / CAP, "float32")))
+            scores = bb.emit(relax.op.multiply(relax.op.tanh(scores), relax.const(CAP, "float32")))
+            scores = bb.emit(relax.op.add(scores, mask))
             probs = bb.emit(relax.op.nn.softmax(scores, axis=-1))
             out = bb.emit_output(relax.op.matmul(probs, v))
         bb.emit_func_output(out)
@@ -59,7 +63,7 @@ def test_symbolic_attention_matmuls_are_scheduled_and_exact():
         q, k, v, mask = feeds = _feeds(seq, total)
         got = _run(scheduled, feeds)
         assert np.array_equal(got, _run(prepared, feeds))  # same summation order: bit-identical
-        scores = q @ k.transpose(0, 1, 3, 2) * 0.25 + mask
+        scores = CAP * np.tanh(q @ k.transpose(0, 1, 3, 2) * 0.25 / CAP) + mask
         probs = np.exp(scores - scores.max(-1, keepdims=True))
         np.testing.assert_allclose(got, probs / probs.sum(-1, keepdims=True) @ v, rtol=1e-5, atol=1e-5)
 

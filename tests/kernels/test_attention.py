@@ -1,0 +1,124 @@
+"""fp32 attention kernel: numerics against numpy for the layouts exporters write, the prompt and
+decode paths, what it leaves alone, and the rpi4 build under qemu."""
+
+import numpy as np
+import pytest
+import tvm
+from edgecc.kernels.attention import KERNEL_ATTR, reference, route
+from tvm import relax, tirx
+from tvm.support import cc
+
+from edgecc.backends.tvm_common import prepare
+from edgecc.backends.tvm_cpu import schedule_kernels
+from tests.kernels.targets import CROSS_CC, HOST, RPI4, emulated_python, needs_cross_cc
+
+B, S, L = (tirx.Var(n, "int64") for n in ("b", "s", "l"))
+# Q, K^T, V and mask shapes as exporters write them
+SMOLLM2_GQA = ((B, 3, 3, S, 64), (B, 3, 1, 64, L), (B, 3, 1, L, 64), (B, 1, 1, S, L))  # group-kv-heads
+BERT = ((B, 12, S, 64), (B, 12, 64, S), (B, 12, S, 64), (B, 1, 1, S))  # a padding mask over keys
+NO_MASK = ((B, 4, S, 48), (B, 4, 48, L), (B, 4, L, 32), None)  # Dv != D
+ROWS_ONLY = ((S, 16), (16, L), (L, 16), (S, L))
+
+
+def _module(shapes, scale: float | None, divide: bool = False, dtype: str = "float32"):
+    """main(q, kt, v[, mask]) = softmax(q @ kt [* scale or / (1 / scale)] [+ mask]) @ v."""
+    qs, ks, vs, ms = shapes
+    bb = relax.BlockBuilder()
+    params = [relax.Var(n, relax.TensorType(s, dtype)) for n, s in (("q", qs), ("kt", ks), ("v", vs), ("m", ms))
+              if s is not None]
+    with bb.function("main", params):
+        with bb.dataflow():
+            s = bb.emit(relax.op.matmul(params[0], params[1]))
+            if scale is not None:
+                c = relax.const(np.array(1 / scale if divide else scale, dtype))
+                s = bb.emit(relax.op.divide(s, c) if divide else relax.op.multiply(c, s))
+            if ms is not None:
+                s = bb.emit(relax.op.add(params[3], s))
+            p = bb.emit(relax.op.nn.softmax(s, axis=-1))
+            out = bb.emit_output(relax.op.matmul(p, params[2]))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _kernels(mod) -> list:
+    return [f for f in mod.functions.values()
+            if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and KERNEL_ATTR in f.attrs]
+
+
+def _inputs(shapes, sizes: dict, seed=0) -> list:
+    rng = np.random.default_rng(seed)
+    out = []
+    for shape in shapes:
+        if shape is not None:
+            dims = [sizes[str(d)] if isinstance(d, tirx.Var) else d for d in shape]
+            out.append(rng.standard_normal(dims).astype(np.float32))
+    if shapes[3] is not None:  # a causal-style mask: most keys open, some at -1e9
+        out[3] = np.where(out[3] > -1.0, 0.0, -1e9).astype(np.float32)
+    return out
+
+
+@pytest.mark.parametrize("shapes, scale, divide", [(SMOLLM2_GQA, 0.125, False), (BERT, 0.125, True),
+                                                   (NO_MASK, None, False), (ROWS_ONLY, 0.3, False)],
+                         ids=["gqa-5d", "bert-4d", "no-mask", "2d"])
+def test_matches_numpy(shapes, scale, divide):
+    """One build, called for a decode step (1 row), fewer rows than a block (rows one at a time),
+    and prompts whose keys end in a partial block of the packed panels or fill whole ones."""
+    routed, count = route(_module(shapes, scale, divide), HOST)
+    assert count == 1 and len(_kernels(routed)) == 1
+    vm = relax.VirtualMachine(tvm.compile(schedule_kernels(prepare(routed, HOST), HOST), target=HOST), tvm.cpu())
+    for rows, keys in [(1, 129), (3, 20), (13, 20), (40, 64), (37, 37)]:
+        args = _inputs(shapes, {"b": 2, "s": rows, "l": rows if shapes is BERT else keys})
+        got = vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
+        want = reference(*args[:3], args[3] if len(args) > 3 else None, 1.0 if scale is None else scale)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"{rows} rows, {keys} keys")
+
+
+def test_leaves_alone_static_shapes_other_dtypes_and_other_axes():
+    static = ((1, 2, 8, 16), (1, 2, 16, 8), (1, 2, 8, 16), None)
+    assert route(_module(static, 0.25), HOST)[1] == 0  # TVM's tunable path
+    assert route(_module(NO_MASK, None, dtype="float16"), HOST)[1] == 0
+    mod = _module(SMOLLM2_GQA, 0.125)
+    assert route(mod, HOST)[1] == 1
+    # a softmax over the query axis is not attention's
+    bb = relax.BlockBuilder()
+    q, kt, v = (relax.Var(n, relax.TensorType(s, "float32")) for n, s in zip("qkv", NO_MASK[:3]))
+    with bb.function("main", [q, kt, v]):
+        with bb.dataflow():
+            p = bb.emit(relax.op.nn.softmax(bb.emit(relax.op.matmul(q, kt)), axis=-2))
+            out = bb.emit_output(relax.op.matmul(p, v))
+        bb.emit_func_output(out)
+    assert route(bb.get(), HOST)[1] == 0
+
+
+def test_prepare_routes_before_fast_math():
+    """prepare() sends attention to the kernel on CPUs: no separate softmax kernel is left."""
+    mod = prepare(_module(SMOLLM2_GQA, 0.125), HOST)
+    names = [gv.name_hint for gv in mod.functions]
+    assert any("attention" in n for n in names) and not any("softmax" in n for n in names)
+
+
+_EMULATED_RUN = """
+import sys, numpy as np, tvm
+from tvm.runtime.vm import VirtualMachine
+d = sys.argv[1]
+vm = VirtualMachine(tvm.runtime.load_module(d + "/attention.so"), tvm.cpu())
+args = [tvm.runtime.tensor(np.load(d + f"/{n}.npy")) for n in ("q", "kt", "v", "m")]
+np.save(d + "/out.npy", vm["main"](*args).numpy())
+"""
+
+
+@needs_cross_cc
+@pytest.mark.emulation
+def test_rpi4_numerics_under_qemu(tmp_path):
+    """NEON: two-vector blocks of 8 keys, 8 rows a block; a prompt of 19 rows and 21 keys."""
+    run = emulated_python()
+    routed, count = route(_module(SMOLLM2_GQA, 0.125), RPI4)
+    assert count == 1
+    ex = tvm.compile(schedule_kernels(prepare(routed, RPI4), RPI4), target=RPI4)
+    ex.export_library(str(tmp_path / "attention.so"), fcompile=cc.cross_compiler(CROSS_CC))
+    args = _inputs(SMOLLM2_GQA, {"b": 1, "s": 19, "l": 21})
+    for name, a in zip(("q", "kt", "v", "m"), args):
+        np.save(tmp_path / f"{name}.npy", a)
+    run(_EMULATED_RUN, tmp_path)
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), reference(*args[:3], args[3], 0.125),
+                               rtol=1e-5, atol=1e-5)
