@@ -52,12 +52,14 @@ def _fast_exp(x):
 
 
 @functools.cache
-def primfunc(D: int, Dv: int, broadcast: tuple, mask: bool, scale: float, rows: int, width: int):
+def primfunc(D: int, Dv: int, broadcast: tuple, mask: bool, scale: float, rows: int, width: int,
+             zero_masked_rows: bool = False):
     """The kernel for head dims D (Q, K) and Dv (V), `rows` query rows and `width` keys per
     register block (width | Dv). `broadcast`: for Q, K^T, V and the mask, a 0/1 per batch dim (0:
     that dim is 1, broadcast), then the mask's 0/1 for its query and key dims. `mask`: whether
-    there is one (without, the function takes no mask). Cached: a model repeats one shape per
-    layer."""
+    there is one (without, the function takes no mask). A row whose scores are all -inf is NaN,
+    as softmax makes it, or 0 with `zero_masked_rows` (the graph replaced softmax's NaNs by 0).
+    Cached: a model repeats one shape per layer."""
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -65,7 +67,8 @@ def primfunc(D: int, Dv: int, broadcast: tuple, mask: bool, scale: float, rows: 
     fq, fk, fv, fm = (broadcast[3 * i:3 * i + 3] for i in range(4))
     fr, fc = broadcast[12:14]
     scale_c = T.float32(scale)
-    lowest = T.float32(np.finfo(np.float32).min)
+    ninf = T.float32(-np.inf)
+    masked_row = T.float32(0) if zero_masked_rows else T.float32(np.nan)
 
     def mask_at(m, b0, b1, b2, i, j):
         """The mask's term for query row i and key j (0 without a mask)."""
@@ -74,7 +77,7 @@ def primfunc(D: int, Dv: int, broadcast: tuple, mask: bool, scale: float, rows: 
         return m[b0 * fm[0], b1 * fm[1], b2 * fm[2], i * fr, j * fc]
 
     @T.macro
-    def block(q, kt, v, m, out, kp, vp, sc, acc, part, stat, b0, b1, b2, i0, count, packed):
+    def block(q, kt, v, m, out, kp, vp, sc, acc, part, top, stat, b0, b1, b2, i0, count, packed):
         """Query rows i0 .. i0 + count - 1 of batch (b0, b1, b2); with `packed`, K^T's and V's
         whole blocks are read from their panels kp and vp (pack)."""
         L = kt.shape[4]
@@ -109,30 +112,33 @@ def primfunc(D: int, Dv: int, broadcast: tuple, mask: bool, scale: float, rows: 
                         acc[r, 0] = acc[r, 0] + q[b0 * fq[0], b1 * fq[1], b2 * fq[2], i0 + r, d] * kt[
                             b0 * fk[0], b1 * fk[1], b2 * fk[2], d, j]
                     sc[r, j] = acc[r, 0] * scale_c + mask_at(m, b0, b1, b2, i0 + r, j)
-        for r in range(count):  # softmax in place, W lanes at a time; stat[r]: max, then 1 / sum
+        for r in range(count):  # softmax in place, W lanes at a time; top[r]: max; stat[r]: 1 / sum
             for j in T.vectorized(W):
-                part[j] = lowest
+                part[j] = ninf
             for jb in range(L // W):
                 for j in T.vectorized(W):
                     part[j] = T.max(part[j], sc[r, jb * W + j])
-            stat[r] = lowest
+            top[r] = ninf
             for j in range(W):
-                stat[r] = T.max(stat[r], part[j])
+                top[r] = T.max(top[r], part[j])
             for j in range(L // W * W, L):
-                stat[r] = T.max(stat[r], sc[r, j])
+                top[r] = T.max(top[r], sc[r, j])
+            # every key masked with -inf: softmax's 0 / 0, or the 0 an isnan guard puts there;
+            # the row's exponentials are then exp(-inf) = 0, not NaN
+            stat[r] = T.if_then_else(top[r] == ninf, masked_row, T.float32(1))
+            top[r] = T.if_then_else(top[r] == ninf, T.float32(0), top[r])
             for j in T.vectorized(W):
                 part[j] = T.float32(0)
             for jb in range(L // W):
                 for j in T.vectorized(W):
-                    sc[r, jb * W + j] = _fast_exp(sc[r, jb * W + j] - stat[r])
+                    sc[r, jb * W + j] = _fast_exp(sc[r, jb * W + j] - top[r])
                     part[j] = part[j] + sc[r, jb * W + j]
             for j in range(L // W * W, L):
-                sc[r, j] = _fast_exp(sc[r, j] - stat[r])
+                sc[r, j] = _fast_exp(sc[r, j] - top[r])
                 part[0] = part[0] + sc[r, j]
-            stat[r] = T.float32(0)
-            for j in range(W):
-                stat[r] = stat[r] + part[j]
-            stat[r] = T.float32(1) / stat[r]
+            for j in range(1, W):
+                part[0] = part[0] + part[j]
+            stat[r] = T.if_then_else(stat[r] == T.float32(1), T.float32(1) / part[0], stat[r])
         for c in range(Dvc // W):  # probabilities @ V, W columns at a time
             for r in T.unroll(count):
                 for j in T.vectorized(W):
@@ -191,18 +197,20 @@ def primfunc(D: int, Dv: int, broadcast: tuple, mask: bool, scale: float, rows: 
                 sc = T.alloc_buffer((R, L), "float32")  # the rows' scores, then probabilities
                 acc = T.alloc_buffer((R, W), "float32")  # under 1 KB: on the stack, in registers
                 part = T.alloc_buffer((W,), "float32")  # a row's max and sum, lane by lane
+                top = T.alloc_buffer((R,), "float32")
                 stat = T.alloc_buffer((R,), "float32")
                 # the last block ends at row S: it redoes rows of the one before
-                block(q, kt, v, m, out, kp, vp, sc, acc, part, stat, task // blocks // (o1 * o2),
+                block(q, kt, v, m, out, kp, vp, sc, acc, part, top, stat, task // blocks // (o1 * o2),
                       task // blocks // o2 % o1, task // blocks % o2, T.min(task % blocks * R, S - R), R, True)
         else:  # a decode step's row or a few: each row reads K^T and V once, as they are
             for task in T.parallel(o0 * o1 * o2):
                 sc = T.alloc_buffer((1, L), "float32")
                 acc = T.alloc_buffer((1, W), "float32")
                 part = T.alloc_buffer((W,), "float32")
+                top = T.alloc_buffer((1,), "float32")
                 stat = T.alloc_buffer((1,), "float32")
                 for i in range(S):
-                    block(q, kt, v, m, out, None, None, sc, acc, part, stat, task // (o1 * o2), task // o2 % o1,
+                    block(q, kt, v, m, out, None, None, sc, acc, part, top, stat, task // (o1 * o2), task // o2 % o1,
                           task % o2, i, 1, False)
 
     if mask:
@@ -261,7 +269,7 @@ def route(mod, target):
             found = self.match(call)
             if found is None:
                 return call
-            q, kt, v, mask, scale = found
+            q, kt, v, mask, scale, zero_masked_rows = found
             out_shape = list(call.ty.shape.values)
             Dv = int(out_shape[-1])
             width = 2 * lanes if Dv % (2 * lanes) == 0 else lanes
@@ -270,18 +278,26 @@ def route(mod, target):
                 return call
             routed += 1
             gv = self.builder_.add_func(
-                primfunc(int(q.ty.shape[-1]), Dv, flags, mask is not None, scale, block_rows(target, width), width),
-                "attention")
+                primfunc(int(q.ty.shape[-1]), Dv, flags, mask is not None, scale, block_rows(target, width), width,
+                         zero_masked_rows), "attention")
             operands = [_five_dims(self.builder_, x) for x in (q, kt, v, mask) if x is not None]
             out5 = [1] * (5 - len(out_shape)) + out_shape
             out = self.builder_.emit(relax.call_tir(gv, operands, relax.TensorType(out5, "float32")))
             return relax.op.reshape(out, out_shape) if len(out_shape) < 5 else out
 
         def match(self, call):
-            """(Q, K^T, V, mask or None, scale) of the attention `call` computes, or None."""
+            """(Q, K^T, V, mask or None, scale, zero_masked_rows) of the attention `call`
+            computes, or None. The probabilities may be guarded, where(isnan(p), 0, p), as
+            torch's exporter writes them."""
             if getattr(call.op, "name", None) != "relax.matmul" or not _routable(call):
                 return None
-            probs = self.producer(call.args[0], "relax.nn.softmax")
+            probs, guarded = call.args[0], self.producer(call.args[0], "relax.where")
+            if guarded is not None:
+                isnan = self.producer(guarded.args[0], "relax.isnan")
+                if isnan is None or _scalar(guarded.args[1]) != 0.0 or not isnan.args[0].same_as(guarded.args[2]):
+                    return None
+                probs = guarded.args[2]
+            probs = self.producer(probs, "relax.nn.softmax")
             if probs is None or int(probs.attrs.axis) not in (-1, len(probs.ty.shape) - 1):
                 return None
             scores, mask = probs.args[0], None
@@ -307,7 +323,7 @@ def route(mod, target):
             q, kt, v = qk.args[0], qk.args[1], call.args[1]
             if not all(isinstance(x.ty.shape.values[-1], tirx.IntImm) for x in (q, v)):
                 return None  # the head dims
-            return q, kt, v, mask, scale
+            return q, kt, v, mask, scale, guarded is not None
 
     routed_mod = rewrite_functions(mod, Route)
     return relax.transform.DeadCodeElimination()(routed_mod), routed

@@ -20,8 +20,9 @@ NO_MASK = ((B, 4, S, 48), (B, 4, 48, L), (B, 4, L, 32), None)  # Dv != D
 ROWS_ONLY = ((S, 16), (16, L), (L, 16), (S, L))
 
 
-def _module(shapes, scale: float | None, divide: bool = False, dtype: str = "float32"):
-    """main(q, kt, v[, mask]) = softmax(q @ kt [* scale or / (1 / scale)] [+ mask]) @ v."""
+def _module(shapes, scale: float | None, divide: bool = False, dtype: str = "float32", guard: bool = False):
+    """main(q, kt, v[, mask]) = softmax(q @ kt [* scale or / (1 / scale)] [+ mask]) @ v; with
+    `guard`, softmax's NaNs replaced by 0 first, as torch's exporter writes it."""
     qs, ks, vs, ms = shapes
     bb = relax.BlockBuilder()
     params = [relax.Var(n, relax.TensorType(s, dtype)) for n, s in (("q", qs), ("kt", ks), ("v", vs), ("m", ms))
@@ -35,6 +36,8 @@ def _module(shapes, scale: float | None, divide: bool = False, dtype: str = "flo
             if ms is not None:
                 s = bb.emit(relax.op.add(params[3], s))
             p = bb.emit(relax.op.nn.softmax(s, axis=-1))
+            if guard:
+                p = bb.emit(relax.op.where(relax.op.isnan(p), relax.const(0.0, dtype), p))
             out = bb.emit_output(relax.op.matmul(p, params[2]))
         bb.emit_func_output(out)
     return bb.get()
@@ -71,6 +74,28 @@ def test_matches_numpy(shapes, scale, divide):
         got = vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
         want = reference(*args[:3], args[3] if len(args) > 3 else None, 1.0 if scale is None else scale)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"{rows} rows, {keys} keys")
+
+
+@pytest.mark.parametrize("guard", [False, True], ids=["softmax", "isnan-guard"])
+def test_rows_with_every_key_masked(guard):
+    """A row masked with -inf throughout is NaN, as softmax makes it, or 0 behind torch's isnan
+    guard; the other rows are unaffected. Masked with float32's minimum (as Hugging Face masks),
+    a row is finite: the mean of V, as softmax makes it."""
+    routed, count = route(_module(BERT, 0.125, guard=guard), HOST)
+    assert count == 1
+    vm = relax.VirtualMachine(tvm.compile(schedule_kernels(prepare(routed, HOST), HOST), target=HOST), tvm.cpu())
+    for rows in (1, 20):  # a row one at a time; a prompt's blocks
+        q, kt, v, _ = _inputs(BERT, {"b": 2, "s": rows})
+        for fill in (-np.inf, np.finfo(np.float32).min):
+            mask = np.zeros((2, 1, 1, rows), np.float32)
+            mask[0] = fill  # every key of batch row 0
+            got = vm["main"](*[tvm.runtime.tensor(a) for a in (q, kt, v, mask)]).numpy()
+            if fill == -np.inf:
+                assert (np.all(got[0] == 0) if guard else np.all(np.isnan(got[0])))
+            else:
+                np.testing.assert_allclose(got[0], np.broadcast_to(v[0].mean(-2, keepdims=True), got[0].shape),
+                                           rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(got[1:], reference(q[1:], kt[1:], v[1:], mask[1:], 0.125), rtol=1e-5, atol=1e-5)
 
 
 def test_leaves_alone_static_shapes_other_dtypes_and_other_axes():
