@@ -66,7 +66,23 @@ def dense_primfunc(K: int, panels: int, tile: int, rows: int):
     from tvm import tirx
     from tvm.script import tirx as T
 
+    if rows > 8:
+        raise ValueError(f"dense: at most 8 rows a block, got {rows}")
     K, P, t, R = (tirx.IntImm("int64", v) for v in (K, panels, tile, rows))
+
+    @T.macro
+    def row_block(x, w, y, acc, p, m0, count):
+        """Rows m0 .. m0 + count - 1 of panel p, their accumulators in registers."""
+        for r in T.unroll(count):
+            for j in T.vectorized(t):
+                acc[r, j] = T.float32(0)
+        for k in range(K):
+            for r in T.unroll(count):
+                for j in T.vectorized(t):
+                    acc[r, j] = acc[r, j] + x[m0 + r, k] * w[p, k, j]
+        for r in T.unroll(count):
+            for j in T.vectorized(t):
+                y[m0 + r, p * t + j] = acc[r, j]
 
     @T.prim_func(private=True)
     def dense(var_x: T.handle, w: T.Buffer((P, K, t), "float32"), var_y: T.handle):
@@ -76,25 +92,31 @@ def dense_primfunc(K: int, panels: int, tile: int, rows: int):
         y = T.match_buffer(var_y, (m, P * t), "float32")
         for p in T.parallel(P):
             acc = T.decl_buffer((R, t), "float32")
-            for block in range(m // R):
-                for r in T.unroll(R):
-                    for j in T.vectorized(t):
-                        acc[r, j] = T.float32(0)
-                for k in range(K):
-                    for r in T.unroll(R):
-                        for j in T.vectorized(t):
-                            acc[r, j] = acc[r, j] + x[block * R + r, k] * w[p, k, j]
-                for r in T.unroll(R):
-                    for j in T.vectorized(t):
-                        y[block * R + r, p * t + j] = acc[r, j]
-            for row in range(m // R * R, m):
-                for j in T.vectorized(t):
-                    acc[0, j] = T.float32(0)
-                for k in range(K):
-                    for j in T.vectorized(t):
-                        acc[0, j] = acc[0, j] + x[row, k] * w[p, k, j]
-                for j in T.vectorized(t):
-                    y[row, p * t + j] = acc[0, j]
+            for b in range(m // R):
+                row_block(x, w, y, acc, p, b * R, R)
+            # The rows left (m % R) as one block of that many: row by row, 4 rows cost twice
+            # what a block of 4 does (one row's 2-vector FMA chain waits on its latency). The
+            # `if rows > n` are resolved as the script is parsed.
+            if m % R == 1:
+                row_block(x, w, y, acc, p, m - 1, 1)
+            if rows > 2:
+                if m % R == 2:
+                    row_block(x, w, y, acc, p, m - 2, 2)
+            if rows > 3:
+                if m % R == 3:
+                    row_block(x, w, y, acc, p, m - 3, 3)
+            if rows > 4:
+                if m % R == 4:
+                    row_block(x, w, y, acc, p, m - 4, 4)
+            if rows > 5:
+                if m % R == 5:
+                    row_block(x, w, y, acc, p, m - 5, 5)
+            if rows > 6:
+                if m % R == 6:
+                    row_block(x, w, y, acc, p, m - 6, 6)
+            if rows > 7:
+                if m % R == 7:
+                    row_block(x, w, y, acc, p, m - 7, 7)
 
     return dense
 

@@ -39,7 +39,7 @@ def _build(w, rows, target_name="host"):
 
 
 @pytest.mark.parametrize("N", [96, 100])  # 100: not a multiple of the panel width, sliced back
-@pytest.mark.parametrize("M", [1, 7, 16])  # 2 x M rows: single rows, blocks and a remainder, blocks only
+@pytest.mark.parametrize("M", [1, 3, 4, 5, 6, 7, 16])  # 2 x M rows: on AVX-512 (7 a block) every remainder 0-6
 def test_matches_numpy_for_every_row_count(M, N):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((72, N)).astype(np.float32)
@@ -125,7 +125,7 @@ np.save(d + "/out.npy", vm["main"](tvm.runtime.tensor(np.load(d + "/x.npy"))).nu
 @needs_cross_cc
 @pytest.mark.emulation
 def test_rpi4_numerics_under_qemu(tmp_path):
-    """NEON: 11 rows, two blocks of 4 and 3 rows one at a time."""
+    """NEON: 11 rows, two blocks of 4 and one of the 3 left."""
     run = emulated_python()
     rng = np.random.default_rng(3)
     w = rng.standard_normal((64, 40)).astype(np.float32)
