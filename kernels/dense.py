@@ -84,6 +84,14 @@ def dense_primfunc(K: int, panels: int, tile: int, rows: int):
             for j in T.vectorized(t):
                 y[m0 + r, p * t + j] = acc[r, j]
 
+    @T.macro
+    def rest(x, w, y, acc, p, m, count):
+        """The last m % R rows as one block, if there are `count` of them (`rows > count` is
+        resolved as the script is parsed)."""
+        if rows > count:
+            if m % R == count:
+                row_block(x, w, y, acc, p, m - count, count)
+
     @T.prim_func(private=True)
     def dense(var_x: T.handle, w: T.Buffer((P, K, t), "float32"), var_y: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, KERNEL_ATTR: tile})
@@ -95,28 +103,14 @@ def dense_primfunc(K: int, panels: int, tile: int, rows: int):
             for b in range(m // R):
                 row_block(x, w, y, acc, p, b * R, R)
             # The rows left (m % R) as one block of that many: row by row, 4 rows cost twice
-            # what a block of 4 does (one row's 2-vector FMA chain waits on its latency). The
-            # `if rows > n` are resolved as the script is parsed.
-            if m % R == 1:
-                row_block(x, w, y, acc, p, m - 1, 1)
-            if rows > 2:
-                if m % R == 2:
-                    row_block(x, w, y, acc, p, m - 2, 2)
-            if rows > 3:
-                if m % R == 3:
-                    row_block(x, w, y, acc, p, m - 3, 3)
-            if rows > 4:
-                if m % R == 4:
-                    row_block(x, w, y, acc, p, m - 4, 4)
-            if rows > 5:
-                if m % R == 5:
-                    row_block(x, w, y, acc, p, m - 5, 5)
-            if rows > 6:
-                if m % R == 6:
-                    row_block(x, w, y, acc, p, m - 6, 6)
-            if rows > 7:
-                if m % R == 7:
-                    row_block(x, w, y, acc, p, m - 7, 7)
+            # what a block of 4 does (one row's 2-vector FMA chain waits on its latency).
+            rest(x, w, y, acc, p, m, 1)
+            rest(x, w, y, acc, p, m, 2)
+            rest(x, w, y, acc, p, m, 3)
+            rest(x, w, y, acc, p, m, 4)
+            rest(x, w, y, acc, p, m, 5)
+            rest(x, w, y, acc, p, m, 6)
+            rest(x, w, y, acc, p, m, 7)
 
     return dense
 
