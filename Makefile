@@ -15,8 +15,8 @@ test: setup
 	.venv/bin/python -m pytest -q
 
 # The long tiers CI runs after `make test`: every transformers architecture x exporter, the ONNX
-# backend node tests, five thousand more fuzz cases, and the aarch64 checks under qemu (which need
-# the cached aarch64 environment; built first when missing).
+# backend node tests, five thousand more fuzz cases, the aarch64 checks under qemu (which need the
+# cached aarch64 environment; built first when missing) and the long tuning sessions.
 test-long: setup
 	.venv/bin/edgecc emulator setup >/dev/null || echo "aarch64 emulator unavailable: emulation tests will skip" >&2
-	.venv/bin/python -m pytest -q -m "models or conformance or fuzz or emulation"
+	.venv/bin/python -m pytest -q -m "models or conformance or fuzz or emulation or tuning"

@@ -152,7 +152,7 @@ g (float[N] x, int64[2] dims) => (float[A, B] y) {
 
 # -- the models users bring -------------------------------------------------------------------
 
-DEFAULT_TIER = {("qwen2", "dynamo"), ("gemma3", "torchscript")}
+DEFAULT_TIER = {("qwen2", "dynamo")}
 # (past, seq): a prefill longer than the sliding window, one-token decode after a long cache, a
 # short cache with several tokens, and several tokens that reach past the window.
 STEPS = ((0, 12), (12, 1), (3, 5), (7, 5))

@@ -32,7 +32,7 @@ from edgecc.runtime import artifact
 from tests.test_artifact_safety import matmul_relu_model
 from tests.test_tuning_log import record
 
-FUZZ_CASES = 1000
+FUZZ_CASES = 400
 FUZZ_CASES_LONG = 5000
 # (class, share of the cases). ONNX cases compile, so they are the fewest.
 CLASSES = (("manifest", 0.4), ("npz", 0.25), ("logs", 0.28), ("onnx", 0.07))

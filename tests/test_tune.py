@@ -94,6 +94,7 @@ def test_a_worker_crash_is_an_error_naming_the_task(tuned, monkeypatch, tmp_path
         tuning.tune(model, "host", trials=TRIALS, store=tmp_path / "s", shapes=SHAPES, progress=None)
 
 
+@pytest.mark.tuning
 def test_ctrl_c_keeps_records_a_second_tuner_is_refused_and_the_next_run_resumes(example_path, tmp_path):
     store = tmp_path / "store"
     env = dict(os.environ, EDGECC_TUNING_DIR=str(store), PYTHONUNBUFFERED="1")
@@ -142,6 +143,7 @@ def _wait_for_board(port: int, key: str, timeout: float = 120) -> None:
     raise AssertionError(f"no RPC server registered under '{key}' within {timeout} s")
 
 
+@pytest.mark.tuning
 def test_tuning_over_a_loopback_rpc_tracker(example_path, tmp_path):
     """A tracker and one board (an RPC server) on 127.0.0.1: records carry the board's key."""
     port, server_port = _free_port(), _free_port()
