@@ -42,22 +42,36 @@ def _check_block(K: int, block: int) -> None:
         raise UserError(f"int4 quantization: block {block} does not divide K = {K}")
 
 
+def to_half(x: np.ndarray) -> np.ndarray:
+    """x as float32 holding the nearest float16 values, where those are normal numbers (or 0);
+    elsewhere (too small or too large for float16's 11 significant bits) x as it is."""
+    half = np.asarray(x, np.float64).astype(np.float16)
+    normal = (np.abs(half) >= np.finfo(np.float16).tiny) & np.isfinite(half)
+    return np.where(normal | (half == 0) & (x == 0), half, x).astype(np.float32)
+
+
 def quantize_blockwise(w: np.ndarray, block: int, symmetric: bool, float_zeros: bool = False):
     """w float [K, N] -> (q, scales float32 [K/block, N], zeros [K/block, N] or None).
 
     q is int8 in [-8, 7] (symmetric) or uint8 in [0, 15] (asymmetric). Asymmetric zero points
     are uint8 levels, or with `float_zeros` float32: then each block maps its min and max to
-    levels 0 and 15 exactly (GGUF's Q4_1 grid: weights already on such a grid come back exact).
+    levels 0 and 15 (GGUF's Q4_1 grid: weights already on such a grid come back exact).
+
+    Symmetric and float-zero-point scales are float16 values (to_half), and so are float zero
+    points' s * z, the block's min: GGUF's Q4_1 stores both so, and the dot-product kernel
+    streams them at 2 bytes (kernels/int4_dot.py); a symmetric block's s * 8 is one with s.
+    uint8 zero points keep float32 scales: their s * z needs more bits than float16 has anyway,
+    and a rounded s would let round(hi / s) + z reach 16.
     """
     K, N = w.shape
     _check_block(K, block)
     blocks = w.astype(np.float64).reshape(K // block, block, N)
     if symmetric:
-        scales = np.abs(blocks).max(axis=1) / 7
+        scales = to_half(np.abs(blocks).max(axis=1) / 7)
     elif float_zeros:
         lo, hi = blocks.min(axis=1), blocks.max(axis=1)
-        scales = np.where(hi > lo, (hi - lo) / 15, 1).astype(np.float32)
-        zeros = (-lo / scales).astype(np.float32)
+        scales = to_half(np.where(hi > lo, (hi - lo) / 15, 1))
+        zeros = (to_half(-lo) / scales).astype(np.float32)
         q = np.clip(np.round(blocks / scales[:, None, :] + zeros[:, None, :]), 0, 15)
         return q.astype(np.uint8).reshape(K, N), scales, zeros
     else:

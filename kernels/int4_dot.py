@@ -19,7 +19,9 @@ offset-binary nibbles of edgecc.kernels.int4).
 Layout (pack): uint8 [N/16, K/8, 16, 4]. Byte [t, c, i, j] holds k = 8c + j of output 16t + i in
 its low nibble and k = 8c + 4 + j in its high one: 64 bytes give two vpdpbusd operands (low
 nibbles, high nibbles) of 16 outputs x 4 k each. Needs N % 16 == 0 and block % 8 == 0. Scales
-and s * z are stored tile by tile (pack_meta), so each tile streams two contiguous arrays.
+and s * z are stored tile by tile (pack_meta), so each tile streams two contiguous arrays, as
+float16 where they are float16 values (int4.quantize_blockwise makes them so, but for uint8 zero
+points): a block of 32 weights then streams 20 bytes, not 24.
 
 One PrimFunc serves any number of rows (symbolic M): rows are quantized first (a prompt's in
 parallel, a decode step's one row serially), then 16-output tiles run in parallel; each walks its
@@ -67,10 +69,16 @@ def pack(levels: np.ndarray) -> np.ndarray:
 
 
 def pack_meta(scales: np.ndarray, zeros: np.ndarray) -> np.ndarray:
-    """scales and zero points [K/block, N] -> float32 [N/16, K/block, 2, 16]: per tile, per block,
-    the 16 scales then the 16 products s * z, so a tile reads one contiguous stream."""
+    """scales and zero points [K/block, N] -> [N/16, K/block, 2, 16]: per tile, per block, the 16
+    scales then the 16 products s * z, so a tile reads one contiguous stream. float16 where every
+    value is one (to float32's rounding: s * z is computed), as int4.quantize_blockwise makes
+    them but for uint8 zero points; else float32."""
     blocks, N = scales.shape
-    both = np.stack([scales, scales * zeros]).astype(np.float32)  # [2, blocks, N]
+    both = np.stack([scales, scales * zeros.astype(np.float64)])  # [2, blocks, N]
+    half = both.astype(np.float16)
+    exact = np.all(np.abs(half - both) <= np.abs(both) * 2.0 ** -22) and np.all(
+        (np.abs(half) >= np.finfo(np.float16).tiny) | (both == 0))
+    both = half if exact else both.astype(np.float32)
     return np.ascontiguousarray(both.reshape(2, blocks, N // TILE, TILE).transpose(2, 1, 0, 3))
 
 
@@ -123,8 +131,9 @@ def _group_step(isa_name: str):
 
 
 @functools.cache
-def primfunc(K: int, N: int, block: int, isa_name: str):
-    """The kernel for [M, K] x [K, N] weights in blocks of `block` on `isa_name`; M symbolic.
+def primfunc(K: int, N: int, block: int, isa_name: str, meta_dtype: str = "float32"):
+    """The kernel for [M, K] x [K, N] weights in blocks of `block` on `isa_name`, with metadata
+    (pack_meta) of `meta_dtype`; M symbolic.
     Cached: a model repeats a few shapes many times (SmolLM2: 4 shapes, 120 matmuls), and
     parsing the TVMScript takes ~85 ms."""
     from tvm.script import tirx as T
@@ -164,14 +173,14 @@ def primfunc(K: int, N: int, block: int, isa_name: str):
             for r in T.unroll(count):
                 acc[r, T.ramp(0, 1, TILE)] = acc[r, T.ramp(0, 1, TILE)] + T.broadcast(sx[m0 + r, b], TILE) * (
                     T.Cast("float32x16", dot[r, 0, T.ramp(0, 1, TILE)] + dot[r, 1, T.ramp(0, 1, TILE)])
-                    * meta[t, b, 0, T.ramp(0, 1, TILE)]
-                    - meta[t, b, 1, T.ramp(0, 1, TILE)] * T.broadcast(sum_xq[m0 + r, b], TILE))
+                    * T.Cast("float32x16", meta[t, b, 0, T.ramp(0, 1, TILE)])
+                    - T.Cast("float32x16", meta[t, b, 1, T.ramp(0, 1, TILE)]) * T.broadcast(sum_xq[m0 + r, b], TILE))
         for r in T.unroll(count):
             y[m0 + r, T.ramp(t * TILE, 1, TILE)] = acc[r, T.ramp(0, 1, TILE)]
 
     @T.prim_func(private=True, s_tir=True)
     def int4_dot(x_handle: T.handle, packed: T.Buffer((tiles, groups, TILE, 4), "uint8"),
-                 meta: T.Buffer((tiles, blocks, 2, TILE), "float32"), y_handle: T.handle):
+                 meta: T.Buffer((tiles, blocks, 2, TILE), meta_dtype), y_handle: T.handle):
         T.func_attr({"tirx.noalias": True})
         M = T.int64()
         x = T.match_buffer(x_handle, (M, K), "float32")
@@ -206,10 +215,11 @@ def primfunc(K: int, N: int, block: int, isa_name: str):
 def emit(bb, x, levels: np.ndarray, scales: np.ndarray, zeros: np.ndarray, block: int, isa_name: str):
     """Emit x [M, K] float32 @ the int4 weights into `bb` for `isa_name`: levels uint8 [K, N]
     (0..15), scales and zeros float32 [K/block, N]. The module stores the packed nibbles, the
-    scales and s * z."""
+    scales and s * z (float16 where they are float16 values: pack_meta)."""
     from tvm import relax
 
     K, N = levels.shape
-    gv = bb.add_func(primfunc(K, N, block, isa_name), "int4_dot")
-    operands = [x, relax.const(pack(levels)), relax.const(pack_meta(scales, zeros))]
+    meta = pack_meta(scales, zeros)
+    gv = bb.add_func(primfunc(K, N, block, isa_name, str(meta.dtype)), "int4_dot")
+    operands = [x, relax.const(pack(levels)), relax.const(meta)]
     return bb.emit(relax.call_tir(gv, operands, relax.TensorType((x.ty.shape[0], N), "float32")))

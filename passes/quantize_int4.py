@@ -2,10 +2,12 @@
 
 Each constant weight W [K, N] of a MatMul (or of a Gemm as `fuse` emits it) is split into blocks
 of `block` rows along K; each block of each output column gets a float32 scale (and a zero point
-when asymmetric: a uint8 level, or a float32 that puts the block's min and max exactly on levels
-0 and 15). The ONNX form is ONNX Runtime's MatMulNBits (bits=4), so ORT runs the optimized
-model as the reference; edgecc lowers it to its fused dequantize-matmul kernel, and the module
-stores the packed nibbles: 5 bits a weight at block 32 (4, plus a 32-bit scale per 32 weights).
+when asymmetric: a uint8 level, or a float32 that puts the block's min and max on levels 0 and
+15). The ONNX form is ONNX Runtime's MatMulNBits (bits=4), so ORT runs the optimized model as
+the reference; edgecc lowers it to its fused dequantize-matmul kernel, and the module stores the
+packed nibbles: 5 bits a weight at block 32 (4, plus a 32-bit scale per 32 weights). Symmetric
+scales, and float zero points' scale and min, are float16 values (kernels.int4.quantize_blockwise),
+which the int4 x int8 kernel stores in 2 bytes each.
 
 `accuracy_level=4` is MatMulNBits' own switch for int8 activations, which ONNX Runtime honours
 too: each block of `block` activations is quantized with its own scale, and on CPUs with int8

@@ -33,6 +33,18 @@ def test_pack_puts_four_k_of_sixteen_outputs_in_each_nibble_half():
     assert packed[t, c, i, j] >> 4 == levels[8 * c + 4 + j, 16 * t + i]
 
 
+def test_metadata_is_stored_as_float16_where_its_values_are_float16():
+    w = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    _, scales, zeros = quantize_blockwise(w, 32, symmetric=False, float_zeros=True)
+    assert int4_dot.pack_meta(scales, zeros).dtype == np.float16
+    _, scales, _ = quantize_blockwise(w, 32, symmetric=True)
+    meta = int4_dot.pack_meta(scales, np.full_like(scales, 8))
+    assert meta.dtype == np.float16 and np.array_equal(meta[:, :, 1], meta[:, :, 0] * 8)
+    _, scales, zeros = quantize_blockwise(w, 32, symmetric=False)  # uint8 zero points: s * z has more bits
+    assert int4_dot.pack_meta(scales, zeros.astype(np.float32)).dtype == np.float32
+    assert int4_dot.pack_meta(np.full_like(scales, 1e-6), zeros).dtype == np.float32  # subnormal in float16
+
+
 def _module(levels, scales, zeros, block):
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((tirx.Var("m", "int64"), levels.shape[0]), "float32"))
@@ -44,11 +56,13 @@ def _module(levels, scales, zeros, block):
 
 
 @needs_vnni
-@pytest.mark.parametrize("block", [32, 64])
-def test_matches_numpy_for_any_row_count(block):
+@pytest.mark.parametrize("block, float_zeros", [(32, True), (64, True), (32, False)])
+def test_matches_numpy_for_any_row_count(block, float_zeros):
+    """float16 metadata (float zero points), and float32 (uint8 zero points)."""
     K, N = 128, 48
     w = np.random.default_rng(1).standard_normal((K, N)).astype(np.float32)
-    levels, scales, zeros = quantize_blockwise(w, block, symmetric=False, float_zeros=True)
+    levels, scales, zeros = quantize_blockwise(w, block, symmetric=False, float_zeros=float_zeros)
+    zeros = zeros.astype(np.float32)
     ex = tvm.compile(_module(levels, scales, zeros, block), target=HOST_TARGET)
     vm = relax.VirtualMachine(ex, tvm.cpu())
     for rows in (1, 3, 5, 8):  # single rows, blocks of int4_dot.ROWS and what is left over

@@ -98,11 +98,12 @@ def test_awq_beats_rtn_when_a_few_channels_carry_large_activations():
 
 
 def _on_q4_1_grid(w: np.ndarray, block: int) -> np.ndarray:
-    """w rounded the way GGUF's Q4_1 does: per block of K, min + q * (max - min) / 15."""
+    """w rounded the way GGUF's Q4_1 does: per block of K, m + q * d with the min m and the step
+    d = (max - min) / 15 stored as float16."""
     blocks = w.reshape(-1, block, w.shape[1])
     lo, hi = blocks.min(axis=1, keepdims=True), blocks.max(axis=1, keepdims=True)
-    step = (hi - lo) / 15
-    return (lo + np.round((blocks - lo) / step) * step).reshape(w.shape).astype(np.float32)
+    m, d = (v.astype(np.float16).astype(np.float32) for v in (lo, (hi - lo) / 15))
+    return (m + np.clip(np.round((blocks - m) / d), 0, 15) * d).reshape(w.shape).astype(np.float32)
 
 
 def test_float_zero_points_reproduce_a_q4_1_grid_exactly():
