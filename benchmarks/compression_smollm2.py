@@ -1,6 +1,6 @@
 """SmolLM2-135M: what each compression pipeline costs in perplexity and saves in artifact size.
 
-    .venv/bin/python benchmarks/compression_smollm2.py [--only LABEL,...]
+    .venv/bin/python benchmarks/compression_smollm2.py [--only "LABEL;..."]
         [--out benchmarks/results/compression_smollm2.json] [--work-dir out/compression-smollm2]
 
 Every pipeline is compiled for this host with verification on, its calibrating passes reading
@@ -48,13 +48,15 @@ PIPELINES = {
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", help="comma-separated labels")
+    ap.add_argument("--only", help="labels separated by ';' (labels hold commas)")
     ap.add_argument("--out", default="benchmarks/results/compression_smollm2.json")
     ap.add_argument("--work-dir", default="out/compression-smollm2")
     a = ap.parse_args()
     model = examples.cached("smollm2")
     windows, text = corpus.token_windows(model.with_name("tokenizer.json"), None, 8, 256)
-    labels = a.only.split(",") if a.only else list(PIPELINES)
+    labels = a.only.split(";") if a.only else list(PIPELINES)
+    if unknown := [label for label in labels if label not in PIPELINES]:
+        raise SystemExit(f"--only: unknown label(s) {unknown}; the labels: {list(PIPELINES)}")
     rows = []
     for label in labels:
         print(f"[compression] {label}: {PIPELINES[label]}", file=sys.stderr, flush=True)
