@@ -158,10 +158,10 @@ DEFAULT_TIER = {("qwen2", "dynamo")}
 STEPS = ((0, 12), (12, 1), (3, 5), (7, 5))
 
 
-def _matrix():
+def _matrix(default_tier=DEFAULT_TIER):
     for arch in hf_models.ARCHITECTURES:
         for exporter in hf_models.EXPORTERS:
-            marks = () if (arch, exporter) in DEFAULT_TIER else (pytest.mark.models,)
+            marks = () if (arch, exporter) in default_tier else (pytest.mark.models,)
             yield pytest.param(arch, exporter, marks=marks, id=f"{arch}-{exporter}")
 
 
@@ -221,7 +221,7 @@ def test_hf_model_matches_onnx_runtime(hf_model, arch, exporter, tmp_path):
 TEXT = "A user's model, benched on a byte tokenizer: perplexity needs text, any text will do. " * 6
 
 
-@pytest.mark.parametrize("arch, exporter", list(_matrix()))
+@pytest.mark.parametrize("arch, exporter", list(_matrix(default_tier=())))
 def test_hf_model_generates_and_benches(hf_model, arch, exporter, tmp_path):
     """What a user does next, with no hints: compile (verification on: LM-aware inputs), generate
     the same greedy tokens as ONNX Runtime on the export past the sliding window, and bench fp32
