@@ -100,7 +100,13 @@ def test_ctrl_c_keeps_records_a_second_tuner_is_refused_and_the_next_run_resumes
     env = dict(os.environ, EDGECC_TUNING_DIR=str(store), PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "edgecc.cli", "tune", str(example_path("mlp")), "--shape", "batch=1",
            "--trials", "2000"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A child inherits an ignored SIGINT (something earlier in a long test run can leave this
+    # process ignoring it; then the tuner would never see the Ctrl-C), not a handled one.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         records = list(store.glob("work/*/database_tuning_record.json"))
