@@ -42,12 +42,16 @@ def _check_block(K: int, block: int) -> None:
         raise UserError(f"int4 quantization: block {block} does not divide K = {K}")
 
 
+def half_holds(half: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Where `half` (x as float16) keeps float16's 11 significant bits of x: a normal number, or
+    the 0 that x is."""
+    return (np.abs(half) >= np.finfo(np.float16).tiny) & np.isfinite(half) | (x == 0)
+
+
 def to_half(x: np.ndarray) -> np.ndarray:
-    """x as float32 holding the nearest float16 values, where those are normal numbers (or 0);
-    elsewhere (too small or too large for float16's 11 significant bits) x as it is."""
+    """x as float32 holding the nearest float16 values where half_holds; elsewhere x as it is."""
     half = np.asarray(x, np.float64).astype(np.float16)
-    normal = (np.abs(half) >= np.finfo(np.float16).tiny) & np.isfinite(half)
-    return np.where(normal | (half == 0) & (x == 0), half, x).astype(np.float32)
+    return np.where(half_holds(half, x), half, x).astype(np.float32)
 
 
 def quantize_blockwise(w: np.ndarray, block: int, symmetric: bool, float_zeros: bool = False):

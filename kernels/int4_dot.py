@@ -38,6 +38,8 @@ import functools
 
 import numpy as np
 
+from edgecc.kernels.int4 import half_holds
+
 TILE = 16  # outputs per tile: vpdpbusd.512's int32 lanes, four sdot vectors
 GROUP = 8  # k per byte group: 4 in the low nibbles, 4 in the high
 ISAS = ("avx512vnni", "dotprod")  # LLVM feature names, in order of preference
@@ -76,8 +78,7 @@ def pack_meta(scales: np.ndarray, zeros: np.ndarray) -> np.ndarray:
     blocks, N = scales.shape
     both = np.stack([scales, scales * zeros.astype(np.float64)])  # [2, blocks, N]
     half = both.astype(np.float16)
-    exact = np.all(np.abs(half - both) <= np.abs(both) * 2.0 ** -22) and np.all(
-        (np.abs(half) >= np.finfo(np.float16).tiny) | (both == 0))
+    exact = np.all(half_holds(half, both) & (np.abs(half - both) <= np.abs(both) * 2.0 ** -22))
     both = half if exact else both.astype(np.float32)
     return np.ascontiguousarray(both.reshape(2, blocks, N // TILE, TILE).transpose(2, 1, 0, 3))
 
