@@ -85,9 +85,11 @@ def lower(opt: Optimized, shapes: dict[str, int]):
     """The optimized model as a Relax module. `shapes` binds symbolic dims (by name) to sizes:
     the kernels become static, which tuning needs, and the module then accepts only those sizes."""
     t = time.perf_counter()
-    mod = frontend.to_relax(*light_proto(opt.optimized))
-    if shapes:
-        mod = relax.transform.BindSymbolicVars(shapes)(mod)
+    mod = frontend.to_relax(*light_proto(opt.optimized), pinned=shapes)
+    left = {str(v) for f in mod.functions.values() if isinstance(f, relax.Function)
+            for v in relax.analysis.defined_symbolic_vars(f)}
+    if left & shapes.keys():  # a dim no graph input has, only an op's output
+        mod = relax.transform.BindSymbolicVars({k: v for k, v in shapes.items() if k in left})(mod)
     opt.timings["lower"] = round(time.perf_counter() - t, 3)
     return mod
 

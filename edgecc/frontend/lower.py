@@ -67,6 +67,13 @@ def check_supported(model: onnx.ModelProto) -> None:
                         f"to TVM (no converter); hint: {hint}")
 
 
+def _pin_dims(model: onnx.ModelProto, pinned: dict[str, int]) -> None:
+    for spec in model.graph.input:
+        for d in spec.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and d.dim_param in pinned:
+                d.dim_value = pinned[d.dim_param]  # clears dim_param: the two are a oneof
+
+
 def _all_nodes(graph: onnx.GraphProto):
     for node in graph.node:
         yield graph, node
@@ -257,12 +264,17 @@ def _int8_rescale(graph: onnx.GraphProto, matmul: int, readers: dict[str, list[i
     return chain, operands
 
 
-def to_relax(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None = None):
+def to_relax(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None = None,
+             pinned: dict[str, int] | None = None):
     """The Relax IRModule of a checked ONNX model; weights become constants of the module.
-    `weights` fill its data-less initializers (edgecc.core.ir.light_proto)."""
+    `weights` fill its data-less initializers (edgecc.core.ir.light_proto). `pinned` fixes the
+    graph inputs' symbolic dims of those names (`--shape`) before import, so that every kernel
+    the importer makes is static: bound afterwards, the Relax types become static while the
+    kernels the converters emitted keep the variable, and FuseTIR refuses the mix."""
     from tvm.relax.frontend.onnx import from_onnx
 
     check_supported(model)
+    _pin_dims(model, pinned or {})
     model = to_storage(_route_to_kernels(model))  # float8, int4, ... as the uint8 codes TVM can hold
     shapes = lm_input_shapes(model) or {}
     for spec in model.graph.input:  # the importer reads a dim of 0 as unknown: an empty input stays empty
