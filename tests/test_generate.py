@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -11,6 +12,7 @@ import pytest
 import edgecc
 from edgecc.core import lm_signature
 from edgecc.core.verify import compare, dim_expr, graph_inputs, random_inputs
+from edgecc.errors import UserError
 from edgecc.lm import generate
 from edgecc.models import llama
 from edgecc.models.examples import TINY_LLAMA
@@ -87,6 +89,25 @@ def test_one_artifact_serves_prefill_and_decode(artifact):
     assert len(set(got.tokens)) > 1  # a constant stream would make the comparison weak
 
 
+def test_one_token_step_with_static_shapes(tiny_llama, tmp_path):
+    """--shape batch=1 --shape seq=1: a decode-only module whose kernels are all static, the
+    int8 LM head's activation quantization included (the importer's kernels for it once kept the
+    batch variable while Relax's types were bound, and FuseTIR refused the module). Its steps
+    through a cache of the prompt give ORT's logits on the same graph."""
+    art = edgecc.compile(tiny_llama, "host", tmp_path / "a", pipeline="quantize-int8",
+                         shapes={"batch": 1, "seq": 1}, keep_reference=True)
+    shapes = {i["name"]: i["shape"] for i in art.manifest["inputs"]}
+    assert shapes["ids"] == [1, 1] and shapes["past.0.key"][:3] == [1, 2, "past"]
+    sig = lm_signature.of_manifest(art.manifest, "art")
+    ort = generate.ort_step(str(art.path / "model.opt.onnx"))
+    past = sig.empty_cache()
+    for i, token in enumerate(PROMPT):
+        feeds = generate.step_feeds(sig, np.array([[token]], np.int64), past, i)
+        want, got = ort(feeds), art.run(feeds)
+        np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-4, atol=1e-4)
+        past = sig.presents(want)
+
+
 def test_run_draws_from_the_manifest_the_inputs_random_inputs_draws_from_the_graph(artifact, tmp_path):
     """`edgecc run` needs no model.opt.onnx: the manifest's signatures, ranges and LM signature give
     the feeds random_inputs gives, the cache made of the same random tokens by the artifact itself."""
@@ -97,6 +118,24 @@ def test_run_draws_from_the_manifest_the_inputs_random_inputs_draws_from_the_gra
     with np.load(tmp_path / "out.npz") as got:
         result = compare(artifact.run(feeds), dict(got), across_engines=True)  # ORT made the cache here
     assert result.ok, result.detail
+
+
+def test_run_refuses_bad_runtime_tensors_by_name(artifact):
+    """A decode step's cache comes back as the module's own tensors, which `run` leaves to the
+    module's parameter checks; what they refuse is still a one-line error naming the input."""
+    import tvm
+
+    sig = lm_signature.of_manifest(artifact.manifest, "art")
+    out = artifact.run(generate.step_feeds(sig, np.array([PROMPT]), sig.empty_cache(), 0), as_numpy=False)
+    past = sig.presents(out)
+    step = generate.step_feeds(sig, np.array([[7]]), past, len(PROMPT))
+    assert artifact.run(step, as_numpy=False)["logits"].shape == (1, 1, 512)
+    key = past["past.1.key"].numpy()
+    for bad, says in [(key.astype(np.float16), "dtype float16, expected float32"),
+                      (key[:, :1], "shape [1, 1, 7, 32], expected"),
+                      (key[:, :, :3], "shape [1, 2, 3, 32], expected ['batch', 2, 'past', 32]: shape[2] mismatch")]:
+        with pytest.raises(UserError, match=re.escape(f"input 'past.1.key': {says}")):
+            artifact.run({**step, "past.1.key": tvm.runtime.tensor(np.ascontiguousarray(bad))}, as_numpy=False)
 
 
 def test_greedy_stops_at_eos(artifact):

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -371,9 +372,11 @@ class Artifact:
         tvm.get_global_func("runtime.config_threadpool")(1, n)
         return self._vm
 
-    def check_inputs(self, feeds: dict[str, Any]) -> list:
+    def check_inputs(self, feeds: dict[str, Any], tensors: bool = True) -> list:
         """The feeds in the module's input order, checked against the manifest: numpy arrays
-        (made contiguous), or TVM tensors a previous `run(..., as_numpy=False)` returned."""
+        (made contiguous), or TVM tensors a previous `run(..., as_numpy=False)` returned.
+        `tensors=False` passes TVM tensors on unchecked, for the module's own checks of its
+        parameters (`run`: a decode step's 60 cache tensors, 0.1-0.4 ms a step to check here)."""
         names = [i["name"] for i in self.inputs]
         fixed = self.manifest.get("constants", {})
         for name in fixed.keys() & feeds.keys():  # ORT's feeds work unchanged, if they agree
@@ -387,6 +390,9 @@ class Artifact:
         for spec, held, fixed_dims in self._input_checks():
             a = feeds[spec["name"]]
             tensor = hasattr(a, "numpy")
+            if tensor and not tensors:
+                arrays.append(a)
+                continue
             # A TVM tensor stays one; asarray keeps a scalar 0-d (ascontiguousarray makes it [1]).
             a = a if tensor else np.asarray(a, order="C")
             dtype, shape = str(a.dtype), tuple(a.shape)
@@ -418,10 +424,19 @@ class Artifact:
 
         if self.manifest["build"].get("runtime") == "litert":
             return litert.run_artifact(self, feeds)
-        arrays = self.check_inputs(feeds)
+        arrays = self.check_inputs(feeds, tensors=False)
         vm = self.load_vm(threads)
-        out = vm["main"](*[a if isinstance(a, tvm.runtime.Tensor) else tvm.runtime.tensor(a) for a in arrays],
-                         *self._weights)
+        try:
+            out = vm["main"](*[a if isinstance(a, tvm.runtime.Tensor) else tvm.runtime.tensor(a) for a in arrays],
+                             *self._weights)
+        except (RuntimeError, ValueError) as e:
+            self.check_inputs(feeds)  # a tensor the manifest refuses, named in its words
+            refused = re.search(r"loc=param\[(\d+)\].*?(shape\[\d+\] mismatch[^.]*)", str(e), re.S)
+            if refused and int(refused.group(1)) < len(self.inputs):  # a dim the other inputs fixed
+                spec = self.inputs[int(refused.group(1))]
+                raise UserError(f"input '{spec['name']}': shape {list(feeds[spec['name']].shape)}, expected "
+                                f"{spec['shape']}: {refused.group(2)}") from None
+            raise
         values = [out] if isinstance(out, tvm.runtime.Tensor) else list(_flatten(out))
         names = [o["name"] for o in self.outputs]
         if len(values) != len(names):
