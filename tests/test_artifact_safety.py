@@ -106,6 +106,14 @@ def test_weight_entries_must_fit_the_file(art, tensor):
     assert "weights tensor 0" in _load_error(art)
 
 
+@pytest.mark.parametrize("decode", ["decode", {"shapes": {}}, {"shapes": {"nope": [1]}}, {"shapes": {"x": [1, "N"]}}])
+def test_the_decode_entry_names_inputs_and_static_shapes(art, decode):
+    """build.decode picks the function for feeds of those shapes: only inputs of the model and
+    static shapes (the function itself is always `decode`, of the same library)."""
+    _rewrite_manifest(art, lambda m: m["build"].update(decode=decode))
+    assert "build.decode.shapes is not an object of input names and static shapes" in _load_error(art)
+
+
 def test_tokenizer_path_must_be_a_listed_file(art):
     _rewrite_manifest(art, lambda m: m.update(lm={"tokenizer": "../../../../etc/passwd"}))
     assert "lm.tokenizer" in _load_error(art)

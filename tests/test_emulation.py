@@ -83,6 +83,16 @@ def test_quantized_pipeline_matches_onnxruntime_on_its_int8_graph(emu, example_p
     assert result.ok, result.detail
 
 
+def test_an_lm_step_runs_its_decode_function(emu, example_path, tmp_path):
+    """The runner in the emulated environment picks `decode` for a one-token step as
+    Artifact.run does; compile verified both functions there against ORT."""
+    art = edgecc.compile(example_path("tiny-llama"), "rpi4", tmp_path / "lm")
+    assert "decode" in art.manifest["build"]
+    for check in (art.manifest["verification"], art.manifest["verification"]["decode"]):
+        assert check["ok"] and check["runner"] == "qemu-user emulation"
+    assert art.manifest["verification"]["decode"]["input_shapes"]["ids"] == [1, 1]
+
+
 def test_threads_do_not_change_results(emu, rpi4_artifact):
     model_path, art = rpi4_artifact("tiny-lm")
     feeds = random_inputs(onnx.load(model_path), seed=2, dim_values={"seq": 8})

@@ -16,6 +16,7 @@ from edgecc.errors import UserError
 from edgecc.lm import generate
 from edgecc.models import llama
 from edgecc.models.examples import TINY_LLAMA
+from edgecc.runtime.artifact import entry as artifact_entry
 from tests.conftest import run_cli
 
 PROMPT = [5, 17, 99, 3, 250, 42, 7]
@@ -106,6 +107,33 @@ def test_one_token_step_with_static_shapes(tiny_llama, tmp_path):
         want, got = ort(feeds), art.run(feeds)
         np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-4, atol=1e-4)
         past = sig.presents(want)
+
+
+def test_the_one_token_step_has_a_function_of_its_own(artifact):
+    """A [1, 1] step runs `decode`, main with batch and seq bound to 1: it gives main's outputs
+    for the same step, in fewer VM instructions (its shapes are mostly constants), and compile
+    verified it against ORT on a step's inputs."""
+    import tvm
+
+    assert artifact.manifest["build"]["decode"] == {"shapes": {"ids": [1, 1]}}
+    assert artifact.manifest["verification"]["decode"]["input_shapes"]["ids"] == [1, 1]
+    sig = lm_signature.of_manifest(artifact.manifest, "art")
+    out = artifact.run(generate.step_feeds(sig, np.array([PROMPT]), sig.empty_cache(), 0))
+    vm = artifact.load_vm(None)
+    for past, cached in [(sig.empty_cache(), 0), (sig.presents(out), len(PROMPT))]:  # a 1-token prompt too
+        step = generate.step_feeds(sig, np.array([[7]]), past, cached)
+        assert artifact_entry(artifact.manifest, step) == "decode"
+        args = [tvm.runtime.tensor(a) for a in artifact.check_inputs(step)] + list(artifact._weights)
+        calls, outputs = {}, {}
+        for name in ("main", "decode"):
+            counted = []
+            vm.set_instrument(lambda func, fname, before, ret, *a: counted.append(fname) if before else None)
+            outputs[name] = [v.numpy() for v in vm[name](*args)]
+            vm.set_instrument(None)
+            calls[name] = len(counted)
+        for want, got in zip(outputs["main"], outputs["decode"]):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert calls["decode"] < 0.8 * calls["main"], calls
 
 
 def test_run_draws_from_the_manifest_the_inputs_random_inputs_draws_from_the_graph(artifact, tmp_path):

@@ -8,6 +8,7 @@ build from `prepare`, which `edgecc tune` measures, so tuning records match what
 from __future__ import annotations
 
 import abc
+import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ import onnx_ir as ir
 import tvm
 from tvm import relax, topi
 
-from edgecc.backends import tvm_report
+from edgecc.backends import decode_step, tvm_report
 from edgecc.backends.base import Backend
 from edgecc.core.ir import graph_proto, light_proto
 from edgecc.core.optimize import Optimized
@@ -54,6 +55,7 @@ class TVMBackend(Backend):
     def build(self, opt: Optimized, stage_dir: Path) -> dict:
         self.log("lowering to TVM Relax")
         lowered = [lower(opt, self.options.shapes)]  # first: an op nobody can lower fails before the long work
+        self.step = decode_step.of_model(graph_proto(opt.optimized))
         t = self.target
         self.log(f"building for {t.name} ({t.device_kind}, host {t.host_arch()})")
         return {"build": self.build_lowered(lowered, stage_dir)}
@@ -75,6 +77,10 @@ class TVMBackend(Backend):
                 "--calibration)") if synthetic else ""
         result = _verify(artifact, self.runner, opt.source, opt.optimized, lossy, opt.ctx, hint)
         self.log(f"verified against ONNX Runtime ({result['runner']}): max abs error {result['max_abs']:.3g}")
+        if "decode" in artifact.manifest["build"]:  # the one-token step's own function, on a step's inputs
+            ctx = dataclasses.replace(opt.ctx, dim_values={**opt.ctx.dim_values, **self.step.dims})
+            result["decode"] = _verify(artifact, self.runner, opt.source, opt.optimized, lossy, ctx, hint)
+            self.log(f"verified the one-token step: max abs error {result['decode']['max_abs']:.3g}")
         return result
 
     def report(self, manifest: dict) -> str:
@@ -104,7 +110,7 @@ def require_tool(target: TargetDesc, key: str) -> str:
     return program
 
 
-def prepare(mod, tgt: tvm.target.Target, weights: list | None = None):
+def prepare(mod, tgt: tvm.target.Target, weights: list | None = None, decode: dict[str, int] | None = None):
     """Relax's "zero" pipeline for the TVM target: the legalized, fused PrimFuncs that tuning measures
     and build schedules. Tuning and compiling must both start here for records to match.
 
@@ -114,13 +120,16 @@ def prepare(mod, tgt: tvm.target.Target, weights: list | None = None):
     vectorize; the exact ones call libm once per element. On CPUs, matmuls with a constant
     weight and symbolic rows then go to edgecc's dense kernel (kernels/dense.py); no tuning could
     reach either. `weights`: the values of `main`'s lifted parameters
-    (edgecc.runtime.weights.lift), which that routing updates.
+    (edgecc.runtime.weights.lift), which that routing updates. `decode`: an LM's one-token dims,
+    for a `decode` function beside `main` (edgecc.backends.decode_step).
     """
     if tgt.kind.name == "llvm":
         mod, _ = attention.route(mod, tgt)
     mod = fast_math(mod)
     if tgt.kind.name == "llvm":
         mod, _ = dense.route_symbolic_matmuls(mod, tgt, weights)
+    if decode:
+        mod = decode_step.add(mod, decode)
     with tgt:
         return relax.get_pipeline("zero")(unfused_dim_readers(relax.transform.LegalizeOps()(mod)))
 

@@ -10,6 +10,7 @@ import tvm
 from tvm import relax
 from tvm.support import cc as tvm_cc
 
+from edgecc.backends import decode_step
 from edgecc.backends.tvm_common import (LIBRARY_NAME, TVMBackend, apply_records, prepare, require_tool,
                                         tuning_facts)
 from edgecc.kernels import activation_matmul, bsr, fallback, int4, int8
@@ -23,7 +24,8 @@ class TVMCPUBackend(TVMBackend):
         # panels are packed one at a time as the file is written), once what is computed from
         # weights alone (a transposed Gemm weight, a cast) is folded into new constants.
         mod, arrays = weights.lift(_folded(lowered.pop()))
-        mod, tuned = apply_records(prepare(mod, tgt, arrays), tgt, self.records)
+        step = self.step  # an LM's one-token step: a function of its own (edgecc.backends.decode_step)
+        mod, tuned = apply_records(prepare(mod, tgt, arrays, step.dims if step else None), tgt, self.records)
         mod = schedule_kernels(mod, tgt)
         stored = weights.write(stage_dir / weights.FILE, arrays) if arrays else None  # empties `arrays`
         executable = tvm.compile(mod, target=tgt)
@@ -33,6 +35,8 @@ class TVMCPUBackend(TVMBackend):
         else:
             executable.export_library(str(lib_path), fcompile=tvm_cc.cross_compiler(require_tool(target, "cc")))
         facts = {"library": LIBRARY_NAME, **tuning_facts(mod, tuned, self.records), "tvm_target": str(tgt)}
+        if decode_step.FUNCTION in [gv.name_hint for gv in mod.functions]:
+            facts[decode_step.FUNCTION] = {"shapes": {step.ids: step.ids_shape}}
         if stored is not None:
             facts["weights"] = {"file": weights.FILE, "tensors": stored}
         return facts

@@ -213,6 +213,12 @@ def _check_shape(manifest: dict[str, Any], mpath: Path) -> None:
     for key in ("runtime",):
         if key in build and not isinstance(build[key], str):
             raise bad(f"build.{key}", "a string")
+    if "decode" in build:
+        shapes = build["decode"].get("shapes") if isinstance(build["decode"], dict) else None
+        names = {spec["name"] for spec in manifest["inputs"]}
+        if not (isinstance(shapes, dict) and shapes and all(
+                k in names and isinstance(v, list) and all(_is_int(d) and d >= 0 for d in v) for k, v in shapes.items())):
+            raise bad("build.decode.shapes", "an object of input names and static shapes")
     for key in ("lm", "edgetpu", "constants"):
         if key in manifest and not isinstance(manifest[key], dict):
             raise bad(key, "an object")
@@ -427,8 +433,9 @@ class Artifact:
         arrays = self.check_inputs(feeds, tensors=False)
         vm = self.load_vm(threads)
         try:
-            out = vm["main"](*[a if isinstance(a, tvm.runtime.Tensor) else tvm.runtime.tensor(a) for a in arrays],
-                             *self._weights)
+            function = entry(self.manifest, {spec["name"]: a for spec, a in zip(self.inputs, arrays)})
+            out = vm[function](*[a if isinstance(a, tvm.runtime.Tensor) else tvm.runtime.tensor(a) for a in arrays],
+                               *self._weights)
         except (RuntimeError, ValueError) as e:
             self.check_inputs(feeds)  # a tensor the manifest refuses, named in its words
             refused = re.search(r"loc=param\[(\d+)\].*?(shape\[\d+\] mismatch[^.]*)", str(e), re.S)
@@ -447,6 +454,17 @@ class Artifact:
         arrays = [v.numpy() for v in values]
         return {o["name"]: a.view(o["dtype"]) if stored(o["dtype"]) != np.dtype(o["dtype"]) else a
                 for o, a in zip(self.outputs, arrays)}
+
+
+def entry(manifest: dict, feeds: dict) -> str:
+    """The module function for these feeds (arrays or tensors by input name): an LM's one-token
+    step has one of its own, `decode` (edgecc.backends.decode_step), for feeds of the shapes
+    `build.decode` gives; else `main`.
+    emu_runner, which cannot import edgecc, repeats this."""
+    shapes = manifest["build"].get("decode", {}).get("shapes")
+    if shapes and all(tuple(feeds[name].shape) == tuple(shape) for name, shape in shapes.items()):
+        return "decode"
+    return "main"
 
 
 def _flatten(value):

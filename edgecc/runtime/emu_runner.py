@@ -37,7 +37,10 @@ def main(artifact: str, inp: str, out: str, threads: str) -> None:
         for t in build["weights"]["tensors"]:
             view = data[t["offset"]:t["offset"] + t["bytes"]].view(t["dtype"]).reshape(t["shape"])
             args.append(tvm.runtime.tensor(view))
-    values = list(_flatten(vm["main"](*args), tvm.runtime.Tensor))
+    shapes = build.get("decode", {}).get("shapes")  # edgecc.runtime.artifact.entry
+    step = shapes and all(tuple(args[[s["name"] for s in manifest["inputs"]].index(name)].shape) == tuple(shape)
+                          for name, shape in shapes.items())
+    values = list(_flatten(vm["decode" if step else "main"](*args), tvm.runtime.Tensor))
     names = [spec["name"] for spec in manifest["outputs"]]
     if len(values) != len(names):
         sys.exit(f"module returned {len(values)} outputs, manifest lists {len(names)}")
