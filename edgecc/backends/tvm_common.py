@@ -55,7 +55,7 @@ class TVMBackend(Backend):
     def build(self, opt: Optimized, stage_dir: Path) -> dict:
         self.log("lowering to TVM Relax")
         lowered = [lower(opt, self.options.shapes)]  # first: an op nobody can lower fails before the long work
-        self.step = decode_step.of_model(graph_proto(opt.optimized))
+        self.step = decode_step.of_model(opt.proto)
         t = self.target
         self.log(f"building for {t.name} ({t.device_kind}, host {t.host_arch()})")
         return {"build": self.build_lowered(lowered, stage_dir)}
