@@ -20,16 +20,23 @@ NO_MASK = ((B, 4, S, 48), (B, 4, 48, L), (B, 4, L, 32), None)  # Dv != D
 ROWS_ONLY = ((S, 16), (16, L), (L, 16), (S, L))
 
 
-def _module(shapes, scale: float | None, divide: bool = False, dtype: str = "float32", guard: bool = False):
+def _module(shapes, scale: float | None, divide: bool = False, dtype: str = "float32", guard: bool = False,
+            keys: bool = False):
     """main(q, kt, v[, mask]) = softmax(q @ kt [* scale or / (1 / scale)] [+ mask]) @ v; with
-    `guard`, softmax's NaNs replaced by 0 first, as torch's exporter writes it."""
+    `guard`, softmax's NaNs replaced by 0 first, as torch's exporter writes it. With `keys`, main
+    takes K (kt's shape with its last two dims swapped) and transposes it, as a cache's keys are."""
     qs, ks, vs, ms = shapes
+    ks = (*ks[:-2], ks[-1], ks[-2]) if keys else ks
     bb = relax.BlockBuilder()
     params = [relax.Var(n, relax.TensorType(s, dtype)) for n, s in (("q", qs), ("kt", ks), ("v", vs), ("m", ms))
               if s is not None]
     with bb.function("main", params):
         with bb.dataflow():
-            s = bb.emit(relax.op.matmul(params[0], params[1]))
+            kt = params[1]
+            if keys:
+                rank = len(ks)
+                kt = bb.emit(relax.op.permute_dims(kt, [*range(rank - 2), rank - 1, rank - 2]))
+            s = bb.emit(relax.op.matmul(params[0], kt))
             if scale is not None:
                 c = relax.const(np.array(1 / scale if divide else scale, dtype))
                 s = bb.emit(relax.op.divide(s, c) if divide else relax.op.multiply(c, s))
@@ -48,6 +55,12 @@ def _kernels(mod) -> list:
             if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and KERNEL_ATTR in f.attrs]
 
 
+def _transposes(mod) -> int:
+    """How many permute_dims `main` still calls."""
+    return sum(isinstance(b.value, relax.Call) and getattr(b.value.op, "name", "") == "relax.permute_dims"
+               for block in mod["main"].body.blocks for b in block.bindings)
+
+
 def _inputs(shapes, sizes: dict, seed=0) -> list:
     rng = np.random.default_rng(seed)
     out = []
@@ -60,20 +73,28 @@ def _inputs(shapes, sizes: dict, seed=0) -> list:
     return out
 
 
-@pytest.mark.parametrize("shapes, scale, divide", [(SMOLLM2_GQA, 0.125, False), (BERT, 0.125, True),
-                                                   (NO_MASK, None, False), (ROWS_ONLY, 0.3, False)],
-                         ids=["gqa-5d", "bert-4d", "no-mask", "2d"])
-def test_matches_numpy(shapes, scale, divide):
+@pytest.mark.parametrize("shapes, scale, divide, keys", [
+    (SMOLLM2_GQA, 0.125, False, False), (BERT, 0.125, True, False), (NO_MASK, None, False, False),
+    (ROWS_ONLY, 0.3, False, False), (SMOLLM2_GQA, 0.125, False, True), (BERT, 0.125, True, True)],
+    ids=["gqa-5d", "bert-4d", "no-mask", "2d", "gqa-5d-keys", "bert-4d-keys"])
+def test_matches_numpy(shapes, scale, divide, keys):
     """One build, called for a decode step (1 row), fewer rows than a block (rows one at a time),
-    and prompts whose keys end in a partial block of the packed panels or fill whole ones."""
-    routed, count = route(_module(shapes, scale, divide), HOST)
+    and prompts whose keys end in a partial block of the packed panels or fill whole ones. With
+    `keys`, the kernel reads K itself where the graph transposes it: no transpose is left."""
+    routed, count = route(_module(shapes, scale, divide, keys=keys), HOST)
     assert count == 1 and len(_kernels(routed)) == 1
+    assert _transposes(routed) == 0
     vm = relax.VirtualMachine(tvm.compile(schedule_kernels(prepare(routed, HOST), HOST), target=HOST), tvm.cpu())
-    for rows, keys in [(1, 129), (3, 20), (13, 20), (40, 64), (37, 37)]:
-        args = _inputs(shapes, {"b": 2, "s": rows, "l": rows if shapes is BERT else keys})
-        got = vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
+    for rows, keys_ in [(1, 129), (3, 20), (13, 20), (40, 64), (37, 37)]:
+        args = _inputs(shapes, {"b": 2, "s": rows, "l": rows if shapes is BERT else keys_})
+        if keys:  # the graph's K, and the K^T the reference takes
+            ordered = [*range(args[1].ndim - 2), args[1].ndim - 1, args[1].ndim - 2]
+            k = np.ascontiguousarray(args[1].transpose(ordered))
+            got = vm["main"](*[tvm.runtime.tensor(a) for a in (args[0], k, *args[2:])]).numpy()
+        else:
+            got = vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
         want = reference(*args[:3], args[3] if len(args) > 3 else None, 1.0 if scale is None else scale)
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"{rows} rows, {keys} keys")
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"{rows} rows, {keys_} keys")
 
 
 @pytest.mark.parametrize("guard", [False, True], ids=["softmax", "isnan-guard"])
