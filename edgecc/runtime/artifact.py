@@ -387,8 +387,9 @@ class Artifact:
         fixed = self.manifest.get("constants", {})
         for name in fixed.keys() & feeds.keys():  # ORT's feeds work unchanged, if they agree
             fixed_inputs.check(fixed, name, feeds[name])
+        known = set(names)
         missing = [n for n in names if n not in feeds]
-        extra = [n for n in feeds if n not in names and n not in fixed]
+        extra = [n for n in feeds if n not in known and n not in fixed]
         if missing or extra:
             raise UserError(f"inputs do not match the model: missing {missing}, unexpected {extra} "
                             f"(expected {names})")
@@ -444,7 +445,7 @@ class Artifact:
                 raise UserError(f"input '{spec['name']}': shape {list(feeds[spec['name']].shape)}, expected "
                                 f"{spec['shape']}: {refused.group(2)}") from None
             raise
-        values = [out] if isinstance(out, tvm.runtime.Tensor) else list(_flatten(out))
+        values = _flatten(out)
         names = [o["name"] for o in self.outputs]
         if len(values) != len(names):
             raise UserError(f"{self.path}: module returned {len(values)} outputs, "
@@ -467,11 +468,11 @@ def entry(manifest: dict, feeds: dict) -> str:
     return "main"
 
 
-def _flatten(value):
+def _flatten(value) -> list:
+    """The tensors of a module's (nested) result in order. A slice reads an FFI array in one
+    go; iterating it element by element took 65 us for a decode step's 61 outputs."""
     import tvm
 
     if isinstance(value, tvm.runtime.Tensor):
-        yield value
-    else:
-        for v in value:
-            yield from _flatten(v)
+        return [value]
+    return [t for v in value[:] for t in _flatten(v)]
