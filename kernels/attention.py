@@ -36,6 +36,8 @@ import functools
 
 import numpy as np
 
+from edgecc.kernels.common import hsum
+
 KERNEL_ATTR = "edgecc.attention"
 BATCH_DIMS = 3  # operands are given 3 batch dims (leading 1s where they have fewer)
 
@@ -54,18 +56,6 @@ def _fast_exp(x):
     p = p * r * r + r + f(1)
     two_n = tirx.reinterpret("float32", tirx.shift_left(tirx.Cast("int32", n) + 127, 23))
     return tirx.max(two_n * p, x)
-
-
-def _hsum(v, lanes: int):
-    """The sum of a float vector's `lanes` lanes, halves added in a tree: a few shuffles and adds
-    (an ordered sum is `lanes` dependent adds, and TVM's LLVM code allows no reassociation)."""
-    from tvm import tirx
-
-    while lanes > 1:
-        lanes //= 2
-        lo = tirx.Shuffle([v], [tirx.IntImm("int32", i) for i in range(lanes)])
-        v = lo + tirx.Shuffle([v], [tirx.IntImm("int32", lanes + i) for i in range(lanes)])
-    return v
 
 
 @functools.cache
@@ -101,7 +91,7 @@ def primfunc(D: int, Dv: int, broadcast: tuple, mask: bool, scale: float, rows: 
         lanes = [(tirx.Ramp(tirx.IntImm("int64", c), tirx.IntImm("int64", 1), width))
                  for c in range(0, D, width)]
         terms = [q[(*qi, r)] * kt[(*ki, r)] for r in lanes]
-        return _hsum(functools.reduce(lambda a, b: a + b, terms), width)
+        return hsum(functools.reduce(lambda a, b: a + b, terms), width)
 
     def mask_at(m, b0, b1, b2, i, j):
         """The mask's term for query row i and key j (0 without a mask)."""

@@ -17,3 +17,16 @@ def rewrite_functions(mod, mutator):
         if isinstance(func, relax.Function):
             gen.builder_.update_func(gv, gen.visit_expr(func))
     return gen.builder_.get()
+
+
+def hsum(v, lanes: int):
+    """The sum of a float vector's `lanes` lanes (a TIR expression), halves added in a tree: a
+    few shuffles and adds. An ordered sum is `lanes` dependent adds, and TVM's LLVM code allows
+    no reassociation."""
+    from tvm import tirx
+
+    while lanes > 1:
+        lanes //= 2
+        lo = tirx.Shuffle([v], [tirx.IntImm("int32", i) for i in range(lanes)])
+        v = lo + tirx.Shuffle([v], [tirx.IntImm("int32", lanes + i) for i in range(lanes)])
+    return v

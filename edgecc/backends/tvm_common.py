@@ -30,7 +30,7 @@ from edgecc.core.verify import (compare, cosine, input_rules, narrow, narrowed_i
                                 run_ort, with_int8_activations)
 from edgecc.errors import UserError, VerificationError
 from edgecc.frontend import lower as frontend
-from edgecc.kernels import attention, dense
+from edgecc.kernels import attention, dense, rms_norm
 from edgecc.kernels.common import rewrite_functions
 from edgecc.runtime import emulator
 from edgecc.runtime.artifact import Artifact
@@ -115,7 +115,8 @@ def prepare(mod, tgt: tvm.target.Target, weights: list | None = None, decode: di
     and build schedules. Tuning and compiling must both start here for records to match.
 
     On CPUs, attention with symbolic lengths first becomes edgecc's attention kernel
-    (kernels/attention.py). Then FastMathTransform: erf, tanh and exp become TVM's polynomial
+    (kernels/attention.py), and RMSNorm with the residual add before it one kernel
+    (kernels/rms_norm.py). Then FastMathTransform: erf, tanh and exp become TVM's polynomial
     approximations (float32 accurate to about 1e-6, like ONNX Runtime's MLAS kernels), which
     vectorize; the exact ones call libm once per element. On CPUs, matmuls with a constant
     weight and symbolic rows then go to edgecc's dense kernel (kernels/dense.py); no tuning could
@@ -125,6 +126,7 @@ def prepare(mod, tgt: tvm.target.Target, weights: list | None = None, decode: di
     """
     if tgt.kind.name == "llvm":
         mod, _ = attention.route(mod, tgt)
+        mod, _ = rms_norm.route(mod, tgt)
     mod = fast_math(mod)
     if tgt.kind.name == "llvm":
         mod, _ = dense.route_symbolic_matmuls(mod, tgt, weights)
