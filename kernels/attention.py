@@ -36,7 +36,7 @@ import functools
 
 import numpy as np
 
-from edgecc.kernels.common import hsum
+from edgecc.kernels.common import hsum, producer, scalar
 
 KERNEL_ATTR = "edgecc.attention"
 BATCH_DIMS = 3  # operands are given 3 batch dims (leading 1s where they have fewer)
@@ -287,10 +287,7 @@ def route(mod, target):
 
     @relax.expr_functor.mutator
     class Route(relax.PyExprMutator):
-        def producer(self, expr, *ops):
-            """The call of one of `ops` that `expr` (a variable) is bound to, if it is."""
-            call = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
-            return call if isinstance(call, relax.Call) and getattr(call.op, "name", None) in ops else None
+        producer = producer
 
         def visit_call_(self, call):
             nonlocal routed
@@ -337,7 +334,7 @@ def route(mod, target):
             probs, guarded = call.args[0], self.producer(call.args[0], "relax.where")
             if guarded is not None:
                 isnan = self.producer(guarded.args[0], "relax.isnan")
-                if isnan is None or _scalar(guarded.args[1]) != 0.0 or not isnan.args[0].same_as(guarded.args[2]):
+                if isnan is None or scalar(guarded.args[1]) != 0.0 or not isnan.args[0].same_as(guarded.args[2]):
                     return None
                 probs = guarded.args[2]
             probs = self.producer(probs, "relax.nn.softmax")
@@ -354,12 +351,12 @@ def route(mod, target):
             scaled = self.producer(scores, "relax.multiply", "relax.divide")
             if scaled is not None:
                 a, b = scaled.args
-                if _scalar(a) is not None and scaled.op.name == "relax.multiply":
+                if scalar(a) is not None and scaled.op.name == "relax.multiply":
                     a, b = b, a
-                if _scalar(b) is None:
+                if scalar(b) is None:
                     return None
                 scores = a
-                scale = _scalar(b) if scaled.op.name == "relax.multiply" else 1.0 / _scalar(b)
+                scale = scalar(b) if scaled.op.name == "relax.multiply" else 1.0 / scalar(b)
             qk = self.producer(scores, "relax.matmul")
             if qk is None or not _routable(qk) or (mask is not None and not _routable_tensor(mask)):
                 return None
@@ -389,15 +386,6 @@ def _routable(matmul) -> bool:
         return False
     shapes = [list(x.ty.shape.values) for x in (*matmul.args, matmul)]
     return all(len(s) >= 2 for s in shapes) and any(not isinstance(d, tirx.IntImm) for s in shapes for d in s)
-
-
-def _scalar(x) -> float | None:
-    """The value of a one-element float32 constant."""
-    import tvm
-
-    if isinstance(x, tvm.ir.Constant) and x.value.numpy().size == 1 and str(x.value.dtype) == "float32":
-        return float(x.value.numpy().reshape(()))
-    return None
 
 
 def _broadcast_flags(q, kt, v, mask, out_shape) -> tuple | None:

@@ -30,3 +30,21 @@ def hsum(v, lanes: int):
         lo = tirx.Shuffle([v], [tirx.IntImm("int32", i) for i in range(lanes)])
         v = lo + tirx.Shuffle([v], [tirx.IntImm("int32", lanes + i) for i in range(lanes)])
     return v
+
+
+def producer(mutator, expr, *ops):
+    """The call of one of `ops` that `expr` (a variable) is bound to in `mutator`'s builder, if it
+    is: the routers' pattern matching. A PyExprMutator class takes it as its method."""
+    from tvm import relax
+
+    call = mutator.lookup_binding(expr) if isinstance(expr, relax.Var) else None
+    return call if isinstance(call, relax.Call) and getattr(call.op, "name", None) in ops else None
+
+
+def scalar(x) -> float | None:
+    """The value of a one-element float32 constant."""
+    import tvm
+
+    if isinstance(x, tvm.ir.Constant) and x.value.numpy().size == 1 and str(x.value.dtype) == "float32":
+        return float(x.value.numpy().reshape(()))
+    return None

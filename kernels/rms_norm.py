@@ -24,7 +24,7 @@ import functools
 
 import numpy as np
 
-from edgecc.kernels.common import hsum
+from edgecc.kernels.common import hsum, producer, scalar
 
 KERNEL_ATTR = "edgecc.rms_norm"
 
@@ -102,10 +102,7 @@ def route(mod, target):
 
     @relax.expr_functor.mutator
     class Route(relax.PyExprMutator):
-        def producer(self, expr, *ops):
-            """The call of one of `ops` that `expr` (a variable) is bound to, if it is."""
-            call = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
-            return call if isinstance(call, relax.Call) and getattr(call.op, "name", None) in ops else None
+        producer = producer
 
         def visit_call_(self, call):
             nonlocal routed
@@ -148,35 +145,26 @@ def route(mod, target):
                     or int(shape.values[-1]) % lanes):
                 return None
             div = self.producer(inv, "relax.divide")
-            root = self.producer(div.args[1], "relax.sqrt") if div is not None and _value(div.args[0]) == 1.0 else None
+            root = self.producer(div.args[1], "relax.sqrt") if div is not None and scalar(div.args[0]) == 1.0 else None
             plus = self.producer(root.args[0], "relax.add") if root is not None else None
             if plus is None:
                 return None
-            mean, eps = plus.args if _value(plus.args[1]) is not None else plus.args[::-1]
+            mean, eps = plus.args if scalar(plus.args[1]) is not None else plus.args[::-1]
             mean = self.producer(mean, "relax.mean")
-            if (mean is None or _value(eps) is None or not bool(mean.attrs.keepdims)
+            if (mean is None or scalar(eps) is None or not bool(mean.attrs.keepdims)
                     or [int(a) % 3 for a in mean.attrs.axis] != [2]):
                 return None
             square = self.producer(mean.args[0], "relax.power", "relax.multiply")
             if square is None or not square.args[0].same_as(x):
                 return None
-            if square.op.name == "relax.power" and _value(square.args[1]) != 2.0:
+            if square.op.name == "relax.power" and scalar(square.args[1]) != 2.0:
                 return None
             if square.op.name == "relax.multiply" and not square.args[1].same_as(x):
                 return None
-            return _value(eps)
+            return scalar(eps)
 
     routed_mod = rewrite_functions(mod, Route)
     return relax.transform.DeadCodeElimination()(routed_mod), routed
-
-
-def _value(x) -> float | None:
-    """The value of a one-element float32 constant."""
-    import tvm
-
-    if isinstance(x, tvm.ir.Constant) and x.value.numpy().size == 1 and str(x.value.dtype) == "float32":
-        return float(x.value.numpy().reshape(()))
-    return None
 
 
 def _is_vector(x, size) -> bool:
